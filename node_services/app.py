@@ -1,0 +1,162 @@
+"""Composition root: builds the daemon from Settings, runs supervised tasks, handles signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from node_services.admin import make_admin_app, readiness_problems
+from node_services.config import ConfigError, Settings
+from node_services.sources.static import SnapshotFile
+from node_services.state.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Supervisor:
+    """Named background tasks with references kept; one that ends unexpectedly is logged and
+    reported by :meth:`problems`, which fails readiness."""
+
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    stopping: bool = False
+
+    def start(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        async def supervised() -> None:
+            try:
+                await factory()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("task %s failed", name)
+                self.failures[name] = f"{type(exc).__name__}: {exc}"
+            else:
+                if not self.stopping:
+                    log.error("task %s ended unexpectedly", name)
+                    self.failures[name] = "ended unexpectedly"
+
+        self.tasks[name] = asyncio.create_task(supervised(), name=name)
+
+    def problems(self) -> list[str]:
+        return [f"task {name} failed: {why}" for name, why in sorted(self.failures.items())]
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+
+def check_supported(settings: Settings) -> None:
+    """Refuse settings that name a part this build does not have yet, clearly."""
+    problems = []
+    if settings.kubeconfig is not None:
+        problems.append(
+            "kubeconfig: the Kubernetes list/watch source is not in this build yet; "
+            "feed Kubernetes objects through snapshot files"
+        )
+    if settings.cattle_url:
+        problems.append(
+            "cattle_url: the Cattle event source is not in this build yet; "
+            "feed Cattle resources through snapshot files"
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
+@dataclass(eq=False)
+class Daemon:
+    """Everything one node runs, built from Settings."""
+
+    settings: Settings
+    store: Store = field(default_factory=Store)
+    supervisor: Supervisor = field(default_factory=Supervisor)
+    snapshots: list[SnapshotFile] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _runner: web.AppRunner | None = None
+
+    def __post_init__(self) -> None:
+        check_supported(self.settings)
+        self.snapshots = [
+            SnapshotFile(self.store, path, poll_interval=self.settings.snapshot_poll_interval)
+            for path in self.settings.snapshots
+        ]
+        for snapshot in self.snapshots:
+            self.store.register(snapshot.name)
+
+    def ready_problems(self) -> list[str]:
+        return readiness_problems(self.store, self.supervisor.problems)
+
+    async def start(self) -> None:
+        admin = make_admin_app(
+            self.store, loaders=self.snapshots, task_problems=self.supervisor.problems
+        )
+        self._runner = web.AppRunner(admin, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        listen = self.settings.admin_listen
+        site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
+        await site.start()
+        log.info("admin listening on http://%s (/healthz /readyz /metrics)", listen)
+        for snapshot in self.snapshots:
+            self.supervisor.start(snapshot.name, snapshot.run)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read every snapshot file now."""
+        log.info("reloading %d snapshot file(s)", len(self.snapshots))
+        await asyncio.gather(*(snapshot.reload() for snapshot in self.snapshots))
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def stop(self) -> None:
+        await self.supervisor.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, then shut down cleanly."""
+        loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task[None]] = set()
+
+        def on_hup() -> None:
+            task = loop.create_task(self.reload(), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        try:
+            await self.start()
+            log.info(
+                "node-services running on node %s (pid %d)", self.settings.node_name, os.getpid()
+            )
+            await self._stop.wait()
+            log.info("stopping")
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            for task in reloads:
+                task.cancel()
+            await self.stop()
+        log.info("stopped")
+
+
+def run_daemon(settings: Settings) -> None:
+    """Run the daemon on a new event loop (uvloop when installed) until stopped."""
+    daemon = Daemon(settings)
+    with contextlib.suppress(KeyboardInterrupt):
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency, optional at runtime
+            asyncio.run(daemon.run())
+        else:
+            uvloop.run(daemon.run())

@@ -1,0 +1,322 @@
+"""Settings: one frozen dataclass, filled from a YAML file, then the environment, then flags.
+
+Every key of the YAML file is a field of :class:`Settings` (same name); the environment
+variable is ``NODE_SERVICES_<KEY>`` in upper case, except the conventional ``NODE_NAME`` and
+``CATTLE_URL`` / ``CATTLE_ACCESS_KEY`` / ``CATTLE_SECRET_KEY``. :func:`load_settings` reports
+every problem at once in a :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+POD_RECORDS: Final = ("disabled", "insecure", "verified")
+OVERLAYS: Final = ("none", "vxlan", "host-gw")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` lists every reason, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A listen or upstream address."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the daemon is configured with. Field docstrings are the reference docs."""
+
+    node_name: str = ""
+    """This node's name as the sources know it (Kubernetes Node name, Cattle hostname).
+    Env NODE_NAME; default: the machine's hostname."""
+
+    snapshots: tuple[Path, ...] = ()
+    """Snapshot files (Kubernetes objects as `kubectl get -o yaml` prints them and/or Cattle
+    v2-beta resources) loaded into the cache, reloaded on change and on SIGHUP."""
+
+    snapshot_poll_interval: float = 1.0
+    """Seconds between checks of the snapshot files for changes (0 disables polling;
+    SIGHUP still reloads)."""
+
+    dns_listen: Address = field(default_factory=lambda: Address("0.0.0.0", 53))
+    """UDP and TCP address of the DNS server."""
+
+    cluster_domain: str = "cluster.local"
+    """The Kubernetes cluster domain answered authoritatively."""
+
+    dns_ttl: int = 5
+    """TTL in seconds of answers for cluster names (also the SOA minimum)."""
+
+    upstreams: tuple[Address, ...] = ()
+    """DNS servers for names outside the cluster zones; default: the host's /etc/resolv.conf
+    without loopback stubs."""
+
+    pod_records: str = "disabled"
+    """Pod A records `a-b-c-d.<ns>.pod.<zone>`: disabled, insecure (any well-formed name),
+    verified (only IPs of known pods in that namespace)."""
+
+    metadata_listen: Address = field(default_factory=lambda: Address("169.254.169.250", 80))
+    """HTTP address of the metadata service (the Rancher metadata address by default)."""
+
+    admin_listen: Address = field(default_factory=lambda: Address("0.0.0.0", 9254))
+    """HTTP address of /healthz, /readyz and /metrics."""
+
+    kubeconfig: Path | None = None
+    """Kubeconfig file for the Kubernetes source; in-cluster config is used inside a pod."""
+
+    ipam_dir: Path = Path("/var/lib/node-services/ipam")
+    """Directory of the IPAM store, shared with the CNI plugin (its `dataDir`)."""
+
+    overlay: str = "none"
+    """Overlay between nodes: none, vxlan or host-gw."""
+
+    overlay_interface: str = ""
+    """Interface whose address carries overlay traffic; default: the default route's."""
+
+    cattle_url: str = ""
+    """Project-scoped Cattle v2-beta endpoint (e.g. http://rancher:8080/v2-beta/projects/1a5);
+    enables the Cattle source. Env CATTLE_URL."""
+
+    cattle_access_key: str = ""
+    """Cattle API access key. Env CATTLE_ACCESS_KEY."""
+
+    cattle_secret_key: str = ""
+    """Cattle API secret key. Env CATTLE_SECRET_KEY."""
+
+    log_level: str = "info"
+    """debug, info, warning or error."""
+
+
+FIELD_NAMES: Final = tuple(f.name for f in fields(Settings))
+
+# Environment variables with conventional names; the rest are NODE_SERVICES_<KEY>.
+_ENV_NAMES: Final = {
+    "node_name": "NODE_NAME",
+    "cattle_url": "CATTLE_URL",
+    "cattle_access_key": "CATTLE_ACCESS_KEY",
+    "cattle_secret_key": "CATTLE_SECRET_KEY",
+}
+
+
+def env_name(key: str) -> str:
+    """The environment variable that sets ``key``."""
+    return _ENV_NAMES.get(key, "NODE_SERVICES_" + key.upper())
+
+
+_DOMAIN_RE: Final = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
+
+
+def parse_address(text: str, *, default_port: int | None = None) -> Address:
+    """Parse ``HOST:PORT``, ``[V6]:PORT``, or a bare host when ``default_port`` is given."""
+    text = text.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r}: expected ':PORT' after ']'")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:
+        host = text  # a bare IPv6 address
+    if not host:
+        raise ValueError(f"{text!r}: missing host")
+    if port_text:
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+        port = int(port_text)
+    elif default_port is not None:
+        port = default_port
+    else:
+        raise ValueError(f"{text!r}: expected HOST:PORT")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    return Address(host, port)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [v for v in re.split(r"[,\s]+", value) if v]
+    if isinstance(value, list | tuple):
+        return list(value)
+    raise ValueError(f"expected a list, got {type(value).__name__}")
+
+
+def _convert(key: str, value: Any) -> Any:
+    """Convert one raw value (YAML, env text or flag text) for field ``key``."""
+    if key in ("dns_listen", "metadata_listen", "admin_listen"):
+        if isinstance(value, Address):
+            return value
+        return parse_address(str(value))
+    if key == "upstreams":
+        return tuple(
+            v if isinstance(v, Address) else parse_address(str(v), default_port=53)
+            for v in _as_list(value)
+        )
+    if key == "snapshots":
+        return tuple(Path(str(v)) for v in _as_list(value))
+    if key in ("kubeconfig",):
+        return Path(str(value)) if value not in (None, "") else None
+    if key == "ipam_dir":
+        return Path(str(value))
+    if key == "dns_ttl":
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise ValueError(f"{value!r} is not a whole number of seconds")
+        ttl = int(value)
+        if not 0 <= ttl <= 2147483647:
+            raise ValueError(f"{ttl} is out of range")
+        return ttl
+    if key == "snapshot_poll_interval":
+        try:
+            interval = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a number of seconds") from None
+        if interval < 0:
+            raise ValueError("must not be negative")
+        return interval
+    if key == "cluster_domain":
+        domain = str(value).strip().rstrip(".").lower()
+        if not _DOMAIN_RE.match(domain):
+            raise ValueError(f"{value!r} is not a valid DNS domain")
+        return domain
+    choices = {"pod_records": POD_RECORDS, "overlay": OVERLAYS, "log_level": LOG_LEVELS}.get(key)
+    if choices is not None:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return text
+    if value is None:
+        return ""
+    if not isinstance(value, str | int | float):
+        raise ValueError(f"expected text, got {type(value).__name__}")
+    return str(value)
+
+
+def read_config_file(path: Path, problems: list[str]) -> dict[str, Any]:
+    """The raw mapping of a YAML config file; problems are appended, not raised."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        problems.append(f"{path}: cannot read: {exc.strerror or exc}")
+        return {}
+    except yaml.YAMLError as exc:
+        problems.append(f"{path}: not valid YAML: {exc}")
+        return {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+        return {}
+    for key in data:
+        if key not in FIELD_NAMES:
+            problems.append(f"{path}: unknown key {key!r}")
+    return {k: v for k, v in data.items() if k in FIELD_NAMES}
+
+
+def load_settings(
+    *,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    check_files: bool = True,
+) -> Settings:
+    """Settings from the file, then the environment, then ``overrides`` (flags).
+
+    Raises ConfigError listing every problem found.
+    """
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if config_file is not None:
+        layers.append((str(config_file), read_config_file(config_file, problems)))
+    env_values = {k: environ[env_name(k)] for k in FIELD_NAMES if env_name(k) in environ}
+    layers.append(("environment", env_values))
+    layers.append(("flags", dict(overrides or {})))
+
+    values: dict[str, Any] = {}
+    for origin, layer in layers:
+        for key, raw in layer.items():
+            label = f"{env_name(key)}" if origin == "environment" else key
+            try:
+                values[key] = _convert(key, raw)
+            except ValueError as exc:
+                problems.append(f"{origin}: {label}: {exc}")
+    if not values.get("node_name"):
+        values["node_name"] = os.uname().nodename
+    if check_files:
+        for snapshot in values.get("snapshots", ()):
+            if not snapshot.is_file():
+                problems.append(f"snapshots: {snapshot}: no such file")
+        kubeconfig = values.get("kubeconfig")
+        if kubeconfig is not None and not kubeconfig.is_file():
+            problems.append(f"kubeconfig: {kubeconfig}: no such file")
+    cattle = [values.get(k, "") for k in ("cattle_url", "cattle_access_key", "cattle_secret_key")]
+    if cattle[0] and not re.match(r"^https?://", cattle[0]):
+        problems.append(f"cattle_url: {cattle[0]!r} must start with http:// or https://")
+    if any(cattle[1:]) and not cattle[0]:
+        problems.append("cattle_access_key/cattle_secret_key are set but cattle_url is not")
+    if problems:
+        raise ConfigError(problems)
+    return Settings(**values)
+
+
+def describe_settings() -> str:
+    """Reference text of every key: name, environment variable, default, meaning."""
+    docs = _field_docs()
+    defaults = Settings()
+    lines = []
+    for f in fields(Settings):
+        default = getattr(defaults, f.name)
+        if isinstance(default, tuple):
+            default = ", ".join(str(v) for v in default) or "(none)"
+        lines.append(f"{f.name}  (env {env_name(f.name)}, default: {default or '(none)'})")
+        lines.extend("    " + line for line in docs.get(f.name, "").splitlines())
+    return "\n".join(lines)
+
+
+def _field_docs() -> dict[str, str]:
+    """Field docstrings, read from this module's source (the single place they are written)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(Settings))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs

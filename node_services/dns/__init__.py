@@ -1,0 +1,1 @@
+"""DNS server: Kubernetes DNS specification and Rancher names (issue 3)."""

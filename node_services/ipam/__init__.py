@@ -1,0 +1,1 @@
+"""CNI IPAM plugin, its store and the daemon-side reconciler (issue 6)."""

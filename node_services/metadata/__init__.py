@@ -1,0 +1,1 @@
+"""Metadata HTTP service, rancher-metadata compatible (issue 5)."""

@@ -1,0 +1,1 @@
+"""Overlay between nodes: VXLAN and host-gw."""

@@ -1,0 +1,1 @@
+"""Sources feed the state store: Kubernetes, Cattle and snapshot files."""

@@ -1,0 +1,1 @@
+"""Rancher Cattle v2-beta: translation of API resources into records."""

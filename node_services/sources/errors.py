@@ -1,0 +1,16 @@
+"""Errors of the source boundary: an API object that cannot become a record."""
+
+from __future__ import annotations
+
+
+class TranslateError(ValueError):
+    """An object failed validation. ``ref`` names it: ``Service default/web``, ``host 1h1``."""
+
+    def __init__(self, ref: str, reason: str) -> None:
+        super().__init__(f"{ref}: {reason}")
+        self.ref = ref
+        self.reason = reason
+
+
+class UnsupportedObject(TranslateError):
+    """A well-formed object of a kind no service uses (a ConfigMap, a Cattle volume, ...)."""

@@ -1,0 +1,370 @@
+"""Kubernetes API objects -> state records, at the boundary.
+
+Input is one object as the API (or ``kubectl get -o yaml``) returns it: Namespace, Node,
+Service, EndpointSlice (discovery.k8s.io/v1) or Pod. Output is the records it becomes. A
+malformed object raises :class:`TranslateError` naming it; another kind raises
+:class:`UnsupportedObject`. Used by the snapshot source and the list/watch source alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from node_services.sources.errors import TranslateError, UnsupportedObject
+from node_services.sources.fields import cidr, flag, integer, ip, mapping, sequence, text
+from node_services.state.records import (
+    Endpoint,
+    Endpoints,
+    Host,
+    Port,
+    Record,
+    Service,
+    Stack,
+    Workload,
+    intern_str,
+    label,
+    make_labels,
+)
+
+PREFIX: Final = "k8s:"
+SERVICE_NAME_LABEL: Final = "kubernetes.io/service-name"
+VTEP_MAC_ANNOTATION: Final = "node-services.io/vtep-mac"
+PUBLIC_IP_ANNOTATION: Final = "node-services.io/public-ip"
+
+
+def key(kind: str, namespace: str, name: str) -> str:
+    """Record key of a Kubernetes object (``namespace`` "" when cluster-scoped)."""
+    return f"{PREFIX}{kind}/{namespace}/{name}" if namespace else f"{PREFIX}{kind}/{name}"
+
+
+def object_ref(obj: Mapping[str, Any]) -> str:
+    """``Kind namespace/name`` for messages, as far as the object allows."""
+    kind = obj.get("kind") if isinstance(obj.get("kind"), str) else "object"
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        return str(kind)
+    name = meta.get("name") if isinstance(meta.get("name"), str) else "?"
+    namespace = meta.get("namespace")
+    return f"{kind} {namespace}/{name}" if isinstance(namespace, str) else f"{kind} {name}"
+
+
+def translate(obj: Mapping[str, Any], source: str) -> list[Record]:
+    """The records one Kubernetes object becomes."""
+    kind = obj.get("kind")
+    translator = _TRANSLATORS.get(kind) if isinstance(kind, str) else None
+    if translator is None:
+        raise UnsupportedObject(object_ref(obj), f"kind {kind!r} is not used by node-services")
+    api_version = obj.get("apiVersion")
+    wanted = _API_VERSIONS[kind]  # type: ignore[index]
+    if api_version is not None and api_version != wanted:
+        raise UnsupportedObject(object_ref(obj), f"apiVersion {api_version!r}; expected {wanted}")
+    return translator(obj, source)
+
+
+def _meta(obj: Mapping[str, Any], *, namespaced: bool) -> tuple[str, str, str, Mapping[str, Any]]:
+    ref = object_ref(obj)
+    meta = mapping(ref, "metadata", obj.get("metadata"))
+    name = text(ref, "metadata.name", meta.get("name"), required=True)
+    namespace = ""
+    if namespaced:
+        namespace = text(ref, "metadata.namespace", meta.get("namespace"), intern=True)
+        namespace = namespace or "default"
+    return ref, namespace, name, meta
+
+
+def _ports(ref: str, path: str, raw: Any, *, port_key: str = "port") -> tuple[Port, ...]:
+    ports = []
+    for i, item in enumerate(sequence(ref, path, raw)):
+        where = f"{path}[{i}]"
+        entry = mapping(ref, where, item)
+        number = integer(ref, f"{where}.{port_key}", entry.get(port_key))
+        if not 0 <= number <= 65535:
+            raise TranslateError(ref, f"{where}.{port_key}: {number} is out of range")
+        protocol = text(ref, f"{where}.protocol", entry.get("protocol"), intern=True) or "TCP"
+        if protocol not in ("TCP", "UDP", "SCTP"):
+            raise TranslateError(ref, f"{where}.protocol: {protocol!r} is not TCP, UDP or SCTP")
+        ports.append(
+            Port(
+                name=text(ref, f"{where}.name", entry.get("name"), intern=True),
+                port=number,
+                protocol=protocol,
+                target_port=text(ref, f"{where}.targetPort", entry.get("targetPort")),
+                node_port=integer(ref, f"{where}.nodePort", entry.get("nodePort")),
+                app_protocol=text(ref, f"{where}.appProtocol", entry.get("appProtocol")),
+            )
+        )
+    return tuple(ports)
+
+
+def _namespace(obj: Mapping[str, Any], source: str) -> list[Record]:
+    ref, _, name, meta = _meta(obj, namespaced=False)
+    status = mapping(ref, "status", obj.get("status"))
+    return [
+        Stack(
+            key=key("Namespace", "", name),
+            source=source,
+            name=intern_str(name),
+            uuid=text(ref, "metadata.uid", meta.get("uid")),
+            labels=make_labels(meta.get("labels")),
+            state=text(ref, "status.phase", status.get("phase")).lower(),
+            system=name.startswith("kube-"),
+        )
+    ]
+
+
+def _quantity(ref: str, path: str, value: Any, *, milli: bool = False) -> int:
+    """A resource quantity ("2", "500m", "2048Ki", "4Gi") as an integer (milli-units if asked)."""
+    if value is None:
+        return 0
+    raw = text(ref, path, value)
+    suffixes = {
+        "Ki": 1024,
+        "Mi": 1024**2,
+        "Gi": 1024**3,
+        "Ti": 1024**4,
+        "k": 1000,
+        "M": 1000**2,
+        "G": 1000**3,
+        "T": 1000**4,
+    }
+    try:
+        if raw.endswith("m"):
+            units = float(raw[:-1]) / 1000
+        else:
+            for suffix, factor in suffixes.items():
+                if raw.endswith(suffix):
+                    units = float(raw[: -len(suffix)]) * factor
+                    break
+            else:
+                units = float(raw)
+    except ValueError:
+        raise TranslateError(ref, f"{path}: {raw!r} is not a quantity") from None
+    return int(units * 1000) if milli else int(units)
+
+
+def _node(obj: Mapping[str, Any], source: str) -> list[Record]:
+    ref, _, name, meta = _meta(obj, namespaced=False)
+    spec = mapping(ref, "spec", obj.get("spec"))
+    status = mapping(ref, "status", obj.get("status"))
+    internal: list[str] = []
+    external: list[str] = []
+    hostname = ""
+    for i, item in enumerate(sequence(ref, "status.addresses", status.get("addresses"))):
+        entry = mapping(ref, f"status.addresses[{i}]", item)
+        kind = entry.get("type")
+        where = f"status.addresses[{i}].address"
+        if kind == "InternalIP":
+            internal.append(ip(ref, where, entry.get("address")))
+        elif kind == "ExternalIP":
+            external.append(ip(ref, where, entry.get("address")))
+        elif kind == "Hostname":
+            hostname = text(ref, where, entry.get("address"))
+    cidrs = sequence(ref, "spec.podCIDRs", spec.get("podCIDRs"))
+    if not cidrs and spec.get("podCIDR"):
+        cidrs = [spec.get("podCIDR")]
+    annotations = make_labels(meta.get("annotations"))
+    public_ip = label(annotations, PUBLIC_IP_ANNOTATION)
+    if public_ip:
+        public_ip = ip(ref, f"metadata.annotations[{PUBLIC_IP_ANNOTATION}]", public_ip)
+    state = ""
+    for item in sequence(ref, "status.conditions", status.get("conditions")):
+        if isinstance(item, Mapping) and item.get("type") == "Ready":
+            state = "ready" if item.get("status") == "True" else "notready"
+    capacity = mapping(ref, "status.capacity", status.get("capacity"))
+    return [
+        Host(
+            key=key("Node", "", name),
+            source=source,
+            name=intern_str(name),
+            uuid=text(ref, "metadata.uid", meta.get("uid")),
+            hostname=hostname or name,
+            addresses=tuple(internal),
+            external_addresses=tuple(external),
+            pod_cidrs=tuple(
+                cidr(ref, f"spec.podCIDRs[{i}]", value) for i, value in enumerate(cidrs)
+            ),
+            vtep_mac=label(annotations, VTEP_MAC_ANNOTATION).lower(),
+            public_ip=public_ip or (internal[0] if internal else ""),
+            labels=make_labels(meta.get("labels")),
+            state=state,
+            memory=_quantity(ref, "status.capacity.memory", capacity.get("memory")),
+            milli_cpu=_quantity(ref, "status.capacity.cpu", capacity.get("cpu"), milli=True),
+        )
+    ]
+
+
+def _service(obj: Mapping[str, Any], source: str) -> list[Record]:
+    ref, namespace, name, meta = _meta(obj, namespaced=True)
+    spec = mapping(ref, "spec", obj.get("spec"))
+    service_type = text(ref, "spec.type", spec.get("type"), intern=True) or "ClusterIP"
+    if service_type not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
+        raise TranslateError(ref, f"spec.type: unknown type {service_type!r}")
+    raw_ips = sequence(ref, "spec.clusterIPs", spec.get("clusterIPs"))
+    if not raw_ips and spec.get("clusterIP"):
+        raw_ips = [spec.get("clusterIP")]
+    headless = service_type != "ExternalName" and raw_ips[:1] == ["None"]
+    cluster_ips: tuple[str, ...] = ()
+    if service_type != "ExternalName" and not headless:
+        cluster_ips = tuple(
+            ip(ref, f"spec.clusterIPs[{i}]", value) for i, value in enumerate(raw_ips)
+        )
+    external_name = ""
+    if service_type == "ExternalName":
+        external_name = text(ref, "spec.externalName", spec.get("externalName"), required=True)
+        external_name = external_name.rstrip(".").lower()
+    return [
+        Service(
+            key=key("Service", namespace, name),
+            source=source,
+            namespace=namespace,
+            name=intern_str(name),
+            stack_key=intern_str(key("Namespace", "", namespace)),
+            uuid=text(ref, "metadata.uid", meta.get("uid")),
+            type=service_type,
+            kind="kubernetesService",
+            cluster_ips=cluster_ips,
+            headless=headless,
+            external_name=external_name,
+            external_ips=tuple(
+                ip(ref, f"spec.externalIPs[{i}]", value)
+                for i, value in enumerate(
+                    sequence(ref, "spec.externalIPs", spec.get("externalIPs"))
+                )
+            ),
+            ports=_ports(ref, "spec.ports", spec.get("ports")),
+            publish_not_ready=flag(
+                ref, "spec.publishNotReadyAddresses", spec.get("publishNotReadyAddresses")
+            ),
+            selector=make_labels(spec.get("selector")),
+            labels=make_labels(meta.get("labels")),
+        )
+    ]
+
+
+def _endpoint_slice(obj: Mapping[str, Any], source: str) -> list[Record]:
+    ref, namespace, name, meta = _meta(obj, namespaced=True)
+    labels = make_labels(meta.get("labels"))
+    service = label(labels, SERVICE_NAME_LABEL)
+    if not service:
+        # A slice not owned by a Service (custom controllers) names nothing DNS can serve.
+        raise UnsupportedObject(ref, f"no {SERVICE_NAME_LABEL} label")
+    address_type = text(ref, "addressType", obj.get("addressType"), required=True, intern=True)
+    if address_type not in ("IPv4", "IPv6", "FQDN"):
+        raise TranslateError(ref, f"addressType: unknown type {address_type!r}")
+    endpoints = []
+    for i, item in enumerate(sequence(ref, "endpoints", obj.get("endpoints"))):
+        where = f"endpoints[{i}]"
+        entry = mapping(ref, where, item)
+        raw_addresses = sequence(ref, f"{where}.addresses", entry.get("addresses"))
+        if not raw_addresses:
+            raise TranslateError(ref, f"{where}.addresses: at least one address is required")
+        if address_type == "FQDN":
+            addresses = tuple(
+                text(ref, f"{where}.addresses[{j}]", a) for j, a in enumerate(raw_addresses)
+            )
+        else:
+            addresses = tuple(
+                ip(ref, f"{where}.addresses[{j}]", a) for j, a in enumerate(raw_addresses)
+            )
+        conditions = mapping(ref, f"{where}.conditions", entry.get("conditions"))
+        # Per the EndpointSlice API, an unset "ready" means ready; "serving" defaults to ready.
+        ready = flag(ref, f"{where}.conditions.ready", conditions.get("ready"), default=True)
+        target = mapping(ref, f"{where}.targetRef", entry.get("targetRef"))
+        target_key = ""
+        if target.get("kind") == "Pod" and target.get("name"):
+            target_namespace = text(ref, f"{where}.targetRef.namespace", target.get("namespace"))
+            target_key = key(
+                "Pod",
+                target_namespace or namespace,
+                text(ref, f"{where}.targetRef.name", target.get("name")),
+            )
+        endpoints.append(
+            Endpoint(
+                addresses=addresses,
+                ready=ready,
+                serving=flag(
+                    ref, f"{where}.conditions.serving", conditions.get("serving"), default=ready
+                ),
+                terminating=flag(
+                    ref, f"{where}.conditions.terminating", conditions.get("terminating")
+                ),
+                hostname=text(ref, f"{where}.hostname", entry.get("hostname")),
+                node_name=text(ref, f"{where}.nodeName", entry.get("nodeName"), intern=True),
+                target_key=target_key,
+                zone=text(ref, f"{where}.zone", entry.get("zone"), intern=True),
+            )
+        )
+    return [
+        Endpoints(
+            key=key("EndpointSlice", namespace, name),
+            source=source,
+            namespace=namespace,
+            service=intern_str(service),
+            service_key=intern_str(key("Service", namespace, service)),
+            address_type=address_type,
+            ports=_ports(ref, "ports", obj.get("ports")),
+            endpoints=tuple(endpoints),
+        )
+    ]
+
+
+def _pod(obj: Mapping[str, Any], source: str) -> list[Record]:
+    ref, namespace, name, meta = _meta(obj, namespaced=True)
+    spec = mapping(ref, "spec", obj.get("spec"))
+    status = mapping(ref, "status", obj.get("status"))
+    ips = [
+        ip(ref, f"status.podIPs[{i}].ip", mapping(ref, f"status.podIPs[{i}]", item).get("ip"))
+        for i, item in enumerate(sequence(ref, "status.podIPs", status.get("podIPs")))
+    ]
+    if not ips and status.get("podIP"):
+        ips = [ip(ref, "status.podIP", status.get("podIP"))]
+    node_name = text(ref, "spec.nodeName", spec.get("nodeName"), intern=True)
+    ready = False
+    for item in sequence(ref, "status.conditions", status.get("conditions")):
+        if isinstance(item, Mapping) and item.get("type") == "Ready":
+            ready = item.get("status") == "True"
+    ports: list[Port] = []
+    for i, container in enumerate(sequence(ref, "spec.containers", spec.get("containers"))):
+        where = f"spec.containers[{i}].ports"
+        raw = mapping(ref, f"spec.containers[{i}]", container).get("ports")
+        ports.extend(_ports(ref, where, raw, port_key="containerPort"))
+    return [
+        Workload(
+            key=key("Pod", namespace, name),
+            source=source,
+            namespace=namespace,
+            name=name,
+            stack_key=intern_str(key("Namespace", "", namespace)),
+            uuid=text(ref, "metadata.uid", meta.get("uid")),
+            ips=tuple(ips),
+            host_key=intern_str(key("Node", "", node_name)) if node_name else "",
+            node_name=node_name,
+            hostname=text(ref, "spec.hostname", spec.get("hostname")),
+            subdomain=text(ref, "spec.subdomain", spec.get("subdomain"), intern=True),
+            host_network=flag(ref, "spec.hostNetwork", spec.get("hostNetwork")),
+            labels=make_labels(meta.get("labels")),
+            state=text(ref, "status.phase", status.get("phase"), intern=True).lower(),
+            ready=ready,
+            ports=tuple(ports),
+        )
+    ]
+
+
+_TRANSLATORS: Final[dict[str, Callable[[Mapping[str, Any], str], list[Record]]]] = {
+    "Namespace": _namespace,
+    "Node": _node,
+    "Service": _service,
+    "EndpointSlice": _endpoint_slice,
+    "Pod": _pod,
+}
+
+_API_VERSIONS: Final = {
+    "Namespace": "v1",
+    "Node": "v1",
+    "Service": "v1",
+    "EndpointSlice": "discovery.k8s.io/v1",
+    "Pod": "v1",
+}
+
+KINDS: Final = tuple(_TRANSLATORS)

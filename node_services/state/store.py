@@ -1,0 +1,387 @@
+"""The shared state cache: sources write records, services read immutable snapshots.
+
+Writers call :meth:`Store.replace` (a full relist: records the source no longer has vanish) or
+:meth:`Store.apply` (watch events). Each call that changes anything publishes one new
+:class:`Snapshot` with the next version. Readers hold a snapshot as long as they like: it is
+never mutated. Long-polls use :meth:`Store.wait_for_change`; services that rebuild views
+incrementally use :meth:`Store.subscribe` and get the keys that changed.
+
+When two sources hold the same key, the source registered first wins; the other's record
+shows again if the winner drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final
+
+from node_services.state.frozenmap import FrozenMap
+from node_services.state.records import (
+    ENDPOINTS,
+    HOST,
+    KINDS,
+    SERVICE,
+    STACK,
+    WORKLOAD,
+    Change,
+    Deleted,
+    Endpoints,
+    Host,
+    Record,
+    Service,
+    Stack,
+    Workload,
+    kind_of,
+)
+
+_NO_KEYS: Final[tuple[str, ...]] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One published, immutable state of the cache, with its indexes."""
+
+    version: int
+    hosts: FrozenMap[str, Host]
+    stacks: FrozenMap[str, Stack]
+    services: FrozenMap[str, Service]
+    endpoints: FrozenMap[str, Endpoints]
+    workloads: FrozenMap[str, Workload]
+    by_ip: FrozenMap[str, tuple[str, ...]]
+    """IP -> keys of the workloads, services and endpoint groups that hold it."""
+    by_host: FrozenMap[str, tuple[str, ...]]
+    """Host key -> keys of the workloads scheduled on it."""
+    by_name: FrozenMap[tuple[str, str], tuple[str, ...]]
+    """(namespace or stack, service name) -> service keys (Kubernetes and Cattle may share)."""
+    endpoints_of: FrozenMap[str, tuple[str, ...]]
+    """Service key -> keys of its endpoint groups."""
+    synced: Mapping[str, bool]
+    """Source name -> whether its first full list has landed."""
+
+    @property
+    def all_synced(self) -> bool:
+        return all(self.synced.values())
+
+    def by_kind(self, kind: str) -> FrozenMap[str, Record]:
+        return getattr(self, _FIELD_OF_KIND[kind])  # type: ignore[no-any-return]
+
+    def get(self, key: str) -> Record | None:
+        for kind in KINDS:
+            record = self.by_kind(kind).get(key)
+            if record is not None:
+                return record
+        return None
+
+    def counts(self) -> dict[str, int]:
+        """Number of records of each kind."""
+        return {kind: len(self.by_kind(kind)) for kind in KINDS}
+
+    def service(self, namespace: str, name: str, *, source_prefix: str = "") -> Service | None:
+        """The service of that name; ``source_prefix`` ("k8s:" or "cattle:") narrows the match."""
+        for key in self.by_name.get((namespace, name), _NO_KEYS):
+            if key.startswith(source_prefix):
+                return self.services.get(key)
+        return None
+
+    def endpoints_for(self, service_key: str) -> tuple[Endpoints, ...]:
+        groups = (self.endpoints.get(k) for k in self.endpoints_of.get(service_key, _NO_KEYS))
+        return tuple(g for g in groups if g is not None)
+
+    def workloads_on(self, host_key: str) -> tuple[Workload, ...]:
+        found = (self.workloads.get(k) for k in self.by_host.get(host_key, _NO_KEYS))
+        return tuple(w for w in found if w is not None)
+
+    def workload_by_ip(self, ip: str) -> Workload | None:
+        """The workload that owns this IP (host-network workloads excluded)."""
+        for key in self.by_ip.get(ip, _NO_KEYS):
+            workload = self.workloads.get(key)
+            if workload is not None and not workload.host_network:
+                return workload
+        return None
+
+    def host_named(self, name: str) -> Host | None:
+        """A host by node name or hostname."""
+        for host in self.hosts.values():
+            if name in (host.name, host.hostname):
+                return host
+        return None
+
+
+_FIELD_OF_KIND: Final = {
+    HOST: "hosts",
+    STACK: "stacks",
+    SERVICE: "services",
+    ENDPOINTS: "endpoints",
+    WORKLOAD: "workloads",
+}
+
+
+def _empty_snapshot() -> Snapshot:
+    return Snapshot(
+        version=0,
+        hosts=FrozenMap(),
+        stacks=FrozenMap(),
+        services=FrozenMap(),
+        endpoints=FrozenMap(),
+        workloads=FrozenMap(),
+        by_ip=FrozenMap(),
+        by_host=FrozenMap(),
+        by_name=FrozenMap(),
+        endpoints_of=FrozenMap(),
+        synced=MappingProxyType({}),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeSet:
+    """What a subscriber learns: the snapshot to read and the keys changed since its last read.
+
+    ``full`` is true on a subscriber's first read: build everything from ``snapshot``.
+    """
+
+    snapshot: Snapshot
+    keys: frozenset[str]
+    full: bool = False
+
+
+@dataclass(eq=False)
+class Subscription:
+    """Coalescing change feed for one consumer: memory stays bounded however slow it reads."""
+
+    _store: Store
+    _pending: set[str] = field(default_factory=set)
+    _event: asyncio.Event = field(default_factory=asyncio.Event)
+    _first: bool = True
+    _closed: bool = False
+
+    def _notify(self, keys: Iterable[str]) -> None:
+        self._pending.update(keys)
+        self._event.set()
+
+    def poll(self) -> ChangeSet | None:
+        """The pending change set, or None when nothing changed since the last read."""
+        if self._first:
+            self._first = False
+            self._pending.clear()
+            self._event.clear()
+            return ChangeSet(self._store.snapshot, frozenset(), full=True)
+        if not self._pending:
+            return None
+        keys = frozenset(self._pending)
+        self._pending.clear()
+        self._event.clear()
+        return ChangeSet(self._store.snapshot, keys)
+
+    async def next(self) -> ChangeSet:
+        """Wait for and return the next change set."""
+        while True:
+            changes = self.poll()
+            if changes is not None:
+                return changes
+            await self._event.wait()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._store._subscriptions.remove(self)
+
+
+class Store:
+    """The cache. Single-threaded: call it from the event loop that reads it."""
+
+    def __init__(self) -> None:
+        self._by_source: dict[str, dict[str, Record]] = {}
+        self._synced: dict[str, bool] = {}
+        self._snapshot = _empty_snapshot()
+        self._change_future: asyncio.Future[None] | None = None
+        self._subscriptions: list[Subscription] = []
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @property
+    def version(self) -> int:
+        return self._snapshot.version
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(self._by_source)
+
+    def register(self, source: str) -> None:
+        """Declare a source so readiness waits for it; earlier sources win key conflicts."""
+        if source not in self._by_source:
+            self._by_source[source] = {}
+            self._synced[source] = False
+            self._publish({}, synced_changed=True)
+
+    def mark_synced(self, source: str, synced: bool = True) -> None:
+        self.register(source)
+        if self._synced[source] != synced:
+            self._synced[source] = synced
+            self._publish({}, synced_changed=True)
+
+    def replace(self, source: str, records: Iterable[Record], *, synced: bool = True) -> int:
+        """Make ``records`` the source's whole content; what it held before and not now vanishes.
+
+        Returns the version after the call. Marks the source synced unless told otherwise.
+        """
+        self.register(source)
+        old = self._by_source[source]
+        new: dict[str, Record] = {}
+        for record in records:
+            new[record.key] = record
+        self._by_source[source] = new
+        touched = {key for key in old if key not in new}
+        touched.update(key for key, record in new.items() if old.get(key) is not record)
+        synced_changed = self._synced[source] != synced
+        self._synced[source] = synced
+        return self._publish(self._merge(touched), synced_changed=synced_changed)
+
+    def apply(self, source: str, changes: Iterable[Change]) -> int:
+        """Apply upserts and deletions as one batch: at most one new version."""
+        self.register(source)
+        held = self._by_source[source]
+        touched: set[str] = set()
+        for change in changes:
+            if isinstance(change, Deleted):
+                if held.pop(change.key, None) is not None:
+                    touched.add(change.key)
+            else:
+                held[change.key] = change
+                touched.add(change.key)
+        return self._publish(self._merge(touched))
+
+    async def wait_for_change(self, since: int, timeout: float) -> Snapshot:  # noqa: ASYNC109
+        """Return the first snapshot whose version differs from ``since``, or the current one
+        after ``timeout`` seconds."""
+        if self._snapshot.version != since:
+            return self._snapshot
+        if self._change_future is None or self._change_future.done():
+            self._change_future = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._change_future)
+        except TimeoutError:
+            pass
+        return self._snapshot
+
+    def subscribe(self) -> Subscription:
+        subscription = Subscription(self)
+        self._subscriptions.append(subscription)
+        return subscription
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _merge(self, keys: set[str]) -> dict[str, Record | None]:
+        """The winning record (None: gone) for each key whose merged value changed."""
+        snapshot = self._snapshot
+        changed: dict[str, Record | None] = {}
+        sources = self._by_source.values()
+        for key in keys:
+            winner: Record | None = None
+            for held in sources:
+                winner = held.get(key)
+                if winner is not None:
+                    break
+            current = snapshot.get(key)
+            if winner is current or (
+                winner is not None and current is not None and winner == current
+            ):
+                continue
+            changed[key] = winner
+        return changed
+
+    def _publish(self, changed: dict[str, Record | None], *, synced_changed: bool = False) -> int:
+        if not changed and not synced_changed:
+            return self._snapshot.version
+        self._snapshot = _evolve(self._snapshot, changed, self._synced)
+        if self._change_future is not None and not self._change_future.done():
+            self._change_future.set_result(None)
+        self._change_future = None
+        for subscription in self._subscriptions:
+            subscription._notify(changed)
+        return self._snapshot.version
+
+
+class _MultiIndex:
+    """Pending edits to one FrozenMap[str-ish, tuple[str, ...]] index."""
+
+    __slots__ = ("_base", "_edits")
+
+    def __init__(self, base: FrozenMap[object, tuple[str, ...]]) -> None:
+        self._base = base
+        self._edits: dict[object, list[str]] = {}
+
+    def _values(self, index_key: object) -> list[str]:
+        values = self._edits.get(index_key)
+        if values is None:
+            values = self._edits[index_key] = list(self._base.get(index_key, _NO_KEYS))
+        return values
+
+    def add(self, index_key: object, key: str) -> None:
+        values = self._values(index_key)
+        if key not in values:
+            values.append(key)
+
+    def remove(self, index_key: object, key: str) -> None:
+        values = self._values(index_key)
+        if key in values:
+            values.remove(key)
+
+    def build(self) -> FrozenMap[object, tuple[str, ...]]:
+        sets = {k: tuple(sorted(v)) for k, v in self._edits.items() if v}
+        deletes = [k for k, v in self._edits.items() if not v]
+        return self._base.evolve(sets, deletes)
+
+
+def _index_entries(record: Record) -> tuple[list[tuple[str, object]], str]:
+    """(index name, index key) pairs a record contributes, and its kind."""
+    kind = kind_of(record)
+    entries: list[tuple[str, object]] = []
+    if isinstance(record, Workload):
+        entries.extend(("by_ip", ip) for ip in record.ips)
+        if record.host_key:
+            entries.append(("by_host", record.host_key))
+    elif isinstance(record, Service):
+        entries.extend(("by_ip", ip) for ip in record.cluster_ips)
+        entries.append(("by_name", (record.namespace, record.name)))
+    elif isinstance(record, Endpoints):
+        entries.extend(("by_ip", ip) for endpoint in record.endpoints for ip in endpoint.addresses)
+        entries.append(("endpoints_of", record.service_key))
+    return entries, kind
+
+
+def _evolve(old: Snapshot, changed: dict[str, Record | None], synced: dict[str, bool]) -> Snapshot:
+    sets: dict[str, dict[str, Record]] = {kind: {} for kind in KINDS}
+    deletes: dict[str, list[str]] = {kind: [] for kind in KINDS}
+    indexes = {
+        name: _MultiIndex(getattr(old, name))
+        for name in ("by_ip", "by_host", "by_name", "endpoints_of")
+    }
+    for key, record in changed.items():
+        previous = old.get(key)
+        if previous is not None:
+            entries, kind = _index_entries(previous)
+            for name, index_key in entries:
+                indexes[name].remove(index_key, key)
+            if record is None or kind_of(record) != kind:
+                deletes[kind].append(key)
+        if record is not None:
+            entries, kind = _index_entries(record)
+            for name, index_key in entries:
+                indexes[name].add(index_key, key)
+            sets[kind][key] = record
+    maps = {
+        _FIELD_OF_KIND[kind]: old.by_kind(kind).evolve(sets[kind], deletes[kind]) for kind in KINDS
+    }
+    built = {name: index.build() for name, index in indexes.items()}
+    return Snapshot(
+        version=old.version + 1,
+        synced=MappingProxyType(dict(synced)),
+        **maps,  # type: ignore[arg-type]
+        **built,  # type: ignore[arg-type]
+    )
