@@ -83,7 +83,7 @@ def _labels(ref: str, path: str, value: Any) -> Any:
 
 
 _PORT_RE: Final = re.compile(
-    r"^(?:(?P<ip>[0-9.]+|\[[0-9a-fA-F:]+\]):)?(?:(?P<public>\d+):)?(?P<private>\d+)"
+    r"^(?:(?P<ip>\d+\.\d+\.\d+\.\d+|\[[0-9a-fA-F:]+\]):)?(?:(?P<public>\d+):)?(?P<private>\d+)"
     r"(?:/(?P<proto>tcp|udp|sctp))?$",
     re.IGNORECASE,
 )

@@ -1,0 +1,121 @@
+"""Test helpers: free loopback ports, HTTP GET, and the daemon run as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+DEMO_SNAPSHOT = ROOT / "demo" / "snapshot.yaml"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str, timeout: float = 5) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@dataclass
+class DaemonProcess:
+    """A node-services daemon started by a test, on loopback ports; ended by its PID."""
+
+    args: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    admin_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self) -> DaemonProcess:
+        command = [
+            sys.executable,
+            "-m",
+            "node_services",
+            "run",
+            "--admin-listen",
+            f"127.0.0.1:{self.admin_port}",
+            "--dns-listen",
+            f"127.0.0.1:{free_port()}",
+            "--metadata-listen",
+            f"127.0.0.1:{free_port()}",
+            "--node-name",
+            "node-a",
+            *self.args,
+        ]
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "CATTLE_"))
+        }
+        env.update(self.env)
+        self.log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.wait_for(lambda: self._answers("/healthz"), what="/healthz")
+        return self
+
+    def _answers(self, path: str) -> bool:
+        try:
+            http_get(self.admin + path, timeout=1)
+        except OSError:
+            return False
+        return True
+
+    def get(self, path: str) -> tuple[int, str]:
+        return http_get(self.admin + path)
+
+    def wait_for(self, check: Callable[[], bool], *, what: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}):\n{self.output()}")
+            if check():
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.output()}")
+
+    def metric(self, line_prefix: str) -> str:
+        status, body = self.get("/metrics")
+        assert status == 200
+        for line in body.splitlines():
+            if line.startswith(line_prefix + " "):
+                return line[len(line_prefix) + 1 :]
+        raise AssertionError(f"no metric {line_prefix!r} in:\n{body}")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signum)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode

@@ -1,0 +1,261 @@
+"""The store: replace/apply semantics, versions, immutable snapshots, waits, subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+
+from node_services.state import (
+    Deleted,
+    Endpoint,
+    Endpoints,
+    Host,
+    Service,
+    Stack,
+    Store,
+    Workload,
+)
+
+
+def service(name: str, ip: str = "10.43.0.1", namespace: str = "default") -> Service:
+    return Service(
+        key=f"k8s:Service/{namespace}/{name}",
+        source="s",
+        namespace=namespace,
+        name=name,
+        cluster_ips=(ip,),
+    )
+
+
+def pod(name: str, ip: str, node: str = "node-a") -> Workload:
+    return Workload(
+        key=f"k8s:Pod/default/{name}",
+        source="s",
+        namespace="default",
+        name=name,
+        ips=(ip,),
+        host_key=f"k8s:Node/{node}",
+        node_name=node,
+    )
+
+
+def slice_(name: str, service_name: str, *ips: str) -> Endpoints:
+    return Endpoints(
+        key=f"k8s:EndpointSlice/default/{name}",
+        source="s",
+        namespace="default",
+        service=service_name,
+        service_key=f"k8s:Service/default/{service_name}",
+        endpoints=tuple(Endpoint(addresses=(ip,)) for ip in ips),
+    )
+
+
+def test_replace_removes_records_that_vanished_from_the_source() -> None:
+    store = Store()
+    store.replace("s", [service("web"), service("db", "10.43.0.2"), pod("p1", "10.42.1.5")])
+    store.replace("s", [service("web")])
+    snapshot = store.snapshot
+    assert list(snapshot.services) == ["k8s:Service/default/web"]
+    assert len(snapshot.workloads) == 0
+    assert snapshot.service("default", "db") is None
+    assert snapshot.by_ip.get("10.43.0.2") is None
+    assert snapshot.by_ip.get("10.42.1.5") is None
+    assert snapshot.by_host.get("k8s:Node/node-a") is None
+
+
+def test_replace_leaves_other_sources_alone() -> None:
+    store = Store()
+    store.replace("a", [service("web")])
+    store.replace("b", [service("db", "10.43.0.2")])
+    store.replace("a", [])
+    assert list(store.snapshot.services) == ["k8s:Service/default/db"]
+
+
+def test_apply_bumps_the_version_once_per_batch() -> None:
+    store = Store()
+    store.replace("s", [service("web")])
+    before = store.version
+    after = store.apply(
+        "s",
+        [service("db", "10.43.0.2"), pod("p1", "10.42.1.5"), Deleted("k8s:Service/default/web")],
+    )
+    assert after == before + 1 == store.version
+    assert sorted(store.snapshot.services) == ["k8s:Service/default/db"]
+    assert store.snapshot.workload_by_ip("10.42.1.5") == pod("p1", "10.42.1.5")
+
+
+def test_a_batch_that_changes_nothing_publishes_no_version() -> None:
+    store = Store()
+    store.replace("s", [service("web")])
+    before = store.version
+    assert store.apply("s", [service("web"), Deleted("k8s:Service/default/nope")]) == before
+    assert store.replace("s", [service("web")]) == before
+
+
+def test_snapshots_are_never_mutated_after_publish() -> None:
+    store = Store()
+    store.replace(
+        "s", [service("web"), pod("p1", "10.42.1.5"), slice_("web-1", "web", "10.42.1.5")]
+    )
+    old = store.snapshot
+    old_services = dict(old.services)
+    old_ips = dict(old.by_ip)
+    old_endpoints = dict(old.endpoints_of)
+    store.apply("s", [Deleted("k8s:Service/default/web"), pod("p2", "10.42.1.6")])
+    store.replace("s", [])
+    assert dict(old.services) == old_services
+    assert dict(old.by_ip) == old_ips
+    assert dict(old.endpoints_of) == old_endpoints
+    assert old.service("default", "web") == service("web")
+    assert store.snapshot.version > old.version
+    assert len(store.snapshot.services) == 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        old.version = 99  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        old.synced["s"] = False  # type: ignore[index]
+
+
+def test_indexes_follow_changes() -> None:
+    store = Store()
+    store.replace(
+        "s",
+        [
+            service("web"),
+            slice_("web-1", "web", "10.42.1.5", "10.42.1.6"),
+            pod("p1", "10.42.1.5"),
+            pod("p2", "10.42.1.6", node="node-b"),
+        ],
+    )
+    snap = store.snapshot
+    assert snap.by_ip["10.42.1.5"] == ("k8s:EndpointSlice/default/web-1", "k8s:Pod/default/p1")
+    assert snap.by_ip["10.43.0.1"] == ("k8s:Service/default/web",)
+    assert [e.key for e in snap.endpoints_for("k8s:Service/default/web")] == [
+        "k8s:EndpointSlice/default/web-1"
+    ]
+    assert [w.name for w in snap.workloads_on("k8s:Node/node-b")] == ["p2"]
+    # p1 moves to node-b and to a new IP: old index entries go, new ones appear
+    store.apply("s", [pod("p1", "10.42.2.9", node="node-b")])
+    snap = store.snapshot
+    assert snap.by_ip["10.42.1.5"] == ("k8s:EndpointSlice/default/web-1",)
+    assert snap.by_ip["10.42.2.9"] == ("k8s:Pod/default/p1",)
+    assert snap.by_host.get("k8s:Node/node-a") is None
+    assert [w.name for w in snap.workloads_on("k8s:Node/node-b")] == ["p1", "p2"]
+
+
+def test_host_network_workloads_are_not_found_by_ip() -> None:
+    store = Store()
+    host_net = dataclasses.replace(pod("agent", "192.168.10.11"), host_network=True)
+    store.replace("s", [host_net])
+    assert store.snapshot.workload_by_ip("192.168.10.11") is None
+
+
+def test_first_registered_source_wins_a_shared_key_and_the_other_shows_when_it_goes() -> None:
+    store = Store()
+    store.register("live")
+    store.register("file")
+    store.replace("file", [service("web", "10.43.0.9")])
+    store.replace("live", [service("web", "10.43.0.1")])
+    assert store.snapshot.services["k8s:Service/default/web"].cluster_ips == ("10.43.0.1",)
+    store.replace("live", [])
+    assert store.snapshot.services["k8s:Service/default/web"].cluster_ips == ("10.43.0.9",)
+
+
+def test_synced_per_source() -> None:
+    store = Store()
+    store.register("a")
+    store.register("b")
+    assert dict(store.snapshot.synced) == {"a": False, "b": False}
+    assert not store.snapshot.all_synced
+    store.replace("a", [])
+    assert dict(store.snapshot.synced) == {"a": True, "b": False}
+    store.replace("b", [], synced=False)
+    assert not store.snapshot.all_synced
+    store.mark_synced("b")
+    assert store.snapshot.all_synced
+
+
+def test_counts_and_get_by_key() -> None:
+    store = Store()
+    host = Host(key="k8s:Node/node-a", source="s", name="node-a")
+    stack = Stack(key="k8s:Namespace/default", source="s", name="default")
+    store.replace("s", [host, stack, service("web")])
+    assert store.snapshot.counts() == {
+        "host": 1,
+        "stack": 1,
+        "service": 1,
+        "endpoints": 0,
+        "workload": 0,
+    }
+    assert store.snapshot.get("k8s:Node/node-a") is host
+    assert store.snapshot.host_named("node-a") is host
+    assert store.snapshot.get("k8s:Node/nope") is None
+
+
+async def test_wait_for_change_wakes_within_milliseconds() -> None:
+    store = Store()
+    store.replace("s", [])
+    since = store.version
+
+    async def change_later() -> None:
+        await asyncio.sleep(0.05)
+        store.apply("s", [service("web")])
+
+    changer = asyncio.create_task(change_later())
+    started = time.monotonic()
+    snapshot = await store.wait_for_change(since, timeout=5)
+    woke_after = time.monotonic() - started
+    await changer
+    assert snapshot.version == since + 1
+    assert snapshot.service("default", "web") is not None
+    assert 0.04 < woke_after < 0.05 + 0.02
+
+
+async def test_wait_for_change_times_out_with_the_same_version() -> None:
+    store = Store()
+    store.replace("s", [])
+    started = time.monotonic()
+    snapshot = await store.wait_for_change(store.version, timeout=0.2)
+    elapsed = time.monotonic() - started
+    assert snapshot.version == store.version
+    assert 0.19 < elapsed < 0.35
+
+
+async def test_wait_for_change_returns_at_once_when_already_changed() -> None:
+    store = Store()
+    store.replace("s", [service("web")])
+    snapshot = await store.wait_for_change(0, timeout=5)
+    assert snapshot is store.snapshot
+
+
+async def test_many_waiters_all_wake_and_a_cancelled_one_does_not_disturb_the_rest() -> None:
+    store = Store()
+    store.replace("s", [])
+    since = store.version
+    waiters = [asyncio.create_task(store.wait_for_change(since, 5)) for _ in range(1000)]
+    await asyncio.sleep(0.01)
+    waiters[0].cancel()
+    store.apply("s", [service("web")])
+    results = await asyncio.gather(*waiters[1:])
+    assert {s.version for s in results} == {since + 1}
+
+
+async def test_subscription_reports_changed_keys_coalesced() -> None:
+    store = Store()
+    store.replace("s", [service("web")])
+    subscription = store.subscribe()
+    first = await subscription.next()
+    assert first.full and first.snapshot.version == store.version
+    assert subscription.poll() is None
+    store.apply("s", [service("db", "10.43.0.2")])
+    store.apply("s", [Deleted("k8s:Service/default/web")])
+    store.apply("s", [service("db", "10.43.0.2")])  # no change: not reported
+    changes = await asyncio.wait_for(subscription.next(), 1)
+    assert not changes.full
+    assert changes.keys == {"k8s:Service/default/db", "k8s:Service/default/web"}
+    assert changes.snapshot is store.snapshot
+    subscription.close()
+    store.apply("s", [service("x", "10.43.0.3")])
+    assert subscription.poll() is None

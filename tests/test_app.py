@@ -1,0 +1,118 @@
+"""The daemon as a real process: readiness, metrics, SIGHUP reload, clean SIGTERM shutdown."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from helpers import DEMO_SNAPSHOT, FIXTURES, DaemonProcess
+
+KUBE = FIXTURES / "kube"
+Start = Callable[..., DaemonProcess]
+
+
+def test_demo_snapshot_daemon_is_ready_and_reports_metrics(daemon: Start) -> None:
+    node = daemon("--snapshot", str(DEMO_SNAPSHOT))
+    node.wait_for(lambda: node.get("/readyz")[0] == 200, what="readiness")
+    assert node.get("/readyz") == (200, "ok\n")
+    assert node.get("/healthz") == (200, "ok\n")
+    assert node.metric('node_services_store_records{kind="service"}') == "6.0"
+    assert node.metric('node_services_store_records{kind="workload"}') == "6.0"
+    assert node.metric(f'node_services_source_synced{{source="static:{DEMO_SNAPSHOT}"}}') == "1.0"
+    assert (
+        node.metric(f'node_services_source_loads_total{{source="static:{DEMO_SNAPSHOT}"}}') == "1.0"
+    )
+
+
+def test_not_ready_until_a_bad_snapshot_is_fixed_and_the_body_names_it(
+    daemon: Start, tmp_path: Path
+) -> None:
+    path = tmp_path / "snap.yaml"
+    path.write_text("kind: [broken\n")
+    node = daemon("--snapshot", str(path), env={"NODE_SERVICES_SNAPSHOT_POLL_INTERVAL": "0.05"})
+    node.wait_for(lambda: "not valid YAML" in node.output(), what="the error log line")
+    status, body = node.get("/readyz")
+    assert (status, body) == (503, f"not ready:\n  source static:{path} has not synced\n")
+    assert f"snapshot rejected: {path}: not valid YAML" in node.output()
+    assert (
+        node.metric(f'node_services_source_reload_errors_total{{source="static:{path}"}}') == "1.0"
+    )
+    shutil.copy(KUBE / "multi-document.yaml", path)
+    node.wait_for(lambda: node.get("/readyz")[0] == 200, what="readiness after the fix")
+
+
+def test_sighup_reloads_and_a_bad_reload_keeps_serving_the_last_good_state(
+    daemon: Start, tmp_path: Path
+) -> None:
+    path = tmp_path / "snap.yaml"
+    shutil.copy(KUBE / "namespace.yaml", path)
+    # polling off: only SIGHUP can make the daemon notice the change
+    node = daemon("--snapshot", str(path), env={"NODE_SERVICES_SNAPSHOT_POLL_INTERVAL": "0"})
+    node.wait_for(lambda: node.get("/readyz")[0] == 200, what="readiness")
+    stacks = 'node_services_store_records{kind="stack"}'
+    hosts = 'node_services_store_records{kind="host"}'
+    assert node.metric(stacks) == "1.0"
+
+    path.write_text(
+        (KUBE / "namespace.yaml").read_text() + "---\n" + (KUBE / "node.yaml").read_text()
+    )
+    assert node.metric(hosts) == "0.0"
+    node.signal(signal.SIGHUP)
+    node.wait_for(lambda: node.metric(hosts) == "1.0", what="the reload")
+
+    node_b = (KUBE / "node-b.yaml").read_text().replace("192.168.10.12", "192.168.10.999")
+    path.write_text(node_b)
+    node.signal(signal.SIGHUP)
+    node.wait_for(lambda: "192.168.10.999" in node.output(), what="the rejection")
+    assert (
+        "Node node-b: status.addresses[0].address: '192.168.10.999' is not an IP" in node.output()
+    )
+    assert (node.metric(stacks), node.metric(hosts)) == ("1.0", "1.0")
+    assert node.get("/readyz")[0] == 200
+
+
+def test_sigterm_stops_cleanly(daemon: Start) -> None:
+    node = daemon("--snapshot", str(DEMO_SNAPSHOT))
+    node.wait_for(lambda: node.get("/readyz")[0] == 200, what="readiness")
+    assert node.stop() == 0
+    assert node.output().rstrip().endswith("node_services.app: stopped")
+
+
+def test_sigint_stops_cleanly(daemon: Start) -> None:
+    node = daemon("--snapshot", str(DEMO_SNAPSHOT))
+    node.signal(signal.SIGINT)
+    assert node.proc is not None
+    assert node.proc.wait(timeout=10) == 0
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node_services", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
+
+
+def test_unimplemented_live_sources_are_refused_clearly(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
+    result = run_cli("run", "--kubeconfig", str(kubeconfig), "--admin-listen", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert "kubeconfig: the Kubernetes list/watch source is not in this build yet" in result.stderr
+
+
+def test_admin_port_in_use_is_a_clear_error(daemon: Start) -> None:
+    node = daemon("--snapshot", str(DEMO_SNAPSHOT))
+    result = run_cli(
+        "run", "--snapshot", str(DEMO_SNAPSHOT), "--admin-listen", f"127.0.0.1:{node.admin_port}"
+    )
+    assert result.returncode == 1
+    assert "cannot start:" in result.stderr
+    assert "address already in use" in result.stderr.lower()
