@@ -95,9 +95,11 @@ def make_admin_app(
     *,
     loaders: Sequence[LoadStatus] = (),
     task_problems: TaskProblems = list,
+    registry: CollectorRegistry | None = None,
 ) -> web.Application:
-    """The admin aiohttp application."""
-    registry = CollectorRegistry()
+    """The admin aiohttp application. ``registry`` holds the services' own metrics too; the
+    store's gauges are added to it here."""
+    registry = registry if registry is not None else CollectorRegistry()
     registry.register(_StoreCollector(store, loaders))
 
     async def healthz(request: web.Request) -> web.Response:

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from node_services.admin import make_admin_app, readiness_problems
 from node_services.config import ConfigError, Settings
@@ -80,6 +81,8 @@ class Daemon:
     store: Store = field(default_factory=Store)
     supervisor: Supervisor = field(default_factory=Supervisor)
     snapshots: list[SnapshotFile] = field(default_factory=list)
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    """Every metric of this daemon; services register theirs, /metrics serves it."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
 
@@ -97,7 +100,10 @@ class Daemon:
 
     async def start(self) -> None:
         admin = make_admin_app(
-            self.store, loaders=self.snapshots, task_problems=self.supervisor.problems
+            self.store,
+            loaders=self.snapshots,
+            task_problems=self.supervisor.problems,
+            registry=self.registry,
         )
         self._runner = web.AppRunner(admin, access_log=None, handle_signals=False)
         await self._runner.setup()
