@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final
+from typing import Final, TypeAlias
 
 from node_services.state.frozenmap import FrozenMap
 from node_services.state.records import (
@@ -38,6 +38,9 @@ from node_services.state.records import (
 )
 
 _NO_KEYS: Final[tuple[str, ...]] = ()
+
+_Changed: TypeAlias = dict[str, tuple[Record | None, Record | None]]
+"""Key -> (new record or None when gone, record in the current snapshot or None)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +72,9 @@ class Snapshot:
         return getattr(self, _FIELD_OF_KIND[kind])  # type: ignore[no-any-return]
 
     def get(self, key: str) -> Record | None:
-        for kind in KINDS:
-            record = self.by_kind(kind).get(key)
+        # The maps of KINDS, in that order, without a getattr per kind.
+        for records in (self.hosts, self.stacks, self.services, self.endpoints, self.workloads):
+            record = records.get(key)
             if record is not None:
                 return record
         return None
@@ -276,10 +280,11 @@ class Store:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _merge(self, keys: set[str]) -> dict[str, Record | None]:
-        """The winning record (None: gone) for each key whose merged value changed."""
+    def _merge(self, keys: set[str]) -> _Changed:
+        """(winning record or None: gone, current record) for each key whose merged value
+        changed."""
         snapshot = self._snapshot
-        changed: dict[str, Record | None] = {}
+        changed: _Changed = {}
         sources = self._by_source.values()
         for key in keys:
             winner: Record | None = None
@@ -292,10 +297,10 @@ class Store:
                 winner is not None and current is not None and winner == current
             ):
                 continue
-            changed[key] = winner
+            changed[key] = (winner, current)
         return changed
 
-    def _publish(self, changed: dict[str, Record | None], *, synced_changed: bool = False) -> int:
+    def _publish(self, changed: _Changed, *, synced_changed: bool = False) -> int:
         if not changed and not synced_changed:
             return self._snapshot.version
         self._snapshot = _evolve(self._snapshot, changed, self._synced)
@@ -308,21 +313,35 @@ class Store:
 
 
 class _MultiIndex:
-    """Pending edits to one FrozenMap[str-ish, tuple[str, ...]] index."""
+    """Pending edits to one FrozenMap[str-ish, tuple[str, ...]] index.
 
-    __slots__ = ("_base", "_edits")
+    Values stay sorted tuples of unique keys. An entry that goes from empty to one key (most
+    of them: an IP held by one record) is edited as that 1-tuple, shared by every entry that
+    names the same key (the IPs of one endpoint group); a list is made only to edit further.
+    """
+
+    __slots__ = ("_base", "_edits", "_singles")
 
     def __init__(self, base: FrozenMap[object, tuple[str, ...]]) -> None:
         self._base = base
-        self._edits: dict[object, list[str]] = {}
+        self._edits: dict[object, list[str] | tuple[str, ...]] = {}
+        self._singles: dict[str, tuple[str, ...]] = {}
 
     def _values(self, index_key: object) -> list[str]:
         values = self._edits.get(index_key)
         if values is None:
             values = self._edits[index_key] = list(self._base.get(index_key, _NO_KEYS))
+        elif isinstance(values, tuple):
+            values = self._edits[index_key] = list(values)
         return values
 
     def add(self, index_key: object, key: str) -> None:
+        if index_key not in self._edits and index_key not in self._base:
+            single = self._singles.get(key)
+            if single is None:
+                single = self._singles[key] = (key,)
+            self._edits[index_key] = single
+            return
         values = self._values(index_key)
         if key not in values:
             values.append(key)
@@ -333,37 +352,55 @@ class _MultiIndex:
             values.remove(key)
 
     def build(self) -> FrozenMap[object, tuple[str, ...]]:
-        sets = {k: tuple(sorted(v)) for k, v in self._edits.items() if v}
+        sets = {
+            k: v if isinstance(v, tuple) else tuple(sorted(v)) for k, v in self._edits.items() if v
+        }
         deletes = [k for k, v in self._edits.items() if not v]
         return self._base.evolve(sets, deletes)
+
+
+_INDEXES: Final = ("by_ip", "by_host", "by_name", "endpoints_of")
 
 
 def _index_entries(record: Record) -> tuple[list[tuple[str, object]], str]:
     """(index name, index key) pairs a record contributes, and its kind."""
     kind = kind_of(record)
-    entries: list[tuple[str, object]] = []
+    entries: list[tuple[str, object]]
     if isinstance(record, Workload):
-        entries.extend(("by_ip", ip) for ip in record.ips)
+        entries = [("by_ip", ip) for ip in record.ips]
         if record.host_key:
             entries.append(("by_host", record.host_key))
     elif isinstance(record, Service):
-        entries.extend(("by_ip", ip) for ip in record.cluster_ips)
+        entries = [("by_ip", ip) for ip in record.cluster_ips]
         entries.append(("by_name", (record.namespace, record.name)))
     elif isinstance(record, Endpoints):
-        entries.extend(("by_ip", ip) for endpoint in record.endpoints for ip in endpoint.addresses)
+        entries = [("by_ip", ip) for endpoint in record.endpoints for ip in endpoint.addresses]
         entries.append(("endpoints_of", record.service_key))
+    else:
+        entries = []
     return entries, kind
 
 
-def _evolve(old: Snapshot, changed: dict[str, Record | None], synced: dict[str, bool]) -> Snapshot:
+def _evolve(old: Snapshot, changed: _Changed, synced: dict[str, bool]) -> Snapshot:
     sets: dict[str, dict[str, Record]] = {kind: {} for kind in KINDS}
     deletes: dict[str, list[str]] = {kind: [] for kind in KINDS}
-    indexes = {
-        name: _MultiIndex(getattr(old, name))
-        for name in ("by_ip", "by_host", "by_name", "endpoints_of")
-    }
-    for key, record in changed.items():
-        previous = old.get(key)
+    indexes = {name: _MultiIndex(getattr(old, name)) for name in _INDEXES}
+    for key, (record, previous) in changed.items():
+        if previous is not None and record is not None and type(previous) is type(record):
+            # An update in place (a watch event): edit only the index entries that differ,
+            # which for most updates (conditions, ports, labels) is none.
+            old_entries, kind = _index_entries(previous)
+            new_entries, _ = _index_entries(record)
+            if old_entries != new_entries:
+                kept = set(old_entries).intersection(new_entries)
+                for name, index_key in old_entries:
+                    if (name, index_key) not in kept:
+                        indexes[name].remove(index_key, key)
+                for name, index_key in new_entries:
+                    if (name, index_key) not in kept:
+                        indexes[name].add(index_key, key)
+            sets[kind][key] = record
+            continue
         if previous is not None:
             entries, kind = _index_entries(previous)
             for name, index_key in entries:

@@ -253,3 +253,18 @@ def test_strings_repeated_across_records_are_interned() -> None:
     assert a.namespace is b.namespace
     assert a.endpoints[0].node_name is b.endpoints[0].node_name
     assert a.service_key is b.service_key
+
+
+@pytest.mark.parametrize("address", ["010.42.1.7", "².1.1.1", "10.42.1", "10.42.1.256"])
+def test_odd_ipv4_text_is_a_translate_error_not_a_crash(address: str) -> None:
+    obj = fixture("endpointslice-db.yaml")
+    obj["endpoints"][0]["addresses"] = [address]
+    with pytest.raises(TranslateError, match=r"endpoints\[0\].addresses\[0\]: .* is not an IP"):
+        translate(obj, "t")
+
+
+def test_non_ascii_digits_in_a_port_are_a_translate_error() -> None:
+    obj = fixture("service-headless.yaml")
+    obj["spec"]["ports"][0]["port"] = "²"
+    with pytest.raises(TranslateError, match=r"spec.ports\[0\].port: expected an integer"):
+        translate(obj, "t")

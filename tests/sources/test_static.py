@@ -162,3 +162,14 @@ async def test_file_change_is_picked_up_by_polling(tmp_path: Path) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+def test_the_garbage_collector_is_back_on_after_loads_good_and_bad(tmp_path: Path) -> None:
+    import gc
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: [\n")
+    assert gc.isenabled()
+    load_file(KUBE / "multi-document.yaml", "t")
+    load_file(bad, "t")
+    assert gc.isenabled()

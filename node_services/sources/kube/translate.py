@@ -12,7 +12,16 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from node_services.sources.errors import TranslateError, UnsupportedObject
-from node_services.sources.fields import cidr, flag, integer, ip, mapping, sequence, text
+from node_services.sources.fields import (
+    cidr,
+    detached_labels,
+    flag,
+    integer,
+    ip,
+    mapping,
+    sequence,
+    text,
+)
 from node_services.state.records import (
     Endpoint,
     Endpoints,
@@ -24,7 +33,6 @@ from node_services.state.records import (
     Workload,
     intern_str,
     label,
-    make_labels,
 )
 
 PREFIX: Final = "k8s:"
@@ -94,7 +102,26 @@ def _ports(ref: str, path: str, raw: Any, *, port_key: str = "port") -> tuple[Po
                 app_protocol=text(ref, f"{where}.appProtocol", entry.get("appProtocol")),
             )
         )
-    return tuple(ports)
+    return _shared_ports(tuple(ports))
+
+
+_SHARED_PORTS: Final[dict[tuple[Port, ...], tuple[Port, ...]]] = {}
+_SHARED_PORTS_MAX: Final = 4096
+
+
+def _shared_ports(ports: tuple[Port, ...]) -> tuple[Port, ...]:
+    """One object for equal port lists: services and slices mostly repeat a few.
+
+    The table is bounded: when full it starts over (sharing is only a saving, never needed).
+    """
+    if not ports:
+        return ports
+    shared = _SHARED_PORTS.get(ports)
+    if shared is None:
+        if len(_SHARED_PORTS) >= _SHARED_PORTS_MAX:
+            _SHARED_PORTS.clear()
+        shared = _SHARED_PORTS[ports] = ports
+    return shared
 
 
 def _namespace(obj: Mapping[str, Any], source: str) -> list[Record]:
@@ -106,7 +133,7 @@ def _namespace(obj: Mapping[str, Any], source: str) -> list[Record]:
             source=source,
             name=intern_str(name),
             uuid=text(ref, "metadata.uid", meta.get("uid")),
-            labels=make_labels(meta.get("labels")),
+            labels=detached_labels(meta.get("labels")),
             state=text(ref, "status.phase", status.get("phase")).lower(),
             system=name.startswith("kube-"),
         )
@@ -163,7 +190,7 @@ def _node(obj: Mapping[str, Any], source: str) -> list[Record]:
     cidrs = sequence(ref, "spec.podCIDRs", spec.get("podCIDRs"))
     if not cidrs and spec.get("podCIDR"):
         cidrs = [spec.get("podCIDR")]
-    annotations = make_labels(meta.get("annotations"))
+    annotations = detached_labels(meta.get("annotations"))
     public_ip = label(annotations, PUBLIC_IP_ANNOTATION)
     if public_ip:
         public_ip = ip(ref, f"metadata.annotations[{PUBLIC_IP_ANNOTATION}]", public_ip)
@@ -186,7 +213,7 @@ def _node(obj: Mapping[str, Any], source: str) -> list[Record]:
             ),
             vtep_mac=label(annotations, VTEP_MAC_ANNOTATION).lower(),
             public_ip=public_ip or (internal[0] if internal else ""),
-            labels=make_labels(meta.get("labels")),
+            labels=detached_labels(meta.get("labels")),
             state=state,
             memory=_quantity(ref, "status.capacity.memory", capacity.get("memory")),
             milli_cpu=_quantity(ref, "status.capacity.cpu", capacity.get("cpu"), milli=True),
@@ -236,15 +263,15 @@ def _service(obj: Mapping[str, Any], source: str) -> list[Record]:
             publish_not_ready=flag(
                 ref, "spec.publishNotReadyAddresses", spec.get("publishNotReadyAddresses")
             ),
-            selector=make_labels(spec.get("selector")),
-            labels=make_labels(meta.get("labels")),
+            selector=detached_labels(spec.get("selector")),
+            labels=detached_labels(meta.get("labels")),
         )
     ]
 
 
 def _endpoint_slice(obj: Mapping[str, Any], source: str) -> list[Record]:
     ref, namespace, name, meta = _meta(obj, namespaced=True)
-    labels = make_labels(meta.get("labels"))
+    labels = detached_labels(meta.get("labels"))
     service = label(labels, SERVICE_NAME_LABEL)
     if not service:
         # A slice not owned by a Service (custom controllers) names nothing DNS can serve.
@@ -343,7 +370,7 @@ def _pod(obj: Mapping[str, Any], source: str) -> list[Record]:
             hostname=text(ref, "spec.hostname", spec.get("hostname")),
             subdomain=text(ref, "spec.subdomain", spec.get("subdomain"), intern=True),
             host_network=flag(ref, "spec.hostNetwork", spec.get("hostNetwork")),
-            labels=make_labels(meta.get("labels")),
+            labels=detached_labels(meta.get("labels")),
             state=text(ref, "status.phase", status.get("phase"), intern=True).lower(),
             ready=ready,
             ports=tuple(ports),

@@ -1,0 +1,1 @@
+"""Benchmarks of node-services, run by ``make bench`` (``python -m bench``). See README.md."""
