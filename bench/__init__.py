@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench`` runs each ``bench/<name>.py``; ``python -m bench.<name>`` one."""
