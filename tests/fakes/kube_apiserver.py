@@ -371,7 +371,7 @@ class FakeKubeAPIServer:
     # -- HTTP ---------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware])
+        app = web.Application(middlewares=[self._middleware], client_max_size=256 << 20)
         r = app.router
         r.add_get("/version", self._version)
         r.add_get("/api", self._api)

@@ -27,6 +27,7 @@ import yaml
 log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT_TOKEN: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+READ_BUFFER: Final = 1 << 20
 SERVICE_ACCOUNT_CA: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
 
 
@@ -221,6 +222,9 @@ class KubeClient:
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
                 auto_decompress=True,
+                # A deep read buffer lets a burst of watch events reach the reflector as one
+                # batch (one store version) instead of ~100 events at a time.
+                read_bufsize=READ_BUFFER,
             )
         return self._session
 
