@@ -204,9 +204,18 @@ async def _error_from(response: aiohttp.ClientResponse) -> KubeAPIError:
 class KubeClient:
     """Requests to one API server over one aiohttp session."""
 
-    def __init__(self, connection: Connection, *, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        connect_timeout: float = 10.0,
+        read_timeout: float | None = 120.0,
+    ) -> None:
+        """``read_timeout``: longest silence while waiting for a response or its next bytes
+        (a list, or a watch without events or bookmarks) before the request fails."""
         self.connection = connection
         self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> KubeClient:
@@ -220,7 +229,9 @@ class KubeClient:
             connector = aiohttp.TCPConnector(ssl=self.connection.ssl_context or False)
             self._session = aiohttp.ClientSession(
                 connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self._connect_timeout, sock_read=self._read_timeout
+                ),
                 auto_decompress=True,
                 # A deep read buffer lets a burst of watch events reach the reflector as one
                 # batch (one store version) instead of ~100 events at a time.

@@ -184,7 +184,7 @@ class Reflector:
                 self.metrics.error(self.resource.name, "read_timeout")
                 delay = self.backoff.next_delay()
                 log.warning(
-                    "%s: watch sent nothing for %.0fs; reconnecting in %.1fs from %s",
+                    "%s: watch sent nothing for %gs; reconnecting in %.1fs from %s",
                     self.source,
                     self.read_timeout,
                     delay,

@@ -137,7 +137,8 @@ class KubeSource:
                 log.error("kubernetes: %s; retrying in %.1fs", exc.message, delay)
                 await asyncio.sleep(delay)
         log.info("kubernetes: API server %s", self._connection.host)
-        async with KubeClient(self._connection) as client:
+        read_timeout = self._options["read_timeout"]
+        async with KubeClient(self._connection, read_timeout=read_timeout) as client:
             self._client = client
             self._ready.set()
             for resource in self.resources:
@@ -149,7 +150,9 @@ class KubeSource:
                     metrics=self._metrics,
                     **self._options,
                 )
-            await asyncio.gather(*(r.run() for r in self.reflectors.values()))
+            async with asyncio.TaskGroup() as group:  # one failing cancels the others
+                for name, reflector in self.reflectors.items():
+                    group.create_task(reflector.run(), name=f"kubernetes:{name}")
 
     async def patch_node_annotations(
         self,
