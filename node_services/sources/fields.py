@@ -7,11 +7,14 @@ Each reader takes the object's reference for error messages, so a bad field is r
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from node_services.sources.errors import TranslateError
 from node_services.state.records import intern_str
+
+_DOTTED_QUAD = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}\Z")
 
 
 def mapping(ref: str, path: str, value: Any) -> Mapping[str, Any]:
@@ -31,6 +34,8 @@ def sequence(ref: str, path: str, value: Any) -> list[Any]:
 
 
 def text(ref: str, path: str, value: Any, *, required: bool = False, intern: bool = False) -> str:
+    if type(value) is str and value:  # the common case first: watch events are hot
+        return intern_str(value) if intern else value
     if value is None or value == "":
         if required:
             raise TranslateError(ref, f"{path}: missing")
@@ -65,10 +70,8 @@ def ip(ref: str, path: str, value: Any) -> str:
     """A valid IPv4/IPv6 address in canonical text form (IPv6 compressed, lower case)."""
     if not isinstance(value, str):
         raise TranslateError(ref, f"{path}: expected an IP address, got {value!r}")
-    if value.count(".") == 3 and ":" not in value:
-        parts = value.split(".")
-        if all(p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts):
-            return value
+    if _DOTTED_QUAD.match(value) and max(map(int, value.split("."))) <= 255:
+        return value
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
