@@ -50,6 +50,9 @@ def test_readyz_flips_only_after_every_initial_list(daemon: Start, tmp_path: Pat
             what="watched service",
         )
         assert node.metric('node_services_kube_lists_total{resource="services"}') == "1.0"
+        assert node.stop() == 0  # SIGTERM while watching: a clean shutdown
+        assert "Traceback" not in node.output()
+        assert "Unclosed" not in node.output()
 
 
 def test_unreachable_api_server_keeps_the_daemon_up_but_not_ready(

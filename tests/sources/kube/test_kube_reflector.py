@@ -415,3 +415,22 @@ async def test_unreadable_kubeconfig_is_a_clear_error(tmp_path: Any) -> None:
     with pytest.raises(KubeAPIError) as info:
         await load_connection(broken)
     assert str(broken) in str(info.value)
+
+
+async def test_bad_kubeconfig_is_logged_and_retried_not_fatal(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from node_services.sources.kube.source import KubeSource
+
+    broken = tmp_path / "kubeconfig"
+    broken.write_text("clusters: []\n")
+    store = Store()
+    source = KubeSource(store, kubeconfig=broken, node_name="node-a", backoff=(0.02, 0.05))
+    task = asyncio.create_task(source.run())
+    try:
+        await wait_until(lambda: caplog.text.count(f"kubernetes: {broken}:") >= 2, what="retries")
+        assert not task.done()
+        assert not store.snapshot.all_synced
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
