@@ -667,15 +667,15 @@ class FakeKubeAPIServer:
                     item = self._for_watcher(watcher, event, event.old)
                     if item is not None:
                         watcher.push(item)
+        watcher.transport = request.transport
+        self.watchers.add(watcher)  # before any await: events from now on are queued for it
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
-        await response.prepare(request)
-        watcher.transport = request.transport
-        self.watchers.add(watcher)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout > 0 else None
         next_bookmark = loop.time() + self.bookmark_interval
         try:
+            await response.prepare(request)
             while True:
                 if request.transport is None or request.transport.is_closing():
                     break  # the client went away (or drop_watches cut it)
