@@ -36,6 +36,7 @@ import collections
 import contextlib
 import copy
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -264,9 +265,12 @@ class FakeKubeAPIServer:
         port: int = 0,
         bookmark_interval: float = 60.0,
         tokens: set[str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         history_limit: int = 1_000_000,
     ) -> None:
         self.host, self.port = host, port
+        self.ssl_context = ssl_context
+        """Serve HTTPS with this context (as kube-apiserver always does) when set."""
         self.bookmark_interval = bookmark_interval
         self.tokens = tokens
         """Accepted bearer tokens; None accepts any request."""
@@ -785,14 +789,15 @@ class FakeKubeAPIServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def start(self) -> FakeKubeAPIServer:
         self._runner = web.AppRunner(
             self.app(), access_log=None, handle_signals=False, shutdown_timeout=0.1
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         if self.port == 0:
             self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

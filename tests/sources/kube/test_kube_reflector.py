@@ -434,3 +434,49 @@ async def test_bad_kubeconfig_is_logged_and_retried_not_fatal(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_in_cluster_over_tls_with_the_service_account(tmp_path: Any) -> None:
+    """The in-cluster path end to end: HTTPS verified against the service account's CA,
+    the token from its file, the host from KUBERNETES_SERVICE_HOST/PORT."""
+    from kubernetes.config.incluster_config import InClusterConfigLoader
+
+    ca, key = tmp_path / "ca.crt", tmp_path / "server.key"
+    openssl = await asyncio.create_subprocess_exec(
+        *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+        *("-subj", "/CN=kube-apiserver", "-addext", "subjectAltName=IP:127.0.0.1"),
+        *("-keyout", str(key), "-out", str(ca)),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await openssl.wait() == 0
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(ca, key)
+    server = await FakeKubeAPIServer(tokens={"sa-token"}, ssl_context=server_tls).start()
+    try:
+        server.put(service("web", "10.43.0.10"))
+        token = tmp_path / "token"
+        token.write_text("sa-token")
+        loader = InClusterConfigLoader(
+            token_filename=str(token),
+            cert_filename=str(ca),
+            environ={
+                "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+                "KUBERNETES_SERVICE_PORT": str(server.port),
+            },
+        )
+        connection = await load_connection(None, incluster_loader=loader)
+        assert connection.host == f"https://127.0.0.1:{server.port}"
+        store = Store()
+        async with KubeClient(connection) as client:
+            reflector = Reflector(client, store, SERVICES, backoff=Backoff(0.02, 0.1))
+            task = asyncio.create_task(reflector.run())
+            try:
+                await wait_until(lambda: store.snapshot.service("default", "web"), what="sync")
+                server.put(service("api", "10.43.0.11"))
+                await wait_until(lambda: store.snapshot.service("default", "api"), what="watch")
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await server.stop()
