@@ -480,3 +480,48 @@ async def test_in_cluster_over_tls_with_the_service_account(tmp_path: Any) -> No
                 await asyncio.gather(task, return_exceptions=True)
     finally:
         await server.stop()
+
+
+async def _self_signed(tmp_path: Any, name: str, san: str | None = None) -> tuple[Any, Any]:
+    cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    extra = ("-addext", f"subjectAltName={san}") if san else ()
+    openssl = await asyncio.create_subprocess_exec(
+        *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+        *("-subj", f"/CN={name}", *extra, "-keyout", str(key), "-out", str(cert)),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await openssl.wait() == 0
+    return cert, key
+
+
+async def test_kubeconfig_with_client_certificates_over_mutual_tls(tmp_path: Any) -> None:
+    server_cert, server_key = await _self_signed(tmp_path, "apiserver", "IP:127.0.0.1")
+    client_cert, client_key = await _self_signed(tmp_path, "node-services")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(server_cert, server_key)
+    server_tls.verify_mode = ssl.CERT_REQUIRED  # no client certificate, no connection
+    server_tls.load_verify_locations(client_cert)
+    server = await FakeKubeAPIServer(ssl_context=server_tls).start()
+    try:
+        server.put(service("web", "10.43.0.10"))
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+            f"clusters: [{{name: c, cluster: {{server: '{server.url}', "
+            f"certificate-authority: {server_cert}}}}}]\n"
+            f"users: [{{name: u, user: {{client-certificate: {client_cert}, "
+            f"client-key: {client_key}}}}}]\n"
+            "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
+        )
+        store = Store()
+        async with KubeClient(await load_connection(kubeconfig)) as client:
+            reflector = Reflector(client, store, SERVICES, backoff=Backoff(0.02, 0.1))
+            task = asyncio.create_task(reflector.run())
+            try:
+                await wait_until(lambda: store.snapshot.service("default", "web"), what="sync")
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await server.stop()
