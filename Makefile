@@ -11,7 +11,10 @@ RUN_ADMIN ?= 127.0.0.1:9254
 RUN_SNAPSHOT ?= demo/snapshot.yaml
 
 # Debian tools the tests use (installed when root; tests skip with a reason without them).
-DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2
+DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2 openssl
+# kubectl proves the test Kubernetes API server faithful; Debian ships it in kubernetes-client
+# (installed only when no kubectl is on PATH: other kubectl packages own the same file).
+KUBECTL_PACKAGE ?= kubernetes-client
 
 .PHONY: run test test-deps lint format bench clean
 
@@ -39,6 +42,11 @@ test-deps:
 		if [ -n "$$missing" ]; then \
 			echo "apt-get install:$$missing"; \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		fi; \
+		if ! command -v kubectl >/dev/null; then \
+			echo "apt-get install: $(KUBECTL_PACKAGE)"; apt-get update -qq; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(KUBECTL_PACKAGE) >/dev/null || \
+				echo "no kubectl: the kubectl tests skip with a reason"; \
 		fi; \
 	else echo "not root: skipping apt-get; tests needing Debian tools skip with a reason"; fi
 

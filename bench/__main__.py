@@ -1,9 +1,11 @@
 """``python -m bench`` (``make bench``): run the benchmarks and print one report.
 
-Each name in :data:`BENCHMARKS` is a module ``bench/<name>.py`` defining ``TITLE`` and
-``run(quick: bool) -> list[Result]``; names whose module does not exist yet are listed as
-"not written yet" and skipped. Exit status: 0 when every benchmark ran (whatever its PASS/FAIL
-marks), 1 when one could not run, 2 for bad arguments.
+Each name in :data:`BENCHMARKS` is a module ``bench/<name>.py`` that either defines ``TITLE``
+and ``run(quick: bool) -> list[Result]`` (its results join the summary), or a stand-alone
+``main(argv) -> int`` that prints its own report (run with ``--quick`` when asked); names whose
+module does not exist yet are listed as "not written yet" and skipped. Exit status: 0 when
+every benchmark ran (whatever its PASS/FAIL marks), 1 when one could not run, 2 for bad
+arguments.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 
 from bench._common import BenchError, Result, results_table, section
 
-BENCHMARKS: tuple[str, ...] = ("store",)
+BENCHMARKS: tuple[str, ...] = ("store", "kube", "dns", "metadata", "ipam")
 """Benchmark modules in report order. A later issue adds its ``bench/<name>.py`` (``dns``,
 ``metadata``, ...) and appends the name here."""
 
@@ -64,9 +66,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in missing:
             continue
         module = importlib.import_module(f"bench.{name}")
-        section(f"{name}: {module.TITLE}")
+        section(f"{name}: {getattr(module, 'TITLE', module.__doc__ or name).splitlines()[0]}")
         bench_started = time.perf_counter()
         try:
+            if not hasattr(module, "run"):
+                status = module.main(["--quick"] if args.quick else [])
+                if status:
+                    print(f"  {name} exited with status {status}", flush=True)
+                    failed.append(name)
+                print(f"  ({name} took {time.perf_counter() - bench_started:.0f} s)")
+                continue
             results: list[Result] = module.run(args.quick)
         except (BenchError, OSError) as exc:
             print(f"  ERROR: {exc}", flush=True)

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from node_services.admin import make_admin_app, readiness_problems
 from node_services.config import ConfigError, Settings
+from node_services.sources.kube.client import in_cluster
+from node_services.sources.kube.source import KubeSource
 from node_services.sources.static import SnapshotFile
 from node_services.state.store import Store
 
@@ -59,11 +61,6 @@ class Supervisor:
 def check_supported(settings: Settings) -> None:
     """Refuse settings that name a part this build does not have yet, clearly."""
     problems = []
-    if settings.kubeconfig is not None:
-        problems.append(
-            "kubeconfig: the Kubernetes list/watch source is not in this build yet; "
-            "feed Kubernetes objects through snapshot files"
-        )
     if settings.cattle_url:
         problems.append(
             "cattle_url: the Cattle event source is not in this build yet; "
@@ -83,6 +80,8 @@ class Daemon:
     snapshots: list[SnapshotFile] = field(default_factory=list)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     """Every metric of this daemon; services register theirs, /metrics serves it."""
+    kube: KubeSource | None = None
+    """The Kubernetes list/watch source, when a kubeconfig is set or we run in a pod."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
 
@@ -94,6 +93,17 @@ class Daemon:
         ]
         for snapshot in self.snapshots:
             self.store.register(snapshot.name)
+        # -- Kubernetes source: one store source per resource; /readyz waits for every list.
+        if self.settings.kubeconfig is not None or in_cluster():
+            self.kube = KubeSource(
+                self.store,
+                kubeconfig=self.settings.kubeconfig,
+                node_name=self.settings.node_name,
+                all_pods=self.settings.pod_records == "verified",
+                page_size=self.settings.kube_page_size,
+                read_timeout=self.settings.kube_read_timeout,
+                registry=self.registry,
+            )
 
     def ready_problems(self) -> list[str]:
         return readiness_problems(self.store, self.supervisor.problems)
@@ -113,6 +123,8 @@ class Daemon:
         log.info("admin listening on http://%s (/healthz /readyz /metrics)", listen)
         for snapshot in self.snapshots:
             self.supervisor.start(snapshot.name, snapshot.run)
+        if self.kube is not None:
+            self.supervisor.start("kubernetes", self.kube.run)
 
     async def reload(self) -> None:
         """SIGHUP: re-read every snapshot file now."""

@@ -83,7 +83,15 @@ class Settings:
     """HTTP address of /healthz, /readyz and /metrics."""
 
     kubeconfig: Path | None = None
-    """Kubeconfig file for the Kubernetes source; in-cluster config is used inside a pod."""
+    """Kubeconfig file for the Kubernetes source (enables it); without one, the in-cluster
+    service account is used when running in a pod (KUBERNETES_SERVICE_HOST is set)."""
+
+    kube_read_timeout: float = 120.0
+    """Seconds a Kubernetes watch may stay silent (no event, no bookmark) before it is taken
+    as dead and re-opened from the last resourceVersion."""
+
+    kube_page_size: int = 500
+    """Objects per page when listing from the Kubernetes API (`limit`/`continue`)."""
 
     ipam_dir: Path = Path("/var/lib/node-services/ipam")
     """Directory of the IPAM store, shared with the CNI plugin (its `dataDir`)."""
@@ -194,6 +202,18 @@ def _convert(key: str, value: Any) -> Any:
         if not 0 <= ttl <= 2147483647:
             raise ValueError(f"{ttl} is out of range")
         return ttl
+    if key == "kube_read_timeout":
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a number of seconds") from None
+        if seconds <= 0:
+            raise ValueError("must be more than 0")
+        return seconds
+    if key == "kube_page_size":
+        if isinstance(value, bool) or not str(value).strip().isdigit() or int(value) < 1:
+            raise ValueError(f"{value!r} is not a whole number of at least 1")
+        return int(value)
     if key == "snapshot_poll_interval":
         try:
             interval = float(value)

@@ -64,7 +64,9 @@ class DaemonProcess:
             *self.args,
         ]
         env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "CATTLE_"))
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("NODE_SERVICES_", "CATTLE_", "KUBERNETES_SERVICE_"))
         }
         env.update(self.env)
         self.log = self.log_path.open("wb")

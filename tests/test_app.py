@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -101,11 +102,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def test_unimplemented_live_sources_are_refused_clearly(tmp_path: Path) -> None:
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
-    result = run_cli("run", "--kubeconfig", str(kubeconfig), "--admin-listen", "127.0.0.1:0")
+    env = {**os.environ, "CATTLE_URL": "http://127.0.0.1:9/v2-beta/projects/1a5"}
+    result = run_cli("run", "--admin-listen", "127.0.0.1:0", env=env)
     assert result.returncode == 2
-    assert "kubeconfig: the Kubernetes list/watch source is not in this build yet" in result.stderr
+    assert "cattle_url: the Cattle event source is not in this build yet" in result.stderr
 
 
 def test_admin_port_in_use_is_a_clear_error(daemon: Start) -> None:

@@ -60,6 +60,8 @@ def sequence(ref: str, path: str, value: Any) -> list[Any]:
 
 
 def text(ref: str, path: str, value: Any, *, required: bool = False, intern: bool = False) -> str:
+    if type(value) is str and value:  # the common case first: watch events are hot
+        return intern_str(detach(value)) if intern else detach(value)
     if value is None or value == "":
         if required:
             raise TranslateError(ref, f"{path}: missing")

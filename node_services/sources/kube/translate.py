@@ -81,7 +81,34 @@ def _meta(obj: Mapping[str, Any], *, namespaced: bool) -> tuple[str, str, str, M
     return ref, namespace, name, meta
 
 
+_PORTS_CACHE: dict[tuple[Any, ...], tuple[Port, ...]] = {}
+_PORTS_CACHE_SIZE: Final = 4096
+
+
 def _ports(ref: str, path: str, raw: Any, *, port_key: str = "port") -> tuple[Port, ...]:
+    """Ports of a Service, EndpointSlice or container. Most objects repeat a handful of port
+    lists, so valid results are cached by content: a watch event skips re-validating them, and
+    records share one tuple."""
+    cache_key: tuple[Any, ...] | None = None
+    # Only lists of flat str/int mappings are cached: equal keys then mean equal types too
+    # (True == 1 and 1.0 == 1 would otherwise share an entry and skip a type check).
+    if type(raw) is list and all(
+        type(item) is dict and all(type(v) is str or type(v) is int for v in item.values())
+        for item in raw
+    ):
+        cache_key = (port_key, *(tuple(item.items()) for item in raw))
+        cached = _PORTS_CACHE.get(cache_key)
+        if cached is not None:
+            return cached
+    ports = _checked_ports(ref, path, raw, port_key)
+    if cache_key is not None:
+        if len(_PORTS_CACHE) >= _PORTS_CACHE_SIZE:
+            _PORTS_CACHE.clear()
+        _PORTS_CACHE[cache_key] = ports
+    return ports
+
+
+def _checked_ports(ref: str, path: str, raw: Any, port_key: str) -> tuple[Port, ...]:
     ports = []
     for i, item in enumerate(sequence(ref, path, raw)):
         where = f"{path}[{i}]"
