@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol, TypeAlias
+from typing import Any, Final, Protocol, TypeAlias
 from urllib.parse import unquote_plus
 
 from aiohttp import web
@@ -107,11 +107,15 @@ class MetadataMetrics:
         )
         self._children: dict[tuple[str, int], Counter] = {}
 
+    def child(self, route: str, status: int) -> Counter:
+        """The request counter of a route and status."""
+        counter = self._children.get((route, status))
+        if counter is None:
+            counter = self._children[(route, status)] = self.requests.labels(route, str(status))
+        return counter
+
     def count(self, route: str, status: int) -> None:
-        child = self._children.get((route, status))
-        if child is None:
-            child = self._children[(route, status)] = self.requests.labels(route, str(status))
-        child.inc()
+        self.child(route, status).inc()
 
 
 _ROOT: Final = {v: f"/{v}" for v in (*API_VERSIONS, LATEST)}
@@ -128,6 +132,10 @@ class MetadataServer:
     _trees: dict[str, Tree] = field(default_factory=dict)
     _trees_version: int = -1
     _seen_at: dict[int, float] = field(default_factory=dict)
+    _fast: dict[tuple[str, str | None, str | None], tuple[Counter, int, Any, dict[str, str]]] = (
+        field(default_factory=dict)
+    )
+    _fast_version: int = -1
     _runner: web.AppRunner | None = None
 
     # -- answers ---------------------------------------------------------------------------
@@ -233,6 +241,40 @@ class MetadataServer:
         return peer
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        # Fast path: a plain GET asked before for this snapshot, from this peer, with this
+        # Accept header, is answered from a prebuilt (route, status, body, headers).
+        headers = request.headers
+        snapshot = self.store.snapshot
+        if snapshot.version != self._fast_version:
+            self._fast = {}
+            self._fast_version = snapshot.version
+        cacheable = (
+            request.method == "GET"
+            and not request.query_string
+            and "X-Forwarded-For" not in headers
+            and "If-None-Match" not in headers
+        )
+        if cacheable:
+            fast_key = (request.raw_path, headers.get("Accept"), request.remote)
+            hit = self._fast.get(fast_key)
+            if hit is not None:
+                counter, status, body, response_headers = hit
+                counter.inc()
+                return web.Response(body=body, status=status, headers=response_headers)
+        response = await self._handle(request)
+        if cacheable and isinstance(response, web.Response) and response.status in (200, 404):
+            if len(self._fast) >= RESPONSE_CACHE_LIMIT:
+                self._fast.clear()
+            route = request.get("metadata_route", "other")
+            self._fast[fast_key] = (
+                self.metrics.child(route, response.status),
+                response.status,
+                response.body,
+                dict(response.headers),
+            )
+        return response
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         fmt = render.negotiate(request.headers.get("Accept"))
         if request.method not in ("GET", "HEAD"):
             return self._error("other", 405, "Method not allowed", fmt)
@@ -248,6 +290,7 @@ class MetadataServer:
         raw_path = request.raw_path.split("?", 1)[0]
         segments = raw_path[1:].rstrip("/").split("/")
         if segments == [""]:
+            request["metadata_route"] = "root"
             self.metrics.count("root", 200)
             return web.Response(
                 body=_ROOT_BODIES[fmt],
@@ -262,6 +305,7 @@ class MetadataServer:
         route = path[0].lower() if path and path[0].lower() in TOP_ROUTES else "other"
         if not path:
             route = "version_root"
+        request["metadata_route"] = route
 
         query = request.query if request.query_string else None
         if query is not None and query.get("wait") == "true":
