@@ -10,6 +10,7 @@ db-mysql-1 127.0.0.3, the sidekick Web-nginx-log-1 127.0.0.4; 127.0.0.1 is no wo
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -323,3 +324,19 @@ def test_bad_requests_get_clear_errors(recorded: MetadataDaemon, curl: Curl) -> 
     assert huge_header.status in (400, 431)
     # and the service keeps answering
     assert curl(recorded.url + "/latest/region_name").body == b"local"
+
+
+def test_head_is_get_without_a_body_and_other_methods_get_405(
+    recorded: MetadataDaemon, curl: Curl
+) -> None:
+    url = recorded.url + "/latest/self/container/name"
+    head = subprocess.run(
+        ["curl", "-s", "-I", "--interface", NGINX, url], capture_output=True, check=True
+    ).stdout
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"Content-Length: 11\r\n" in head
+    post = subprocess.run(
+        ["curl", "-s", "-i", "-X", "POST", url], capture_output=True, check=True
+    ).stdout
+    assert post.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+    assert post.endswith(b"\r\n\r\nMethod not allowed\n")
