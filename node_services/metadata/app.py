@@ -12,6 +12,7 @@ publishes, nothing polls.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import re
@@ -53,7 +54,9 @@ MAX_HEADERS: Final = 64
 MAX_BODY: Final = 1024
 BACKLOG: Final = 4096
 RESPONSE_CACHE_LIMIT: Final = 20_000
-"""Rendered answers kept per tree; beyond it the cache starts over (bounds odd paths)."""
+RESPONSE_CACHE_BYTES: Final = 64 * 1024 * 1024
+"""Rendered answers kept per tree (entries, bytes); beyond either the cache starts over, so
+odd paths or many callers cannot grow it without bound."""
 
 TOP_ROUTES: Final = frozenset(
     {"containers", "services", "stacks", "hosts", "self", "version", "environments", "networks"}
@@ -136,21 +139,57 @@ class MetadataServer:
         field(default_factory=dict)
     )
     _fast_version: int = -1
+    _building: dict[tuple[int, str], asyncio.Future[Tree]] = field(default_factory=dict)
+    _cache_bytes: dict[int, int] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
 
     # -- answers ---------------------------------------------------------------------------
 
-    def tree(self, snapshot: Snapshot, api_version: str) -> Tree:
-        """The tree of ``api_version`` for ``snapshot``, built at most once per version."""
-        if snapshot.version != self._trees_version:
-            if snapshot.version < self._trees_version:  # an old snapshot: build, don't cache
-                return self._build(snapshot, api_version)
+    def cached_tree(self, snapshot: Snapshot, api_version: str) -> Tree | None:
+        """The tree already built for this snapshot and API version, if any."""
+        if snapshot.version == self._trees_version:
+            return self._trees.get(api_version)
+        return None
+
+    def _keep(self, snapshot: Snapshot, api_version: str, tree: Tree) -> Tree:
+        """Cache a built tree unless a newer snapshot's trees are cached already."""
+        if snapshot.version > self._trees_version:
             self._trees = {}
             self._trees_version = snapshot.version
-        tree = self._trees.get(api_version)
+        if snapshot.version == self._trees_version:
+            return self._trees.setdefault(api_version, tree)
+        return tree  # an old snapshot (a waiter still holding it): answer, don't cache
+
+    def tree(self, snapshot: Snapshot, api_version: str) -> Tree:
+        """The tree of ``api_version`` for ``snapshot``, built at most once (here, inline)."""
+        tree = self.cached_tree(snapshot, api_version)
         if tree is None:
-            tree = self._trees[api_version] = self._build(snapshot, api_version)
+            tree = self._keep(snapshot, api_version, self._build(snapshot, api_version))
         return tree
+
+    async def tree_for(self, snapshot: Snapshot, api_version: str) -> Tree:
+        """:meth:`tree`, built in a worker thread so the loop keeps answering meanwhile (a
+        snapshot is immutable: safe to read from another thread). Concurrent askers share
+        one build."""
+        tree = self.cached_tree(snapshot, api_version)
+        if tree is not None:
+            return tree
+        key = (snapshot.version, api_version)
+        building = self._building.get(key)
+        if building is None:
+            building = asyncio.get_running_loop().run_in_executor(
+                None, self._build, snapshot, api_version
+            )
+            self._building[key] = building
+
+            def done(future: asyncio.Future[Tree]) -> None:
+                self._building.pop(key, None)
+                if not future.cancelled() and future.exception() is None:
+                    self._keep(snapshot, api_version, future.result())
+
+            building.add_done_callback(done)
+        built = await asyncio.shield(building)
+        return self.cached_tree(snapshot, api_version) or built
 
     def _build(self, snapshot: Snapshot, api_version: str) -> Tree:
         started = time.perf_counter()
@@ -163,16 +202,16 @@ class MetadataServer:
         self.metrics.tree_builds.observe(time.perf_counter() - started)
         return tree
 
-    def value(
+    async def value(
         self, snapshot: Snapshot, api_version: str, caller: str | None, path: list[str]
     ) -> tuple[bool, Node]:
         """(found, value) at ``path`` for a caller (workload key, None = not a workload)."""
         if path == ["version"]:  # long-polls ask this: answer without building a tree
             return True, str(snapshot.version)
-        tree = self.tree(snapshot, api_version)
+        tree = await self.tree_for(snapshot, api_version)
         return lookup(tree.root_for(caller), path)
 
-    def answer(
+    async def answer(
         self,
         snapshot: Snapshot,
         api_version: str,
@@ -183,21 +222,32 @@ class MetadataServer:
         """(status, body) of a question; rendered once per tree and cached there."""
         if path == ["version"]:
             return 200, render.body(str(snapshot.version), fmt)
-        tree = self.tree(snapshot, api_version)
+        tree = await self.tree_for(snapshot, api_version)
         personal = not path or path[0].lower() == "self"
         key = (caller if personal else None, tuple(path), fmt)
         cached = tree.responses.get(key)
         if cached is not None:
             return cached  # type: ignore[return-value]
-        found, value = lookup(tree.root_for(caller), path)
-        if found:
-            result = (200, render.body(value, fmt))
+        if not path and fmt is not Format.TEXT:
+            result = (200, root_body(tree, caller, fmt))
         else:
-            result = (404, render.error_body("Not found", 404, fmt))
-        if len(tree.responses) >= RESPONSE_CACHE_LIMIT:
-            tree.responses.clear()
-        tree.responses[key] = result
+            found, value = lookup(tree.root_for(caller), path)
+            if found:
+                result = (200, render.body(value, fmt))
+            else:
+                result = (404, render.error_body("Not found", 404, fmt))
+        if path or fmt is Format.TEXT:  # whole trees per caller: spliced each time, not kept
+            self._remember(tree.responses, key, result, len(result[1]))
         return result
+
+    def _remember(self, cache: dict[Any, Any], key: object, value: object, size: int) -> None:
+        """Keep a rendered answer; a cache over its entry or byte budget starts over."""
+        used = self._cache_bytes.get(id(cache), 0) + size
+        if len(cache) >= RESPONSE_CACHE_LIMIT or used > RESPONSE_CACHE_BYTES:
+            cache.clear()
+            used = size
+        self._cache_bytes[id(cache)] = used
+        cache[key] = value
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -248,6 +298,7 @@ class MetadataServer:
         if snapshot.version != self._fast_version:
             self._fast = {}
             self._fast_version = snapshot.version
+            self._cache_bytes = {}
         cacheable = (
             request.method == "GET"
             and not request.query_string
@@ -263,15 +314,11 @@ class MetadataServer:
                 return web.Response(body=body, status=status, headers=response_headers)
         response = await self._handle(request)
         if cacheable and isinstance(response, web.Response) and response.status in (200, 404):
-            if len(self._fast) >= RESPONSE_CACHE_LIMIT:
-                self._fast.clear()
             route = request.get("metadata_route", "other")
-            self._fast[fast_key] = (
-                self.metrics.child(route, response.status),
-                response.status,
-                response.body,
-                dict(response.headers),
-            )
+            body = response.body
+            counter = self.metrics.child(route, response.status)
+            entry = (counter, response.status, body, dict(response.headers))
+            self._remember(self._fast, fast_key, entry, len(body) if isinstance(body, bytes) else 0)
         return response
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -298,6 +345,7 @@ class MetadataServer:
             )
         api_version = resolve_version(segments[0])
         if api_version is None:
+            request["metadata_route"] = "invalid_version"
             return self._error("invalid_version", 404, "Invalid version", fmt)
         if any(_BAD_ESCAPE.search(s) for s in segments[1:]):
             return self._error("other", 400, "invalid URL escape in path", fmt)
@@ -318,7 +366,7 @@ class MetadataServer:
         if _etag_matches(request.headers.get("If-None-Match"), snapshot.version):
             return self._respond(route, 304, b"", fmt, snapshot.version)
         caller = self._caller(snapshot, ip)
-        status, body = self.answer(snapshot, api_version, caller, path, fmt)
+        status, body = await self.answer(snapshot, api_version, caller, path, fmt)
         return self._respond(route, status, body, fmt, snapshot.version)
 
     def _caller(self, snapshot: Snapshot, ip: str) -> str | None:
@@ -360,7 +408,8 @@ class MetadataServer:
         try:
             while True:
                 snapshot = self.store.snapshot
-                found, value = self.value(snapshot, api_version, self._caller(snapshot, ip), path)
+                caller = self._caller(snapshot, ip)
+                found, value = await self.value(snapshot, api_version, caller, path)
                 if found and render.go_sprint(value) != old:
                     break
                 remaining = deadline - time.monotonic()
@@ -371,7 +420,8 @@ class MetadataServer:
                     woken_at = self._woken(changed)
         finally:
             self.metrics.waiters.dec()
-        status, body = self.answer(snapshot, api_version, self._caller(snapshot, ip), path, fmt)
+        caller = self._caller(snapshot, ip)
+        status, body = await self.answer(snapshot, api_version, caller, path, fmt)
         if woken_at is not None:
             self.metrics.wake_latency.observe(time.monotonic() - woken_at)
         return self._respond(route, status, body, fmt, snapshot.version)
@@ -403,7 +453,8 @@ class MetadataServer:
                     woken_at = self._woken(changed)
         finally:
             self.metrics.waiters.dec()
-        status, body = self.answer(snapshot, api_version, self._caller(snapshot, ip), path, fmt)
+        caller = self._caller(snapshot, ip)
+        status, body = await self.answer(snapshot, api_version, caller, path, fmt)
         if woken_at is not None:
             self.metrics.wake_latency.observe(time.monotonic() - woken_at)
         return self._respond(route, status, body, fmt, snapshot.version)
@@ -437,6 +488,26 @@ class MetadataServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def root_body(tree: Tree, caller: str | None, fmt: Format) -> bytes:
+    """The JSON or YAML of the whole tree as ``caller`` sees it, spliced from the shared part
+    (rendered once per tree) and the caller's ``self``: not the whole tree again per caller."""
+    cached = tree.responses.get(("root parts", fmt))
+    if isinstance(cached, tuple):
+        prefix, suffix = cached
+    else:
+        before = {k: v for k, v in tree.root.items() if k < "self"}
+        after = {k: v for k, v in tree.root.items() if k > "self"}
+        if fmt is Format.JSON:
+            head, tail = render.json_body(before), render.json_body(after)
+            prefix, suffix = head[:-1] + b',"self":', b"," + tail[1:]  # the root has both
+        else:
+            prefix, suffix = render.yaml_body(before), render.yaml_body(after)
+        tree.responses[("root parts", fmt)] = (prefix, suffix)
+    own = tree.self_for(caller)
+    middle = render.json_body(own) if fmt is Format.JSON else render.yaml_body({"self": own})
+    return bytes(prefix + middle + suffix)
 
 
 def _etag_matches(header: str | None, version: int) -> bool:
