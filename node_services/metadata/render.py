@@ -140,6 +140,9 @@ class _Dumper(yaml.SafeDumper):
     """Block style like yaml.v2; lists not indented under their key; quoted strings in double
     quotes, as yaml.v2 writes them (``vip: ""``, ``service_index: "1"``)."""
 
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # objects shared inside the tree are written out each time, as yaml.v2 does
+
     def choose_scalar_style(self) -> str:
         style: str = super().choose_scalar_style()
         return '"' if style == "'" else style

@@ -95,3 +95,8 @@ def test_go_sprint_is_what_long_poll_values_compare_with() -> None:
     assert render.go_sprint(True) == "true"
     assert render.go_sprint(["a", 1]) == "[a 1]"
     assert render.go_sprint({"b": 1, "a": {"c": None}}) == "map[a:map[c:<nil>] b:1]"
+
+
+def test_yaml_writes_shared_objects_out_without_anchors() -> None:
+    shared = {"name": "c"}
+    assert render.yaml_body({"a": [shared], "b": shared}) == b"a:\n- name: c\nb:\n  name: c\n"

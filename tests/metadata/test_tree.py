@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import pytest
 from helpers import FIXTURES
 from prometheus_client import CollectorRegistry
 
-from node_services.metadata.app import MetadataConfig, MetadataMetrics, MetadataServer
+from node_services.metadata import app as metadata_app
+from node_services.metadata import render
+from node_services.metadata.app import MetadataConfig, MetadataMetrics, MetadataServer, root_body
+from node_services.metadata.render import Format
 from node_services.metadata.tree import (
     V1,
     V2,
@@ -112,3 +116,39 @@ def test_a_kubernetes_pod_without_ips_or_node_is_still_a_container() -> None:
     assert container["stack_name"] == "ns"
     assert "service_name" not in container
     assert tree.root["stacks"] == []
+
+
+@pytest.mark.parametrize("fmt", [Format.JSON, Format.YAML])
+async def test_the_whole_tree_spliced_per_caller_equals_rendering_it_whole(
+    store: Store, fmt: Format
+) -> None:
+    server = MetadataServer(store, MetadataConfig("node1"), MetadataMetrics(CollectorRegistry()))
+    snapshot = store.snapshot
+    tree = await server.tree_for(snapshot, V2)
+    for caller in (None, *snapshot.workloads):
+        status, body = await server.answer(snapshot, V2, caller, [], fmt)
+        assert (status, body) == (200, render.body(tree.root_for(caller), fmt))
+        assert root_body(tree, caller, fmt) == body
+
+
+async def test_concurrent_first_requests_share_one_build_in_a_thread(store: Store) -> None:
+    registry = CollectorRegistry()
+    server = MetadataServer(store, MetadataConfig("node1"), MetadataMetrics(registry))
+    trees = await asyncio.gather(*(server.tree_for(store.snapshot, V3) for _ in range(20)))
+    assert all(tree is trees[0] for tree in trees)
+    assert registry.get_sample_value("node_services_metadata_tree_build_seconds_count") == 1
+    assert server.tree(store.snapshot, V3) is trees[0]
+
+
+async def test_answer_caches_are_bounded_in_bytes(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metadata_app, "RESPONSE_CACHE_BYTES", 2000)
+    server = MetadataServer(store, MetadataConfig("node1"), MetadataMetrics(CollectorRegistry()))
+    snapshot = store.snapshot
+    tree = await server.tree_for(snapshot, V3)
+    for index in range(6):
+        await server.answer(snapshot, V3, None, ["containers", str(index % 5)], Format.JSON)
+        kept = sum(len(v[1]) for v in tree.responses.values() if isinstance(v, tuple))
+        assert kept <= 2000
+    assert 0 < len(tree.responses) < 5
