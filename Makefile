@@ -26,7 +26,7 @@ run: $(STAMP)
 	@echo "  curl -s http://$(RUN_ADMIN)/readyz"
 	@echo "  curl -s http://$(RUN_ADMIN)/metrics | grep ^node_services_"
 	@echo "  dig @$(firstword $(subst :, ,$(RUN_DNS))) -p $(lastword $(subst :, ,$(RUN_DNS))) frontend.shop.svc.cluster.local   (once the DNS server lands)"
-	@echo "  curl -s http://$(RUN_METADATA)/latest/services   (once the metadata service lands)"
+	@echo "  curl -s http://$(RUN_METADATA)/latest/services ; curl -s http://$(RUN_METADATA)/latest/self/host/name"
 	@echo "  kill -HUP <pid> reloads the snapshot; Ctrl-C stops."
 	$(BIN)/node-services run --snapshot $(RUN_SNAPSHOT) --node-name node-a \
 		--dns-listen $(RUN_DNS) --metadata-listen $(RUN_METADATA) --admin-listen $(RUN_ADMIN)

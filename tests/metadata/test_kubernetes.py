@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from helpers import DEMO_SNAPSHOT
 from metadata_helpers import MetadataDaemon
 
 SNAPSHOT = """\
@@ -204,4 +205,36 @@ async def test_pods_services_namespaces_and_nodes_in_the_tree(
     assert await get(daemon, "/latest/containers", "127.0.0.1") == (
         200,
         b"0=lonely\n1=frontend-1\n2=frontend-2\n",
+    )
+
+
+async def test_kubernetes_and_cattle_records_share_one_tree(
+    metadata_daemon: Callable[..., MetadataDaemon],
+) -> None:
+    daemon = metadata_daemon("--snapshot", str(DEMO_SNAPSHOT), "--node-name", "node-a")
+    stranger = "127.0.0.1"
+    assert await get(daemon, "/latest/services", stranger) == (
+        200,
+        b"0=kubernetes\n1=kube-dns\n2=cart\n3=frontend\n4=payments\n5=nginx\n",
+    )
+    assert await get(daemon, "/latest/stacks", stranger) == (
+        200,
+        b"0=default\n1=kube-system\n2=shop\n3=web\n",
+    )
+    kinds = await get(daemon, "/latest/services", stranger, "application/json")
+    assert [(s["name"], s["kind"], s["vip"]) for s in kinds[1]] == [
+        ("kubernetes", "kubernetesService", "10.43.0.1"),
+        ("kube-dns", "kubernetesService", "10.43.0.10"),
+        ("cart", "kubernetesService", ""),
+        ("frontend", "kubernetesService", "10.43.87.21"),
+        ("payments", "kubernetesService", ""),
+        ("nginx", "service", ""),
+    ]
+    assert await get(daemon, "/latest/services/payments/hostname", stranger) == (
+        200,
+        b"payments.example.com",
+    )
+    assert await get(daemon, "/latest/services/cart/containers", stranger) == (
+        200,
+        b"0=cart-0\n1=cart-1\n",
     )
