@@ -141,6 +141,7 @@ class MetadataServer:
     _fast_version: int = -1
     _building: dict[tuple[int, str], asyncio.Future[Tree]] = field(default_factory=dict)
     _cache_bytes: dict[int, int] = field(default_factory=dict)
+    _version_bodies: dict[tuple[int, Format], bytes] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
 
     # -- answers ---------------------------------------------------------------------------
@@ -405,13 +406,18 @@ class MetadataServer:
         deadline = time.monotonic() + self._max_wait(request)
         woken_at: float | None = None
         self.metrics.waiters.inc()
+        asks_version = path == ["version"]  # the common case: no tree, no caller needed
         try:
             while True:
                 snapshot = self.store.snapshot
-                caller = self._caller(snapshot, ip)
-                found, value = await self.value(snapshot, api_version, caller, path)
-                if found and render.go_sprint(value) != old:
-                    break
+                if asks_version:
+                    if str(snapshot.version) != old:
+                        break
+                else:
+                    caller = self._caller(snapshot, ip)
+                    found, value = await self.value(snapshot, api_version, caller, path)
+                    if found and render.go_sprint(value) != old:
+                        break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -420,11 +426,23 @@ class MetadataServer:
                     woken_at = self._woken(changed)
         finally:
             self.metrics.waiters.dec()
-        caller = self._caller(snapshot, ip)
-        status, body = await self.answer(snapshot, api_version, caller, path, fmt)
+        if asks_version:
+            status, body = 200, self._version_body(snapshot.version, fmt)
+        else:
+            caller = self._caller(snapshot, ip)
+            status, body = await self.answer(snapshot, api_version, caller, path, fmt)
         if woken_at is not None:
             self.metrics.wake_latency.observe(time.monotonic() - woken_at)
         return self._respond(route, status, body, fmt, snapshot.version)
+
+    def _version_body(self, version: int, fmt: Format) -> bytes:
+        """The body of ``/<v>/version``, rendered once per store version and format."""
+        body = self._version_bodies.get((version, fmt))
+        if body is None:
+            if len(self._version_bodies) > 16:
+                self._version_bodies.clear()
+            body = self._version_bodies[(version, fmt)] = render.body(str(version), fmt)
+        return body
 
     async def _wait_for_etag(
         self,

@@ -193,3 +193,18 @@ async def test_a_wait_on_any_path_returns_when_that_value_changes(
         daemon.process.signal(signal.SIGHUP)
         assert await asyncio.wait_for(zone, 5) == (200, b"z")
         assert await asyncio.wait_for(etag, 5) == (200, b"web-nginx-1")
+
+
+def test_parked_waiters_do_not_hold_up_shutdown(metadata_daemon: Start, tmp_path: Path) -> None:
+    daemon, _ = start(metadata_daemon, tmp_path)
+    version = daemon.store_version()
+    url = f"{daemon.url}/latest/version?wait=true&value={version}&maxWait=100"
+    sockets = park_raw_waiters(url, 5)
+    try:
+        daemon.process.wait_for(lambda: waiters(daemon) == 5, what="5 parked waiters")
+        started = time.monotonic()
+        assert daemon.process.stop() == 0
+        assert time.monotonic() - started < 5
+    finally:
+        for sock in sockets:
+            sock.close()
