@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print("bench.metadata: wrk is not installed (Debian package wrk); skipped")
         return 0
-    seconds = 1 if args.quick else 4
+    seconds = 1 if args.quick else 3
     waiters = 1000 if args.quick else 10_000
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the daemon inherits it
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} (shared: numbers noisy)"
             )
             print(f"snapshot: {services} services in the tree")
-            rounds = 3
+            rounds = 3 if args.quick else 5
             print(
                 f"\nrequests/s, wrk -t1 -c50 -d{seconds}s, best of {rounds} interleaved rounds; "
                 "floor = a minimal aiohttp handler returning the same bytes from a dict:"

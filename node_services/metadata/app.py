@@ -61,6 +61,8 @@ odd paths or many callers cannot grow it without bound."""
 TOP_ROUTES: Final = frozenset(
     {"containers", "services", "stacks", "hosts", "self", "version", "environments", "networks"}
 )
+_ROUTE: Final = web.RequestKey("metadata_route", str)
+"""The request's route label, kept for the fast-path cache entry."""
 _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
@@ -314,8 +316,15 @@ class MetadataServer:
                 counter.inc()
                 return web.Response(body=body, status=status, headers=response_headers)
         response = await self._handle(request)
-        if cacheable and isinstance(response, web.Response) and response.status in (200, 404):
-            route = request.get("metadata_route", "other")
+        if (
+            cacheable
+            and isinstance(response, web.Response)
+            and response.status in (200, 404)
+            # answered from the version this cache holds (the store may have moved on while
+            # a tree was being built); "/" has no ETag and never changes
+            and response.headers.get("ETag", f'"{self._fast_version}"') == f'"{self._fast_version}"'
+        ):
+            route = request.get(_ROUTE, "other")
             body = response.body
             counter = self.metrics.child(route, response.status)
             entry = (counter, response.status, body, dict(response.headers))
@@ -338,7 +347,7 @@ class MetadataServer:
         raw_path = request.raw_path.split("?", 1)[0]
         segments = raw_path[1:].rstrip("/").split("/")
         if segments == [""]:
-            request["metadata_route"] = "root"
+            request[_ROUTE] = "root"
             self.metrics.count("root", 200)
             return web.Response(
                 body=_ROOT_BODIES[fmt],
@@ -346,7 +355,7 @@ class MetadataServer:
             )
         api_version = resolve_version(segments[0])
         if api_version is None:
-            request["metadata_route"] = "invalid_version"
+            request[_ROUTE] = "invalid_version"
             return self._error("invalid_version", 404, "Invalid version", fmt)
         if any(_BAD_ESCAPE.search(s) for s in segments[1:]):
             return self._error("other", 400, "invalid URL escape in path", fmt)
@@ -354,7 +363,7 @@ class MetadataServer:
         route = path[0].lower() if path and path[0].lower() in TOP_ROUTES else "other"
         if not path:
             route = "version_root"
-        request["metadata_route"] = route
+        request[_ROUTE] = route
 
         query = request.query if request.query_string else None
         if query is not None and query.get("wait") == "true":

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
+from unittest import mock
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from helpers import FIXTURES
 from prometheus_client import CollectorRegistry
 
@@ -18,6 +22,7 @@ from node_services.metadata.tree import (
     V2,
     V3,
     Environment,
+    Tree,
     build_tree,
     lookup,
     resolve_version,
@@ -25,7 +30,7 @@ from node_services.metadata.tree import (
 )
 from node_services.sources.static import load_file
 from node_services.state.records import Workload
-from node_services.state.store import Store
+from node_services.state.store import Snapshot, Store
 
 SCENARIO = FIXTURES / "cattle" / "recorded-scenario.json"
 
@@ -152,3 +157,36 @@ async def test_answer_caches_are_bounded_in_bytes(
         kept = sum(len(v[1]) for v in tree.responses.values() if isinstance(v, tuple))
         assert kept <= 2000
     assert 0 < len(tree.responses) < 5
+
+
+async def test_an_answer_built_for_an_older_version_never_enters_the_newer_cache(
+    store: Store,
+) -> None:
+    server = MetadataServer(store, MetadataConfig("node1"), MetadataMetrics(CollectorRegistry()))
+    transport = mock.Mock()
+    transport.get_extra_info.return_value = ("127.0.0.9", 40000)
+
+    def request() -> web.Request:
+        return make_mocked_request("GET", "/latest/hosts/node1/labels/zone", transport=transport)
+
+    old_version = store.version
+    release = threading.Event()
+    build = server._build
+
+    def slow_build(snapshot: Snapshot, api_version: str) -> Tree:
+        if snapshot.version == old_version:
+            release.wait(5)  # the old tree's build ends only after the new one answered
+        return build(snapshot, api_version)
+
+    server._build = slow_build  # type: ignore[method-assign]
+    before = asyncio.create_task(server.handle(request()))
+    await asyncio.sleep(0)  # it holds the old snapshot, its tree being built in a thread
+    host = store.snapshot.hosts["cattle:host/1h1"]
+    store.apply("static:s", [dataclasses.replace(host, labels=(("zone", "new"),))])
+    after = await server.handle(request())
+    assert (after.status, after.body) == (200, b"new")
+    release.set()
+    old = await before
+    assert (old.status, old.body) == (200, b"a")
+    again = await server.handle(request())
+    assert (again.status, again.body) == (200, b"new")
