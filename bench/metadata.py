@@ -33,6 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "tests" / "fixtures" / "cattle" / "recorded-scenario.json"
 
 TARGET_RATIO = 0.8
+
+# With 2+ cores, servers on CPU 1 and wrk on CPU 0, so they do not trade places mid-run.
+_PIN = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+PIN_SERVER = ["taskset", "-c", "1"] if _PIN else []
+PIN_CLIENT = ["taskset", "-c", "0"] if _PIN else []
 TARGET_P99 = 0.100
 
 MINIMAL_SERVER = textwrap.dedent(
@@ -147,7 +152,7 @@ def bump(path: Path, value: str) -> None:
 
 def wrk(url: str, seconds: int, connections: int) -> float:
     out = subprocess.run(
-        ["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", url],
+        [*PIN_CLIENT, "wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", url],
         capture_output=True,
         text=True,
         check=True,
@@ -315,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         env["NODE_SERVICES_SNAPSHOT_POLL_INTERVAL"] = "0"
         daemon = subprocess.Popen(
             [
+                *PIN_SERVER,
                 sys.executable,
                 "-m",
                 "node_services",
@@ -344,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             bodies = Path(tmp) / "bodies.json"
             bodies.write_text(json.dumps({p: get(base + p) for p in paths}))
             peer = subprocess.Popen(
-                [sys.executable, "-c", MINIMAL_SERVER, str(peer_port), str(bodies)], env=env
+                [*PIN_SERVER, sys.executable, "-c", MINIMAL_SERVER, str(peer_port), str(bodies)],
+                env=env,
             )
             wait_http(f"http://127.0.0.1:{peer_port}/")
             assert get(base + "/latest/self/container/name") == "web-nginx-1"
