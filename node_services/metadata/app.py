@@ -81,6 +81,7 @@ class MetadataConfig:
     environment: Environment = field(default_factory=Environment)
     trusted_proxies: tuple[IPNetwork, ...] = ()
     access_log: bool = False
+    idle_timeout: float = IDLE_TIMEOUT
 
 
 class MetadataMetrics:
@@ -501,7 +502,7 @@ class MetadataServer:
             access_log=logging.getLogger("node_services.metadata.access")
             if self.config.access_log
             else None,
-            keepalive_timeout=IDLE_TIMEOUT,
+            keepalive_timeout=self.config.idle_timeout,
             max_line_size=MAX_LINE_SIZE,
             max_field_size=MAX_FIELD_SIZE,
             max_headers=MAX_HEADERS,
