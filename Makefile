@@ -11,7 +11,7 @@ RUN_ADMIN ?= 127.0.0.1:9254
 RUN_SNAPSHOT ?= demo/snapshot.yaml
 
 # Debian tools the tests use (installed when root; tests skip with a reason without them).
-DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2 openssl
+DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2 openssl wrk
 # kubectl proves the test Kubernetes API server faithful; Debian ships it in kubernetes-client
 # (installed only when no kubectl is on PATH: other kubectl packages own the same file).
 KUBECTL_PACKAGE ?= kubernetes-client
@@ -29,7 +29,7 @@ run: $(STAMP)
 	@echo "  curl -s http://$(RUN_ADMIN)/readyz"
 	@echo "  curl -s http://$(RUN_ADMIN)/metrics | grep ^node_services_"
 	@echo "  dig @$(firstword $(subst :, ,$(RUN_DNS))) -p $(lastword $(subst :, ,$(RUN_DNS))) frontend.shop.svc.cluster.local   (once the DNS server lands)"
-	@echo "  curl -s http://$(RUN_METADATA)/latest/services   (once the metadata service lands)"
+	@echo "  curl -s http://$(RUN_METADATA)/latest/services ; curl -s http://$(RUN_METADATA)/latest/self/host/name"
 	@echo "  kill -HUP <pid> reloads the snapshot; Ctrl-C stops."
 	$(BIN)/node-services run --snapshot $(RUN_SNAPSHOT) --node-name node-a \
 		--dns-listen $(RUN_DNS) --metadata-listen $(RUN_METADATA) --admin-listen $(RUN_ADMIN)

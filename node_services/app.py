@@ -15,6 +15,13 @@ from prometheus_client import CollectorRegistry
 
 from node_services.admin import make_admin_app, readiness_problems
 from node_services.config import ConfigError, Settings
+from node_services.metadata.app import (
+    MetadataConfig,
+    MetadataMetrics,
+    MetadataServer,
+    parse_trusted_proxies,
+)
+from node_services.metadata.tree import Environment
 from node_services.sources.kube.client import in_cluster
 from node_services.sources.kube.source import KubeSource
 from node_services.sources.static import SnapshotFile
@@ -84,6 +91,7 @@ class Daemon:
     """The Kubernetes list/watch source, when a kubeconfig is set or we run in a pod."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
+    metadata: MetadataServer | None = None
 
     def __post_init__(self) -> None:
         check_supported(self.settings)
@@ -121,6 +129,25 @@ class Daemon:
         site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
         await site.start()
         log.info("admin listening on http://%s (/healthz /readyz /metrics)", listen)
+        # -- metadata service (issue 5): rancher-metadata compatible HTTP on metadata_listen --
+        settings = self.settings
+        self.metadata = MetadataServer(
+            self.store,
+            MetadataConfig(
+                node_name=settings.node_name,
+                environment=Environment(
+                    name=settings.metadata_environment_name,
+                    uuid=settings.metadata_environment_uuid,
+                    region_name=settings.metadata_region_name,
+                ),
+                trusted_proxies=parse_trusted_proxies(settings.metadata_trusted_proxies),
+                access_log=settings.metadata_access_log,
+            ),
+            MetadataMetrics(self.registry),
+        )
+        await self.metadata.start(settings.metadata_listen.host, settings.metadata_listen.port)
+        log.info("metadata listening on http://%s", settings.metadata_listen)
+        # -- end metadata service --
         for snapshot in self.snapshots:
             self.supervisor.start(snapshot.name, snapshot.run)
         if self.kube is not None:
@@ -136,6 +163,8 @@ class Daemon:
 
     async def stop(self) -> None:
         await self.supervisor.stop()
+        if self.metadata is not None:  # metadata service (issue 5)
+            await self.metadata.stop()
         if self._runner is not None:
             await self._runner.cleanup()
 

@@ -79,6 +79,22 @@ class Settings:
     metadata_listen: Address = field(default_factory=lambda: Address("169.254.169.250", 80))
     """HTTP address of the metadata service (the Rancher metadata address by default)."""
 
+    metadata_trusted_proxies: tuple[str, ...] = ()
+    """Addresses or CIDRs of proxies whose X-Forwarded-For the metadata service believes; a
+    request carrying X-Forwarded-For from any other peer gets 403."""
+
+    metadata_access_log: bool = False
+    """Log one line per metadata request (logger node_services.metadata.access)."""
+
+    metadata_environment_name: str = "Default"
+    """Environment name the metadata service shows at `/<version>/name` (Rancher's project)."""
+
+    metadata_environment_uuid: str = ""
+    """Environment uuid shown at `/<version>/uuid` and as `environment_uuid` on objects."""
+
+    metadata_region_name: str = "local"
+    """Region name shown at `/<version>/region_name`."""
+
     admin_listen: Address = field(default_factory=lambda: Address("0.0.0.0", 9254))
     """HTTP address of /healthz, /readyz and /metrics."""
 
@@ -131,6 +147,8 @@ def env_name(key: str) -> str:
     """The environment variable that sets ``key``."""
     return _ENV_NAMES.get(key, "NODE_SERVICES_" + key.upper())
 
+
+_BOOLEANS: Final = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 _DOMAIN_RE: Final = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
 
@@ -189,6 +207,21 @@ def _convert(key: str, value: Any) -> Any:
             v if isinstance(v, Address) else parse_address(str(v), default_port=53)
             for v in _as_list(value)
         )
+    if key == "metadata_trusted_proxies":
+        networks = []
+        for item in _as_list(value):
+            try:
+                networks.append(str(ipaddress.ip_network(str(item).strip(), strict=False)))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+        return tuple(networks)
+    if key == "metadata_access_log":
+        if isinstance(value, bool):
+            return value
+        flag = str(value).strip().lower()
+        if flag not in _BOOLEANS:
+            raise ValueError(f"{value!r} is not true or false")
+        return _BOOLEANS[flag]
     if key == "snapshots":
         return tuple(Path(str(v)) for v in _as_list(value))
     if key in ("kubeconfig",):

@@ -1,0 +1,565 @@
+"""The metadata HTTP server: rancher-metadata routes, ``self`` by source IP, long-poll.
+
+Routes: ``GET /`` (the versions), ``GET /<version>[/<path...>]``. The caller's source IP
+selects its workload (``self``); an unknown IP sees ``self/host`` only (this node).
+``X-Forwarded-For`` is refused (403) unless the peer is a trusted proxy.
+
+Answers come from a :class:`~node_services.metadata.tree.Tree` built once per snapshot version
+and API version; rendered bodies are cached inside that tree, so a repeated question costs a
+dict lookup. Long-polls park on :meth:`Store.wait_for_change`: the store wakes them when it
+publishes, nothing polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol, TypeAlias
+from urllib.parse import unquote_plus
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from node_services.metadata import render
+from node_services.metadata.render import Format
+from node_services.metadata.tree import (
+    API_VERSIONS,
+    LATEST,
+    Environment,
+    Node,
+    Tree,
+    build_tree,
+    lookup,
+    resolve_version,
+)
+from node_services.state.store import Snapshot
+
+log = logging.getLogger(__name__)
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_MAX_WAIT: Final = 60.0
+"""Seconds a long-poll waits when ``maxWait`` is absent or not positive (as rancher-metadata)."""
+MAX_WAIT_CAP: Final = 120.0
+IDLE_TIMEOUT: Final = 30.0
+"""Seconds an idle connection (no request yet, or between requests) stays open."""
+MAX_LINE_SIZE: Final = 4096
+MAX_FIELD_SIZE: Final = 4096
+MAX_HEADERS: Final = 64
+MAX_BODY: Final = 1024
+BACKLOG: Final = 4096
+RESPONSE_CACHE_LIMIT: Final = 20_000
+RESPONSE_CACHE_BYTES: Final = 64 * 1024 * 1024
+"""Rendered answers kept per tree (entries, bytes); beyond either the cache starts over, so
+odd paths or many callers cannot grow it without bound."""
+
+TOP_ROUTES: Final = frozenset(
+    {"containers", "services", "stacks", "hosts", "self", "version", "environments", "networks"}
+)
+_ROUTE: Final = web.RequestKey("metadata_route", str)
+"""The request's route label, kept for the fast-path cache entry."""
+_BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+class StoreReader(Protocol):
+    """What the server needs of the store."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    async def wait_for_change(self, since: int, timeout: float) -> Snapshot: ...  # noqa: ASYNC109
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataConfig:
+    node_name: str
+    environment: Environment = field(default_factory=Environment)
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    access_log: bool = False
+    idle_timeout: float = IDLE_TIMEOUT
+
+
+class MetadataMetrics:
+    """The service's metrics, on the daemon's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "node_services_metadata_requests",
+            "Metadata requests, by route (first path key) and HTTP status.",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.waiters = Gauge(
+            "node_services_metadata_waiters",
+            "Long-poll requests waiting for a change now.",
+            registry=registry,
+        )
+        self.wake_latency = Histogram(
+            "node_services_metadata_wake_latency_seconds",
+            "From a new store version being seen to a woken long-poll's answer being ready.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=registry,
+        )
+        self.tree_builds = Histogram(
+            "node_services_metadata_tree_build_seconds",
+            "Time to build one API version's tree for a new snapshot.",
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
+            registry=registry,
+        )
+        self._children: dict[tuple[str, int], Counter] = {}
+
+    def child(self, route: str, status: int) -> Counter:
+        """The request counter of a route and status."""
+        counter = self._children.get((route, status))
+        if counter is None:
+            counter = self._children[(route, status)] = self.requests.labels(route, str(status))
+        return counter
+
+    def count(self, route: str, status: int) -> None:
+        self.child(route, status).inc()
+
+
+_ROOT: Final = {v: f"/{v}" for v in (*API_VERSIONS, LATEST)}
+_ROOT_BODIES: Final = {fmt: render.body(_ROOT, fmt) for fmt in Format}
+
+
+@dataclass(eq=False)
+class MetadataServer:
+    """Answers metadata requests from the store's current snapshot."""
+
+    store: StoreReader
+    config: MetadataConfig
+    metrics: MetadataMetrics
+    _trees: dict[str, Tree] = field(default_factory=dict)
+    _trees_version: int = -1
+    _seen_at: dict[int, float] = field(default_factory=dict)
+    _fast: dict[tuple[str, str | None, str | None], tuple[Counter, int, Any, dict[str, str]]] = (
+        field(default_factory=dict)
+    )
+    _fast_version: int = -1
+    _building: dict[tuple[int, str], asyncio.Future[Tree]] = field(default_factory=dict)
+    _cache_bytes: dict[int, int] = field(default_factory=dict)
+    _version_bodies: dict[tuple[int, Format], bytes] = field(default_factory=dict)
+    _runner: web.AppRunner | None = None
+
+    # -- answers ---------------------------------------------------------------------------
+
+    def cached_tree(self, snapshot: Snapshot, api_version: str) -> Tree | None:
+        """The tree already built for this snapshot and API version, if any."""
+        if snapshot.version == self._trees_version:
+            return self._trees.get(api_version)
+        return None
+
+    def _keep(self, snapshot: Snapshot, api_version: str, tree: Tree) -> Tree:
+        """Cache a built tree unless a newer snapshot's trees are cached already."""
+        if snapshot.version > self._trees_version:
+            self._trees = {}
+            self._trees_version = snapshot.version
+        if snapshot.version == self._trees_version:
+            return self._trees.setdefault(api_version, tree)
+        return tree  # an old snapshot (a waiter still holding it): answer, don't cache
+
+    def tree(self, snapshot: Snapshot, api_version: str) -> Tree:
+        """The tree of ``api_version`` for ``snapshot``, built at most once (here, inline)."""
+        tree = self.cached_tree(snapshot, api_version)
+        if tree is None:
+            tree = self._keep(snapshot, api_version, self._build(snapshot, api_version))
+        return tree
+
+    async def tree_for(self, snapshot: Snapshot, api_version: str) -> Tree:
+        """:meth:`tree`, built in a worker thread so the loop keeps answering meanwhile (a
+        snapshot is immutable: safe to read from another thread). Concurrent askers share
+        one build."""
+        tree = self.cached_tree(snapshot, api_version)
+        if tree is not None:
+            return tree
+        key = (snapshot.version, api_version)
+        building = self._building.get(key)
+        if building is None:
+            building = asyncio.get_running_loop().run_in_executor(
+                None, self._build, snapshot, api_version
+            )
+            self._building[key] = building
+
+            def done(future: asyncio.Future[Tree]) -> None:
+                self._building.pop(key, None)
+                if not future.cancelled() and future.exception() is None:
+                    self._keep(snapshot, api_version, future.result())
+
+            building.add_done_callback(done)
+        built = await asyncio.shield(building)
+        return self.cached_tree(snapshot, api_version) or built
+
+    def _build(self, snapshot: Snapshot, api_version: str) -> Tree:
+        started = time.perf_counter()
+        tree = build_tree(
+            snapshot,
+            api_version,
+            environment=self.config.environment,
+            node_name=self.config.node_name,
+        )
+        self.metrics.tree_builds.observe(time.perf_counter() - started)
+        return tree
+
+    async def value(
+        self, snapshot: Snapshot, api_version: str, caller: str | None, path: list[str]
+    ) -> tuple[bool, Node]:
+        """(found, value) at ``path`` for a caller (workload key, None = not a workload)."""
+        if path == ["version"]:  # long-polls ask this: answer without building a tree
+            return True, str(snapshot.version)
+        tree = await self.tree_for(snapshot, api_version)
+        return lookup(tree.root_for(caller), path)
+
+    async def answer(
+        self,
+        snapshot: Snapshot,
+        api_version: str,
+        caller: str | None,
+        path: list[str],
+        fmt: Format,
+    ) -> tuple[int, bytes]:
+        """(status, body) of a question; rendered once per tree and cached there."""
+        if path == ["version"]:
+            return 200, render.body(str(snapshot.version), fmt)
+        tree = await self.tree_for(snapshot, api_version)
+        personal = not path or path[0].lower() == "self"
+        key = (caller if personal else None, tuple(path), fmt)
+        cached = tree.responses.get(key)
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+        if not path and fmt is not Format.TEXT:
+            result = (200, root_body(tree, caller, fmt))
+        else:
+            found, value = lookup(tree.root_for(caller), path)
+            if found:
+                result = (200, render.body(value, fmt))
+            else:
+                result = (404, render.error_body("Not found", 404, fmt))
+        if path or fmt is Format.TEXT:  # whole trees per caller: spliced each time, not kept
+            self._remember(tree.responses, key, result, len(result[1]))
+        return result
+
+    def _remember(self, cache: dict[Any, Any], key: object, value: object, size: int) -> None:
+        """Keep a rendered answer; a cache over its entry or byte budget starts over."""
+        used = self._cache_bytes.get(id(cache), 0) + size
+        if len(cache) >= RESPONSE_CACHE_LIMIT or used > RESPONSE_CACHE_BYTES:
+            cache.clear()
+            used = size
+        self._cache_bytes[id(cache)] = used
+        cache[key] = value
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def _respond(
+        self, route: str, status: int, body: bytes, fmt: Format, version: int | None
+    ) -> web.Response:
+        self.metrics.count(route, status)
+        headers = {"Access-Control-Allow-Origin": "*", "Content-Type": fmt.value}
+        if version is not None:
+            headers["ETag"] = f'"{version}"'
+        if status >= 400:
+            headers["X-Content-Type-Options"] = "nosniff"
+        return web.Response(body=body if status != 304 else None, status=status, headers=headers)
+
+    def _error(
+        self, route: str, status: int, message: str, fmt: Format, version: int | None = None
+    ) -> web.Response:
+        return self._respond(route, status, render.error_body(message, status, fmt), fmt, version)
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.config.trusted_proxies)
+
+    def _caller_ip(self, request: web.Request) -> str | None:
+        """The caller's IP, or None when X-Forwarded-For comes from an untrusted peer."""
+        peer = request.remote or ""
+        if peer.startswith("::ffff:") and "." in peer:
+            peer = peer[len("::ffff:") :]
+        forwarded = request.headers.get("X-Forwarded-For")
+        if forwarded is None:
+            return peer
+        if not self._trusted(peer):
+            return None
+        # Walk from the right past our trusted proxies: the first other address is the caller.
+        for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+            if not self._trusted(hop):
+                return hop
+        return peer
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        # Fast path: a plain GET asked before for this snapshot, from this peer, with this
+        # Accept header, is answered from a prebuilt (route, status, body, headers).
+        headers = request.headers
+        snapshot = self.store.snapshot
+        if snapshot.version != self._fast_version:
+            self._fast = {}
+            self._fast_version = snapshot.version
+            self._cache_bytes = {}
+        cacheable = (
+            request.method == "GET"
+            and not request.query_string
+            and "X-Forwarded-For" not in headers
+            and "If-None-Match" not in headers
+        )
+        if cacheable:
+            fast_key = (request.raw_path, headers.get("Accept"), request.remote)
+            hit = self._fast.get(fast_key)
+            if hit is not None:
+                counter, status, body, response_headers = hit
+                counter.inc()
+                return web.Response(body=body, status=status, headers=response_headers)
+        response = await self._handle(request)
+        if (
+            cacheable
+            and isinstance(response, web.Response)
+            and response.status in (200, 404)
+            # answered from the version this cache holds (the store may have moved on while
+            # a tree was being built); "/" has no ETag and never changes
+            and response.headers.get("ETag", f'"{self._fast_version}"') == f'"{self._fast_version}"'
+        ):
+            route = request.get(_ROUTE, "other")
+            body = response.body
+            counter = self.metrics.child(route, response.status)
+            entry = (counter, response.status, body, dict(response.headers))
+            self._remember(self._fast, fast_key, entry, len(body) if isinstance(body, bytes) else 0)
+        return response
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        fmt = render.negotiate(request.headers.get("Accept"))
+        if request.method not in ("GET", "HEAD"):
+            return self._error("other", 405, "Method not allowed", fmt)
+        ip = self._caller_ip(request)
+        if ip is None:
+            log.debug(  # counted in metrics (route="forbidden"); a log line each could flood
+                "metadata: refused X-Forwarded-For from untrusted peer %s (%s)",
+                request.remote,
+                request.path,
+            )
+            return self._error("forbidden", 403, "X-Forwarded-For is not accepted", fmt)
+
+        raw_path = request.raw_path.split("?", 1)[0]
+        segments = raw_path[1:].rstrip("/").split("/")
+        if segments == [""]:
+            request[_ROUTE] = "root"
+            self.metrics.count("root", 200)
+            return web.Response(
+                body=_ROOT_BODIES[fmt],
+                headers={"Access-Control-Allow-Origin": "*", "Content-Type": fmt.value},
+            )
+        api_version = resolve_version(segments[0])
+        if api_version is None:
+            request[_ROUTE] = "invalid_version"
+            return self._error("invalid_version", 404, "Invalid version", fmt)
+        if any(_BAD_ESCAPE.search(s) for s in segments[1:]):
+            return self._error("other", 400, "invalid URL escape in path", fmt)
+        path = [unquote_plus(s) for s in segments[1:]]
+        route = path[0].lower() if path and path[0].lower() in TOP_ROUTES else "other"
+        if not path:
+            route = "version_root"
+        request[_ROUTE] = route
+
+        query = request.query if request.query_string else None
+        if query is not None and query.get("wait") == "true":
+            if "value" in query:
+                return await self._wait_for_value(request, api_version, ip, path, fmt, route)
+            if "If-None-Match" in request.headers:
+                return await self._wait_for_etag(request, api_version, ip, path, fmt, route)
+
+        snapshot = self.store.snapshot
+        if _etag_matches(request.headers.get("If-None-Match"), snapshot.version):
+            return self._respond(route, 304, b"", fmt, snapshot.version)
+        caller = self._caller(snapshot, ip)
+        status, body = await self.answer(snapshot, api_version, caller, path, fmt)
+        return self._respond(route, status, body, fmt, snapshot.version)
+
+    def _caller(self, snapshot: Snapshot, ip: str) -> str | None:
+        workload = snapshot.workload_by_ip(ip)
+        return workload.key if workload is not None else None
+
+    def _max_wait(self, request: web.Request) -> float:
+        try:
+            seconds = float(request.query.get("maxWait", "0"))
+        except ValueError:
+            seconds = 0.0
+        if not seconds > 0:  # also NaN
+            return DEFAULT_MAX_WAIT
+        return min(seconds, MAX_WAIT_CAP)
+
+    def _woken(self, snapshot: Snapshot) -> float:
+        """When this version was first seen by a woken waiter (the wake-latency origin)."""
+        now = time.monotonic()
+        seen = self._seen_at.setdefault(snapshot.version, now)
+        if len(self._seen_at) > 64:
+            for old in sorted(self._seen_at)[:-32]:
+                del self._seen_at[old]
+        return seen
+
+    async def _wait_for_value(
+        self,
+        request: web.Request,
+        api_version: str,
+        ip: str,
+        path: list[str],
+        fmt: Format,
+        route: str,
+    ) -> web.StreamResponse:
+        """rancher-metadata's wait: answer once the value at ``path`` differs from ``value``."""
+        old = request.query.get("value", "")
+        deadline = time.monotonic() + self._max_wait(request)
+        woken_at: float | None = None
+        self.metrics.waiters.inc()
+        asks_version = path == ["version"]  # the common case: no tree, no caller needed
+        try:
+            while True:
+                snapshot = self.store.snapshot
+                if asks_version:
+                    if str(snapshot.version) != old:
+                        break
+                else:
+                    caller = self._caller(snapshot, ip)
+                    found, value = await self.value(snapshot, api_version, caller, path)
+                    if found and render.go_sprint(value) != old:
+                        break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                changed = await self.store.wait_for_change(snapshot.version, remaining)
+                if changed.version != snapshot.version:
+                    woken_at = self._woken(changed)
+        finally:
+            self.metrics.waiters.dec()
+        if asks_version:
+            status, body = 200, self._version_body(snapshot.version, fmt)
+        else:
+            caller = self._caller(snapshot, ip)
+            status, body = await self.answer(snapshot, api_version, caller, path, fmt)
+        if woken_at is not None:
+            self.metrics.wake_latency.observe(time.monotonic() - woken_at)
+        return self._respond(route, status, body, fmt, snapshot.version)
+
+    def _version_body(self, version: int, fmt: Format) -> bytes:
+        """The body of ``/<v>/version``, rendered once per store version and format."""
+        body = self._version_bodies.get((version, fmt))
+        if body is None:
+            if len(self._version_bodies) > 16:
+                self._version_bodies.clear()
+            body = self._version_bodies[(version, fmt)] = render.body(str(version), fmt)
+        return body
+
+    async def _wait_for_etag(
+        self,
+        request: web.Request,
+        api_version: str,
+        ip: str,
+        path: list[str],
+        fmt: Format,
+        route: str,
+    ) -> web.StreamResponse:
+        """``wait=true`` + ``If-None-Match``: answer once the version differs, else 304."""
+        tags = request.headers.get("If-None-Match")
+        deadline = time.monotonic() + self._max_wait(request)
+        woken_at: float | None = None
+        self.metrics.waiters.inc()
+        try:
+            while True:
+                snapshot = self.store.snapshot
+                if not _etag_matches(tags, snapshot.version):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return self._respond(route, 304, b"", fmt, snapshot.version)
+                changed = await self.store.wait_for_change(snapshot.version, remaining)
+                if changed.version != snapshot.version:
+                    woken_at = self._woken(changed)
+        finally:
+            self.metrics.waiters.dec()
+        caller = self._caller(snapshot, ip)
+        status, body = await self.answer(snapshot, api_version, caller, path, fmt)
+        if woken_at is not None:
+            self.metrics.wake_latency.observe(time.monotonic() - woken_at)
+        return self._respond(route, status, body, fmt, snapshot.version)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, handler_args=None)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on host:port until :meth:`stop`."""
+        self._runner = web.AppRunner(
+            self.make_app(),
+            handle_signals=False,
+            access_log=logging.getLogger("node_services.metadata.access")
+            if self.config.access_log
+            else None,
+            keepalive_timeout=self.config.idle_timeout,
+            max_line_size=MAX_LINE_SIZE,
+            max_field_size=MAX_FIELD_SIZE,
+            max_headers=MAX_HEADERS,
+            shutdown_timeout=0.5,  # long-polls are cut short at shutdown
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, backlog=BACKLOG, reuse_address=True)
+        await site.start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def root_body(tree: Tree, caller: str | None, fmt: Format) -> bytes:
+    """The JSON or YAML of the whole tree as ``caller`` sees it, spliced from the shared part
+    (rendered once per tree) and the caller's ``self``: not the whole tree again per caller."""
+    cached = tree.responses.get(("root parts", fmt))
+    if isinstance(cached, tuple):
+        prefix, suffix = cached
+    else:
+        before = {k: v for k, v in tree.root.items() if k < "self"}
+        after = {k: v for k, v in tree.root.items() if k > "self"}
+        if fmt is Format.JSON:
+            head, tail = render.json_body(before), render.json_body(after)
+            prefix, suffix = head[:-1] + b',"self":', b"," + tail[1:]  # the root has both
+        else:
+            prefix, suffix = render.yaml_body(before), render.yaml_body(after)
+        tree.responses[("root parts", fmt)] = (prefix, suffix)
+    own = tree.self_for(caller)
+    middle = render.json_body(own) if fmt is Format.JSON else render.yaml_body({"self": own})
+    return bytes(prefix + middle + suffix)
+
+
+def _etag_matches(header: str | None, version: int) -> bool:
+    """Whether an If-None-Match header names this version (or is ``*``)."""
+    if not header:
+        return False
+    current = str(version)
+    for tag in header.split(","):
+        tag = tag.strip()
+        if tag == "*":
+            return True
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        if tag.strip('"') == current:
+            return True
+    return False
+
+
+def parse_trusted_proxies(values: Sequence[str]) -> tuple[IPNetwork, ...]:
+    """Addresses or CIDRs -> networks (ValueError names the bad one)."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address or CIDR") from None
+    return tuple(networks)
