@@ -31,7 +31,14 @@ from node_services.ipam.allocator import (
     node_range_sets,
     parse_range_sets,
 )
-from node_services.ipam.store import IPAMStore, Owner, StoreBusy, StoreError, Transaction
+from node_services.ipam.store import (
+    DEFAULT_TIMEOUT,
+    IPAMStore,
+    Owner,
+    StoreBusy,
+    StoreError,
+    Transaction,
+)
 
 SUPPORTED_VERSIONS: Final = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST: Final = "1.1.0"
@@ -49,6 +56,7 @@ NOT_AVAILABLE: Final = 50
 POOL_EXHAUSTED: Final = 100
 ADDRESS_UNAVAILABLE: Final = 101
 RESERVATION_MISSING: Final = 102
+INTERNAL_ERROR: Final = 110
 
 TEST_PAUSE_ENV: Final = "NODE_SERVICES_IPAM_TEST_PAUSE"
 """Test only: a file path; ADD creates it inside its transaction, after reserving, then sleeps,
@@ -190,6 +198,14 @@ def data_dir(request: Request) -> str:
     if not isinstance(value, str) or not value:
         raise CNIError(INVALID_CONFIG, "ipam.dataDir must be a directory path", repr(value))
     return value
+
+
+def lock_timeout(request: Request) -> float:
+    """``ipam.lockTimeout``: seconds to wait for another command's lock (then code 11)."""
+    value = request.config["ipam"].get("lockTimeout", DEFAULT_TIMEOUT)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise CNIError(INVALID_CONFIG, "ipam.lockTimeout must be a number of seconds", repr(value))
+    return float(value)
 
 
 def range_sets(request: Request, tx: Transaction, *, code: int = TRY_AGAIN_LATER) -> list[RangeSet]:
@@ -441,7 +457,7 @@ def cmd_status(request: Request, store: IPAMStore) -> None:
 def run(request: Request) -> dict[str, Any] | None:
     if request.command == "VERSION":
         return {"cniVersion": request.version, "supportedVersions": list(SUPPORTED_VERSIONS)}
-    store = IPAMStore(data_dir(request))
+    store = IPAMStore(data_dir(request), timeout=lock_timeout(request))
     try:
         if request.command == "ADD":
             return cmd_add(request, store)
@@ -522,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(parse_request(os.environ, stdin))
     except CNIError as error:
         _fail(error, _reply_version(stdin))
+    except Exception as exc:  # a bug: still answer in the CNI error shape, with the cause
+        _fail(CNIError(INTERNAL_ERROR, "internal error", repr(exc)), _reply_version(stdin))
     if result is not None:
         sys.stdout.write(json.dumps(result) + "\n")
     return 0

@@ -48,7 +48,7 @@ CREATE TABLE pools (
     network TEXT NOT NULL,
     spec TEXT NOT NULL,
     family INTEGER NOT NULL,
-    size INTEGER NOT NULL,
+    size TEXT NOT NULL,
     bounds TEXT NOT NULL,
     cursor BLOB,
     UNIQUE (network, spec)
@@ -343,7 +343,7 @@ class Transaction:
         bounds = ";".join(f"{lo}-{hi}" for lo, hi in intervals)
         pool = self.db.execute(
             "INSERT INTO pools (network, spec, family, size, bounds) VALUES (?, ?, ?, ?, ?)",
-            (network, range_set.spec, range_set.family, range_set.size, bounds),
+            (network, range_set.spec, range_set.family, str(range_set.size), bounds),
         ).lastrowid
         assert pool is not None
         free = SQLFreeList(self.db, pool, range_set.family)
@@ -386,7 +386,7 @@ class Transaction:
                 "SELECT count(*) FROM allocations WHERE pool = ?", (pool,)
             ).fetchone()
             free = sum(hi - lo + 1 for lo, hi in SQLFreeList(self.db, pool, family).intervals())
-            stats.append(PoolStats(network, spec, size, used, free))
+            stats.append(PoolStats(network, spec, int(size), used, free))
         return stats
 
     def check(self) -> list[str]:
@@ -413,7 +413,7 @@ class Transaction:
                 if any(lo <= value <= hi for lo, hi in intervals):
                     problems.append(f"pool {spec}: {allocation.ip} is allocated and free")
             free = sum(hi - lo + 1 for lo, hi in intervals)
-            if free + taken != size:
+            if free + taken != int(size):
                 problems.append(f"pool {spec}: {free} free + {taken} allocated != size {size}")
         return problems
 
