@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,17 +93,17 @@ class Plugin:
         return self.run("ADD", config, container=container, **kwargs)
 
     def popen(self, command: str, config: dict[str, Any], **kwargs: Any) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [str(self.executable)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=self.env(command, **kwargs),
-        )
-        assert proc.stdin is not None
-        proc.stdin.write(json.dumps(config).encode())
-        proc.stdin.close()
-        return proc
+        """Start the plugin without waiting (stdin from a file, so many can run at once)."""
+        with tempfile.TemporaryFile() as stdin:
+            stdin.write(json.dumps(config).encode())
+            stdin.seek(0)
+            return subprocess.Popen(
+                [str(self.executable)],
+                stdin=stdin,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self.env(command, **kwargs),
+            )
 
     def check_store(self) -> list[str]:
         store = IPAMStore(self.data_dir)
