@@ -113,6 +113,15 @@ class Plugin:
         finally:
             store.close()
 
+    def held(self, network: str = "testnet") -> set[tuple[str, str]]:
+        """(container id, address) of every allocation of the network."""
+        store = IPAMStore(self.data_dir)
+        try:
+            with store.transaction() as tx:
+                return {(a.container_id, a.ip) for a in tx.allocations(network)}
+        finally:
+            store.close()
+
     def allocations(self, network: str = "testnet") -> dict[tuple[str, str], str]:
         store = IPAMStore(self.data_dir)
         try:
