@@ -10,7 +10,8 @@ the :class:`FreeList` protocol (SQLite in ``store.py``, a sorted list in tests).
 takes the first free address after the last one handed out (round robin, like host-local) and
 wraps around at the end; with an index on the interval ends that is O(log n), never a scan.
 
-Standard library only: the CNI plugin process imports this module.
+Standard library only, and cheap to import: the CNI plugin process imports this module, so
+it avoids ``dataclasses`` and ``typing`` at run time (slotted classes, TYPE_CHECKING imports).
 """
 
 from __future__ import annotations
@@ -18,13 +19,36 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import itertools
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias
 
-IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
-Interval: TypeAlias = tuple[int, int]
-"""Inclusive (first, last) integer addresses."""
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Protocol, TypeAlias
+
+    IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+    IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+    Interval: TypeAlias = tuple[int, int]
+    """Inclusive (first, last) integer addresses."""
+
+    class FreeList(Protocol):
+        """Sorted, disjoint, inclusive intervals of free addresses of one range set."""
+
+        def first_ending_at_or_after(self, value: int) -> Interval | None:
+            """The interval with the smallest end >= value (it contains value, or follows)."""
+
+        def lowest(self) -> Interval | None:
+            """The interval with the smallest start."""
+
+        def starting_at_or_before(self, value: int) -> Interval | None:
+            """The interval with the largest start <= value."""
+
+        def ending_at(self, value: int) -> Interval | None: ...
+
+        def starting_at(self, value: int) -> Interval | None: ...
+
+        def remove(self, interval: Interval) -> None: ...
+
+        def add(self, interval: Interval) -> None: ...
+
 
 # The smallest subnets that still have an address besides network, gateway and last.
 _MAX_PREFIX = {4: 30, 6: 126}
@@ -34,14 +58,19 @@ class RangeError(ValueError):
     """A range in the configuration is invalid; the message names the field."""
 
 
-@dataclass(frozen=True, slots=True)
 class Range:
     """One subnet and the span of it that may be handed out."""
 
-    subnet: IPNetwork
-    first: int
-    last: int
-    gateway: IPAddress | None
+    __slots__ = ("first", "gateway", "last", "subnet")
+
+    def __init__(self, subnet: IPNetwork, first: int, last: int, gateway: IPAddress | None) -> None:
+        self.subnet = subnet
+        self.first = first
+        self.last = last
+        self.gateway = gateway
+
+    def __repr__(self) -> str:
+        return f"Range({self.spec()})"
 
     @property
     def family(self) -> int:
@@ -56,11 +85,16 @@ class Range:
         return f"{self.subnet}:{kind(self.first)}-{kind(self.last)}:{gateway}"
 
 
-@dataclass(frozen=True, slots=True)
 class RangeSet:
     """Ranges of one family; one address per range set per attachment."""
 
-    ranges: tuple[Range, ...]
+    __slots__ = ("ranges",)
+
+    def __init__(self, ranges: tuple[Range, ...]) -> None:
+        self.ranges = ranges
+
+    def __repr__(self) -> str:
+        return f"RangeSet({self.spec})"
 
     @property
     def family(self) -> int:
@@ -199,27 +233,6 @@ class Exhausted(Exception):
 
 class Unavailable(Exception):
     """A requested address is outside the range set or already taken."""
-
-
-class FreeList(Protocol):
-    """Sorted, disjoint, inclusive intervals of free addresses of one range set."""
-
-    def first_ending_at_or_after(self, value: int) -> Interval | None:
-        """The interval with the smallest end >= value (it contains value, or lies after)."""
-
-    def lowest(self) -> Interval | None:
-        """The interval with the smallest start."""
-
-    def starting_at_or_before(self, value: int) -> Interval | None:
-        """The interval with the largest start <= value."""
-
-    def ending_at(self, value: int) -> Interval | None: ...
-
-    def starting_at(self, value: int) -> Interval | None: ...
-
-    def remove(self, interval: Interval) -> None: ...
-
-    def add(self, interval: Interval) -> None: ...
 
 
 def next_free(free: FreeList, after: int | None) -> int | None:

@@ -18,10 +18,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_network
-from pathlib import Path
-from typing import Any, Final, NoReturn
 
 from node_services.ipam.allocator import (
     Exhausted,
@@ -39,6 +36,10 @@ from node_services.ipam.store import (
     StoreError,
     Transaction,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs the plugin's start-up an import
+    from typing import Any, Final, NoReturn
 
 SUPPORTED_VERSIONS: Final = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST: Final = "1.1.0"
@@ -80,17 +81,19 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
 
 
-@dataclass
 class Request:
     """One invocation: the CNI_* environment and the decoded network configuration."""
 
-    command: str
-    container_id: str = ""
-    netns: str = ""
-    ifname: str = ""
-    args: dict[str, str] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
-    version: str = LATEST
+    __slots__ = ("args", "command", "config", "container_id", "ifname", "netns", "version")
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.container_id = ""
+        self.netns = ""
+        self.ifname = ""
+        self.args: dict[str, str] = {}
+        self.config: dict[str, Any] = {}
+        self.version = LATEST
 
     def at_least(self, version: str) -> bool:
         return _version_tuple(self.version) >= _version_tuple(version)
@@ -255,7 +258,8 @@ def dns(request: Request) -> dict[str, Any] | None:
     if not path:
         return None
     try:
-        text = Path(path).read_text()
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
     except OSError as exc:
         raise CNIError(INVALID_CONFIG, f"ipam.resolvConf: cannot read {path}", str(exc)) from None
     result: dict[str, Any] = {}
@@ -385,7 +389,8 @@ def cmd_add(request: Request, store: IPAMStore) -> dict[str, Any]:
                 tx.release(allocation)
         pause = os.environ.get(TEST_PAUSE_ENV)
         if pause:
-            Path(pause).write_text(str(os.getpid()))
+            with open(pause, "w") as marker:
+                marker.write(str(os.getpid()))
             time.sleep(60)
     return build_result(request, entries)
 
@@ -480,23 +485,25 @@ def run(request: Request) -> dict[str, Any] | None:
         store.close()
 
 
-def install_launcher(directory: str) -> Path:
+def install_launcher(directory: str) -> str:
     """Write ``DIR/node-services-ipam``: this interpreter started with ``-S`` and this package
     on sys.path, so a plugin start skips the site-packages scan."""
-    package_root = Path(__file__).resolve().parent.parent.parent
-    target = Path(directory) / PLUGIN_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{PLUGIN_NAME}.{os.getpid()}")
-    temporary.write_text(
-        f"#!{sys.executable} -S\n"
-        f"# {PLUGIN_NAME}: CNI IPAM plugin launcher (written by {PLUGIN_NAME} --install)\n"
-        "import sys\n"
-        f"sys.path.insert(0, {str(package_root)!r})\n"
-        "from node_services.ipam.cni import main\n"
-        "sys.exit(main())\n"
-    )
-    temporary.chmod(0o755)
-    temporary.replace(target)
+    here = os.path.dirname(os.path.abspath(__file__))
+    package_root = os.path.dirname(os.path.dirname(here))
+    os.makedirs(directory, exist_ok=True)
+    target = os.path.join(directory, PLUGIN_NAME)
+    temporary = os.path.join(directory, f".{PLUGIN_NAME}.{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(
+            f"#!{sys.executable} -S\n"
+            f"# {PLUGIN_NAME}: CNI IPAM plugin launcher (written by {PLUGIN_NAME} --install)\n"
+            "import sys\n"
+            f"sys.path.insert(0, {package_root!r})\n"
+            "from node_services.ipam.cni import main\n"
+            "sys.exit(main())\n"
+        )
+    os.chmod(temporary, 0o755)
+    os.replace(temporary, target)
     return target
 
 

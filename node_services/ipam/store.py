@@ -13,30 +13,33 @@ Tables:
   ``allocations``  (network, ip) -> container, interface, pod identity, creation time
   ``node_ranges``  this node's pod CIDRs, written by the daemon for ``"range": "node"``
 
-Standard library only: the CNI plugin process imports this module.
+Standard library only, and cheap to import (no dataclasses, typing, pathlib or contextlib at
+run time): the CNI plugin process imports this module.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from pathlib import Path
-from typing import Final
 
 from node_services.ipam.allocator import (
     Exhausted,
-    Interval,
     RangeSet,
     Unavailable,
     give,
     next_free,
     take,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Final
+
+    from node_services.ipam.allocator import Interval
 
 DB_NAME: Final = "ipam.db"
 SCHEMA_VERSION: Final = 1
@@ -86,37 +89,78 @@ class StoreBusy(StoreError):
     """Another process held the lock past the timeout (CNI code 11: try again later)."""
 
 
-@dataclass(frozen=True, slots=True)
 class Owner:
     """Who an address is for: the CNI attachment and, when the runtime says, the pod."""
 
-    container_id: str
-    ifname: str
-    pod_namespace: str = ""
-    pod_name: str = ""
-    pod_uid: str = ""
+    __slots__ = ("container_id", "ifname", "pod_name", "pod_namespace", "pod_uid")
+
+    def __init__(
+        self,
+        container_id: str,
+        ifname: str,
+        pod_namespace: str = "",
+        pod_name: str = "",
+        pod_uid: str = "",
+    ) -> None:
+        self.container_id = container_id
+        self.ifname = ifname
+        self.pod_namespace = pod_namespace
+        self.pod_name = pod_name
+        self.pod_uid = pod_uid
 
 
-@dataclass(frozen=True, slots=True)
 class Allocation:
-    network: str
-    ip: str
-    pool: int
-    container_id: str
-    ifname: str
-    pod_namespace: str
-    pod_name: str
-    pod_uid: str
-    created: float
+    """One reserved address (a row of ``allocations``)."""
+
+    __slots__ = (
+        "container_id",
+        "created",
+        "ifname",
+        "ip",
+        "network",
+        "pod_name",
+        "pod_namespace",
+        "pod_uid",
+        "pool",
+    )
+
+    def __init__(
+        self,
+        network: str,
+        ip: str,
+        pool: int,
+        container_id: str,
+        ifname: str,
+        pod_namespace: str,
+        pod_name: str,
+        pod_uid: str,
+        created: float,
+    ) -> None:
+        self.network = network
+        self.ip = ip
+        self.pool = pool
+        self.container_id = container_id
+        self.ifname = ifname
+        self.pod_namespace = pod_namespace
+        self.pod_name = pod_name
+        self.pod_uid = pod_uid
+        self.created = created
+
+    def __repr__(self) -> str:
+        return f"Allocation({self.network} {self.ip} {self.container_id} {self.ifname})"
 
 
-@dataclass(frozen=True, slots=True)
 class PoolStats:
-    network: str
-    spec: str
-    size: int
-    used: int
-    free: int
+    """Size, allocated and free addresses of one pool (network, range set)."""
+
+    __slots__ = ("free", "network", "size", "spec", "used")
+
+    def __init__(self, network: str, spec: str, size: int, used: int, free: int) -> None:
+        self.network = network
+        self.spec = spec
+        self.size = size
+        self.used = used
+        self.free = free
 
 
 def _width(family: int) -> int:
@@ -435,8 +479,11 @@ class Transaction:
 class IPAMStore:
     """The database file ``<data_dir>/ipam.db``; :meth:`transaction` is one command."""
 
-    def __init__(self, data_dir: Path | str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.path = Path(data_dir) / DB_NAME
+    def __init__(
+        self, data_dir: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.directory = os.fspath(data_dir)
+        self.path = os.path.join(self.directory, DB_NAME)
         self.timeout = timeout
         self._db: sqlite3.Connection | None = None
 
@@ -444,7 +491,7 @@ class IPAMStore:
         if self._db is not None:
             return self._db
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
             db.execute("PRAGMA synchronous = NORMAL")
             if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
@@ -473,24 +520,10 @@ class IPAMStore:
             db.execute("ROLLBACK")
             raise
 
-    @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT``; rolled back on any exception."""
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise _translate(exc, self.path) from exc
-        try:
-            yield Transaction(db)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        try:
-            db.execute("COMMIT")
-        except sqlite3.OperationalError as exc:
-            db.execute("ROLLBACK")
-            raise _translate(exc, self.path) from exc
+    def transaction(self) -> _Command:
+        """``with store.transaction() as tx``: ``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back
+        on any exception."""
+        return _Command(self)
 
     def close(self) -> None:
         if self._db is not None:
@@ -498,7 +531,43 @@ class IPAMStore:
             self._db = None
 
 
-def _translate(exc: sqlite3.OperationalError, path: Path) -> StoreError:
+class _Command:
+    """The context manager of one transaction (contextlib costs the plugin an import)."""
+
+    __slots__ = ("db", "store")
+
+    def __init__(self, store: IPAMStore) -> None:
+        self.store = store
+        self.db: sqlite3.Connection | None = None
+
+    def __enter__(self) -> Transaction:
+        db = self.store._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise _translate(exc, self.store.path) from exc
+        self.db = db
+        return Transaction(db)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        db = self.db
+        assert db is not None
+        if kind is not None:
+            db.execute("ROLLBACK")
+            return
+        try:
+            db.execute("COMMIT")
+        except sqlite3.OperationalError as error:
+            db.execute("ROLLBACK")
+            raise _translate(error, self.store.path) from error
+
+
+def _translate(exc: sqlite3.OperationalError, path: str) -> StoreError:
     text = str(exc)
     if "locked" in text or "busy" in text:
         return StoreBusy(f"{path} is locked by another process: {text}")

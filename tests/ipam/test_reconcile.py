@@ -212,7 +212,9 @@ def test_daemon_releases_a_removed_pods_address_after_the_grace_period_not_befor
             "NODE_SERVICES_SNAPSHOT_POLL_INTERVAL": "0.05",
         },
     )
-    node.wait_for(lambda: node.metric("node_services_ipam_node_ranges") == "2.0", what="ranges")
+    node.wait_for(
+        lambda: _metric_or(node, "node_services_ipam_node_ranges", "") == "2.0", what="ranges"
+    )
     config = plugin.config("1.0.0", name="podnet", range="node")
     web = plugin.add(
         "sandbox-web",
@@ -224,7 +226,7 @@ def test_daemon_releases_a_removed_pods_address_after_the_grace_period_not_befor
     assert db.ips == ["10.42.1.3/24", "fd00:42:1::3/64"]
     v4 = "10.42.1.0/24:10.42.1.1-10.42.1.254:10.42.1.1"
     used = f'node_services_ipam_pool_used{{network="podnet",range="{v4}"}}'
-    node.wait_for(lambda: node.metric(used) == "2.0", what="pool metrics")
+    node.wait_for(lambda: _metric_or(node, used, "") == "2.0", what="pool metrics")
     assert node.metric(f'node_services_ipam_pool_size{{network="podnet",range="{v4}"}}') == "253.0"
 
     snap.write_text(snapshot(NODE, pod("web-1", "u-web")))
