@@ -167,7 +167,7 @@ def parse_range(obj: Any, where: str) -> Range:
         if obj.get(key) in (None, ""):
             continue
         value = _ip(obj[key], f"{where}.{key}")
-        if value.version != subnet.version or not first <= int(value) <= last:
+        if value.version != subnet.version or not network < int(value) < top:
             raise RangeError(f"{where}.{key}: {value} is not a usable address of {subnet}")
         if key == "rangeStart":
             first = int(value)
