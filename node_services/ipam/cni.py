@@ -365,6 +365,11 @@ def cmd_add(request: Request, store: IPAMStore) -> dict[str, Any]:
     with store.transaction() as tx:
         sets = range_sets(request, tx)
         chosen = assign_requested(sets, wanted)
+        # An address the orchestrator assigned this container (Cattle primaryIpAddress).
+        for text in tx.assigned(request.container_id):
+            for i, range_set in enumerate(sets):
+                if chosen[i] is None and _in_set(range_set, text):
+                    chosen[i] = int(ip_address(text))
         existing = tx.owned(network, request.container_id, request.ifname)
         entries: list[dict[str, str]] = []
         for i, range_set in enumerate(sets):

@@ -3,6 +3,8 @@
 On every store change and every ``interval`` seconds it
 - persists this node's pod CIDRs (``Host.pod_cidrs`` of the host named ``node_name``) into
   the plugin's store, for ``"range": "node"``; a node that shows none keeps the last ones;
+- persists the addresses Cattle assigned to this node's containers (``primaryIpAddress``,
+  keyed by the Docker container ID), which the plugin's ADD honours;
 - finds allocations whose container is no longer a workload on this node (the pod vanished,
   finished, was replaced under the same name, or never showed up) and releases each one once
   it has stayed so for ``grace`` seconds, re-checking the allocation and the latest snapshot
@@ -77,6 +79,19 @@ def is_owned(allocation: Allocation, snapshot: Snapshot, node_name: str) -> bool
             if workload.external_id == allocation.container_id and live_here(workload.key):
                 return True
     return False
+
+
+def assigned_addresses(snapshot: Snapshot, node_name: str) -> set[tuple[str, str]]:
+    """(container ID, address) of the Cattle containers on this node: Cattle assigns each its
+    primaryIpAddress, and the plugin hands out exactly that one."""
+    host = snapshot.host_named(node_name)
+    workloads = snapshot.workloads_on(host.key) if host is not None else ()
+    return {
+        (workload.external_id, ip)
+        for workload in workloads
+        if workload.key.startswith("cattle:") and workload.external_id
+        for ip in workload.ips
+    }
 
 
 @dataclass(eq=False)
@@ -198,6 +213,9 @@ class IPAMReconciler:
                     ", ".join(current) or "none",
                 )
                 current = cidrs
+            assigned = assigned_addresses(snapshot, self.node_name)
+            if assigned != tx.all_assigned():
+                tx.set_assigned(assigned)
         self.metrics.node_ranges.set(len(current))
 
     def _find_leaks(self, ipam: IPAMStore, snapshot: Snapshot) -> list[Allocation]:

@@ -12,6 +12,8 @@ Tables:
   ``free``         free addresses of each pool as disjoint intervals, indexed by start and end
   ``allocations``  (network, ip) -> container, interface, pod identity, creation time
   ``node_ranges``  this node's pod CIDRs, written by the daemon for ``"range": "node"``
+  ``assigned``     container ID -> address the orchestrator assigned (Cattle primaryIpAddress),
+                   written by the daemon, honoured by ADD
 
 Standard library only, and cheap to import (no dataclasses, typing, pathlib or contextlib at
 run time): the CNI plugin process imports this module.
@@ -77,6 +79,11 @@ CREATE TABLE allocations (
 );
 CREATE INDEX allocations_owner ON allocations (network, container_id, ifname);
 CREATE TABLE node_ranges (idx INTEGER PRIMARY KEY, cidr TEXT NOT NULL);
+CREATE TABLE assigned (
+    container_id TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    PRIMARY KEY (container_id, ip)
+) WITHOUT ROWID;
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -465,6 +472,21 @@ class Transaction:
 
     def node_ranges(self) -> list[str]:
         return [row[0] for row in self.db.execute("SELECT cidr FROM node_ranges ORDER BY idx")]
+
+    def assigned(self, container_id: str) -> list[str]:
+        rows = self.db.execute(
+            "SELECT ip FROM assigned WHERE container_id = ? ORDER BY ip", (container_id,)
+        )
+        return [row[0] for row in rows]
+
+    def all_assigned(self) -> set[tuple[str, str]]:
+        return {
+            (row[0], row[1]) for row in self.db.execute("SELECT container_id, ip FROM assigned")
+        }
+
+    def set_assigned(self, pairs: set[tuple[str, str]]) -> None:
+        self.db.execute("DELETE FROM assigned")
+        self.db.executemany("INSERT INTO assigned (container_id, ip) VALUES (?, ?)", sorted(pairs))
 
     def set_node_ranges(self, cidrs: list[str], node_name: str) -> None:
         self.db.execute("DELETE FROM node_ranges")

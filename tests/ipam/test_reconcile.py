@@ -260,3 +260,31 @@ def _metric_or(node: DaemonProcess, name: str, default: str) -> str:
         return node.metric(name)
     except AssertionError:
         return default
+
+
+async def test_a_cattle_containers_assigned_address_is_what_add_hands_out(
+    plugin: Plugin,
+) -> None:
+    host = Host(key="cattle:host/1h1", source="t", name="node-a", pod_cidrs=("10.42.0.0/16",))
+    container = Workload(
+        key="cattle:container/1i5",
+        source="t",
+        namespace="stack",
+        name="web-1",
+        ips=("10.42.77.9",),
+        host_key="cattle:host/1h1",
+        external_id="3f6940ab5ab43bc5",
+        state="running",
+    )
+    store = Store()
+    store.replace("t", [host, container])
+    reconciler = IPAMReconciler(store, plugin.data_dir, "node-a", CollectorRegistry())
+    await reconciler.reconcile_once()
+    config = plugin.config("1.0.0", name="managed", range="node")
+    assert plugin.add("3f6940ab5ab43bc5", config=config).ips == ["10.42.77.9/16"]
+    assert plugin.add("other-container", config=config).ips == ["10.42.0.2/16"]
+    # the assignment moves with the state: gone from the cache, gone from the store
+    store.replace("t", [host])
+    await reconciler.reconcile_once()
+    assert plugin.run("DEL", config, container="3f6940ab5ab43bc5").returncode == 0
+    assert plugin.add("3f6940ab5ab43bc5", config=config).ips == ["10.42.0.3/16"]
