@@ -11,7 +11,7 @@ RUN_ADMIN ?= 127.0.0.1:9254
 RUN_SNAPSHOT ?= demo/snapshot.yaml
 
 # Debian tools the tests use (installed when root; tests skip with a reason without them).
-DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2 openssl wrk
+DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2 openssl wrk containernetworking-plugins iputils-ping
 # kubectl proves the test Kubernetes API server faithful; Debian ships it in kubernetes-client
 # (installed only when no kubectl is on PATH: other kubectl packages own the same file).
 KUBECTL_PACKAGE ?= kubernetes-client

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from node_services.admin import make_admin_app, readiness_problems
 from node_services.config import ConfigError, Settings
+from node_services.ipam.reconcile import IPAMReconciler
 from node_services.metadata.app import (
     MetadataConfig,
     MetadataMetrics,
@@ -152,6 +153,29 @@ class Daemon:
             self.supervisor.start(snapshot.name, snapshot.run)
         if self.kube is not None:
             self.supervisor.start("kubernetes", self.kube.run)
+
+        # --- IPAM (issue 6): persist this node's pod CIDRs for the CNI plugin's
+        # "range": "node", release leaked addresses, pool metrics. Runs when ipam is "on",
+        # or "auto" and ipam_dir exists (created by the plugin's first ADD or the installer),
+        # so a daemon that is not this node's IPAM never writes under /var/lib.
+        if self.settings.ipam == "on" or (
+            self.settings.ipam == "auto" and self.settings.ipam_dir.is_dir()
+        ):
+            reconciler = IPAMReconciler(
+                self.store,
+                data_dir=self.settings.ipam_dir,
+                node_name=self.settings.node_name,
+                registry=self.registry,
+                grace=self.settings.ipam_leak_grace,
+                interval=self.settings.ipam_reconcile_interval,
+            )
+            self.supervisor.start("ipam-reconcile", reconciler.run)
+            log.info(
+                "ipam reconcile on %s (leak grace %gs)",
+                self.settings.ipam_dir,
+                self.settings.ipam_leak_grace,
+            )
+        # --- end IPAM
 
     async def reload(self) -> None:
         """SIGHUP: re-read every snapshot file now."""

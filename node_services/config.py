@@ -21,6 +21,7 @@ import yaml
 
 POD_RECORDS: Final = ("disabled", "insecure", "verified")
 OVERLAYS: Final = ("none", "vxlan", "host-gw")
+IPAM_MODES: Final = ("auto", "on", "off")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
@@ -111,6 +112,17 @@ class Settings:
 
     ipam_dir: Path = Path("/var/lib/node-services/ipam")
     """Directory of the IPAM store, shared with the CNI plugin (its `dataDir`)."""
+
+    ipam: str = "auto"
+    """IPAM reconcile in the daemon (persist this node's pod CIDRs for `"range": "node"`,
+    release leaked addresses, pool metrics): on, off, or auto (on when ipam_dir exists)."""
+
+    ipam_leak_grace: float = 600.0
+    """Seconds an allocation must stay without a workload on this node before the daemon
+    releases it as leaked."""
+
+    ipam_reconcile_interval: float = 10.0
+    """Seconds between IPAM reconcile passes (it also runs on every state change)."""
 
     overlay: str = "none"
     """Overlay between nodes: none, vxlan or host-gw."""
@@ -228,6 +240,16 @@ def _convert(key: str, value: Any) -> Any:
         return Path(str(value)) if value not in (None, "") else None
     if key == "ipam_dir":
         return Path(str(value))
+    if key in ("ipam_leak_grace", "ipam_reconcile_interval"):
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a number of seconds") from None
+        if key == "ipam_reconcile_interval" and not seconds > 0:
+            raise ValueError("must be positive")
+        if not seconds >= 0:
+            raise ValueError("must not be negative")
+        return seconds
     if key == "dns_ttl":
         if isinstance(value, bool) or not str(value).strip().isdigit():
             raise ValueError(f"{value!r} is not a whole number of seconds")
@@ -260,7 +282,14 @@ def _convert(key: str, value: Any) -> Any:
         if not _DOMAIN_RE.match(domain):
             raise ValueError(f"{value!r} is not a valid DNS domain")
         return domain
-    choices = {"pod_records": POD_RECORDS, "overlay": OVERLAYS, "log_level": LOG_LEVELS}.get(key)
+    if key == "ipam" and isinstance(value, bool):
+        value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+    choices = {
+        "pod_records": POD_RECORDS,
+        "overlay": OVERLAYS,
+        "log_level": LOG_LEVELS,
+        "ipam": IPAM_MODES,
+    }.get(key)
     if choices is not None:
         text = str(value).strip().lower()
         if text not in choices:

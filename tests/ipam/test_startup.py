@@ -1,0 +1,68 @@
+"""The plugin starts cheaply: standard library only, no site-packages scan through its launcher,
+and none of the daemon's heavy modules."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+FORBIDDEN = {
+    "aiohttp",
+    "pyroute2",
+    "kubernetes",
+    "yaml",
+    "prometheus_client",
+    "dnslib",
+    "uvloop",
+    "netaddr",
+    "node_services.config",
+    "node_services.state",
+    "node_services.ipam.reconcile",
+    # costly standard modules the plugin path avoids on purpose
+    "dataclasses",
+    "typing",
+    "pathlib",
+    "site",
+}
+
+
+def imported_modules(installed_plugin: Path, stdin: bytes, env: dict[str, str]) -> set[str]:
+    proc = subprocess.run(
+        [sys.executable, "-S", "-X", "importtime", str(installed_plugin)],
+        input=stdin,
+        env={**env, "PATH": os.environ.get("PATH", "")},
+        capture_output=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout
+    assert json.loads(proc.stdout)["cniVersion"] == "1.0.0"
+    lines = proc.stderr.decode().splitlines()
+    return {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+
+
+def test_the_launcher_runs_the_interpreter_with_dash_s(installed_plugin: Path) -> None:
+    first_line = installed_plugin.read_text().splitlines()[0]
+    assert first_line == f"#!{sys.executable} -S"
+    assert os.access(installed_plugin, os.X_OK)
+
+
+def test_an_add_imports_none_of_the_heavy_modules(installed_plugin: Path, tmp_path: Path) -> None:
+    config = {
+        "cniVersion": "1.0.0",
+        "name": "n",
+        "ipam": {"subnet": "10.244.3.0/24", "dataDir": str(tmp_path)},
+    }
+    env = {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "c1",
+        "CNI_IFNAME": "eth0",
+        "CNI_NETNS": "/x",
+        "CNI_PATH": "/x",
+    }
+    modules = imported_modules(installed_plugin, json.dumps(config).encode(), env)
+    assert "node_services.ipam.cni" in modules
+    assert "sqlite3" in modules
+    assert modules & FORBIDDEN == set()
