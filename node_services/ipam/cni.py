@@ -226,7 +226,7 @@ def range_sets(request: Request, tx: Transaction, *, code: int = TRY_AGAIN_LATER
                     code,
                     "this node's pod CIDRs are not known yet",
                     "the node-services daemon writes them to dataDir once it sees the node's "
-                    "spec.podCIDRs",
+                    "spec.podCIDRs (Kubernetes) or the default network's subnet (Cattle)",
                 )
             return node_range_sets(cidrs)
         return parse_range_sets(ipam)

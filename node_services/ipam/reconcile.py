@@ -1,8 +1,10 @@
 """The daemon side of IPAM: keeps the plugin's store in step with the shared state cache.
 
 On every store change and every ``interval`` seconds it
-- persists this node's pod CIDRs (``Host.pod_cidrs`` of the host named ``node_name``) into
-  the plugin's store, for ``"range": "node"``; a node that shows none keeps the last ones;
+- persists this node's pod CIDRs (``Host.pod_cidrs`` of the host named ``node_name``: a
+  Kubernetes Node's ``spec.podCIDRs``, or for a Cattle host the subnet of the default Cattle
+  network, which the Cattle translation gives every host) into the plugin's store, for
+  ``"range": "node"``; a node that shows none keeps the last ones;
 - persists the addresses Cattle assigned to this node's containers (``primaryIpAddress``,
   keyed by the Docker container ID), which the plugin's ADD honours;
 - finds allocations whose container is no longer a workload on this node (the pod vanished,

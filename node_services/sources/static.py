@@ -2,8 +2,10 @@
 
 A file holds Kubernetes objects as ``kubectl get -o yaml`` (or ``-o json``) prints them:
 single objects, multi-document YAML, ``kind: List`` or ``<Kind>List``; and/or Cattle v2-beta
-resources as the Cattle API returns them (``type: host|stack|service|container|...``, or a
-``type: collection``). Each file is its own store source, ``static:<path>``.
+resources as the Cattle API returns them (``type: host|stack|service|container|network|...``,
+or a ``type: collection``). Each file is its own store source, ``static:<path>``; joins
+between Cattle resources (stack names, the network subnet Cattle hosts share) are made within
+one file.
 
 A file is loaded whole or not at all: if any document or object is malformed, every problem is
 logged with the file, document number and object, and the file's last good content keeps
@@ -22,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,8 +91,9 @@ def _objects(document: Any, where: str) -> Iterator[tuple[str, Any]]:
     yield where, document
 
 
-def translate_object(obj: Any, source: str) -> list[Record]:
-    """Records of one Kubernetes object or Cattle resource, whichever it is."""
+def translate_object(obj: Any, source: str) -> Sequence[cattle.Translated]:
+    """Records of one Kubernetes object or Cattle resource, whichever it is (Cattle network
+    facts too: :func:`~node_services.sources.cattle.translate.resolve` folds them in)."""
     if not isinstance(obj, Mapping):
         raise TranslateError("object", f"expected a mapping, got {type(obj).__name__}")
     if "kind" in obj and "apiVersion" in obj:
@@ -138,7 +141,7 @@ def load_file(path: Path, source: str) -> LoadResult:
 
 
 def _load_file(path: Path, source: str) -> LoadResult:
-    records: list[Record] = []
+    records: list[cattle.Translated] = []
     errors: list[str] = []
     skipped: list[str] = []
     try:
@@ -159,7 +162,7 @@ def _load_file(path: Path, source: str) -> LoadResult:
         if record.key in seen:
             errors.append(f"{path}: {record.key} appears more than once")
         seen.add(record.key)
-    return LoadResult(tuple(cattle.resolve_stack_names(records)), tuple(errors), tuple(skipped))
+    return LoadResult(tuple(cattle.resolve(records)), tuple(errors), tuple(skipped))
 
 
 @dataclass(frozen=True, slots=True)
