@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from node_services.admin import make_admin_app, readiness_problems
 from node_services.config import ConfigError, Settings
+from node_services.dns.server import DnsServer
+from node_services.dns.service import build_dns
 from node_services.sources.static import SnapshotFile
 from node_services.state.store import Store
 
@@ -83,6 +85,7 @@ class Daemon:
     snapshots: list[SnapshotFile] = field(default_factory=list)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     """Every metric of this daemon; services register theirs, /metrics serves it."""
+    dns: DnsServer | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
 
@@ -113,6 +116,14 @@ class Daemon:
         log.info("admin listening on http://%s (/healthz /readyz /metrics)", listen)
         for snapshot in self.snapshots:
             self.supervisor.start(snapshot.name, snapshot.run)
+        # --- DNS (issue 3): answers from the store on dns_listen (UDP + TCP), forwards the
+        # rest; metrics on self.registry; the zone follows the store's change sets.
+        self.dns = build_dns(self.settings, self.store, self.registry)
+        dns_listen = self.settings.dns_listen
+        await self.dns.start(dns_listen.host, dns_listen.port)
+        self.supervisor.start("dns", self.dns.follow_store)
+        log.info("dns listening on %s (udp, tcp)", dns_listen)
+        # --- end DNS
 
     async def reload(self) -> None:
         """SIGHUP: re-read every snapshot file now."""
@@ -124,6 +135,8 @@ class Daemon:
 
     async def stop(self) -> None:
         await self.supervisor.stop()
+        if self.dns is not None:  # DNS (issue 3)
+            await self.dns.stop()
         if self._runner is not None:
             await self._runner.cleanup()
 

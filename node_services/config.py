@@ -76,6 +76,23 @@ class Settings:
     """Pod A records `a-b-c-d.<ns>.pod.<zone>`: disabled, insecure (any well-formed name),
     verified (only IPs of known pods in that namespace)."""
 
+    dns_query_log: bool = False
+    """Log every DNS query (client, name, type, rcode, answers, milliseconds) at info level
+    on the node_services.dns.query logger."""
+
+    dns_forward_timeout: float = 2.0
+    """Seconds to wait for one upstream before trying the next (SERVFAIL when all time out)."""
+
+    dns_cache_size: int = 10000
+    """Responses the forward cache holds (least recently used go first); 0 disables it."""
+
+    dns_negative_ttl_cap: int = 300
+    """Longest time in seconds a negative upstream answer is cached (RFC 2308: the SOA
+    minimum, capped by this)."""
+
+    dns_max_forwards: int = 1000
+    """Forwarded queries waiting for upstreams at once; more are answered REFUSED."""
+
     metadata_listen: Address = field(default_factory=lambda: Address("169.254.169.250", 80))
     """HTTP address of the metadata service (the Rancher metadata address by default)."""
 
@@ -194,6 +211,28 @@ def _convert(key: str, value: Any) -> Any:
         if not 0 <= ttl <= 2147483647:
             raise ValueError(f"{ttl} is out of range")
         return ttl
+    if key == "dns_query_log":
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0", ""):
+            return False
+        raise ValueError(f"{value!r} is not true or false")
+    if key in ("dns_cache_size", "dns_negative_ttl_cap", "dns_max_forwards"):
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise ValueError(f"{value!r} is not a whole number")
+        number = int(value)
+        if key == "dns_max_forwards" and number < 1:
+            raise ValueError("must be at least 1")
+        return number
+    if key == "dns_forward_timeout":
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a number of seconds") from None
+        if not 0 < seconds <= 60:
+            raise ValueError("must be more than 0 and at most 60 seconds")
+        return seconds
     if key == "snapshot_poll_interval":
         try:
             interval = float(value)

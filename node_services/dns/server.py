@@ -1,0 +1,415 @@
+"""The DNS server: UDP and TCP transports around one synchronous answer function.
+
+:meth:`DnsServer.answer` is the hot path: parse header + question (+ OPT), look the lowercased
+name up in the zone's prebuilt answers, and glue header + the client's own question bytes (its
+case echoed) + the prebuilt tail (+ our OPT). Only forwarded queries and ExternalName chasing
+leave that path for a coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from bisect import bisect_right
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import dnslib
+
+from node_services.dns import wire
+from node_services.dns.forward import Forwarder, UpstreamError
+from node_services.dns.metrics import DnsStats, Histogram
+from node_services.dns.zone import ANY_TYPE, Answer, Zone
+from node_services.state.store import Store, Subscription
+
+log = logging.getLogger(__name__)
+querylog = logging.getLogger("node_services.dns.query")
+
+TCP_IDLE_TIMEOUT: Final = 10.0
+MAX_TCP_CLIENTS: Final = 256
+_REFUSED_TYPES: Final = frozenset({251, 252})  # IXFR, AXFR: no zone transfers
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A query that needs a coroutine: forwarding, or chasing an ExternalName target."""
+
+    query: wire.Query
+    data: bytes
+    tcp: bool
+    chase: Answer | None = None
+
+
+class DnsServer:
+    """Answers from a :class:`Zone` kept current from the store; forwards the rest."""
+
+    def __init__(
+        self,
+        store: Store,
+        zone: Zone,
+        *,
+        stats: DnsStats | None = None,
+        forwarder: Forwarder | None = None,
+        query_log: bool = False,
+    ) -> None:
+        self.store = store
+        self.zone = zone
+        self.stats = stats if stats is not None else DnsStats()
+        self.forwarder = forwarder
+        self.query_log = query_log
+        self._ra = wire.RA if forwarder is not None else 0
+        self._subscription: Subscription | None = None
+        self._seen_version = -1
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tcp_clients = 0
+        self._local = self.stats.duration.setdefault("local", Histogram())
+        self._forwarded = self.stats.duration.setdefault("forward", Histogram())
+        self.sockname: tuple[Any, ...] | None = None
+
+    # -- keeping the zone current ----------------------------------------------------------
+
+    def catch_up(self) -> None:
+        """Apply the store's pending changes (cheap when there are none)."""
+        if self._subscription is None:
+            self._subscription = self.store.subscribe()
+        changes = self._subscription.poll()
+        if changes is not None:
+            started = time.perf_counter()
+            units = self.zone.apply(changes)
+            self.stats.zone_rebuilds += 1
+            self.stats.zone_units_rebuilt += units
+            self.stats.zone_names = len(self.zone.nodes)
+            if changes.full or units > 100:
+                log.info(
+                    "dns: built %d units (%d names) for store version %d in %.3f s",
+                    units,
+                    len(self.zone.nodes),
+                    changes.snapshot.version,
+                    time.perf_counter() - started,
+                )
+        snapshot = self.store.snapshot
+        self.zone.ready = snapshot.all_synced
+        self._seen_version = snapshot.version
+
+    async def follow_store(self) -> None:
+        """Run forever: rebuild changed names whenever the store publishes a new version."""
+        while True:
+            await self.store.wait_for_change(self._seen_version, timeout=60)
+            self.catch_up()
+
+    # -- transports ------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> None:
+        """Bind UDP and TCP on ``host:port`` (port 0 picks one; see :attr:`sockname`)."""
+        self.catch_up()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _UdpProtocol(self), local_addr=(host, port), reuse_port=False
+        )
+        self._udp = transport
+        self.sockname = transport.get_extra_info("sockname")
+        assert self.sockname is not None
+        self._tcp = await asyncio.start_server(
+            self._serve_tcp, host, self.sockname[1], reuse_address=True
+        )
+
+    async def stop(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+            with contextlib.suppress(Exception):
+                await self._tcp.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._subscription is not None:
+            self._subscription.close()
+
+    def _spawn(self, pending: _Pending, reply: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._slow(pending, reply))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tcp_clients >= MAX_TCP_CLIENTS:
+            self.stats.count(self.stats.dropped, "tcp_busy")
+            writer.close()
+            return
+        self._tcp_clients += 1
+        try:
+            while True:
+                async with asyncio.timeout(TCP_IDLE_TIMEOUT):
+                    size = int.from_bytes(await reader.readexactly(2), "big")
+                    data = await reader.readexactly(size)
+                result = self.answer(data, tcp=True)
+                if isinstance(result, _Pending):
+                    result = await self._resolve(result)
+                if result is None:
+                    break  # a packet we cannot answer: close the connection
+                writer.write(len(result).to_bytes(2, "big") + result)
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("dns: TCP client failed")
+        finally:
+            self._tcp_clients -= 1
+            writer.close()
+
+    # -- the answer function ---------------------------------------------------------------
+
+    def answer(self, data: bytes, *, tcp: bool = False) -> bytes | _Pending | None:
+        """The response to one packet, a pending slow-path query, or None to drop it."""
+        try:
+            q = wire.parse_query(data)
+        except wire.Malformed as exc:
+            self.stats.count(self.stats.dropped, "malformed")
+            if exc.reply and len(data) >= 12:
+                return self._formerr(data)
+            return None
+        requests = self.stats.requests
+        key = (tcp, q.qtype)
+        requests[key] = requests.get(key, 0) + 1
+        if self._seen_version != self.store.version:
+            self.catch_up()
+        if q.flags & 0x7800:  # opcode other than QUERY
+            return self._error(q, wire.NOTIMP)
+        if q.edns and q.edns_version:
+            return self._error(q, 0, ext_rcode=1)  # BADVERS
+        if q.qclass != wire.CLASS_IN or q.qtype in _REFUSED_TYPES:
+            return self._error(q, wire.NOTIMP if q.qtype in _REFUSED_TYPES else wire.REFUSED)
+        zone = self.zone
+        node = zone.nodes.get(q.lname)
+        if node is not None:
+            answer = node.get(q.qtype) or node[ANY_TYPE]
+        else:
+            found = zone.miss(q.lname, q.offsets, q.qtype)
+            if found is None:
+                if self.forwarder is None:
+                    return self._error(q, wire.REFUSED)
+                return _Pending(q, data, tcp)
+            answer = found
+        if not zone.ready:
+            return self._error(q, wire.SERVFAIL)
+        if answer.chase and q.qtype != wire.CNAME:
+            return _Pending(q, data, tcp, answer)
+        return self._respond(q, answer, tcp)
+
+    def _respond(self, q: wire.Query, answer: Answer, tcp: bool) -> bytes:
+        flags = wire.QR | answer.flags | (q.flags & (wire.RD | wire.CD)) | self._ra
+        opt = wire.opt_record() if q.edns else b""
+        question = q.question
+        body = answer.body
+        limit = 65535 if tcp else q.udp_size
+        if 12 + len(question) + len(body) + len(opt) <= limit:
+            self._count_rcode(answer.flags & 0xF)
+            return (
+                wire.HEADER.pack(
+                    q.qid, flags, 1, answer.ancount, answer.nscount, answer.arcount + bool(opt)
+                )
+                + question
+                + body
+                + opt
+            )
+        # Truncated: as many whole answer records as fit, TC=1; the client retries over TCP.
+        self.stats.truncated += 1
+        self._count_rcode(answer.flags & 0xF)
+        room = limit - 12 - len(question) - len(opt)
+        fit = bisect_right(answer.ends, room)
+        kept = body[: answer.ends[fit - 1]] if fit else b""
+        return (
+            wire.HEADER.pack(q.qid, flags | wire.TC, 1, fit, 0, int(bool(opt)))
+            + question
+            + kept
+            + opt
+        )
+
+    def _count_rcode(self, rcode: int) -> None:
+        responses = self.stats.responses
+        responses[rcode] = responses.get(rcode, 0) + 1
+
+    def _error(self, q: wire.Query, rcode: int, *, ext_rcode: int = 0) -> bytes:
+        self._count_rcode(rcode if not ext_rcode else 16)
+        flags = wire.QR | (q.flags & (wire.RD | wire.CD)) | self._ra | rcode
+        opt = wire.opt_record(ext_rcode) if q.edns else b""
+        return wire.HEADER.pack(q.qid, flags, 1, 0, 0, int(bool(opt))) + q.question + opt
+
+    def _formerr(self, data: bytes) -> bytes:
+        self._count_rcode(wire.FORMERR)
+        flags = wire.QR | (int.from_bytes(data[2:4], "big") & (0x7800 | wire.RD)) | wire.FORMERR
+        return data[0:2] + flags.to_bytes(2, "big") + b"\x00" * 8
+
+    # -- the slow path ---------------------------------------------------------------------
+
+    async def _slow(self, pending: _Pending, reply: Any) -> None:
+        response = await self._resolve(pending)
+        if response is not None:
+            reply(response)
+
+    async def _resolve(self, pending: _Pending) -> bytes | None:
+        started = time.perf_counter()
+        q = pending.query
+        try:
+            if pending.chase is not None:
+                response = await self._chase(q, pending.chase, pending.tcp)
+            else:
+                response = await self._forward(pending)
+        except Exception:
+            log.exception("dns: failed to answer %s", _qname(q))
+            response = self._error(q, wire.SERVFAIL)
+        self._forwarded.observe(time.perf_counter() - started)
+        return response
+
+    async def _forward(self, pending: _Pending) -> bytes:
+        q = pending.query
+        forwarder = self.forwarder
+        assert forwarder is not None
+        if forwarder.is_own_query(q.qid, q.lname, q.qtype):
+            self.stats.loops += 1
+            log.error("dns: forwarding loop: %s came back to us; check the upstreams", _qname(q))
+            return self._error(q, wire.SERVFAIL)
+        cached = forwarder.cached(q)
+        if cached is not None:
+            self.stats.cache_hits += 1
+            response = cached
+        else:
+            if forwarder.overloaded():
+                self.stats.refused_overload += 1
+                return self._error(q, wire.REFUSED)
+            try:
+                response = await forwarder.resolve(q, pending.data)
+            except UpstreamError:
+                return self._error(q, wire.SERVFAIL)
+        limit = 65535 if pending.tcp else q.udp_size
+        if len(response) > limit:  # cached for a client with a bigger buffer
+            self.stats.truncated += 1
+            flags = int.from_bytes(response[2:4], "big") | wire.TC
+            opt = wire.opt_record() if q.edns else b""
+            response = wire.HEADER.pack(q.qid, flags, 1, 0, 0, int(bool(opt))) + q.question + opt
+        self._count_rcode(response[3] & 0xF)
+        return response
+
+    async def _chase(self, q: wire.Query, cname: Answer, tcp: bool) -> bytes:
+        """An ExternalName CNAME plus the target's records of the asked type: from our own
+        zone when the target is ours, else from the upstreams."""
+        target = cname.chase
+        qname = _qname(q)
+        reply = dnslib.DNSRecord(
+            dnslib.DNSHeader(
+                id=q.qid,
+                qr=1,
+                aa=1,
+                rd=int(bool(q.flags & wire.RD)),
+                ra=int(bool(self._ra)),
+            ),
+            q=dnslib.DNSQuestion(qname, q.qtype),
+        )
+        reply.add_answer(
+            dnslib.RR(qname, wire.CNAME, rdata=dnslib.CNAME(target), ttl=self.zone.ttl)
+        )
+        own = self.zone.rdatas(target)
+        if own:
+            for rtype, rdata in sorted(own):
+                if rtype == q.qtype:
+                    reply.add_answer(
+                        dnslib.RR(
+                            target,
+                            rtype,
+                            rdata=_rdata_from_wire(rtype, rdata),
+                            ttl=self.zone.ttl,
+                        )
+                    )
+        elif self.forwarder is not None and not self.forwarder.overloaded():
+            try:
+                raw = await self.forwarder.resolve_name(target, q.qtype)
+                upstream = dnslib.DNSRecord.parse(raw)
+                for record in upstream.rr:
+                    reply.add_answer(record)
+            except (UpstreamError, dnslib.DNSError) as exc:
+                log.debug("dns: cannot resolve ExternalName target %s: %s", target, exc)
+        if q.edns:
+            reply.add_ar(dnslib.EDNS0(udp_len=wire.EDNS_UDP_SIZE))
+        packed: bytes = reply.pack()
+        limit = 65535 if tcp else q.udp_size
+        if len(packed) > limit:
+            return self._respond(q, cname, tcp)
+        self._count_rcode(wire.NOERROR)
+        # dnslib writes the question from our text form: put the client's bytes back.
+        return packed[:12] + q.question + packed[12 + len(q.question) :]
+
+
+def _qname(q: wire.Query) -> str:
+    return wire.decode_name(q.question[:-4])
+
+
+def _rdata_from_wire(rtype: int, rdata: bytes) -> dnslib.RD:
+    if rtype == wire.A:
+        return dnslib.A(".".join(str(b) for b in rdata))
+    if rtype == wire.AAAA:
+        return dnslib.AAAA(rdata)
+    return dnslib.RD(rdata)
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        server = self.server
+        started = time.perf_counter()
+        try:
+            result = server.answer(data)
+        except Exception:  # never let one packet stop the server
+            log.exception("dns: unexpected error answering a packet from %s", addr)
+            server.stats.count(server.stats.dropped, "internal_error")
+            return
+        if result is None:
+            return
+        transport = self.transport
+        assert transport is not None
+        if isinstance(result, bytes):
+            transport.sendto(result, addr)
+            server._local.observe(time.perf_counter() - started)
+            if server.query_log:
+                _log_query(addr, data, result, started)
+            return
+        query_log = server.query_log
+
+        def reply(response: bytes) -> None:
+            transport.sendto(response, addr)
+            if query_log:
+                _log_query(addr, data, response, started)
+
+        server._spawn(result, reply)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("dns: UDP error: %s", exc)
+
+
+def _log_query(addr: tuple[Any, ...], data: bytes, response: bytes, started: float) -> None:
+    try:
+        q = wire.parse_query(data)
+        name = _qname(q)
+        qtype = wire.TYPE_NAMES.get(q.qtype, str(q.qtype))
+    except wire.Malformed:
+        name, qtype = "?", "?"
+    rcode = response[3] & 0xF
+    querylog.info(
+        "%s:%s %s %s %s %d answers %.3f ms",
+        addr[0],
+        addr[1],
+        name,
+        qtype,
+        wire.RCODE_NAMES[rcode] if rcode < len(wire.RCODE_NAMES) else rcode,
+        int.from_bytes(response[6:8], "big"),
+        (time.perf_counter() - started) * 1000,
+    )
