@@ -163,6 +163,60 @@ def write_snapshot(path: Path, objects: Iterable[dict[str, Any]]) -> Path:
     return path
 
 
+Z = "cluster.local"
+
+
+def kube_cluster() -> list[dict[str, Any]]:
+    """The cluster most DNS tests ask about (see tests/dns/test_kubernetes.py)."""
+    objects = [
+        namespace("default"),
+        namespace("shop"),
+        namespace("quiet"),
+        service(
+            "shop",
+            "web",
+            cluster_ips=["10.43.0.20", "fd00:43::20"],
+            ports=[("http", 80, "TCP"), ("dns", 53, "UDP"), ("", 8443, "TCP")],
+        ),
+        service(
+            "shop", "db", cluster_ips=None, ports=[("mysql", 3306, "TCP"), ("x", 33060, "TCP")]
+        ),
+        endpoint_slice(
+            "shop",
+            "db",
+            "db-v4",
+            [
+                {"ip": "10.42.1.10", "hostname": "db-0"},
+                {"ip": "10.42.1.11"},
+                {"ip": "10.42.1.12", "hostname": "db-2", "ready": False},
+                {"ip": "10.42.1.13", "ready": None},
+            ],
+            ports=[("mysql", 3306, "TCP"), ("x", 33060, "TCP")],
+        ),
+        endpoint_slice(
+            "shop",
+            "db",
+            "db-v6",
+            [{"ip": "fd00:42::10", "hostname": "db-0"}],
+            ports=[("mysql", 3306, "TCP"), ("x", 33060, "TCP")],
+            address_type="IPv6",
+        ),
+        service("shop", "warm", cluster_ips=None, publish_not_ready=True),
+        endpoint_slice("shop", "warm", "warm-1", [{"ip": "10.42.1.20", "ready": False}]),
+        service("shop", "cold", cluster_ips=None),
+        endpoint_slice("shop", "cold", "cold-1", [{"ip": "10.42.1.21", "ready": False}]),
+        service("shop", "ext", external_name="www.example.org"),
+        service("shop", "inner", external_name=f"web.shop.svc.{Z}"),
+        service("shop", "big", cluster_ips=None),
+        endpoint_slice("shop", "big", "big-1", [{"ip": f"10.42.3.{i}"} for i in range(1, 61)]),
+        pod("shop", "db-0", "10.42.1.10", hostname="db-0", subdomain="db"),
+        pod("shop", "sub-1", "10.42.1.30", hostname="sp", subdomain="db"),
+        pod("shop", "plain", "10.42.1.40"),
+        pod("shop", "hostnet", "192.168.1.10", host_network=True),
+    ]
+    return objects
+
+
 # -- clients -----------------------------------------------------------------------------
 
 
@@ -240,6 +294,7 @@ class FakeUpstream:
     queries: list[tuple[str, str, str]] = field(default_factory=list)  # (proto, name, type)
     port: int = 0
     on_query: Callable[[dns.message.Message], None] | None = None
+    relay_to: tuple[str, int] | None = None  # pass every query on to this server (a loop)
 
     def start(self) -> FakeUpstream:
         upstream = self
@@ -287,6 +342,8 @@ class FakeUpstream:
             self.on_query(query)
         if self.silent:
             return None
+        if self.relay_to is not None:
+            return raw_udp(self.relay_to[1], data, timeout=3)
         response = dns.message.make_response(query)
         response.flags |= dns.flags.RA
         values = self.records.get((name, rdtype))

@@ -107,15 +107,23 @@ class DnsServer:
         """Bind UDP and TCP on ``host:port`` (port 0 picks one; see :attr:`sockname`)."""
         self.catch_up()
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpProtocol(self), local_addr=(host, port), reuse_port=False
-        )
-        self._udp = transport
-        self.sockname = transport.get_extra_info("sockname")
-        assert self.sockname is not None
-        self._tcp = await asyncio.start_server(
-            self._serve_tcp, host, self.sockname[1], reuse_address=True
-        )
+        for attempt in range(20 if port == 0 else 1):
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), local_addr=(host, port)
+            )
+            sockname = transport.get_extra_info("sockname")
+            try:
+                self._tcp = await asyncio.start_server(
+                    self._serve_tcp, host, sockname[1], reuse_address=True
+                )
+            except OSError:
+                transport.close()
+                if attempt == 19 or port != 0:
+                    raise
+                continue  # port 0: the UDP port we got is taken for TCP; try another
+            self._udp = transport
+            self.sockname = sockname
+            return
 
     async def stop(self) -> None:
         if self._udp is not None:

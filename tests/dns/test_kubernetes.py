@@ -4,75 +4,21 @@ by the real daemon started from a snapshot file, asked with dig and dnspython.""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 from dnshelpers import (
     FakeUpstream,
+    Z,
     answers,
     dig,
     dig_short,
-    endpoint_slice,
-    namespace,
+    kube_cluster,
     needs_dig,
-    pod,
     query,
     rcode,
-    service,
     write_snapshot,
 )
 from helpers import DaemonProcess
-
-Z = "cluster.local"
-
-
-def cluster() -> list[dict[str, Any]]:
-    objects = [
-        namespace("default"),
-        namespace("shop"),
-        namespace("quiet"),
-        service(
-            "shop",
-            "web",
-            cluster_ips=["10.43.0.20", "fd00:43::20"],
-            ports=[("http", 80, "TCP"), ("dns", 53, "UDP"), ("", 8443, "TCP")],
-        ),
-        service("shop", "db", cluster_ips=None, ports=[("mysql", 3306, "TCP"), ("x", 33060, "TCP")]),
-        endpoint_slice(
-            "shop",
-            "db",
-            "db-v4",
-            [
-                {"ip": "10.42.1.10", "hostname": "db-0"},
-                {"ip": "10.42.1.11"},
-                {"ip": "10.42.1.12", "hostname": "db-2", "ready": False},
-                {"ip": "10.42.1.13", "ready": None},
-            ],
-            ports=[("mysql", 3306, "TCP"), ("x", 33060, "TCP")],
-        ),
-        endpoint_slice(
-            "shop",
-            "db",
-            "db-v6",
-            [{"ip": "fd00:42::10", "hostname": "db-0"}],
-            ports=[("mysql", 3306, "TCP"), ("x", 33060, "TCP")],
-            address_type="IPv6",
-        ),
-        service("shop", "warm", cluster_ips=None, publish_not_ready=True),
-        endpoint_slice("shop", "warm", "warm-1", [{"ip": "10.42.1.20", "ready": False}]),
-        service("shop", "cold", cluster_ips=None),
-        endpoint_slice("shop", "cold", "cold-1", [{"ip": "10.42.1.21", "ready": False}]),
-        service("shop", "ext", external_name="www.example.org"),
-        service("shop", "inner", external_name=f"web.shop.svc.{Z}"),
-        service("shop", "big", cluster_ips=None),
-        endpoint_slice("shop", "big", "big-1", [{"ip": f"10.42.3.{i}"} for i in range(1, 61)]),
-        pod("shop", "db-0", "10.42.1.10", hostname="db-0", subdomain="db"),
-        pod("shop", "sub-1", "10.42.1.30", hostname="sp", subdomain="db"),
-        pod("shop", "plain", "10.42.1.40"),
-        pod("shop", "hostnet", "192.168.1.10", host_network=True),
-    ]
-    return objects
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +33,7 @@ def upstream_m() -> Iterator[FakeUpstream]:
 @pytest.fixture(scope="module")
 def port(tmp_path_factory: pytest.TempPathFactory, upstream_m: FakeUpstream) -> Iterator[int]:
     tmp = tmp_path_factory.mktemp("k8s")
-    snapshot = write_snapshot(tmp / "cluster.yaml", cluster())
+    snapshot = write_snapshot(tmp / "cluster.yaml", kube_cluster())
     process = DaemonProcess(
         [
             "--snapshot",
@@ -135,12 +81,8 @@ def test_endpoint_hostname_names_and_generated_labels(port: int) -> None:
 
 @needs_dig
 def test_srv_for_named_ports_of_a_clusterip_service(port: int) -> None:
-    assert dig_short(port, f"_http._tcp.web.shop.svc.{Z}", "SRV") == [
-        f"0 100 80 web.shop.svc.{Z}."
-    ]
-    assert dig_short(port, f"_dns._udp.web.shop.svc.{Z}", "SRV") == [
-        f"0 100 53 web.shop.svc.{Z}."
-    ]
+    assert dig_short(port, f"_http._tcp.web.shop.svc.{Z}", "SRV") == [f"0 100 80 web.shop.svc.{Z}."]
+    assert dig_short(port, f"_dns._udp.web.shop.svc.{Z}", "SRV") == [f"0 100 53 web.shop.svc.{Z}."]
     # The unnamed port has no SRV; the protocol label alone is an empty non-terminal.
     assert rcode(query(port, f"_http._udp.web.shop.svc.{Z}", "SRV")) == "NXDOMAIN"
     assert rcode(query(port, f"_tcp.web.shop.svc.{Z}", "SRV")) == "NOERROR"
@@ -213,9 +155,7 @@ def test_pod_records_verified_only_known_pods(port: int) -> None:
 
 
 def test_not_ready_endpoints_published_when_asked(port: int) -> None:
-    assert answers(query(port, f"warm.shop.svc.{Z}", "A")) == [
-        f"warm.shop.svc.{Z}. 5 A 10.42.1.20"
-    ]
+    assert answers(query(port, f"warm.shop.svc.{Z}", "A")) == [f"warm.shop.svc.{Z}. 5 A 10.42.1.20"]
 
 
 def test_headless_without_ready_endpoints_is_nxdomain(port: int) -> None:
