@@ -42,7 +42,7 @@ class Served:
             return await dns.asyncquery.tcp(message, "127.0.0.1", port=self.port, timeout=3)
         return await dns.asyncquery.udp(message, "127.0.0.1", port=self.port, timeout=3)
 
-    async def raw(self, data: bytes, timeout: float = 1.0) -> bytes | None:
+    async def raw(self, data: bytes, wait: float = 1.0) -> bytes | None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
 
@@ -57,7 +57,7 @@ class Served:
         try:
             transport.sendto(data)
             try:
-                return await asyncio.wait_for(future, timeout)
+                return await asyncio.wait_for(future, wait)
             except TimeoutError:
                 return None
         finally:

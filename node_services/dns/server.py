@@ -154,12 +154,17 @@ class DnsServer:
                 async with asyncio.timeout(TCP_IDLE_TIMEOUT):
                     size = int.from_bytes(await reader.readexactly(2), "big")
                     data = await reader.readexactly(size)
+                started = time.perf_counter()
                 result = self.answer(data, tcp=True)
                 if isinstance(result, _Pending):
                     result = await self._resolve(result)
+                elif result is not None:
+                    self._local.observe(time.perf_counter() - started)
                 if result is None:
                     break  # a packet we cannot answer: close the connection
                 writer.write(len(result).to_bytes(2, "big") + result)
+                if self.query_log:
+                    _log_query(writer.get_extra_info("peername"), data, result, started, "tcp")
                 await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -342,7 +347,7 @@ class DnsServer:
                 log.debug("dns: cannot resolve ExternalName target %s: %s", target, exc)
         if q.edns:
             reply.add_ar(dnslib.EDNS0(udp_len=wire.EDNS_UDP_SIZE))
-        packed: bytes = reply.pack()
+        packed = bytes(reply.pack())
         limit = 65535 if tcp else q.udp_size
         if len(packed) > limit:
             return self._respond(q, cname, tcp)
@@ -403,7 +408,9 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         log.debug("dns: UDP error: %s", exc)
 
 
-def _log_query(addr: tuple[Any, ...], data: bytes, response: bytes, started: float) -> None:
+def _log_query(
+    addr: tuple[Any, ...], data: bytes, response: bytes, started: float, proto: str = "udp"
+) -> None:
     try:
         q = wire.parse_query(data)
         name = _qname(q)
@@ -412,9 +419,10 @@ def _log_query(addr: tuple[Any, ...], data: bytes, response: bytes, started: flo
         name, qtype = "?", "?"
     rcode = response[3] & 0xF
     querylog.info(
-        "%s:%s %s %s %s %d answers %.3f ms",
+        "%s:%s %s %s %s %s %d answers %.3f ms",
         addr[0],
         addr[1],
+        proto,
         name,
         qtype,
         wire.RCODE_NAMES[rcode] if rcode < len(wire.RCODE_NAMES) else rcode,

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 import dns.flags
-from dnshelpers import Z, FakeUpstream, answers, dig, kube_cluster, needs_dig, rcode
+from dnshelpers import FakeUpstream, Z, answers, dig, kube_cluster, needs_dig, rcode
 from dnsserve import serve
 from helpers import DaemonProcess
 

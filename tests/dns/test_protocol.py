@@ -63,7 +63,7 @@ async def test_udp_size_without_edns_is_512(served: Served) -> None:
     wire = response.to_wire()
     assert len(wire) <= 512
     assert len(response.answer[0]) == (512 - 12 - len(BIG) - 2 - 4) // 16
-    assert set(str(r) for r in response.answer[0]) <= set(BIG_IPS)
+    assert {str(r) for r in response.answer[0]} <= set(BIG_IPS)
 
 
 async def test_edns_buffer_size_is_honoured_and_opt_echoed(served: Served) -> None:
@@ -83,7 +83,7 @@ async def test_tcp_has_no_size_limit(served: Served) -> None:
 
 
 async def test_case_insensitive_and_client_case_echoed(served: Served) -> None:
-    response = await served.query(f"WeB.ShOp.SVC.Cluster.LOCAL", "A")
+    response = await served.query("WeB.ShOp.SVC.Cluster.LOCAL", "A")
     assert response.question[0].name.to_text() == "WeB.ShOp.SVC.Cluster.LOCAL."
     assert answers(response) == ["WeB.ShOp.SVC.Cluster.LOCAL. 5 A 10.43.0.20"]
 
@@ -165,10 +165,10 @@ async def test_other_opcodes_notimp_and_edns_version_badvers(served: Served) -> 
 
 
 async def test_malformed_packets_dropped_or_formerr_and_serving_goes_on(served: Served) -> None:
-    assert await served.raw(b"\x00\x01\x02", timeout=0.2) is None  # shorter than a header
+    assert await served.raw(b"\x00\x01\x02", wait=0.2) is None  # shorter than a header
     response_bit = bytearray(_query_bytes(f"web.shop.svc.{Z}"))
     response_bit[2] |= 0x80
-    assert await served.raw(bytes(response_bit), timeout=0.2) is None  # a response: dropped
+    assert await served.raw(bytes(response_bit), wait=0.2) is None  # a response: dropped
     cut = _query_bytes(f"web.shop.svc.{Z}")[:-3]
     reply = await served.raw(cut)
     assert reply is not None and reply[3] & 0xF == 1  # FORMERR
