@@ -11,7 +11,7 @@ RUN_ADMIN ?= 127.0.0.1:9254
 RUN_SNAPSHOT ?= demo/snapshot.yaml
 
 # Debian tools the tests use (installed when root; tests skip with a reason without them).
-DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2
+DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2 dnsperf dnsmasq-base
 
 .PHONY: run test test-deps lint format bench clean
 

@@ -63,8 +63,11 @@ class Histogram:
 class DnsStats:
     """Everything the DNS server counts."""
 
-    requests: dict[tuple[bool, int], int] = field(default_factory=dict)  # (tcp, qtype)
-    responses: dict[int, int] = field(default_factory=dict)  # rcode
+    requests: tuple[list[int], list[int]] = field(
+        default_factory=lambda: ([0] * 65536, [0] * 65536)
+    )
+    """Queries by [tcp][qtype]: flat lists, the cheapest counter to bump per packet."""
+    responses: list[int] = field(default_factory=lambda: [0] * 32)  # by (extended) rcode
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # reason
     duration: dict[str, Histogram] = field(default_factory=dict)  # "local" | "forward"
@@ -102,16 +105,20 @@ class DnsCollector(Collector):
             labels=["proto", "type"],
         )
         merged: dict[tuple[str, str], int] = {}
-        for (tcp, qtype), count in s.requests.items():
-            key = ("tcp" if tcp else "udp", wire.TYPE_NAMES.get(qtype, "other"))
-            merged[key] = merged.get(key, 0) + count
+        for proto, counts in zip(("udp", "tcp"), s.requests, strict=True):
+            for qtype, count in enumerate(counts):
+                if count:
+                    key = (proto, wire.TYPE_NAMES.get(qtype, "other"))
+                    merged[key] = merged.get(key, 0) + count
         for (proto, qtype_name), count in sorted(merged.items()):
             requests.add_metric([proto, qtype_name], count)
         yield requests
         responses = CounterMetricFamily(
             "node_services_dns_responses", "DNS responses sent, by rcode.", labels=["rcode"]
         )
-        for rcode, count in sorted(s.responses.items()):
+        for rcode, count in enumerate(s.responses):
+            if not count:
+                continue
             name = wire.RCODE_NAMES[rcode] if rcode < len(wire.RCODE_NAMES) else str(rcode)
             responses.add_metric([name], count)
         yield responses

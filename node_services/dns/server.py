@@ -11,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import dnslib
 
 from node_services.dns import wire
 from node_services.dns.forward import Forwarder, UpstreamError
-from node_services.dns.metrics import DnsStats, Histogram
+from node_services.dns.metrics import DURATION_BUCKETS, DnsStats, Histogram
 from node_services.dns.zone import ANY_TYPE, Answer, Zone
-from node_services.state.store import Store, Subscription
+from node_services.state.store import Snapshot, Store, Subscription
 
 log = logging.getLogger(__name__)
 querylog = logging.getLogger("node_services.dns.query")
@@ -30,6 +32,8 @@ querylog = logging.getLogger("node_services.dns.query")
 TCP_IDLE_TIMEOUT: Final = 10.0
 MAX_TCP_CLIENTS: Final = 256
 _REFUSED_TYPES: Final = frozenset({251, 252})  # IXFR, AXFR: no zone transfers
+_OPT: Final = wire.opt_record()
+_MAX_QUERY: Final = 4096  # bytes read per datagram: far above any sane query
 
 
 @dataclass(slots=True)
@@ -61,8 +65,8 @@ class DnsServer:
         self.query_log = query_log
         self._ra = wire.RA if forwarder is not None else 0
         self._subscription: Subscription | None = None
-        self._seen_version = -1
-        self._udp: asyncio.DatagramTransport | None = None
+        self._seen: Snapshot | None = None
+        self._udp: _UdpSocket | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._tcp_clients = 0
@@ -93,12 +97,13 @@ class DnsServer:
                 )
         snapshot = self.store.snapshot
         self.zone.ready = snapshot.all_synced
-        self._seen_version = snapshot.version
+        self._seen = snapshot
 
     async def follow_store(self) -> None:
         """Run forever: rebuild changed names whenever the store publishes a new version."""
         while True:
-            await self.store.wait_for_change(self._seen_version, timeout=60)
+            seen = self._seen
+            await self.store.wait_for_change(seen.version if seen else -1, timeout=60)
             self.catch_up()
 
     # -- transports ------------------------------------------------------------------------
@@ -107,27 +112,32 @@ class DnsServer:
         """Bind UDP and TCP on ``host:port`` (port 0 picks one; see :attr:`sockname`)."""
         self.catch_up()
         loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for attempt in range(20 if port == 0 else 1):
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpProtocol(self), local_addr=(host, port)
-            )
-            sockname = transport.get_extra_info("sockname")
+            sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                sock.bind((host, port))
+                sock.setblocking(False)
+                sockname = sock.getsockname()
                 self._tcp = await asyncio.start_server(
                     self._serve_tcp, host, sockname[1], reuse_address=True
                 )
             except OSError:
-                transport.close()
+                sock.close()
                 if attempt == 19 or port != 0:
                     raise
                 continue  # port 0: the UDP port we got is taken for TCP; try another
-            self._udp = transport
+            self._udp = _UdpSocket(self, sock)
+            loop.add_reader(sock.fileno(), self._udp.on_readable)
             self.sockname = sockname
             return
 
     async def stop(self) -> None:
         if self._udp is not None:
-            self._udp.close()
+            asyncio.get_running_loop().remove_reader(self._udp.sock.fileno())
+            self._udp.sock.close()
+            self._udp = None
         if self._tcp is not None:
             self._tcp.close()
             with contextlib.suppress(Exception):
@@ -178,6 +188,59 @@ class DnsServer:
 
     def answer(self, data: bytes, *, tcp: bool = False) -> bytes | _Pending | None:
         """The response to one packet, a pending slow-path query, or None to drop it."""
+        # Fast path: a standard query with one question (and at most an OPT record) for a
+        # name we hold or an NXDOMAIN in our zones, that fits. Anything else: _answer.
+        size = len(data)
+        if size < 17 or data[2] & 0xF8 or data[4:10] != b"\x00\x01\x00\x00\x00\x00" or data[10]:
+            return self._answer(data, tcp)
+        end = data.find(0, 12)
+        qend = end + 5
+        if end < 13 or qend > size or data[end + 3 : qend] != b"\x00\x01":
+            return self._answer(data, tcp)
+        arcount = data[11]
+        if arcount == 0 and size == qend:
+            variant = 0
+            limit = 65535 if tcp else 512
+            opt = b""
+        elif (
+            arcount == 1
+            and size >= qend + 11
+            and data[qend : qend + 3] == b"\x00\x00\x29"
+            and data[qend + 6] == 0  # EDNS version 0
+        ):
+            variant = 4
+            limit = 65535 if tcp else max(512, data[qend + 3] << 8 | data[qend + 4])
+            opt = _OPT
+        else:
+            return self._answer(data, tcp)
+        if self.store.snapshot is not self._seen:
+            self.catch_up()
+        zone = self.zone
+        lname = data[12 : end + 1].lower()
+        node = zone.nodes.get(lname)
+        qtype = data[end + 1] << 8 | data[end + 2]
+        if node is not None:
+            answer = node.get(qtype) or node[ANY_TYPE]
+            if answer.chase:
+                return self._answer(data, tcp)
+        else:
+            found = zone.zone_for(lname)
+            if (
+                found is None
+                or not found.authoritative
+                or (found is zone.zones[0] and zone.pod_records == "insecure")
+            ):
+                return self._answer(data, tcp)
+            answer = found.nxdomain
+        if not zone.ready or qend + len(answer.body) + len(opt) > limit or qtype in _REFUSED_TYPES:
+            return self._answer(data, tcp)
+        self.stats.requests[tcp][qtype] += 1
+        self.stats.responses[answer.flags & 0xF] += 1
+        variant |= (data[2] & 1) | (data[3] >> 3 & 2)
+        return data[:2] + answer.heads[variant] + data[12:qend] + answer.body + opt
+
+    def _answer(self, data: bytes, tcp: bool) -> bytes | _Pending | None:
+        """The general path: every check, every rcode."""
         try:
             q = wire.parse_query(data)
         except wire.Malformed as exc:
@@ -185,10 +248,8 @@ class DnsServer:
             if exc.reply and len(data) >= 12:
                 return self._formerr(data)
             return None
-        requests = self.stats.requests
-        key = (tcp, q.qtype)
-        requests[key] = requests.get(key, 0) + 1
-        if self._seen_version != self.store.version:
+        self.stats.requests[tcp][q.qtype] += 1
+        if self.store.snapshot is not self._seen:
             self.catch_up()
         if q.flags & 0x7800:  # opcode other than QUERY
             return self._error(q, wire.NOTIMP)
@@ -243,8 +304,7 @@ class DnsServer:
         )
 
     def _count_rcode(self, rcode: int) -> None:
-        responses = self.stats.responses
-        responses[rcode] = responses.get(rcode, 0) + 1
+        self.stats.responses[rcode] += 1
 
     def _error(self, q: wire.Query, rcode: int, *, ext_rcode: int = 0) -> bytes:
         self._count_rcode(rcode if not ext_rcode else 16)
@@ -368,44 +428,75 @@ def _rdata_from_wire(rtype: int, rdata: bytes) -> dnslib.RD:
     return dnslib.RD(rdata)
 
 
-class _UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, server: DnsServer) -> None:
+class _UdpSocket:
+    """The UDP side: a non-blocking socket read straight from the event loop's reader
+    callback, up to a batch of datagrams per wake-up, answers sent with one ``sendto`` each
+    (no transport or protocol objects per packet). A reply the kernel cannot take right now
+    is dropped and counted, as any UDP server does; the client retries."""
+
+    BATCH: Final = 64
+
+    def __init__(self, server: DnsServer, sock: socket.socket) -> None:
         self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+    def on_readable(self) -> None:
         server = self.server
-        started = time.perf_counter()
-        try:
-            result = server.answer(data)
-        except Exception:  # never let one packet stop the server
-            log.exception("dns: unexpected error answering a packet from %s", addr)
-            server.stats.count(server.stats.dropped, "internal_error")
-            return
-        if result is None:
-            return
-        transport = self.transport
-        assert transport is not None
-        if isinstance(result, bytes):
-            transport.sendto(result, addr)
-            server._local.observe(time.perf_counter() - started)
-            if server.query_log:
-                _log_query(addr, data, result, started)
-            return
+        stats = server.stats
+        recvfrom = self.sock.recvfrom
+        sendto = self.sock.sendto
+        answer = server.answer
+        histogram = server._local
+        buckets = histogram.counts
+        spent = 0.0
+        perf_counter = time.perf_counter
         query_log = server.query_log
+        for _ in range(self.BATCH):
+            try:
+                data, addr = recvfrom(_MAX_QUERY)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. ICMP errors reported on the socket
+                log.debug("dns: UDP receive error: %s", exc)
+                continue
+            started = perf_counter()
+            try:
+                result = answer(data)
+            except Exception:  # never let one packet stop the server
+                log.exception("dns: unexpected error answering a packet from %s", addr)
+                stats.count(stats.dropped, "internal_error")
+                continue
+            if result is None:
+                continue
+            if type(result) is bytes:
+                try:
+                    sendto(result, addr)
+                except OSError:
+                    stats.count(stats.dropped, "send_failed")
+                    continue
+                elapsed = perf_counter() - started
+                buckets[bisect_left(DURATION_BUCKETS, elapsed)] += 1
+                spent += elapsed
+                if query_log:
+                    _log_query(addr, data, result, started)
+                continue
+            assert isinstance(result, _Pending)
+            server._spawn(result, self._replier(addr, data, started))
+        histogram.total += spent
+
+    def _replier(self, addr: Any, data: bytes, started: float) -> Callable[[bytes], None]:
+        server = self.server
 
         def reply(response: bytes) -> None:
-            transport.sendto(response, addr)
-            if query_log:
+            try:
+                self.sock.sendto(response, addr)
+            except OSError:
+                server.stats.count(server.stats.dropped, "send_failed")
+                return
+            if server.query_log:
                 _log_query(addr, data, response, started)
 
-        server._spawn(result, reply)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("dns: UDP error: %s", exc)
+        return reply
 
 
 def _log_query(

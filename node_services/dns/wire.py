@@ -61,6 +61,7 @@ QNAME_POINTER: Final = b"\xc0\x0c"
 """A compression pointer to the question's name (offset 12): owner of every direct answer."""
 
 HEADER: Final = struct.Struct("!HHHHHH")
+HEAD: Final = struct.Struct("!HHHHH")  # a header without its ID
 RR_FIXED: Final = struct.Struct("!HHIH")
 _TYPE_CLASS: Final = struct.Struct("!HH")
 

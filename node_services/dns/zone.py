@@ -58,6 +58,37 @@ class Answer:
     body: bytes
     ends: tuple[int, ...]  # end offset in body of each answer record (for truncation)
     chase: str = ""  # ExternalName target to resolve for address queries ("" = none)
+    heads: tuple[bytes, ...] = ()
+    """Header bytes 2-11 (flags and counts) for each client variant, indexed by
+    RD | CD << 1 | EDNS << 2: a response is ID + heads[i] + the client's question + body."""
+
+
+def make_answer(
+    flags: int,
+    ancount: int,
+    nscount: int,
+    arcount: int,
+    body: bytes,
+    ends: tuple[int, ...],
+    *,
+    ra: int,
+    chase: str = "",
+) -> Answer:
+    heads = tuple(
+        wire.HEAD.pack(
+            wire.QR
+            | flags
+            | ra
+            | (wire.RD if variant & 1 else 0)
+            | (wire.CD if variant & 2 else 0),
+            1,
+            ancount,
+            nscount,
+            arcount + (1 if variant & 4 else 0),
+        )
+        for variant in range(8)
+    )
+    return Answer(flags, ancount, nscount, arcount, body, ends, chase, heads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +100,9 @@ class ZoneInfo:
     nxdomain: Answer
 
 
-def _negative(zone: str, zone_wire: bytes, rcode: int, ttl: int, serial: int) -> Answer:
+def _negative(zone: str, zone_wire: bytes, rcode: int, ttl: int, serial: int, ra: int) -> Answer:
     soa = wire.rr(zone_wire, wire.SOA, ttl, wire.rdata_soa(zone, serial, ttl))
-    return Answer(wire.AA | rcode, 0, 1, 0, soa, ())
+    return make_answer(wire.AA | rcode, 0, 1, 0, soa, (), ra=ra)
 
 
 def dashed(ip: str) -> str:
@@ -132,6 +163,7 @@ class Zone:
         self.pod_records = pod_records
         self.metadata_ip = metadata_ip
         self.forwarding = forwarding
+        self.ra = wire.RA if forwarding else 0
         self.serial = int(time.time())
         self.ready = False
         self.version = 0
@@ -162,8 +194,8 @@ class Zone:
             name,
             zone_wire,
             authoritative,
-            _negative(name, zone_wire, wire.NOERROR, self.ttl, self.serial),
-            _negative(name, zone_wire, wire.NXDOMAIN, self.ttl, self.serial),
+            _negative(name, zone_wire, wire.NOERROR, self.ttl, self.serial, self.ra),
+            _negative(name, zone_wire, wire.NXDOMAIN, self.ttl, self.serial, self.ra),
         )
 
     # -- queries ---------------------------------------------------------------------------
@@ -175,6 +207,22 @@ class Zone:
             start = size - len(zone.wire)
             if start >= 0 and lname.endswith(zone.wire) and start in offsets:
                 return zone
+        return None
+
+    def zone_for(self, lname: bytes) -> ZoneInfo | None:
+        """Like :meth:`zone_of` for a name not yet checked: None also when the name is not a
+        well-formed wire name ending exactly at its end."""
+        for zone in self.zones:
+            if lname.endswith(zone.wire):
+                start = len(lname) - len(zone.wire)
+                pos = 0
+                while pos < start:
+                    length = lname[pos]
+                    if length > 63:
+                        return None
+                    pos += 1 + length
+                if pos == start:
+                    return zone
         return None
 
     def miss(self, lname: bytes, offsets: tuple[int, ...], qtype: int) -> Answer | None:
@@ -207,7 +255,7 @@ class Zone:
         rtype, rdata = _address(ip)
         if qtype == rtype or qtype == wire.ANY:
             record = wire.rr(wire.QNAME_POINTER, rtype, self.ttl, rdata)
-            return Answer(wire.AA, 1, 0, 0, record, (len(record),))
+            return make_answer(wire.AA, 1, 0, 0, record, (len(record),), ra=self.ra)
         return self._cluster.nodata
 
     def rdatas(self, name: str) -> frozenset[RData]:
@@ -390,8 +438,8 @@ class Zone:
             target = wire.decode_name(sorted(cnames)[0])
             plain = self._positive(wire.CNAME, sorted(cnames)[:1])
             node[wire.CNAME] = plain
-            node[ANY_TYPE] = Answer(
-                plain.flags, plain.ancount, 0, 0, plain.body, plain.ends, chase=target
+            node[ANY_TYPE] = make_answer(
+                plain.flags, plain.ancount, 0, 0, plain.body, plain.ends, ra=self.ra, chase=target
             )
             return node
         for rtype, values in by_type.items():
@@ -408,7 +456,7 @@ class Zone:
         for rdata in rdatas:
             body += wire.rr(wire.QNAME_POINTER, rtype, self.ttl, rdata)
             ends.append(len(body))
-        return Answer(wire.AA, len(rdatas), 0, 0, bytes(body), tuple(ends))
+        return make_answer(wire.AA, len(rdatas), 0, 0, bytes(body), tuple(ends), ra=self.ra)
 
     # -- units -> names --------------------------------------------------------------------
 
