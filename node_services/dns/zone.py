@@ -42,7 +42,9 @@ _ANY_PREFERENCE: Final = (wire.A, wire.AAAA, wire.CNAME, wire.SRV, wire.PTR, wir
 
 Unit: TypeAlias = tuple[str, ...]
 RData: TypeAlias = tuple[int, bytes]
-Contribution: TypeAlias = dict[bytes, frozenset[RData]]
+RDatas: TypeAlias = tuple[RData, ...]
+"""A name's records, sorted: a tuple (a frozenset costs four times the memory)."""
+Contribution: TypeAlias = dict[bytes, RDatas]
 
 _STATIC: Final[Unit] = ("static",)
 
@@ -63,6 +65,12 @@ class Answer:
     RD | CD << 1 | EDNS << 2: a response is ID + heads[i] + the client's question + body."""
 
 
+_ENDS: dict[tuple[int, ...], tuple[int, ...]] = {}
+"""Interned short record-end tuples (most answers hold one or two records)."""
+_HEADS: dict[tuple[int, int, int, int, int], tuple[bytes, ...]] = {}
+"""Interned header variants: thousands of answers share a few (flags, counts) shapes."""
+
+
 def make_answer(
     flags: int,
     ancount: int,
@@ -74,7 +82,15 @@ def make_answer(
     ra: int,
     chase: str = "",
 ) -> Answer:
-    heads = tuple(
+    shape = (flags, ancount, nscount, arcount, ra)
+    heads = _HEADS.get(shape)
+    if heads is None:
+        heads = _HEADS[shape] = _make_heads(flags, ancount, nscount, arcount, ra)
+    return Answer(flags, ancount, nscount, arcount, body, ends, chase, heads)
+
+
+def _make_heads(flags: int, ancount: int, nscount: int, arcount: int, ra: int) -> tuple[bytes, ...]:
+    return tuple(
         wire.HEAD.pack(
             wire.QR
             | flags
@@ -88,7 +104,6 @@ def make_answer(
         )
         for variant in range(8)
     )
-    return Answer(flags, ancount, nscount, arcount, body, ends, chase, heads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +155,7 @@ class _Builder:
         out: Contribution = {}
         for name, rdatas in self.names.items():
             try:
-                out[wire.encode_name(name)] = frozenset(rdatas)
+                out[wire.encode_name(name)] = tuple(sorted(rdatas))
             except wire.NameError_ as exc:
                 log.warning("dns: %s: skipping a name: %s", "/".join(unit), exc)
         return out
@@ -180,10 +195,10 @@ class Zone:
         self._cluster = self.zones[0]
         self._pod_suffix = wire.encode_name("pod." + self.domain)
         self._unit_out: dict[Unit, Contribution] = {}
-        self._name_units: dict[bytes, set[Unit]] = {}
+        self._name_units: dict[bytes, tuple[Unit, ...]] = {}
         self._ent_refs: dict[bytes, int] = {}
         self._exists: set[bytes] = set()
-        self._key_units: dict[str, frozenset[Unit]] = {}
+        self._key_units: dict[str, tuple[Unit, ...]] = {}
         self._subdomains: dict[tuple[str, str], set[str]] = {}
         self._pod_subdomain: dict[str, tuple[str, str]] = {}
         self._dependents: dict[str, set[Unit]] = {}
@@ -258,12 +273,12 @@ class Zone:
             return make_answer(wire.AA, 1, 0, 0, record, (len(record),), ra=self.ra)
         return self._cluster.nodata
 
-    def rdatas(self, name: str) -> frozenset[RData]:
+    def rdatas(self, name: str) -> RDatas:
         """The merged records of a name (for CNAME chasing and tests)."""
         try:
             key = wire.encode_name(name)
         except wire.NameError_:
-            return frozenset()
+            return ()
         return self._merged(key)
 
     # -- building --------------------------------------------------------------------------
@@ -281,13 +296,13 @@ class Zone:
             keys = changes.keys
         units: set[Unit] = {_STATIC} if changes.full else set()
         for key in keys:
-            units |= self._key_units.pop(key, frozenset())
+            units.update(self._key_units.pop(key, ()))
             record = snapshot.get(key)
             self._index(key, record)
-            new = self._units_of(record) if record is not None else frozenset()
+            new = self._units_of(record) if record is not None else ()
             if new:
                 self._key_units[key] = new
-            units |= new
+            units.update(new)
         for unit in list(units):
             if unit[0] == "cattle":
                 units |= self._dependents.get(unit[1], set())
@@ -333,33 +348,31 @@ class Zone:
             self._pod_subdomain[key] = where
             self._subdomains.setdefault(where, set()).add(key)
 
-    def _units_of(self, record: Record) -> frozenset[Unit]:
+    def _units_of(self, record: Record) -> tuple[Unit, ...]:
         key = record.key
         if key.startswith(K8S):
             if isinstance(record, Service):
-                return frozenset({("k8s", record.namespace, record.name)})
+                return (("k8s", record.namespace, record.name),)
             if isinstance(record, Endpoints):
-                return frozenset({("k8s", record.namespace, record.service)})
+                return (("k8s", record.namespace, record.service),)
             if isinstance(record, Stack):
-                return frozenset({("ns", record.name)})
+                return (("ns", record.name),)
             if isinstance(record, Workload):
-                units: set[Unit] = set()
+                units: list[Unit] = []
                 if self.pod_records == "verified" and not record.host_network:
-                    units.add(("pod", key))
+                    units.append(("pod", key))
                 if record.subdomain and record.hostname:
-                    units.add(("k8s", record.namespace, record.subdomain))
-                return frozenset(units)
-            return frozenset()
+                    units.append(("k8s", record.namespace, record.subdomain))
+                return tuple(units)
+            return ()
         if key.startswith(CATTLE):
             if isinstance(record, Service):
-                return frozenset({("cattle", key)})
+                return (("cattle", key),)
             if isinstance(record, Endpoints):
-                return frozenset({("cattle", record.service_key)})
+                return (("cattle", record.service_key),)
             if isinstance(record, Workload):
-                return frozenset(
-                    {("ct", key), *(("cattle", service) for service in record.service_keys)}
-                )
-        return frozenset()
+                return (("ct", key), *(("cattle", service) for service in record.service_keys))
+        return ()
 
     def _rebuild(self, units: Iterable[Unit], snapshot: Snapshot) -> None:
         touched: set[bytes] = set()
@@ -373,30 +386,33 @@ class Zone:
             if new:
                 self._unit_out[unit] = new
             for name in old.keys() - new.keys():
-                holders = self._name_units.get(name)
-                if holders is not None:
-                    holders.discard(unit)
-                    if not holders:
+                holders = self._name_units.get(name, ())
+                if unit in holders:
+                    rest = tuple(u for u in holders if u != unit)
+                    if rest:
+                        self._name_units[name] = rest
+                    else:
                         del self._name_units[name]
                 touched.add(name)
             for name, rdatas in new.items():
                 if old.get(name) != rdatas:
                     touched.add(name)
-                self._name_units.setdefault(name, set()).add(unit)
+                holders = self._name_units.get(name, ())
+                if unit not in holders:
+                    self._name_units[name] = (*holders, unit)
         for name in touched:
             self._refresh(name)
 
-    def _merged(self, name: bytes) -> frozenset[RData]:
+    def _merged(self, name: bytes) -> RDatas:
         units = self._name_units.get(name)
         if not units:
-            return frozenset()
+            return ()
         if len(units) == 1:
-            (unit,) = units
-            return self._unit_out[unit][name]
+            return self._unit_out[units[0]][name]
         merged: set[RData] = set()
         for unit in units:
-            merged |= self._unit_out[unit][name]
-        return frozenset(merged)
+            merged.update(self._unit_out[unit][name])
+        return tuple(sorted(merged))
 
     def _refresh(self, name: bytes) -> None:
         exists = name in self._name_units
@@ -420,7 +436,7 @@ class Zone:
                         self._set_node(parent, zone, None)
         self._set_node(name, zone, self._merged(name) if exists else None)
 
-    def _set_node(self, name: bytes, zone: ZoneInfo, rdatas: frozenset[RData] | None) -> None:
+    def _set_node(self, name: bytes, zone: ZoneInfo, rdatas: RDatas | None) -> None:
         if rdatas is not None:
             self.nodes[name] = self._node(name, zone, rdatas)
         elif (name == zone.wire and zone.authoritative) or self._ent_refs.get(name, 0) > 0:
@@ -428,7 +444,7 @@ class Zone:
         else:
             self.nodes.pop(name, None)
 
-    def _node(self, name: bytes, zone: ZoneInfo, rdatas: frozenset[RData]) -> dict[int, Answer]:
+    def _node(self, name: bytes, zone: ZoneInfo, rdatas: RDatas) -> dict[int, Answer]:
         by_type: dict[int, list[bytes]] = {}
         for rtype, rdata in rdatas:
             by_type.setdefault(rtype, []).append(rdata)
@@ -456,7 +472,9 @@ class Zone:
         for rdata in rdatas:
             body += wire.rr(wire.QNAME_POINTER, rtype, self.ttl, rdata)
             ends.append(len(body))
-        return make_answer(wire.AA, len(rdatas), 0, 0, bytes(body), tuple(ends), ra=self.ra)
+        shared = tuple(ends)
+        shared = _ENDS.setdefault(shared, shared) if len(shared) < 3 else shared
+        return make_answer(wire.AA, len(rdatas), 0, 0, bytes(body), shared, ra=self.ra)
 
     # -- units -> names --------------------------------------------------------------------
 
