@@ -34,6 +34,7 @@ TCP_IDLE_TIMEOUT: Final = 10.0
 MAX_TCP_CLIENTS: Final = 256
 _REFUSED_TYPES: Final = frozenset({251, 252})  # IXFR, AXFR: no zone transfers
 _OPT: Final = wire.opt_record()
+_ONE_QUESTION: Final = b"\x00\x01\x00\x00\x00\x00\x00"  # QD=1, AN=0, NS=0, AR<256
 _MAX_QUERY: Final = 4096  # bytes read per datagram: far above any sane query
 
 
@@ -74,6 +75,8 @@ class DnsServer:
         self._local = self.stats.duration.setdefault("local", Histogram())
         self._forwarded = self.stats.duration.setdefault("forward", Histogram())
         self.sockname: tuple[Any, ...] | None = None
+        self._requests = self.stats.requests
+        self._responses = self.stats.responses
 
     # -- keeping the zone current ----------------------------------------------------------
 
@@ -196,7 +199,7 @@ class DnsServer:
         # Fast path: a standard query with one question (and at most an OPT record) for a
         # name we hold or an NXDOMAIN in our zones, that fits. Anything else: _answer.
         size = len(data)
-        if size < 17 or data[2] & 0xF8 or data[4:10] != b"\x00\x01\x00\x00\x00\x00" or data[10]:
+        if size < 17 or data[2] & 0xF8 or data[4:11] != _ONE_QUESTION:
             return self._answer(data, tcp)
         end = data.find(0, 12)
         qend = end + 5
@@ -239,10 +242,10 @@ class DnsServer:
             answer = found.nxdomain
         if not zone.ready or qend + len(answer.body) + len(opt) > limit or qtype in _REFUSED_TYPES:
             return self._answer(data, tcp)
-        self.stats.requests[tcp][qtype] += 1
-        self.stats.responses[answer.flags & 0xF] += 1
+        self._requests[tcp][qtype] += 1
+        self._responses[answer.flags & 0xF] += 1
         variant |= (data[2] & 1) | (data[3] >> 3 & 2)
-        return data[:2] + answer.heads[variant] + data[12:qend] + answer.body + opt
+        return b"".join((data[:2], answer.heads[variant], data[12:qend], answer.body, opt))
 
     def _answer(self, data: bytes, tcp: bool) -> bytes | _Pending | None:
         """The general path: every check, every rcode."""
