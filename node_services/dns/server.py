@@ -131,10 +131,12 @@ class DnsServer:
                 self._tcp = await asyncio.start_server(
                     self._serve_tcp, host, sockname[1], reuse_address=True
                 )
-            except OSError:
+            except OSError as exc:
                 sock.close()
                 if attempt == 19 or port != 0:
-                    raise
+                    raise OSError(
+                        exc.errno, f"dns: cannot listen on {host}:{port}: {exc.strerror}"
+                    ) from exc
                 continue  # port 0: the UDP port we got is taken for TCP; try another
             self._udp = _UdpSocket(self, sock)
             loop.add_reader(sock.fileno(), self._udp.on_readable)

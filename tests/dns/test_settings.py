@@ -73,3 +73,39 @@ def test_build_registers_metrics_and_sets_forwarding() -> None:
     server = build_dns(settings, Store(), registry)
     assert server.forwarder is not None and server.zone.forwarding
     assert registry.get_sample_value("node_services_dns_cache_entries") == 0
+
+
+def test_busy_dns_address_stops_start_with_the_address_named() -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from helpers import free_port
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "node_services",
+                "run",
+                "--node-name",
+                "n",
+                "--dns-listen",
+                f"127.0.0.1:{port}",
+                "--admin-listen",
+                f"127.0.0.1:{free_port()}",
+                "--metadata-listen",
+                f"127.0.0.1:{free_port()}",
+                "--upstream",
+                "127.0.0.1:1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert f"dns: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
