@@ -9,9 +9,12 @@ RUN_DNS ?= 127.0.0.1:5353
 RUN_METADATA ?= 127.0.0.1:8080
 RUN_ADMIN ?= 127.0.0.1:9254
 RUN_SNAPSHOT ?= demo/snapshot.yaml
+# No real upstream DNS: names outside the cluster zones get SERVFAIL at once (nothing listens
+# on 127.0.0.1:1), so `make run` never sends a query off this machine.
+RUN_UPSTREAM ?= 127.0.0.1:1
 
 # Debian tools the tests use (installed when root; tests skip with a reason without them).
-DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2 openssl wrk containernetworking-plugins iputils-ping
+DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2 openssl wrk containernetworking-plugins iputils-ping dnsperf dnsmasq-base
 # kubectl proves the test Kubernetes API server faithful; Debian ships it in kubernetes-client
 # (installed only when no kubectl is on PATH: other kubectl packages own the same file).
 KUBECTL_PACKAGE ?= kubernetes-client
@@ -28,11 +31,12 @@ run: $(STAMP)
 	@echo "node-services on loopback with $(RUN_SNAPSHOT). Try, in another shell:"
 	@echo "  curl -s http://$(RUN_ADMIN)/readyz"
 	@echo "  curl -s http://$(RUN_ADMIN)/metrics | grep ^node_services_"
-	@echo "  dig @$(firstword $(subst :, ,$(RUN_DNS))) -p $(lastword $(subst :, ,$(RUN_DNS))) frontend.shop.svc.cluster.local   (once the DNS server lands)"
+	@echo "  dig @$(firstword $(subst :, ,$(RUN_DNS))) -p $(lastword $(subst :, ,$(RUN_DNS))) frontend.shop.svc.cluster.local"
 	@echo "  curl -s http://$(RUN_METADATA)/latest/services ; curl -s http://$(RUN_METADATA)/latest/self/host/name"
 	@echo "  kill -HUP <pid> reloads the snapshot; Ctrl-C stops."
 	$(BIN)/node-services run --snapshot $(RUN_SNAPSHOT) --node-name node-a \
-		--dns-listen $(RUN_DNS) --metadata-listen $(RUN_METADATA) --admin-listen $(RUN_ADMIN)
+		--dns-listen $(RUN_DNS) --metadata-listen $(RUN_METADATA) --admin-listen $(RUN_ADMIN) \
+		--upstream $(RUN_UPSTREAM)
 
 test-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

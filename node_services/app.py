@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from node_services.admin import make_admin_app, readiness_problems
 from node_services.config import ConfigError, Settings
+from node_services.dns.server import DnsServer
+from node_services.dns.service import build_dns
 from node_services.ipam.reconcile import IPAMReconciler
 from node_services.metadata.app import (
     MetadataConfig,
@@ -90,6 +92,7 @@ class Daemon:
     """Every metric of this daemon; services register theirs, /metrics serves it."""
     kube: KubeSource | None = None
     """The Kubernetes list/watch source, when a kubeconfig is set or we run in a pod."""
+    dns: DnsServer | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
     metadata: MetadataServer | None = None
@@ -176,6 +179,14 @@ class Daemon:
                 self.settings.ipam_leak_grace,
             )
         # --- end IPAM
+        # --- DNS (issue 3): answers from the store on dns_listen (UDP + TCP), forwards the
+        # rest; metrics on self.registry; the zone follows the store's change sets.
+        self.dns = build_dns(self.settings, self.store, self.registry)
+        dns_listen = self.settings.dns_listen
+        await self.dns.start(dns_listen.host, dns_listen.port)
+        self.supervisor.start("dns", self.dns.follow_store)
+        log.info("dns listening on %s (udp, tcp)", dns_listen)
+        # --- end DNS
 
     async def reload(self) -> None:
         """SIGHUP: re-read every snapshot file now."""
@@ -189,6 +200,8 @@ class Daemon:
         await self.supervisor.stop()
         if self.metadata is not None:  # metadata service (issue 5)
             await self.metadata.stop()
+        if self.dns is not None:  # DNS (issue 3)
+            await self.dns.stop()
         if self._runner is not None:
             await self._runner.cleanup()
 

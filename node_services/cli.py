@@ -32,6 +32,10 @@ _FLAG_FIELDS = {
     "dns_ttl": "dns_ttl",
     "upstreams": "upstreams",
     "pod_records": "pod_records",
+    "dns_query_log": "dns_query_log",
+    "dns_forward_timeout": "dns_forward_timeout",
+    "dns_cache_size": "dns_cache_size",
+    "dns_max_forwards": "dns_max_forwards",
     "kubeconfig": "kubeconfig",
     "ipam_dir": "ipam_dir",
     "overlay": "overlay",
@@ -72,6 +76,26 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         help="upstream DNS server (repeatable)",
     )
     flag("--pod-records", key="pod_records", choices=POD_RECORDS, help="pod A records")
+    flag(
+        "--dns-query-log",
+        key="dns_query_log",
+        action="store_const",
+        const="true",
+        help="log every DNS query",
+    )
+    flag(
+        "--dns-forward-timeout",
+        key="dns_forward_timeout",
+        metavar="SECONDS",
+        help="time to wait for one upstream",
+    )
+    flag("--dns-cache-size", key="dns_cache_size", metavar="N", help="forward cache entries")
+    flag(
+        "--dns-max-forwards",
+        key="dns_max_forwards",
+        metavar="N",
+        help="concurrent forwarded queries (REFUSED beyond)",
+    )
     flag(
         "--kubeconfig",
         key="kubeconfig",

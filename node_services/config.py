@@ -77,6 +77,23 @@ class Settings:
     """Pod A records `a-b-c-d.<ns>.pod.<zone>`: disabled, insecure (any well-formed name),
     verified (only IPs of known pods in that namespace)."""
 
+    dns_query_log: bool = False
+    """Log every DNS query (client, name, type, rcode, answers, milliseconds) at info level
+    on the node_services.dns.query logger."""
+
+    dns_forward_timeout: float = 2.0
+    """Seconds to wait for one upstream before trying the next (SERVFAIL when all time out)."""
+
+    dns_cache_size: int = 10000
+    """Responses the forward cache holds (least recently used go first); 0 disables it."""
+
+    dns_negative_ttl_cap: int = 300
+    """Longest time in seconds a negative upstream answer is cached (RFC 2308: the SOA
+    minimum, capped by this)."""
+
+    dns_max_forwards: int = 1000
+    """Forwarded queries waiting for upstreams at once; more are answered REFUSED."""
+
     metadata_listen: Address = field(default_factory=lambda: Address("169.254.169.250", 80))
     """HTTP address of the metadata service (the Rancher metadata address by default)."""
 
@@ -160,7 +177,10 @@ def env_name(key: str) -> str:
     return _ENV_NAMES.get(key, "NODE_SERVICES_" + key.upper())
 
 
-_BOOLEANS: Final = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+_BOOLEANS: Final = {
+    **dict.fromkeys(("true", "yes", "on", "1"), True),
+    **dict.fromkeys(("false", "no", "off", "0", ""), False),
+}
 
 _DOMAIN_RE: Final = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
 
@@ -227,7 +247,7 @@ def _convert(key: str, value: Any) -> Any:
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or CIDR") from None
         return tuple(networks)
-    if key == "metadata_access_log":
+    if key in ("metadata_access_log", "dns_query_log"):
         if isinstance(value, bool):
             return value
         flag = str(value).strip().lower()
@@ -257,12 +277,21 @@ def _convert(key: str, value: Any) -> Any:
         if not 0 <= ttl <= 2147483647:
             raise ValueError(f"{ttl} is out of range")
         return ttl
-    if key == "kube_read_timeout":
+    if key in ("dns_cache_size", "dns_negative_ttl_cap", "dns_max_forwards"):
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise ValueError(f"{value!r} is not a whole number")
+        number = int(value)
+        if key == "dns_max_forwards" and number < 1:
+            raise ValueError("must be at least 1")
+        return number
+    if key in ("dns_forward_timeout", "kube_read_timeout"):
         try:
             seconds = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{value!r} is not a number of seconds") from None
-        if seconds <= 0:
+        if key == "dns_forward_timeout" and not 0 < seconds <= 60:
+            raise ValueError("must be more than 0 and at most 60 seconds")
+        if not seconds > 0:
             raise ValueError("must be more than 0")
         return seconds
     if key == "kube_page_size":

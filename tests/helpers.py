@@ -41,6 +41,7 @@ class DaemonProcess:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     admin_port: int = field(default_factory=free_port)
+    dns_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -56,7 +57,7 @@ class DaemonProcess:
             "--admin-listen",
             f"127.0.0.1:{self.admin_port}",
             "--dns-listen",
-            f"127.0.0.1:{free_port()}",
+            f"127.0.0.1:{self.dns_port}",
             "--metadata-listen",
             f"127.0.0.1:{free_port()}",
             "--node-name",

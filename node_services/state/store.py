@@ -160,24 +160,31 @@ class Subscription:
     _event: asyncio.Event = field(default_factory=asyncio.Event)
     _first: bool = True
     _closed: bool = False
+    _seen_version: int = -1
 
     def _notify(self, keys: Iterable[str]) -> None:
         self._pending.update(keys)
         self._event.set()
 
     def poll(self) -> ChangeSet | None:
-        """The pending change set, or None when nothing changed since the last read."""
+        """The pending change set, or None when the store has not changed since the last read.
+
+        A change that touched no record (a source's synced flag) comes as an empty ``keys``."""
+        snapshot = self._store.snapshot
+        self._event.clear()
+        if self._closed:
+            return None
         if self._first:
             self._first = False
             self._pending.clear()
-            self._event.clear()
-            return ChangeSet(self._store.snapshot, frozenset(), full=True)
-        if not self._pending:
+            self._seen_version = snapshot.version
+            return ChangeSet(snapshot, frozenset(), full=True)
+        if not self._pending and snapshot.version == self._seen_version:
             return None
         keys = frozenset(self._pending)
         self._pending.clear()
-        self._event.clear()
-        return ChangeSet(self._store.snapshot, keys)
+        self._seen_version = snapshot.version
+        return ChangeSet(snapshot, keys)
 
     async def next(self) -> ChangeSet:
         """Wait for and return the next change set."""

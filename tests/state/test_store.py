@@ -259,3 +259,20 @@ async def test_subscription_reports_changed_keys_coalesced() -> None:
     subscription.close()
     store.apply("s", [service("x", "10.43.0.3")])
     assert subscription.poll() is None
+
+
+async def test_a_sync_only_change_is_reported_once_with_no_keys_and_next_then_waits() -> None:
+    store = Store()
+    store.register("a")
+    subscription = store.subscribe()
+    assert (await subscription.next()).full
+    store.mark_synced("a")
+    changes = await asyncio.wait_for(subscription.next(), 1)
+    assert changes.keys == frozenset()
+    assert changes.snapshot.all_synced
+    # nothing else changed: next() must park, not spin
+    waiter = asyncio.create_task(subscription.next())
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    store.replace("a", [service("web")])
+    assert (await asyncio.wait_for(waiter, 1)).keys == {"k8s:Service/default/web"}

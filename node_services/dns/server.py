@@ -1,0 +1,532 @@
+"""The DNS server: UDP and TCP transports around one synchronous answer function.
+
+:meth:`DnsServer.answer` is the hot path: parse header + question (+ OPT), look the lowercased
+name up in the zone's prebuilt answers, and glue header + the client's own question bytes (its
+case echoed) + the prebuilt tail (+ our OPT). Only forwarded queries and ExternalName chasing
+leave that path for a coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import socket
+import time
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import dnslib
+
+from node_services.dns import wire
+from node_services.dns.forward import Forwarder, UpstreamError
+from node_services.dns.metrics import DURATION_BUCKETS, DnsStats, Histogram
+from node_services.dns.zone import ANY_TYPE, Answer, Zone
+from node_services.state.store import Snapshot, Store, Subscription
+
+log = logging.getLogger(__name__)
+querylog = logging.getLogger("node_services.dns.query")
+
+TCP_IDLE_TIMEOUT: Final = 10.0
+MAX_TCP_CLIENTS: Final = 256
+_REFUSED_TYPES: Final = frozenset({251, 252})  # IXFR, AXFR: no zone transfers
+_OPT: Final = wire.opt_record()
+_ONE_QUESTION: Final = b"\x00\x01\x00\x00\x00\x00\x00"  # QD=1, AN=0, NS=0, AR<256
+_MAX_QUERY: Final = 4096  # bytes read per datagram: far above any sane query
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A query that needs a coroutine: forwarding, or chasing an ExternalName target."""
+
+    query: wire.Query
+    data: bytes
+    tcp: bool
+    chase: Answer | None = None
+
+
+class DnsServer:
+    """Answers from a :class:`Zone` kept current from the store; forwards the rest."""
+
+    def __init__(
+        self,
+        store: Store,
+        zone: Zone,
+        *,
+        stats: DnsStats | None = None,
+        forwarder: Forwarder | None = None,
+        query_log: bool = False,
+    ) -> None:
+        self.store = store
+        self.zone = zone
+        self.stats = stats if stats is not None else DnsStats()
+        self.forwarder = forwarder
+        self.query_log = query_log
+        self._ra = wire.RA if forwarder is not None else 0
+        self._subscription: Subscription | None = None
+        self._seen: Snapshot | None = None
+        self._udp: _UdpSocket | None = None
+        self._tcp: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tcp_clients = 0
+        self._local = self.stats.duration.setdefault("local", Histogram())
+        self._forwarded = self.stats.duration.setdefault("forward", Histogram())
+        self.sockname: tuple[Any, ...] | None = None
+        self._requests = self.stats.requests
+        self._responses = self.stats.responses
+
+    # -- keeping the zone current ----------------------------------------------------------
+
+    def catch_up(self) -> None:
+        """Apply the store's pending changes (cheap when there are none)."""
+        if self._subscription is None:
+            self._subscription = self.store.subscribe()
+        changes = self._subscription.poll()
+        if changes is not None:
+            started = time.perf_counter()
+            units = self.zone.apply(changes)
+            self.stats.zone_rebuilds += 1
+            self.stats.zone_units_rebuilt += units
+            self.stats.zone_names = len(self.zone.nodes)
+            if changes.full or units > 1000:
+                # The zone is a large heap of acyclic, long-lived objects: move it out of the
+                # cyclic collector's sight, so per-query garbage collections stay cheap.
+                gc.freeze()
+            if changes.full or units > 100:
+                log.info(
+                    "dns: built %d units (%d names) for store version %d in %.3f s",
+                    units,
+                    len(self.zone.nodes),
+                    changes.snapshot.version,
+                    time.perf_counter() - started,
+                )
+        snapshot = self.store.snapshot
+        self.zone.ready = snapshot.all_synced
+        self._seen = snapshot
+
+    async def follow_store(self) -> None:
+        """Run forever: rebuild changed names whenever the store publishes a new version."""
+        while True:
+            seen = self._seen
+            await self.store.wait_for_change(seen.version if seen else -1, timeout=60)
+            self.catch_up()
+
+    # -- transports ------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> None:
+        """Bind UDP and TCP on ``host:port`` (port 0 picks one; see :attr:`sockname`)."""
+        self.catch_up()
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for attempt in range(20 if port == 0 else 1):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                sock.bind((host, port))
+                sock.setblocking(False)
+                sockname = sock.getsockname()
+                self._tcp = await asyncio.start_server(
+                    self._serve_tcp, host, sockname[1], reuse_address=True
+                )
+            except OSError as exc:
+                sock.close()
+                if attempt == 19 or port != 0:
+                    raise OSError(
+                        exc.errno, f"dns: cannot listen on {host}:{port}: {exc.strerror}"
+                    ) from exc
+                continue  # port 0: the UDP port we got is taken for TCP; try another
+            self._udp = _UdpSocket(self, sock)
+            loop.add_reader(sock.fileno(), self._udp.on_readable)
+            self.sockname = sockname
+            return
+
+    async def stop(self) -> None:
+        if self._udp is not None:
+            asyncio.get_running_loop().remove_reader(self._udp.sock.fileno())
+            self._udp.sock.close()
+            self._udp = None
+        if self._tcp is not None:
+            self._tcp.close()
+            with contextlib.suppress(Exception):
+                await self._tcp.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._subscription is not None:
+            self._subscription.close()
+
+    def _spawn(self, pending: _Pending, reply: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._slow(pending, reply))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tcp_clients >= MAX_TCP_CLIENTS:
+            self.stats.count(self.stats.dropped, "tcp_busy")
+            writer.close()
+            return
+        self._tcp_clients += 1
+        try:
+            while True:
+                async with asyncio.timeout(TCP_IDLE_TIMEOUT):
+                    size = int.from_bytes(await reader.readexactly(2), "big")
+                    data = await reader.readexactly(size)
+                started = time.perf_counter()
+                result = self.answer(data, tcp=True)
+                if isinstance(result, _Pending):
+                    result = await self._resolve(result)
+                elif result is not None:
+                    self._local.observe(time.perf_counter() - started)
+                if result is None:
+                    break  # a packet we cannot answer: close the connection
+                writer.write(len(result).to_bytes(2, "big") + result)
+                if self.query_log:
+                    _log_query(writer.get_extra_info("peername"), data, result, started, "tcp")
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("dns: TCP client failed")
+        finally:
+            self._tcp_clients -= 1
+            writer.close()
+
+    # -- the answer function ---------------------------------------------------------------
+
+    def answer(self, data: bytes, *, tcp: bool = False) -> bytes | _Pending | None:
+        """The response to one packet, a pending slow-path query, or None to drop it."""
+        # Fast path: a standard query with one question (and at most an OPT record) for a
+        # name we hold or an NXDOMAIN in our zones, that fits. Anything else: _answer.
+        size = len(data)
+        if size < 17 or data[2] & 0xF8 or data[4:11] != _ONE_QUESTION:
+            return self._answer(data, tcp)
+        end = data.find(0, 12)
+        qend = end + 5
+        if end < 13 or qend > size or data[end + 3 : qend] != b"\x00\x01":
+            return self._answer(data, tcp)
+        arcount = data[11]
+        if arcount == 0 and size == qend:
+            variant = 0
+            limit = 65535 if tcp else 512
+            opt = b""
+        elif (
+            arcount == 1
+            and size >= qend + 11
+            and data[qend : qend + 3] == b"\x00\x00\x29"
+            and data[qend + 6] == 0  # EDNS version 0
+        ):
+            variant = 4
+            limit = 65535 if tcp else max(512, data[qend + 3] << 8 | data[qend + 4])
+            opt = _OPT
+        else:
+            return self._answer(data, tcp)
+        if self.store.snapshot is not self._seen:
+            self.catch_up()
+        zone = self.zone
+        lname = data[12 : end + 1].lower()
+        node = zone.nodes.get(lname)
+        qtype = data[end + 1] << 8 | data[end + 2]
+        if node is not None:
+            answer = node.get(qtype) or node[ANY_TYPE]
+            if answer.chase:
+                return self._answer(data, tcp)
+        else:
+            found = zone.zone_for(lname)
+            if (
+                found is None
+                or not found.authoritative
+                or (found is zone.zones[0] and zone.pod_records == "insecure")
+            ):
+                return self._answer(data, tcp)
+            answer = found.nxdomain
+        if not zone.ready or qend + len(answer.body) + len(opt) > limit or qtype in _REFUSED_TYPES:
+            return self._answer(data, tcp)
+        self._requests[tcp][qtype] += 1
+        self._responses[answer.flags & 0xF] += 1
+        variant |= (data[2] & 1) | (data[3] >> 3 & 2)
+        return b"".join((data[:2], answer.heads[variant], data[12:qend], answer.body, opt))
+
+    def _answer(self, data: bytes, tcp: bool) -> bytes | _Pending | None:
+        """The general path: every check, every rcode."""
+        try:
+            q = wire.parse_query(data)
+        except wire.Malformed as exc:
+            self.stats.count(self.stats.dropped, "malformed")
+            if exc.reply and len(data) >= 12:
+                return self._formerr(data)
+            return None
+        self.stats.requests[tcp][q.qtype] += 1
+        if self.store.snapshot is not self._seen:
+            self.catch_up()
+        if q.flags & 0x7800:  # opcode other than QUERY
+            return self._error(q, wire.NOTIMP)
+        if q.edns and q.edns_version:
+            return self._error(q, 0, ext_rcode=1)  # BADVERS
+        if q.qclass != wire.CLASS_IN or q.qtype in _REFUSED_TYPES:
+            return self._error(q, wire.NOTIMP if q.qtype in _REFUSED_TYPES else wire.REFUSED)
+        zone = self.zone
+        node = zone.nodes.get(q.lname)
+        if node is not None:
+            answer = node.get(q.qtype) or node[ANY_TYPE]
+        else:
+            found = zone.miss(q.lname, q.offsets, q.qtype)
+            if found is None:
+                if self.forwarder is None:
+                    return self._error(q, wire.REFUSED)
+                return _Pending(q, data, tcp)
+            answer = found
+        if not zone.ready:
+            return self._error(q, wire.SERVFAIL)
+        if answer.chase and q.qtype != wire.CNAME:
+            return _Pending(q, data, tcp, answer)
+        return self._respond(q, answer, tcp)
+
+    def _respond(self, q: wire.Query, answer: Answer, tcp: bool) -> bytes:
+        flags = wire.QR | answer.flags | (q.flags & (wire.RD | wire.CD)) | self._ra
+        opt = wire.opt_record() if q.edns else b""
+        question = q.question
+        body = answer.body
+        limit = 65535 if tcp else q.udp_size
+        if 12 + len(question) + len(body) + len(opt) <= limit:
+            self._count_rcode(answer.flags & 0xF)
+            return (
+                wire.HEADER.pack(
+                    q.qid, flags, 1, answer.ancount, answer.nscount, answer.arcount + bool(opt)
+                )
+                + question
+                + body
+                + opt
+            )
+        # Truncated: as many whole answer records as fit, TC=1; the client retries over TCP.
+        self.stats.truncated += 1
+        self._count_rcode(answer.flags & 0xF)
+        room = limit - 12 - len(question) - len(opt)
+        fit = bisect_right(answer.ends, room)
+        kept = body[: answer.ends[fit - 1]] if fit else b""
+        return (
+            wire.HEADER.pack(q.qid, flags | wire.TC, 1, fit, 0, int(bool(opt)))
+            + question
+            + kept
+            + opt
+        )
+
+    def _count_rcode(self, rcode: int) -> None:
+        self.stats.responses[rcode] += 1
+
+    def _error(self, q: wire.Query, rcode: int, *, ext_rcode: int = 0) -> bytes:
+        self._count_rcode(rcode if not ext_rcode else 16)
+        flags = wire.QR | (q.flags & (wire.RD | wire.CD)) | self._ra | rcode
+        opt = wire.opt_record(ext_rcode) if q.edns else b""
+        return wire.HEADER.pack(q.qid, flags, 1, 0, 0, int(bool(opt))) + q.question + opt
+
+    def _formerr(self, data: bytes) -> bytes:
+        self._count_rcode(wire.FORMERR)
+        flags = wire.QR | (int.from_bytes(data[2:4], "big") & (0x7800 | wire.RD)) | wire.FORMERR
+        return data[0:2] + flags.to_bytes(2, "big") + b"\x00" * 8
+
+    # -- the slow path ---------------------------------------------------------------------
+
+    async def _slow(self, pending: _Pending, reply: Any) -> None:
+        response = await self._resolve(pending)
+        if response is not None:
+            reply(response)
+
+    async def _resolve(self, pending: _Pending) -> bytes | None:
+        started = time.perf_counter()
+        q = pending.query
+        try:
+            if pending.chase is not None:
+                response = await self._chase(q, pending.chase, pending.tcp)
+            else:
+                response = await self._forward(pending)
+        except Exception:
+            log.exception("dns: failed to answer %s", _qname(q))
+            response = self._error(q, wire.SERVFAIL)
+        self._forwarded.observe(time.perf_counter() - started)
+        return response
+
+    async def _forward(self, pending: _Pending) -> bytes:
+        q = pending.query
+        forwarder = self.forwarder
+        assert forwarder is not None
+        if forwarder.is_own_query(q.qid, q.lname, q.qtype):
+            self.stats.loops += 1
+            log.error("dns: forwarding loop: %s came back to us; check the upstreams", _qname(q))
+            return self._error(q, wire.SERVFAIL)
+        cached = forwarder.cached(q)
+        if cached is not None:
+            self.stats.cache_hits += 1
+            response = cached
+        else:
+            if forwarder.overloaded():
+                self.stats.refused_overload += 1
+                return self._error(q, wire.REFUSED)
+            try:
+                response = await forwarder.resolve(q, pending.data)
+            except UpstreamError:
+                return self._error(q, wire.SERVFAIL)
+        limit = 65535 if pending.tcp else q.udp_size
+        if len(response) > limit:  # cached for a client with a bigger buffer
+            self.stats.truncated += 1
+            flags = int.from_bytes(response[2:4], "big") | wire.TC
+            opt = wire.opt_record() if q.edns else b""
+            response = wire.HEADER.pack(q.qid, flags, 1, 0, 0, int(bool(opt))) + q.question + opt
+        self._count_rcode(response[3] & 0xF)
+        return response
+
+    async def _chase(self, q: wire.Query, cname: Answer, tcp: bool) -> bytes:
+        """An ExternalName CNAME plus the target's records of the asked type: from our own
+        zone when the target is ours, else from the upstreams."""
+        target = cname.chase
+        qname = _qname(q)
+        reply = dnslib.DNSRecord(
+            dnslib.DNSHeader(
+                id=q.qid,
+                qr=1,
+                aa=1,
+                rd=int(bool(q.flags & wire.RD)),
+                ra=int(bool(self._ra)),
+            ),
+            q=dnslib.DNSQuestion(qname, q.qtype),
+        )
+        reply.add_answer(
+            dnslib.RR(qname, wire.CNAME, rdata=dnslib.CNAME(target), ttl=self.zone.ttl)
+        )
+        own = self.zone.rdatas(target)
+        if own:
+            for rtype, rdata in sorted(own):
+                if rtype == q.qtype:
+                    reply.add_answer(
+                        dnslib.RR(
+                            target,
+                            rtype,
+                            rdata=_rdata_from_wire(rtype, rdata),
+                            ttl=self.zone.ttl,
+                        )
+                    )
+        elif self.forwarder is not None and not self.forwarder.overloaded():
+            try:
+                raw = await self.forwarder.resolve_name(target, q.qtype)
+                upstream = dnslib.DNSRecord.parse(raw)
+                for record in upstream.rr:
+                    reply.add_answer(record)
+            except (UpstreamError, dnslib.DNSError) as exc:
+                log.debug("dns: cannot resolve ExternalName target %s: %s", target, exc)
+        if q.edns:
+            reply.add_ar(dnslib.EDNS0(udp_len=wire.EDNS_UDP_SIZE))
+        packed = bytes(reply.pack())
+        limit = 65535 if tcp else q.udp_size
+        if len(packed) > limit:
+            return self._respond(q, cname, tcp)
+        self._count_rcode(wire.NOERROR)
+        # dnslib writes the question from our text form: put the client's bytes back.
+        return packed[:12] + q.question + packed[12 + len(q.question) :]
+
+
+def _qname(q: wire.Query) -> str:
+    return wire.decode_name(q.question[:-4])
+
+
+def _rdata_from_wire(rtype: int, rdata: bytes) -> dnslib.RD:
+    if rtype == wire.A:
+        return dnslib.A(".".join(str(b) for b in rdata))
+    if rtype == wire.AAAA:
+        return dnslib.AAAA(rdata)
+    return dnslib.RD(rdata)
+
+
+class _UdpSocket:
+    """The UDP side: a non-blocking socket read straight from the event loop's reader
+    callback, up to a batch of datagrams per wake-up, answers sent with one ``sendto`` each
+    (no transport or protocol objects per packet). A reply the kernel cannot take right now
+    is dropped and counted, as any UDP server does; the client retries."""
+
+    BATCH: Final = 64
+
+    def __init__(self, server: DnsServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+
+    def on_readable(self) -> None:
+        server = self.server
+        stats = server.stats
+        recvfrom = self.sock.recvfrom
+        sendto = self.sock.sendto
+        answer = server.answer
+        histogram = server._local
+        buckets = histogram.counts
+        spent = 0.0
+        perf_counter = time.perf_counter
+        query_log = server.query_log
+        for _ in range(self.BATCH):
+            try:
+                data, addr = recvfrom(_MAX_QUERY)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. ICMP errors reported on the socket
+                log.debug("dns: UDP receive error: %s", exc)
+                continue
+            started = perf_counter()
+            try:
+                result = answer(data)
+            except Exception:  # never let one packet stop the server
+                log.exception("dns: unexpected error answering a packet from %s", addr)
+                stats.count(stats.dropped, "internal_error")
+                continue
+            if result is None:
+                continue
+            if type(result) is bytes:
+                try:
+                    sendto(result, addr)
+                except OSError:
+                    stats.count(stats.dropped, "send_failed")
+                    continue
+                elapsed = perf_counter() - started
+                buckets[bisect_left(DURATION_BUCKETS, elapsed)] += 1
+                spent += elapsed
+                if query_log:
+                    _log_query(addr, data, result, started)
+                continue
+            assert isinstance(result, _Pending)
+            server._spawn(result, self._replier(addr, data, started))
+        histogram.total += spent
+
+    def _replier(self, addr: Any, data: bytes, started: float) -> Callable[[bytes], None]:
+        server = self.server
+
+        def reply(response: bytes) -> None:
+            try:
+                self.sock.sendto(response, addr)
+            except OSError:
+                server.stats.count(server.stats.dropped, "send_failed")
+                return
+            if server.query_log:
+                _log_query(addr, data, response, started)
+
+        return reply
+
+
+def _log_query(
+    addr: tuple[Any, ...], data: bytes, response: bytes, started: float, proto: str = "udp"
+) -> None:
+    try:
+        q = wire.parse_query(data)
+        name = _qname(q)
+        qtype = wire.TYPE_NAMES.get(q.qtype, str(q.qtype))
+    except wire.Malformed:
+        name, qtype = "?", "?"
+    rcode = response[3] & 0xF
+    querylog.info(
+        "%s:%s %s %s %s %s %d answers %.3f ms",
+        addr[0],
+        addr[1],
+        proto,
+        name,
+        qtype,
+        wire.RCODE_NAMES[rcode] if rcode < len(wire.RCODE_NAMES) else rcode,
+        int.from_bytes(response[6:8], "big"),
+        (time.perf_counter() - started) * 1000,
+    )

@@ -1,0 +1,77 @@
+"""The DNS service as the daemon runs it: built from Settings, started, followed, stopped."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from prometheus_client import CollectorRegistry
+
+from node_services.config import Settings
+from node_services.dns.forward import Forwarder, upstreams_from_resolv_conf
+from node_services.dns.metrics import DnsStats, register
+from node_services.dns.server import DnsServer
+from node_services.dns.zone import DEFAULT_METADATA_IP, Zone
+from node_services.state.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def _metadata_ip(settings: Settings) -> str:
+    """The address rancher-metadata.rancher.internal names: where metadata listens, unless
+    that is a wildcard or loopback address (then the Rancher metadata address)."""
+    try:
+        address = ipaddress.ip_address(settings.metadata_listen.host)
+    except ValueError:
+        return DEFAULT_METADATA_IP
+    if address.is_unspecified or address.is_loopback:
+        return DEFAULT_METADATA_IP
+    return str(address)
+
+
+def upstreams_of(settings: Settings) -> tuple[tuple[str, int], ...]:
+    """Configured upstreams, else the host's resolv.conf without loopback stubs; never our own
+    listen address (that would be a loop)."""
+    if settings.upstreams:
+        chosen = tuple((a.host, a.port) for a in settings.upstreams)
+    else:
+        chosen = upstreams_from_resolv_conf()
+        if not chosen:
+            log.warning(
+                "dns: no upstreams configured and none usable in /etc/resolv.conf: "
+                "names outside the cluster zones are answered REFUSED"
+            )
+    own = (settings.dns_listen.host, settings.dns_listen.port)
+    if own in chosen:
+        log.error("dns: upstream %s:%d is this server itself; ignoring it", *own)
+        chosen = tuple(u for u in chosen if u != own)
+    return chosen
+
+
+def build_dns(settings: Settings, store: Store, registry: CollectorRegistry) -> DnsServer:
+    """A DnsServer for these settings, its metrics registered on ``registry``."""
+    stats = DnsStats()
+    register(registry, stats)
+    upstreams = upstreams_of(settings)
+    forwarder = (
+        Forwarder(
+            upstreams,
+            stats=stats,
+            timeout=settings.dns_forward_timeout,
+            cache_size=settings.dns_cache_size,
+            max_inflight=settings.dns_max_forwards,
+            negative_ttl_cap=settings.dns_negative_ttl_cap,
+        )
+        if upstreams
+        else None
+    )
+    zone = Zone(
+        cluster_domain=settings.cluster_domain,
+        ttl=settings.dns_ttl,
+        pod_records=settings.pod_records,
+        metadata_ip=_metadata_ip(settings),
+        forwarding=forwarder is not None,
+    )
+    return DnsServer(
+        store, zone, stats=stats, forwarder=forwarder, query_log=settings.dns_query_log
+    )

@@ -1,0 +1,99 @@
+"""Rules 5 and 6: answers follow the store incrementally; metrics and the query log."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from dnshelpers import Z, answers, dig, dig_short, kube_cluster, needs_dig, service, write_snapshot
+from dnsserve import records, serve
+from helpers import DaemonProcess
+
+FAST_POLL = {"NODE_SERVICES_SNAPSHOT_POLL_INTERVAL": "0.05"}
+
+
+@needs_dig
+def test_snapshot_change_visible_right_after_the_version_bumps(
+    daemon: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    path = write_snapshot(tmp_path / "cluster.yaml", kube_cluster())
+    process = daemon("--snapshot", str(path), "--upstream", "127.0.0.1:1", env=FAST_POLL)
+    process.wait_for(lambda: process.get("/readyz")[0] == 200, what="readyz")
+    assert "NXDOMAIN" in dig(process.dns_port, f"fresh.shop.svc.{Z}", "A")
+    for step, (objects, expected) in enumerate(
+        [
+            ([*kube_cluster(), service("shop", "fresh", cluster_ips=["10.43.9.9"])], ["10.43.9.9"]),
+            (
+                [*kube_cluster(), service("shop", "fresh", cluster_ips=["10.43.9.10"])],
+                ["10.43.9.10"],
+            ),
+            (kube_cluster(), []),
+        ]
+    ):
+        version = int(float(process.metric("node_services_store_version")))
+        write_snapshot(path, objects)
+        process.wait_for(
+            lambda v=version: int(float(process.metric("node_services_store_version"))) > v,
+            what=f"store version after step {step}",
+        )
+        # No waiting on the DNS side: the very next query sees the new version.
+        assert dig_short(process.dns_port, f"fresh.shop.svc.{Z}", "A") == expected, step
+        assert dig_short(process.dns_port, f"web.shop.svc.{Z}", "A") == ["10.43.0.20"]
+
+
+async def test_only_changed_names_are_rebuilt() -> None:
+    objects = kube_cluster() + [
+        service("bulk", f"s{i}", cluster_ips=[f"10.44.{i // 250}.{i % 250 + 1}"])
+        for i in range(500)
+    ]
+    s = await serve(objects)
+    try:
+        zone = s.server.zone
+        web = zone.nodes[b"\x03web\x04shop\x03svc\x07cluster\x05local\x00"]
+        before = s.stats.zone_units_rebuilt
+        changed = records([service("bulk", "s7", cluster_ips=["10.45.0.7"])])
+        s.store.apply("static:test", changed)
+        assert answers(await s.query(f"s7.bulk.svc.{Z}")) == [f"s7.bulk.svc.{Z}. 5 A 10.45.0.7"]
+        assert s.stats.zone_units_rebuilt - before == 1
+        # Untouched names keep their very answer objects.
+        assert zone.nodes[b"\x03web\x04shop\x03svc\x07cluster\x05local\x00"] is web
+        # The old PTR is gone, the new one is there.
+        assert (await s.query("7.0.45.10.in-addr.arpa", "PTR")).answer[0][0].to_text() == (
+            f"s7.bulk.svc.{Z}."
+        )
+        assert (await s.query("8.0.44.10.in-addr.arpa", "PTR")).rcode() == 3
+        # Deleting the namespace's last service keeps the namespace while it exists.
+        s.store.replace("static:test", records(kube_cluster()))
+        assert (await s.query(f"s7.bulk.svc.{Z}")).rcode() == 3
+        assert (await s.query(f"bulk.svc.{Z}")).rcode() == 3  # no Namespace object for bulk
+        assert (await s.query(f"shop.svc.{Z}")).rcode() == 0
+    finally:
+        await s.stop()
+
+
+@needs_dig
+def test_metrics_and_query_log(daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
+    path = write_snapshot(tmp_path / "cluster.yaml", kube_cluster())
+    process = daemon("--snapshot", str(path), "--upstream", "127.0.0.1:1", "--dns-query-log")
+    process.wait_for(lambda: process.get("/readyz")[0] == 200, what="readyz")
+    port = process.dns_port
+    dig(port, f"web.shop.svc.{Z}", "A")
+    dig(port, f"web.shop.svc.{Z}", "A")
+    dig(port, "+tcp", f"nope.shop.svc.{Z}", "AAAA")
+    dig(port, "+noedns", f"big.shop.svc.{Z}", "A")  # TC over UDP, then TCP
+    assert process.metric('node_services_dns_requests_total{proto="udp",type="A"}') == "3.0"
+    assert process.metric('node_services_dns_requests_total{proto="tcp",type="AAAA"}') == "1.0"
+    assert process.metric('node_services_dns_requests_total{proto="tcp",type="A"}') == "1.0"
+    assert process.metric('node_services_dns_responses_total{rcode="NXDOMAIN"}') == "1.0"
+    assert process.metric('node_services_dns_responses_total{rcode="NOERROR"}') == "4.0"
+    assert process.metric("node_services_dns_truncated_total") == "1.0"
+    assert process.metric('node_services_dns_request_duration_seconds_count{path="local"}') == "5.0"
+    assert float(process.metric("node_services_dns_zone_names")) > 50
+    log = process.output()
+    assert re.search(
+        r"127\.0\.0\.1:\d+ udp web\.shop\.svc\.cluster\.local A NOERROR 1 answers", log
+    )
+    assert re.search(
+        r"127\.0\.0\.1:\d+ tcp nope\.shop\.svc\.cluster\.local AAAA NXDOMAIN 0 answers", log
+    )
