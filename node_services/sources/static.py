@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import json
 import logging
@@ -165,6 +166,24 @@ def _load_file(path: Path, source: str) -> LoadResult:
     return LoadResult(tuple(cattle.resolve(records)), tuple(errors), tuple(skipped))
 
 
+def _release_freed_memory() -> None:
+    """Return the heap a large parse left free to the system (glibc ``malloc_trim``).
+
+    Parsing a big file allocates far more than the records keep; without this, a daemon that
+    loaded a 100 MB snapshot once keeps that much resident. Best effort: no-op off glibc."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
 @dataclass(frozen=True, slots=True)
 class _Stamp:
     """What tells that a file changed: replaced (inode), rewritten (mtime, size)."""
@@ -225,13 +244,16 @@ class SnapshotFile:
                 )
                 return False
             version = self.store.replace(self.name, result.records)
+            count = len(result.records)
+            del result  # the parsed file is garbage now: hand its memory back (below)
+            _release_freed_memory()
             self.loads += 1
             self.last_error = ""
             self.last_load_seconds = time.perf_counter() - started
             log.info(
                 "snapshot %s: %d records loaded in %.3fs (store version %d)",
                 self.path,
-                len(result.records),
+                count,
                 self.last_load_seconds,
                 version,
             )
