@@ -280,6 +280,8 @@ class FakeKubeAPIServer:
         self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {r: {} for r in RESOURCES}
         self._lines: dict[str, dict[tuple[str, str], bytes]] = {r: {} for r in RESOURCES}
         self.history: collections.deque[Event] = collections.deque()
+        self.last_written_at = 0.0
+        """time.time() of the last event (the control API returns it, for delay measurements)."""
         self.watchers: set[Watcher] = set()
         self.faults = Faults()
         self.list_count: collections.Counter[str] = collections.Counter()
@@ -345,6 +347,7 @@ class FakeKubeAPIServer:
     ) -> None:
         line = json.dumps({"type": kind, "object": obj}, separators=(",", ":")).encode() + b"\n"
         event = Event(self.rv, resource.name, kind, obj, line, time.time(), old)
+        self.last_written_at = event.written_at
         self.history.append(event)
         while len(self.history) > self.history_limit:
             dropped = self.history.popleft()
@@ -723,13 +726,20 @@ class FakeKubeAPIServer:
 
     async def _fake_objects(self, request: web.Request) -> web.Response:
         objects = json.loads(await request.read())
-        rvs = [self.put(obj)["metadata"]["resourceVersion"] for obj in objects]
-        return web.json_response({"resourceVersions": rvs})
+        rvs, written = [], []
+        for obj in objects:
+            rvs.append(self.put(obj)["metadata"]["resourceVersion"])
+            written.append(self.last_written_at)  # when its watch event was queued
+        return web.json_response({"resourceVersions": rvs, "writtenAt": written})
 
     async def _fake_delete(self, request: web.Request) -> web.Response:
         body = json.loads(await request.read())
-        count = sum(self.delete(d["kind"], d.get("namespace", ""), d["name"]) for d in body)
-        return web.json_response({"deleted": count})
+        count, written = 0, []
+        for d in body:
+            if self.delete(d["kind"], d.get("namespace", ""), d["name"]):
+                count += 1
+                written.append(self.last_written_at)
+        return web.json_response({"deleted": count, "writtenAt": written})
 
     async def _fake_compact(self, request: web.Request) -> web.Response:
         self.compact()
@@ -744,12 +754,20 @@ class FakeKubeAPIServer:
         return web.json_response({"dropped": self.drop_watches()})
 
     async def _fake_churn(self, request: web.Request) -> web.Response:
-        """Modify services in a loop: ``{"count", "rate", "label"}``; each gets a label with the
-        time.time() it was written at, for delay measurements."""
+        """Modify services in a loop: ``{"count", "rate", "label", "namespace"}``; each gets a
+        label with the time.time() it was written at, for delay measurements. With
+        ``namespace``, only that namespace's services are modified."""
         body = json.loads(await request.read())
         count, rate = int(body["count"]), float(body.get("rate", 0))
         label = body.get("label", "bench.node-services.io/written-at")
-        services = [self.objects["services"][i] for i in sorted(self.objects["services"])]
+        only = body.get("namespace")
+        services = [
+            self.objects["services"][i]
+            for i in sorted(self.objects["services"])
+            if only is None or i[0] == only
+        ]
+        if not services:
+            raise APIError(404, "NotFound", f"no services to churn in namespace {only!r}")
         start = time.perf_counter()
         for n in range(count):
             obj = copy.copy(services[n % len(services)])

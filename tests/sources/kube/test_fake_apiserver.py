@@ -287,3 +287,51 @@ def test_faults_answer_500_and_429_with_status_bodies(api: ThreadedServer) -> No
     status, body = http_get(api.server.url + "/api/v1/pods?fieldSelector=spec.bogus%3Dx")
     assert status == 400
     assert json.loads(body)["message"] == 'field label not supported: "spec.bogus"'
+
+
+def test_bench_controls_churn_one_namespace_and_report_write_times(api: ThreadedServer) -> None:
+    """The benchmark's background load (POST /fake/churn) leaves other namespaces alone; its
+    writes (POST /fake/objects, /fake/delete) return when each watch event was queued."""
+    import urllib.error
+    import urllib.request
+
+    def post(body: Any, path: str = "/fake/churn") -> tuple[int, Any]:
+        request = urllib.request.Request(
+            api.server.url + path, data=json.dumps(body).encode(), method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    started = time.time()
+    status, body = post(
+        [
+            service("a", "10.43.6.1", namespace="churned"),
+            service("b", "10.43.6.2", namespace="churned"),
+        ],
+        "/fake/objects",
+    )
+    assert status == 200
+    assert len(body["resourceVersions"]) == len(body["writtenAt"]) == 2
+    assert started <= body["writtenAt"][0] <= body["writtenAt"][1] <= time.time()
+    assert body["writtenAt"][1] == api.call(lambda: api.server.history[-1].written_at)
+    before = api.call(
+        lambda: {
+            k: v["metadata"]["resourceVersion"] for k, v in api.server.objects["services"].items()
+        }
+    )
+    status, body = post({"count": 5, "rate": 0, "label": "x/at", "namespace": "churned"})
+    assert (status, body["written"]) == (200, 5)
+    after = api.call(lambda: dict(api.server.objects["services"]))
+    changed = sorted(k for k, v in after.items() if v["metadata"]["resourceVersion"] != before[k])
+    assert changed == [("churned", "a"), ("churned", "b")]
+    assert float(after[("churned", "a")]["metadata"]["labels"]["x/at"]) > 0
+    status, body = post({"count": 1, "namespace": "nowhere"})
+    assert status == 404
+    assert body["message"] == "no services to churn in namespace 'nowhere'"
+    gone = [{"kind": "Service", "namespace": "churned", "name": n} for n in ("a", "nope")]
+    status, body = post(gone, "/fake/delete")
+    assert (status, body["deleted"], len(body["writtenAt"])) == (200, 1, 1)
+    assert body["writtenAt"][0] == api.call(lambda: api.server.history[-1].written_at)
