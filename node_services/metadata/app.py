@@ -26,6 +26,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from node_services.metadata import render
+from node_services.metadata.longpoll import SentResponse, VersionWaiters
 from node_services.metadata.render import Format
 from node_services.metadata.tree import (
     API_VERSIONS,
@@ -146,6 +147,19 @@ class MetadataServer:
     _cache_bytes: dict[int, int] = field(default_factory=dict)
     _version_bodies: dict[tuple[int, Format], bytes] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
+    _version_waiters: VersionWaiters | None = None
+
+    @property
+    def version_waiters(self) -> VersionWaiters:
+        """The registry of parked ``version`` long-polls (made on first use)."""
+        if self._version_waiters is None:
+            self._version_waiters = VersionWaiters(
+                self.store,
+                self.metrics.waiters,
+                self.metrics.child("version", 200),
+                self.metrics.wake_latency,
+            )
+        return self._version_waiters
 
     # -- answers ---------------------------------------------------------------------------
 
@@ -413,10 +427,14 @@ class MetadataServer:
     ) -> web.StreamResponse:
         """rancher-metadata's wait: answer once the value at ``path`` differs from ``value``."""
         old = request.query.get("value", "")
+        asks_version = path == ["version"]  # the common case: no tree, no caller needed
+        if asks_version and request.method == "GET":
+            parked = await self._park_for_version(request, old, fmt)
+            if parked is not None:
+                return parked
         deadline = time.monotonic() + self._max_wait(request)
         woken_at: float | None = None
         self.metrics.waiters.inc()
-        asks_version = path == ["version"]  # the common case: no tree, no caller needed
         try:
             while True:
                 snapshot = self.store.snapshot
@@ -444,6 +462,30 @@ class MetadataServer:
         if woken_at is not None:
             self.metrics.wake_latency.observe(time.monotonic() - woken_at)
         return self._respond(route, status, body, fmt, snapshot.version)
+
+    async def _park_for_version(
+        self, request: web.Request, old: str, fmt: Format
+    ) -> web.StreamResponse | None:
+        """Park a ``version`` long-poll in the registry, which writes its answer; None when it
+        is to be answered at once (the version differs already) or cannot park (no transport)."""
+        snapshot = self.store.snapshot
+        transport = request.transport
+        if str(snapshot.version) != old or transport is None:
+            return None
+        waiters = self.version_waiters
+        waiter = waiters.park(
+            transport,
+            fmt,
+            request.version < (1, 1),
+            request.keep_alive,
+            snapshot.version,
+            self._max_wait(request),
+        )
+        try:
+            size = await waiter.future
+        finally:
+            waiters.discard(waiter)  # a no-op once answered
+        return SentResponse(keep_alive=request.keep_alive and size > 0, size=size)
 
     def _version_body(self, version: int, fmt: Format) -> bytes:
         """The body of ``/<v>/version``, rendered once per store version and format."""
@@ -507,6 +549,7 @@ class MetadataServer:
             max_field_size=MAX_FIELD_SIZE,
             max_headers=MAX_HEADERS,
             shutdown_timeout=0.5,  # long-polls are cut short at shutdown
+            handler_cancellation=True,  # a client gone: its parked long-poll leaves at once
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=BACKLOG, reuse_address=True)
@@ -516,6 +559,8 @@ class MetadataServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._version_waiters is not None:
+            self._version_waiters.close()
 
 
 def root_body(tree: Tree, caller: str | None, fmt: Format) -> bytes:
