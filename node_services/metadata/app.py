@@ -52,7 +52,6 @@ IDLE_TIMEOUT: Final = 30.0
 MAX_LINE_SIZE: Final = 4096
 MAX_FIELD_SIZE: Final = 4096
 MAX_HEADERS: Final = 64
-MAX_BODY: Final = 1024
 BACKLOG: Final = 4096
 RESPONSE_CACHE_LIMIT: Final = 20_000
 RESPONSE_CACHE_BYTES: Final = 64 * 1024 * 1024
@@ -146,7 +145,7 @@ class MetadataServer:
     _building: dict[tuple[int, str], asyncio.Future[Tree]] = field(default_factory=dict)
     _cache_bytes: dict[int, int] = field(default_factory=dict)
     _version_bodies: dict[tuple[int, Format], bytes] = field(default_factory=dict)
-    _runner: web.AppRunner | None = None
+    _runner: web.ServerRunner | None = None
     _version_waiters: VersionWaiters | None = None
 
     @property
@@ -292,7 +291,7 @@ class MetadataServer:
             return False
         return any(ip in network for network in self.config.trusted_proxies)
 
-    def _caller_ip(self, request: web.Request) -> str | None:
+    def _caller_ip(self, request: web.BaseRequest) -> str | None:
         """The caller's IP, or None when X-Forwarded-For comes from an untrusted peer."""
         peer = request.remote or ""
         if peer.startswith("::ffff:") and "." in peer:
@@ -308,7 +307,7 @@ class MetadataServer:
                 return hop
         return peer
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         # Fast path: a plain GET asked before for this snapshot, from this peer, with this
         # Accept header, is answered from a prebuilt (route, status, body, headers).
         headers = request.headers
@@ -346,7 +345,7 @@ class MetadataServer:
             self._remember(self._fast, fast_key, entry, len(body) if isinstance(body, bytes) else 0)
         return response
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         fmt = render.negotiate(request.headers.get("Accept"))
         if request.method not in ("GET", "HEAD"):
             return self._error("other", 405, "Method not allowed", fmt)
@@ -398,7 +397,7 @@ class MetadataServer:
         workload = snapshot.workload_by_ip(ip)
         return workload.key if workload is not None else None
 
-    def _max_wait(self, request: web.Request) -> float:
+    def _max_wait(self, request: web.BaseRequest) -> float:
         try:
             seconds = float(request.query.get("maxWait", "0"))
         except ValueError:
@@ -418,7 +417,7 @@ class MetadataServer:
 
     async def _wait_for_value(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         api_version: str,
         ip: str,
         path: list[str],
@@ -464,7 +463,7 @@ class MetadataServer:
         return self._respond(route, status, body, fmt, snapshot.version)
 
     async def _park_for_version(
-        self, request: web.Request, old: str, fmt: Format
+        self, request: web.BaseRequest, old: str, fmt: Format
     ) -> web.StreamResponse | None:
         """Park a ``version`` long-poll in the registry, which writes its answer; None when it
         is to be answered at once (the version differs already) or cannot park (no transport)."""
@@ -498,7 +497,7 @@ class MetadataServer:
 
     async def _wait_for_etag(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         api_version: str,
         ip: str,
         path: list[str],
@@ -531,16 +530,13 @@ class MetadataServer:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, handler_args=None)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        return app
-
-    async def start(self, host: str, port: int) -> None:
-        """Listen on host:port until :meth:`stop`."""
-        self._runner = web.AppRunner(
-            self.make_app(),
-            handle_signals=False,
+    def make_server(self) -> web.Server:
+        """aiohttp's low-level server with :meth:`handle` as the only handler: every path is
+        ours, so there is no Application or router to resolve each request through (that
+        was a quarter of the cost of a cached answer)."""
+        return web.Server(
+            self.handle,
+            handler_cancellation=True,  # a client gone: its parked long-poll leaves at once
             access_log=logging.getLogger("node_services.metadata.access")
             if self.config.access_log
             else None,
@@ -548,8 +544,14 @@ class MetadataServer:
             max_line_size=MAX_LINE_SIZE,
             max_field_size=MAX_FIELD_SIZE,
             max_headers=MAX_HEADERS,
+        )
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on host:port until :meth:`stop`."""
+        self._runner = web.ServerRunner(
+            self.make_server(),
+            handle_signals=False,
             shutdown_timeout=0.5,  # long-polls are cut short at shutdown
-            handler_cancellation=True,  # a client gone: its parked long-poll leaves at once
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=BACKLOG, reuse_address=True)
