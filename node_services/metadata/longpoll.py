@@ -187,7 +187,10 @@ class VersionWaiters:
             if stale:
                 seen = time.monotonic()
                 for version in stale:
-                    self._answer(list(self._parked.pop(version)), snapshot, seen)
+                    try:
+                        self._answer(list(self._parked.pop(version)), snapshot, seen)
+                    except Exception:  # never seen; the waiters are released regardless
+                        log.exception("metadata: answering parked long-polls failed")
             await self.store.wait_for_change(snapshot.version, _WATCH_TIMEOUT)
 
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -213,9 +216,11 @@ class VersionWaiters:
                 due.append(waiter)
                 if not group:
                     del self._parked[waiter.version]
-        if due:
-            self._answer(due, self.store.snapshot, None)
-        self._arm(loop)
+        try:
+            if due:
+                self._answer(due, self.store.snapshot, None)
+        finally:
+            self._arm(loop)
 
     def _answer(self, waiters: list[Waiter], snapshot: Snapshot, seen: float | None) -> None:
         """Write the answer to each waiter's transport, then resolve their futures. ``seen``:
@@ -224,35 +229,19 @@ class VersionWaiters:
         The write loop does only what an answer needs before it leaves; resuming handlers
         and observing metrics come after the last write. A write's time for the wake-latency
         histogram is taken after each block of 32 writes (it errs late, never early)."""
-        date = formatdate(usegmt=True)
-        raw: dict[tuple[Format, bool, bool], bytes] = {}
         sizes = [0] * len(waiters)  # bytes written to each; 0: not written (client gone)
         stamps: list[float] = []
-        for block in range(0, len(waiters), 32):
-            for i in range(block, min(block + 32, len(waiters))):
-                waiter = waiters[i]
-                transport = waiter.transport
-                if waiter.future.done() or transport.is_closing():
-                    continue
-                kind = waiter.kind
-                data = raw.get(kind)
-                if data is None:
-                    data = raw[kind] = raw_version_response(snapshot.version, *kind, date)
-                try:
-                    transport.write(data)
-                except Exception:  # a transport broken under us: that waiter only
-                    log.debug("metadata: writing a long-poll answer failed", exc_info=True)
-                    continue
-                sizes[i] = len(data)
-            stamps.append(time.monotonic())
-        answered = 0
-        for waiter, size in zip(waiters, sizes, strict=True):
-            if not waiter.future.done():
-                waiter.future.set_result(size)
-                answered += 1
-        self._count -= len(waiters)
-        self.waiting.dec(len(waiters))
-        self.answered.inc(answered)
+        try:
+            self._write(waiters, snapshot.version, sizes, stamps)
+        finally:  # whatever happened, no waiter stays unresolved
+            answered = 0
+            for waiter, size in zip(waiters, sizes, strict=True):
+                if not waiter.future.done():
+                    waiter.future.set_result(size)
+                    answered += 1
+            self._count -= len(waiters)
+            self.waiting.dec(len(waiters))
+            self.answered.inc(answered)
         if not self._parked:
             self._deadlines.clear()  # every entry is answered: drop them at once
             if self._timer is not None:
@@ -263,3 +252,26 @@ class VersionWaiters:
             for i, size in enumerate(sizes):
                 if size:
                     observe(stamps[i >> 5] - seen)
+
+    @staticmethod
+    def _write(waiters: list[Waiter], version: int, sizes: list[int], stamps: list[float]) -> None:
+        """The write loop of :meth:`_answer`: fills ``sizes`` and ``stamps``."""
+        date = formatdate(usegmt=True)
+        raw: dict[tuple[Format, bool, bool], bytes] = {}
+        for block in range(0, len(waiters), 32):
+            for i in range(block, min(block + 32, len(waiters))):
+                waiter = waiters[i]
+                transport = waiter.transport
+                if waiter.future.done() or transport.is_closing():
+                    continue
+                kind = waiter.kind
+                data = raw.get(kind)
+                if data is None:
+                    data = raw[kind] = raw_version_response(version, *kind, date)
+                try:
+                    transport.write(data)
+                except Exception:  # a transport broken under us: that waiter only
+                    log.debug("metadata: writing a long-poll answer failed", exc_info=True)
+                    continue
+                sizes[i] = len(data)
+            stamps.append(time.monotonic())

@@ -14,6 +14,7 @@ import pytest
 from helpers import FIXTURES, free_port
 from prometheus_client import CollectorRegistry
 
+from node_services.metadata import longpoll
 from node_services.metadata.app import MetadataConfig, MetadataMetrics, MetadataServer
 from node_services.sources.static import load_file
 from node_services.state.records import Record
@@ -189,3 +190,30 @@ async def test_stop_with_parked_waiters_is_prompt_and_closes_them(running: Runni
         writer.close()
     assert len(running.server.version_waiters) == 0
     assert running.waiters() == 0
+
+
+async def test_a_failed_wake_releases_its_waiters_and_the_next_wake_works(
+    running: Running, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object) -> bytes:
+        raise RuntimeError("injected")
+
+    version = running.store.version
+    url = f"/latest/version?wait=true&value={version}&maxWait=60"
+    clients = [await send(running.port, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(3)]
+    await until(lambda: running.waiters() == 3, "3 parked waiters")
+    monkeypatch.setattr(longpoll, "raw_version_response", broken)
+    new = running.change()
+    for reader, writer in clients:  # closed without an answer, not left hanging until maxWait
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    assert running.waiters() == 0
+    assert "answering parked long-polls failed" in caplog.text
+    monkeypatch.undo()
+    reader, writer = await send(
+        running.port, f"GET /latest/version?wait=true&value={new} HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    await until(lambda: running.waiters() == 1, "a parked waiter")
+    newer = running.change()
+    assert (await read_response(reader)).endswith(b"\r\n\r\n%d" % newer)
+    writer.close()
