@@ -185,11 +185,15 @@ def collect(sockets: list[socket.socket], timeout: float) -> list[float]:
     arrivals: list[float] = []
     deadline = time.monotonic() + timeout
     while len(arrivals) < len(sockets) and time.monotonic() < deadline:
-        for key, _ in selector.select(0.5):
+        ready = selector.select(0.5)
+        # Every answer in this batch had arrived when select returned: stamp them all with
+        # that time, so the client's own per-socket work does not count as server latency.
+        at = time.monotonic()
+        for key, _ in ready:
             sock = key.fileobj
             assert isinstance(sock, socket.socket)
             if sock.recv(65536).startswith(b"HTTP/1.1 200"):
-                arrivals.append(time.monotonic())
+                arrivals.append(at)
             selector.unregister(sock)
     selector.close()
     return arrivals
@@ -225,7 +229,9 @@ def long_poll_round(
         raise RuntimeError(f"only {len(arrivals)} of {count} waiters answered")
     first = min(arrivals)
     after_first = [a - first for a in arrivals]
+    after_sighup = [a - sent for a in arrivals]
     return {
+        "sighup_p99": quantile(after_sighup, 0.99),
         "parked_seconds": parked,
         "rss_growth_mib": (rss_after - rss_before) / 1024,
         "rss_per_waiter_kib": (rss_after - rss_before) / count,
@@ -377,7 +383,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"(target >= {TARGET_RATIO}x) {verdict}"
                 )
 
-            print("\nlong-poll (raw HTTP/1.1 sockets; latency measured from the first answer):")
+            print(
+                "\nlong-poll (raw HTTP/1.1 sockets). Wake latency = each client's answer arrival"
+                "\n(stamped when select() reports it) minus the first answer's arrival, which "
+                "stands\nfor the change being published; the SIGHUP-based p99 also includes "
+                "re-reading\nthe snapshot file (an upper bound):"
+            )
             for count in sorted({min(1000, waiters), waiters}):
                 result = long_poll_round(base, admin, daemon.pid, snapshot, count, f"z{count}")
                 verdict = "ok" if result["p99"] < TARGET_P99 else "ABOVE TARGET"
@@ -387,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"/waiter); SIGHUP->first answer {result['sighup_to_first'] * 1000:.0f} ms; "
                     f"wake p50 {result['p50'] * 1000:.0f} ms, p99 {result['p99'] * 1000:.0f} ms "
                     f"(target < {TARGET_P99 * 1000:.0f} ms) {verdict}, max "
-                    f"{result['max'] * 1000:.0f} ms"
+                    f"{result['max'] * 1000:.0f} ms; from SIGHUP p99 "
+                    f"{result['sighup_p99'] * 1000:.0f} ms"
                 )
         finally:
             processes = [daemon] if peer is None else [daemon, peer]
