@@ -14,6 +14,7 @@ from typing import Any, Final
 from node_services.sources.errors import TranslateError, UnsupportedObject
 from node_services.sources.fields import (
     cidr,
+    detach,
     detached_labels,
     flag,
     integer,
@@ -104,7 +105,16 @@ def _ports(ref: str, path: str, raw: Any, *, port_key: str = "port") -> tuple[Po
     if cache_key is not None:
         if len(_PORTS_CACHE) >= _PORTS_CACHE_SIZE:
             _PORTS_CACHE.clear()
-        _PORTS_CACHE[cache_key] = ports
+        # The key outlives the parsed document: keep copies, not the parser's strings and ints,
+        # or the cache pins the parser's memory (see fields.detach).
+        stored_key = (
+            port_key,
+            *(
+                tuple((detach(k), detach(v) if type(v) is str else v + 0) for k, v in item.items())
+                for item in raw
+            ),
+        )
+        _PORTS_CACHE[stored_key] = ports
     return ports
 
 
