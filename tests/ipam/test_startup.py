@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ipam.cni_driver import Plugin
+
 FORBIDDEN = {
     "aiohttp",
     "pyroute2",
@@ -66,3 +68,26 @@ def test_an_add_imports_none_of_the_heavy_modules(installed_plugin: Path, tmp_pa
     assert "node_services.ipam.cni" in modules
     assert "sqlite3" in modules
     assert modules & FORBIDDEN == set()
+
+
+def test_each_command_leaves_no_wal_behind_so_start_up_stays_flat(plugin: Plugin) -> None:
+    # A plugin process that exits with the database open leaves its WAL for the next one to
+    # replay in full, and the WAL then never restarts: it grew by every command ever run.
+    for n in range(40):
+        assert plugin.add(f"c{n}").returncode == 0
+        if n % 2:
+            assert plugin.run("DEL", container=f"c{n}").returncode == 0
+    wal = plugin.data_dir / "ipam.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    assert len(plugin.allocations()) == 20
+
+
+def test_install_writes_the_plugin_bytecode(installed_plugin: Path) -> None:
+    import importlib.util
+
+    import node_services.ipam.cni as cni
+
+    for module in (cni, sys.modules["node_services.ipam.store"]):
+        source = module.__file__
+        assert source is not None
+        assert Path(importlib.util.cache_from_source(source)).is_file()
