@@ -93,9 +93,9 @@ class Daemon:
     kube: KubeSource | None = None
     """The Kubernetes list/watch source, when a kubeconfig is set or we run in a pod."""
     dns: DnsServer | None = None
+    metadata: MetadataServer | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
-    metadata: MetadataServer | None = None
 
     def __post_init__(self) -> None:
         check_supported(self.settings)
@@ -121,6 +121,17 @@ class Daemon:
         return readiness_problems(self.store, self.supervisor.problems)
 
     async def start(self) -> None:
+        """Bind every listener, then start the sources and background tasks."""
+        await self._start_admin()
+        await self._start_dns()
+        await self._start_metadata()
+        for snapshot in self.snapshots:
+            self.supervisor.start(snapshot.name, snapshot.run)
+        if self.kube is not None:
+            self.supervisor.start("kubernetes", self.kube.run)
+        self._start_ipam()
+
+    async def _start_admin(self) -> None:
         admin = make_admin_app(
             self.store,
             loaders=self.snapshots,
@@ -133,7 +144,18 @@ class Daemon:
         site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
         await site.start()
         log.info("admin listening on http://%s (/healthz /readyz /metrics)", listen)
-        # -- metadata service (issue 5): rancher-metadata compatible HTTP on metadata_listen --
+
+    async def _start_dns(self) -> None:
+        """Answers from the store on dns_listen (UDP + TCP), forwards the rest; the zone
+        follows the store's change sets."""
+        self.dns = build_dns(self.settings, self.store, self.registry)
+        listen = self.settings.dns_listen
+        await self.dns.start(listen.host, listen.port)
+        self.supervisor.start("dns", self.dns.follow_store)
+        log.info("dns listening on %s (udp, tcp)", listen)
+
+    async def _start_metadata(self) -> None:
+        """rancher-metadata compatible HTTP on metadata_listen."""
         settings = self.settings
         self.metadata = MetadataServer(
             self.store,
@@ -151,42 +173,27 @@ class Daemon:
         )
         await self.metadata.start(settings.metadata_listen.host, settings.metadata_listen.port)
         log.info("metadata listening on http://%s", settings.metadata_listen)
-        # -- end metadata service --
-        for snapshot in self.snapshots:
-            self.supervisor.start(snapshot.name, snapshot.run)
-        if self.kube is not None:
-            self.supervisor.start("kubernetes", self.kube.run)
 
-        # --- IPAM (issue 6): persist this node's pod CIDRs for the CNI plugin's
-        # "range": "node", release leaked addresses, pool metrics. Runs when ipam is "on",
-        # or "auto" and ipam_dir exists (created by the plugin's first ADD or the installer),
-        # so a daemon that is not this node's IPAM never writes under /var/lib.
-        if self.settings.ipam == "on" or (
-            self.settings.ipam == "auto" and self.settings.ipam_dir.is_dir()
-        ):
-            reconciler = IPAMReconciler(
-                self.store,
-                data_dir=self.settings.ipam_dir,
-                node_name=self.settings.node_name,
-                registry=self.registry,
-                grace=self.settings.ipam_leak_grace,
-                interval=self.settings.ipam_reconcile_interval,
-            )
-            self.supervisor.start("ipam-reconcile", reconciler.run)
-            log.info(
-                "ipam reconcile on %s (leak grace %gs)",
-                self.settings.ipam_dir,
-                self.settings.ipam_leak_grace,
-            )
-        # --- end IPAM
-        # --- DNS (issue 3): answers from the store on dns_listen (UDP + TCP), forwards the
-        # rest; metrics on self.registry; the zone follows the store's change sets.
-        self.dns = build_dns(self.settings, self.store, self.registry)
-        dns_listen = self.settings.dns_listen
-        await self.dns.start(dns_listen.host, dns_listen.port)
-        self.supervisor.start("dns", self.dns.follow_store)
-        log.info("dns listening on %s (udp, tcp)", dns_listen)
-        # --- end DNS
+    def _start_ipam(self) -> None:
+        """Persist this node's pod CIDRs for the CNI plugin's "range": "node", release leaked
+        addresses, export pool metrics. Runs when ipam is "on", or "auto" and ipam_dir exists
+        (made by the plugin's first ADD or the installer), so a daemon that is not this node's
+        IPAM never writes under /var/lib."""
+        settings = self.settings
+        if not (settings.ipam == "on" or (settings.ipam == "auto" and settings.ipam_dir.is_dir())):
+            return
+        reconciler = IPAMReconciler(
+            self.store,
+            data_dir=settings.ipam_dir,
+            node_name=settings.node_name,
+            registry=self.registry,
+            grace=settings.ipam_leak_grace,
+            interval=settings.ipam_reconcile_interval,
+        )
+        self.supervisor.start("ipam-reconcile", reconciler.run)
+        log.info(
+            "ipam reconcile on %s (leak grace %gs)", settings.ipam_dir, settings.ipam_leak_grace
+        )
 
     async def reload(self) -> None:
         """SIGHUP: re-read every snapshot file now."""
@@ -198,9 +205,9 @@ class Daemon:
 
     async def stop(self) -> None:
         await self.supervisor.stop()
-        if self.metadata is not None:  # metadata service (issue 5)
+        if self.metadata is not None:
             await self.metadata.stop()
-        if self.dns is not None:  # DNS (issue 3)
+        if self.dns is not None:
             await self.dns.stop()
         if self._runner is not None:
             await self._runner.cleanup()
