@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from node_services.sources import yamlload
 from node_services.sources.cattle import translate as cattle
 from node_services.sources.errors import TranslateError, UnsupportedObject
 from node_services.sources.kube import translate as kube
@@ -39,11 +40,6 @@ from node_services.state.records import Record
 from node_services.state.store import Store
 
 log = logging.getLogger(__name__)
-
-try:  # libyaml is ~10x faster; fall back to the pure-Python loader when it is missing
-    _Loader: Any = yaml.CSafeLoader
-except AttributeError:  # pragma: no cover - depends on how PyYAML was built
-    _Loader = yaml.SafeLoader
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +62,8 @@ def _documents(path: Path) -> Iterator[Any]:
                 return
             except ValueError:
                 stream.seek(0)  # not JSON after all (a YAML flow mapping): parse as YAML
-        yield from yaml.load_all(stream, Loader=_Loader)
+        # = yaml.load_all(stream, Loader=CSafeLoader), exactly, in about half the time
+        yield from yamlload.load_all(stream)
 
 
 def _objects(document: Any, where: str) -> Iterator[tuple[str, Any]]:
