@@ -512,16 +512,29 @@ class IPAMStore:
     def _connect(self) -> sqlite3.Connection:
         if self._db is not None:
             return self._db
-        try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-            db.execute("PRAGMA synchronous = NORMAL")
-            if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                self._create(db)
-        except sqlite3.OperationalError as exc:
-            raise _translate(exc, self.path) from exc
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open {self.path}: {exc}") from exc
+        deadline = time.monotonic() + self.timeout
+        while True:
+            db: sqlite3.Connection | None = None
+            try:
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)
+                db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+                db.execute("PRAGMA synchronous = NORMAL")
+                if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                    self._create(db)
+                break
+            except sqlite3.OperationalError as exc:
+                if db is not None:
+                    db.close()
+                # While another process creates the store (switching it to WAL), SQLite can
+                # answer "locked" at once instead of waiting: retry until the lock timeout.
+                if _is_busy(exc) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                raise _translate(exc, self.path) from exc
+            except (OSError, sqlite3.Error) as exc:
+                if db is not None:
+                    db.close()
+                raise StoreError(f"cannot open {self.path}: {exc}") from exc
         self._db = db
         return db
 
@@ -589,8 +602,13 @@ class _Command:
             raise _translate(error, self.store.path) from error
 
 
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
 def _translate(exc: sqlite3.OperationalError, path: str) -> StoreError:
     text = str(exc)
-    if "locked" in text or "busy" in text:
+    if _is_busy(exc):
         return StoreBusy(f"{path} is locked by another process: {text}")
     return StoreError(f"{path}: {text}")

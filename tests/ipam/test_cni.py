@@ -366,15 +366,16 @@ def test_console_script_runs_the_same_plugin(tmp_path: Path) -> None:
 
 def test_concurrent_adds_of_one_attachment_get_one_address(plugin: Plugin) -> None:
     # The runtime must not do this, but a retry racing the first ADD must not leak.
-    results: list[str] = []
+    replies: list[Any] = []
 
     def add() -> None:
-        results.extend(plugin.add("same").ips)
+        replies.append(plugin.add("same"))
 
     threads = [threading.Thread(target=add) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert results == ["10.244.7.2/24"] * 4
+    assert [r.returncode for r in replies] == [0] * 4, [r.stdout for r in replies]
+    assert [ip for r in replies for ip in r.ips] == ["10.244.7.2/24"] * 4
     assert plugin.allocations() == {("same", "eth0"): "10.244.7.2"}

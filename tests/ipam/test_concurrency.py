@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from ipaddress import ip_address
+from pathlib import Path
 
 from ipam.cni_driver import Plugin, error_of
+
+from node_services.ipam.store import IPAMStore
 
 
 def test_200_parallel_adds_get_200_distinct_addresses(plugin: Plugin) -> None:
@@ -83,3 +87,32 @@ def test_round_robin_wraps_around_to_released_addresses(plugin: Plugin) -> None:
     assert plugin.run("DEL", config, container="c0").returncode == 0  # .2
     assert plugin.add("n3", config=config).ips == ["10.244.6.2/29"]
     assert plugin.check_store() == []
+
+
+def test_processes_that_open_a_new_store_at_once_all_wait_for_its_creation(tmp_path: Path) -> None:
+    # While one connection creates the store (and switches it to WAL), SQLite may answer
+    # "database is locked" at once to the others instead of waiting: they must retry, not fail.
+    failures: list[str] = []
+    for round_ in range(150):
+        directory = tmp_path / f"store-{round_}"
+        barrier = threading.Barrier(6)
+
+        def open_and_write(
+            directory: Path = directory, barrier: threading.Barrier = barrier
+        ) -> None:
+            barrier.wait()
+            store = IPAMStore(directory, timeout=30)
+            try:
+                with store.transaction():
+                    pass
+            except Exception as exc:
+                failures.append(repr(exc))
+            finally:
+                store.close()
+
+        threads = [threading.Thread(target=open_and_write) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []
