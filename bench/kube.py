@@ -7,8 +7,7 @@ Measures, next to the issue's targets:
   (and the process RSS growth, which includes allocator slack and parse garbage);
 - event throughput: a backlog of MODIFIED events released at once, events/s applied;
 - event delay: p50/p99 from the API server writing a watch event (it stamps the time into a
-  label) to a store snapshot that holds it, plus whatever an optional in-process
-  ``AnswerCheck`` hook awaits before the delay is taken;
+  label) to a store snapshot that holds it;
 - event -> DNS answer: the real daemon (``python -m node_services run --kubeconfig``, its own
   process) against the same test API server; for each event written (a Service's new
   clusterIP, a headless Service's new endpoint set, a Service deleted, re-added) the bench
@@ -37,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +46,12 @@ from dnslib import QTYPE, RCODE, DNSRecord
 from node_services.sources.kube.client import load_connection
 from node_services.sources.kube.reflector import ReflectorMetrics
 from node_services.sources.kube.source import KubeSource
-from node_services.state.store import Snapshot, Store
+from node_services.state.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "fakes" / "kube_apiserver.py"
 WRITTEN_AT = "bench.node-services.io/written-at"
 
-AnswerCheck = Callable[[Snapshot, str], Awaitable[None]]
 """Awaited with the snapshot and the changed service key once the store holds the event; the
 delay is taken when it returns (DNS: query until the answer shows the change)."""
 
@@ -210,9 +208,7 @@ def official_client_peer(url: str) -> tuple[float, float]:
     return seconds, deep_size(items) / 2**20
 
 
-async def run_all(
-    args: argparse.Namespace, answer_check: AnswerCheck | None = None
-) -> dict[str, float]:
+async def run_all(args: argparse.Namespace) -> dict[str, float]:
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-kube-") as tmp_dir:
         fake = FakeProcess(Path(tmp_dir))
@@ -229,7 +225,7 @@ async def run_all(
                         "/fake/objects",
                         [make_slice(i, args.endpoints_per_slice) for i in range(start, stop)],
                     )
-                results.update(await measure(fake, session, args, answer_check))
+                results.update(await measure(fake, session, args))
                 if args.dns_events > 0:
                     results.update(await measure_dns(fake, session, args, Path(tmp_dir)))
             if args.peer:
@@ -244,7 +240,6 @@ async def measure(
     fake: FakeProcess,
     session: aiohttp.ClientSession,
     args: argparse.Namespace,
-    answer_check: AnswerCheck | None,
 ) -> dict[str, float]:
     results: dict[str, float] = {}
     gc.collect()
@@ -288,7 +283,7 @@ async def measure(
         results["events_per_cpu_s"] = args.events / max(1e-9, time.process_time() - first_cpu)
 
         # Delay: events at a steady rate; each carries the server's write time.
-        delays = await measure_delays(fake, session, store, args, answer_check)
+        delays = await measure_delays(fake, session, store, args)
         results["p50_ms"] = statistics.median(delays) * 1000
         results["p99_ms"] = statistics.quantiles(delays, n=100)[98] * 1000
         results["delay_samples"] = len(delays)
@@ -303,7 +298,6 @@ async def measure_delays(
     session: aiohttp.ClientSession,
     store: Store,
     args: argparse.Namespace,
-    answer_check: AnswerCheck | None,
 ) -> list[float]:
     subscription = store.subscribe()
     subscription.poll()  # the initial full read
@@ -321,8 +315,6 @@ async def measure_delays(
                 if written is None or written in seen:
                     continue
                 seen.add(written)
-                if answer_check is not None:
-                    await answer_check(changes.snapshot, key)
                 delays.append(time.time() - float(written))
 
     collector = asyncio.create_task(collect())
@@ -737,7 +729,7 @@ def report(results: dict[str, float], args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None, *, answer_check: AnswerCheck | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kube", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--services", type=int, default=10_000)
@@ -768,9 +760,9 @@ def main(argv: list[str] | None = None, *, answer_check: AnswerCheck | None = No
     try:
         import uvloop
     except ImportError:  # pragma: no cover
-        results = asyncio.run(run_all(args, answer_check))
+        results = asyncio.run(run_all(args))
     else:
-        results = uvloop.run(run_all(args, answer_check))
+        results = uvloop.run(run_all(args))
     os.environ.setdefault("PYTHONHASHSEED", "0")
     return report(results, args)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from node_services.admin import make_admin_app, readiness_problems
+from node_services.admin import make_admin_app
 from node_services.config import ConfigError, Settings
 from node_services.dns.server import DnsServer
 from node_services.dns.service import build_dns
@@ -116,9 +116,6 @@ class Daemon:
                 read_timeout=self.settings.kube_read_timeout,
                 registry=self.registry,
             )
-
-    def ready_problems(self) -> list[str]:
-        return readiness_problems(self.store, self.supervisor.problems)
 
     async def start(self) -> None:
         """Bind every listener, then start the sources and background tasks."""

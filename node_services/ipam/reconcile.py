@@ -236,14 +236,9 @@ class IPAMReconciler:
             since = self.suspects.get(key, now)
             if key not in self.suspects:
                 log.info(
-                    "ipam: %s %s (container %s %s, pod %s/%s) has no workload on node %s; "
-                    "releasing it in %.0fs unless one shows up",
-                    allocation.network,
-                    allocation.ip,
-                    allocation.container_id,
-                    allocation.ifname,
-                    allocation.pod_namespace or "-",
-                    allocation.pod_name or "-",
+                    "ipam: %s has no workload on node %s; releasing it in %.0fs unless one "
+                    "shows up",
+                    allocation.describe(),
                     self.node_name,
                     self.grace,
                 )
@@ -277,14 +272,8 @@ class IPAMReconciler:
         self.suspects.pop(_key(allocation), None)
         self.metrics.released.labels(allocation.network).inc()
         log.warning(
-            "ipam: released leaked %s %s of container %s %s (pod %s/%s): no workload on node %s "
-            "for %.0fs",
-            allocation.network,
-            allocation.ip,
-            allocation.container_id,
-            allocation.ifname,
-            allocation.pod_namespace or "-",
-            allocation.pod_name or "-",
+            "ipam: released leaked %s: no workload on node %s for %.0fs",
+            allocation.describe(),
             self.node_name,
             self.grace,
         )

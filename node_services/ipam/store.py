@@ -156,6 +156,13 @@ class Allocation:
     def __repr__(self) -> str:
         return f"Allocation({self.network} {self.ip} {self.container_id} {self.ifname})"
 
+    def describe(self) -> str:
+        """``net ip of container id ifname (pod ns/name)``, for log lines."""
+        return (
+            f"{self.network} {self.ip} of container {self.container_id} {self.ifname} "
+            f"(pod {self.pod_namespace or '-'}/{self.pod_name or '-'})"
+        )
+
 
 class PoolStats:
     """Size, allocated and free addresses of one pool (network, range set)."""
