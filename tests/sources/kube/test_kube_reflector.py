@@ -261,8 +261,11 @@ async def test_reflector_backs_off_on_errors_and_resets_after_success(tmp_path: 
                 for delay, base in zip(first, [0.02, 0.04, 0.08, 0.16, 0.16], strict=True):
                     assert base <= delay <= min(0.16, base * 1.5)
                 assert backoff.failures == 0  # reset by the successful list
+                # The watch opens after the list: cut it only once it is open, else the
+                # injected failure would hit the first watch request instead.
+                await wait_until(lambda: len(server.watchers) == 1, what="watch open")
                 server.faults.fail_next = 1
-                server.drop_watches()
+                assert server.drop_watches() == 1
                 await wait_until(lambda: len(backoff.history) == 6)
                 assert 0.02 <= backoff.history[5] <= 0.03  # started over
                 await wait_until(lambda: server.watch_count["services"] == 2)
@@ -368,6 +371,7 @@ async def test_bearer_token_is_reread_when_it_rotates(make_harness: Any, tmp_pat
             task = asyncio.create_task(reflector.run())
             try:
                 await wait_until(lambda: store.snapshot.synced.get("kubernetes:services"))
+                await wait_until(lambda: len(server.watchers) == 1, what="watch open")
                 # The kubelet rotates the token: the old one stops working.
                 token_file.write_text("token-two\n")
                 server.tokens = {"token-two"}
