@@ -198,6 +198,12 @@ class DnsServer:
 
     def answer(self, data: bytes, *, tcp: bool = False) -> bytes | _Pending | None:
         """The response to one packet, a pending slow-path query, or None to drop it."""
+        if self.store.snapshot is not self._seen:
+            self.catch_up()
+        return self._answer_current(data, tcp)
+
+    def _answer_current(self, data: bytes, tcp: bool) -> bytes | _Pending | None:
+        """:meth:`answer` for a caller that has just caught up with the store."""
         # Fast path: a standard query with one question (and at most an OPT record) for a
         # name we hold or an NXDOMAIN in our zones, that fits. Anything else: _answer.
         size = len(data)
@@ -223,8 +229,6 @@ class DnsServer:
             opt = _OPT
         else:
             return self._answer(data, tcp)
-        if self.store.snapshot is not self._seen:
-            self.catch_up()
         zone = self.zone
         lname = data[12 : end + 1].lower()
         node = zone.nodes.get(lname)
@@ -259,8 +263,6 @@ class DnsServer:
                 return self._formerr(data)
             return None
         self.stats.requests[tcp][q.qtype] += 1
-        if self.store.snapshot is not self._seen:
-            self.catch_up()
         if q.flags & 0x7800:  # opcode other than QUERY
             return self._error(q, wire.NOTIMP)
         if q.edns and q.edns_version:
@@ -455,12 +457,18 @@ class _UdpSocket:
         stats = server.stats
         recvfrom = self.sock.recvfrom
         sendto = self.sock.sendto
-        answer = server.answer
+        # The store cannot change within this callback: catch up once per batch, not per packet.
+        if server.store.snapshot is not server._seen:
+            server.catch_up()
+        answer = server._answer_current
         histogram = server._local
         buckets = histogram.counts
-        spent = 0.0
         perf_counter = time.perf_counter
         query_log = server.query_log
+        # One clock read per packet: a query's time runs from the end of the previous one
+        # (so it includes its own receive) to its answer's send.
+        spent = 0.0
+        started = perf_counter()
         for _ in range(self.BATCH):
             try:
                 data, addr = recvfrom(_MAX_QUERY)
@@ -468,30 +476,34 @@ class _UdpSocket:
                 break
             except OSError as exc:  # e.g. ICMP errors reported on the socket
                 log.debug("dns: UDP receive error: %s", exc)
+                started = perf_counter()
                 continue
-            started = perf_counter()
             try:
-                result = answer(data)
+                result = answer(data, False)
             except Exception:  # never let one packet stop the server
                 log.exception("dns: unexpected error answering a packet from %s", addr)
                 stats.count(stats.dropped, "internal_error")
-                continue
-            if result is None:
+                started = perf_counter()
                 continue
             if type(result) is bytes:
                 try:
                     sendto(result, addr)
                 except OSError:
                     stats.count(stats.dropped, "send_failed")
+                    started = perf_counter()
                     continue
-                elapsed = perf_counter() - started
+                done = perf_counter()
+                elapsed = done - started
                 buckets[bisect_left(DURATION_BUCKETS, elapsed)] += 1
                 spent += elapsed
                 if query_log:
                     _log_query(addr, data, result, started)
+                started = done
                 continue
-            assert isinstance(result, _Pending)
-            server._spawn(result, self._replier(addr, data, started))
+            if result is not None:
+                assert isinstance(result, _Pending)
+                server._spawn(result, self._replier(addr, data, started))
+            started = perf_counter()
         histogram.total += spent
 
     def _replier(self, addr: Any, data: bytes, started: float) -> Callable[[bytes], None]:
