@@ -2,7 +2,9 @@
 
 A benchmark module (``bench/<name>.py``) defines ``TITLE`` and ``run(quick: bool) ->
 list[Result]``; it prints its own detailed sections while it runs and returns the headline
-numbers, which ``python -m bench`` repeats in the summary with their targets.
+numbers, which ``python -m bench`` repeats in the summary with their targets. A stand-alone
+module (``main(argv)``, also run as ``python -m bench.<name>``) hands its judged numbers to
+:func:`record` instead, and the summary takes them from there.
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ class Result:
     target: str = ""
     passed: bool | None = None
     note: str = ""
+    shown: str = ""  # the value as the module printed it, when it formats it itself
 
     def value_text(self) -> str:
+        if self.shown:
+            return self.shown
         if self.unit == "changes/s":
             return f"{self.value:,.0f} {self.unit}"
         if self.unit == "s" and self.value < 0.1:
@@ -56,6 +61,23 @@ def at_most(name: str, value: float, unit: str, limit: float, *, judge: bool = T
 def at_least(name: str, value: float, unit: str, limit: float, *, judge: bool = True) -> Result:
     target = f">= {limit:,.0f} {unit}"
     return Result(name, value, unit, target, (value >= limit) if judge else None)
+
+
+_recorded: list[Result] = []
+
+
+def record(
+    name: str, value: float, unit: str, target: str, passed: bool | None, *, shown: str = ""
+) -> None:
+    """Keep one judged number of a stand-alone benchmark for the summary."""
+    _recorded.append(Result(name, value, unit, target, passed, shown=shown))
+
+
+def take_recorded() -> list[Result]:
+    """The numbers :func:`record` kept since the last call."""
+    taken = list(_recorded)
+    _recorded.clear()
+    return taken
 
 
 def section(title: str) -> None:

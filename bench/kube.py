@@ -43,6 +43,7 @@ from typing import Any
 import aiohttp
 from dnslib import QTYPE, RCODE, DNSRecord
 
+from bench._common import record
 from node_services.sources.kube.client import load_connection
 from node_services.sources.kube.reflector import ReflectorMetrics
 from node_services.sources.kube.source import KubeSource
@@ -649,6 +650,8 @@ async def dns_delays(
 def report(results: dict[str, float], args: argparse.Namespace) -> int:
     def row(name: str, value: str, target: str, ok: bool | None) -> None:
         verdict = "" if ok is None else ("ok" if ok else "MISSED")
+        if ok is not None:
+            record(name.strip(), 0.0, "", target, ok, shown=value)
         print(f"  {name:<38} {value:>14}   target {target:<12} {verdict}")
 
     print(

@@ -29,6 +29,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench._common import record
+
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "tests" / "fixtures" / "cattle" / "recorded-scenario.json"
 
@@ -378,6 +380,13 @@ def main(argv: list[str] | None = None) -> int:
                     floor = max(floor, wrk(f"http://127.0.0.1:{peer_port}{path}", seconds, 50))
                     ours = max(ours, wrk(base + path, seconds, 50))
                 verdict = "ok" if ours / floor >= TARGET_RATIO else "BELOW TARGET"
+                record(
+                    f"{path} vs aiohttp floor",
+                    ours / floor,
+                    "x",
+                    f">= {TARGET_RATIO}x",
+                    ours / floor >= TARGET_RATIO,
+                )
                 print(
                     f"  {path:30s} ours {ours:8.0f}  floor {floor:8.0f}  = {ours / floor:.2f}x "
                     f"(target >= {TARGET_RATIO}x) {verdict}"
@@ -392,6 +401,13 @@ def main(argv: list[str] | None = None) -> int:
             for count in sorted({min(1000, waiters), waiters}):
                 result = long_poll_round(base, admin, daemon.pid, snapshot, count, f"z{count}")
                 verdict = "ok" if result["p99"] < TARGET_P99 else "ABOVE TARGET"
+                record(
+                    f"wake p99, {count} waiters",
+                    result["p99"] * 1000,
+                    "ms",
+                    f"< {TARGET_P99 * 1000:.0f} ms",
+                    result["p99"] < TARGET_P99,
+                )
                 print(
                     f"  {count:6d} waiters: parked in {result['parked_seconds']:.1f}s, daemon RSS "
                     f"+{result['rss_growth_mib']:.1f} MiB ({result['rss_per_waiter_kib']:.1f} KiB"
