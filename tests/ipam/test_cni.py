@@ -253,6 +253,8 @@ ENV_ERRORS = [
     ({"CNI_IFNAME": None}, "required environment variables missing"),
     ({"CNI_PATH": None}, "required environment variables missing"),
     ({"CNI_CONTAINERID": "-bad/id"}, "invalid characters in CNI_CONTAINERID"),
+    ({"CNI_CONTAINERID": "ok-but\n"}, "invalid characters in CNI_CONTAINERID"),
+    ({"CNI_CONTAINERID": "b\u00e4d"}, "invalid characters in CNI_CONTAINERID"),
     ({"CNI_IFNAME": "a-very-long-ifname0"}, "invalid interface name in CNI_IFNAME"),
     ({"CNI_ARGS": "K8S_POD_NAME"}, "CNI_ARGS: 'K8S_POD_NAME' is not KEY=VALUE"),
 ]
