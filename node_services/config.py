@@ -98,8 +98,9 @@ class Settings:
     """HTTP address of the metadata service (the Rancher metadata address by default)."""
 
     metadata_trusted_proxies: tuple[str, ...] = ()
-    """Addresses or CIDRs of proxies whose X-Forwarded-For the metadata service believes; a
-    request carrying X-Forwarded-For from any other peer gets 403."""
+    """Addresses or CIDRs of proxies whose `Forwarded` (RFC 7239) or `X-Forwarded-For` header
+    the metadata service believes; a request carrying either header from any other peer gets
+    403."""
 
     metadata_access_log: bool = False
     """Log one line per metadata request (logger node_services.metadata.access)."""

@@ -2,7 +2,8 @@
 
 Routes: ``GET /`` (the versions), ``GET /<version>[/<path...>]``. The caller's source IP
 selects its workload (``self``); an unknown IP sees ``self/host`` only (this node).
-``X-Forwarded-For`` is refused (403) unless the peer is a trusted proxy.
+``Forwarded`` (RFC 7239) and ``X-Forwarded-For`` are refused (403) unless the peer is a trusted
+proxy.
 
 Answers come from a :class:`~node_services.metadata.tree.Tree` built once per snapshot version
 and API version; rendered bodies are cached inside that tree, so a repeated question costs a
@@ -292,17 +293,26 @@ class MetadataServer:
         return any(ip in network for network in self.config.trusted_proxies)
 
     def _caller_ip(self, request: web.BaseRequest) -> str | None:
-        """The caller's IP, or None when X-Forwarded-For comes from an untrusted peer."""
+        """The caller's IP, or None when a proxy header (``Forwarded``, RFC 7239, or
+        ``X-Forwarded-For``) comes from an untrusted peer. From a trusted proxy, the standard
+        ``Forwarded`` is read when present; a hop it hides (``unknown``, ``_name``) is a caller
+        that is no workload."""
         peer = request.remote or ""
         if peer.startswith("::ffff:") and "." in peer:
             peer = peer[len("::ffff:") :]
-        forwarded = request.headers.get("X-Forwarded-For")
-        if forwarded is None:
+        headers = request.headers
+        forwarded = headers.get("Forwarded")
+        xff = headers.get("X-Forwarded-For")
+        if forwarded is None and xff is None:
             return peer
         if not self._trusted(peer):
             return None
+        if forwarded is not None:
+            hops = forwarded_for(forwarded)
+        else:
+            hops = [h.strip() for h in (xff or "").split(",") if h.strip()]
         # Walk from the right past our trusted proxies: the first other address is the caller.
-        for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+        for hop in reversed(hops):
             if not self._trusted(hop):
                 return hop
         return peer
@@ -320,6 +330,7 @@ class MetadataServer:
             request.method == "GET"
             and not request.query_string
             and "X-Forwarded-For" not in headers
+            and "Forwarded" not in headers
             and "If-None-Match" not in headers
         )
         if cacheable:
@@ -351,12 +362,14 @@ class MetadataServer:
             return self._error("other", 405, "Method not allowed", fmt)
         ip = self._caller_ip(request)
         if ip is None:
+            header = "Forwarded" if "Forwarded" in request.headers else "X-Forwarded-For"
             log.debug(  # counted in metrics (route="forbidden"); a log line each could flood
-                "metadata: refused X-Forwarded-For from untrusted peer %s (%s)",
+                "metadata: refused %s from untrusted peer %s (%s)",
+                header,
                 request.remote,
                 request.path,
             )
-            return self._error("forbidden", 403, "X-Forwarded-For is not accepted", fmt)
+            return self._error("forbidden", 403, f"{header} is not accepted", fmt)
 
         raw_path = request.raw_path.split("?", 1)[0]
         segments = raw_path[1:].rstrip("/").split("/")
@@ -599,6 +612,52 @@ def _etag_matches(header: str | None, version: int) -> bool:
         if tag.strip('"') == current:
             return True
     return False
+
+
+def forwarded_for(header: str) -> list[str]:
+    """The ``for=`` node of each element of an RFC 7239 ``Forwarded`` header, in order: an
+    address without port or brackets, or the node as sent when it is no address (``unknown``,
+    an obfuscated ``_name``); an element without ``for=`` counts as ``unknown``."""
+    hops: list[str] = []
+    for element in _split_outside_quotes(header, ","):
+        node = "unknown"
+        for pair in _split_outside_quotes(element, ";"):
+            name, _, value = pair.partition("=")
+            if name.strip().lower() == "for":
+                node = _forwarded_node(value.strip())
+        hops.append(node)
+    return hops
+
+
+def _split_outside_quotes(text: str, separator: str) -> list[str]:
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return [part.strip() for part in parts if part.strip()]
+
+
+def _forwarded_node(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1].replace("\\", "")
+    if value.startswith("["):  # "[2001:db8::1]:4711"
+        return value[1 : value.find("]")] if "]" in value else value
+    host, colon, _port = value.rpartition(":")
+    if colon and "." in host:  # "192.0.2.60:4711"
+        return host
+    return value
 
 
 def parse_trusted_proxies(values: Sequence[str]) -> tuple[IPNetwork, ...]:

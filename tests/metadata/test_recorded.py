@@ -279,7 +279,7 @@ def test_the_token_shows_only_under_its_owners_self(recorded: MetadataDaemon, cu
     assert theirs.body == b"null"
 
 
-def test_x_forwarded_for_is_refused_unless_the_peer_is_a_trusted_proxy(
+def test_proxy_headers_are_refused_unless_the_peer_is_a_trusted_proxy(
     recorded: MetadataDaemon, curl: Curl
 ) -> None:
     forged = curl(
@@ -307,11 +307,34 @@ def test_x_forwarded_for_is_refused_unless_the_peer_is_a_trusted_proxy(
         headers=(f"X-Forwarded-For: 10.9.9.9, {NGINX}",),
     )
     assert (proxied.status, proxied.body) == (200, b"web-nginx-1")
+
+    # The standard header (RFC 7239) the same way; it wins over X-Forwarded-For when both come.
+    forged_std = curl(
+        recorded.url + "/latest/self/service/token",
+        interface=MYSQL,
+        headers=(f'Forwarded: for="{NGINX}:4711";proto=http',),
+    )
+    assert (forged_std.status, forged_std.body) == (403, b"Forwarded is not accepted\n")
+    proxied_std = curl(
+        recorded.url + "/latest/self/container/name",
+        interface=PROXY,
+        headers=(
+            f'Forwarded: for=10.9.9.9, for="{NGINX}:5555";by={PROXY}',
+            f"X-Forwarded-For: {MYSQL}",
+        ),
+    )
+    assert (proxied_std.status, proxied_std.body) == (200, b"web-nginx-1")
+    hidden = curl(
+        recorded.url + "/latest/self",
+        interface=PROXY,
+        headers=(f'Forwarded: for="_hidden", for={PROXY}',),
+    )
+    assert (hidden.status, hidden.body) == (200, b"host/\n")  # a caller that is no workload
     assert (
         recorded.process.metric(
             'node_services_metadata_requests_total{route="forbidden",status="403"}'
         )
-        == "2.0"
+        == "3.0"
     )
 
 
