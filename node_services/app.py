@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from node_services.admin import make_admin_app
-from node_services.config import ConfigError, Settings
+from node_services.config import ConfigError, Settings, unsupported
 from node_services.dns.server import DnsServer
 from node_services.dns.service import build_dns
 from node_services.ipam.reconcile import IPAMReconciler
@@ -70,12 +70,7 @@ class Supervisor:
 
 def check_supported(settings: Settings) -> None:
     """Refuse settings that name a part this build does not have yet, clearly."""
-    problems = []
-    if settings.cattle_url:
-        problems.append(
-            "cattle_url: the Cattle event source is not in this build yet; "
-            "feed Cattle resources through snapshot files"
-        )
+    problems = unsupported(settings)
     if problems:
         raise ConfigError(problems)
 

@@ -19,6 +19,7 @@ from node_services.config import (
     describe_settings,
     env_name,
     load_settings,
+    unsupported,
 )
 
 # flag dest -> Settings field, for the flags that set settings
@@ -180,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         try:
             settings = load_settings(config_file=args.file)
+            problems = unsupported(settings)
+            if problems:
+                raise ConfigError(problems)
         except ConfigError as exc:
             print(f"node-services: {exc}", file=sys.stderr)
             return 1

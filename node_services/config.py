@@ -143,7 +143,8 @@ class Settings:
     """Seconds between IPAM reconcile passes (it also runs on every state change)."""
 
     overlay: str = "none"
-    """Overlay between nodes: none, vxlan or host-gw."""
+    """Overlay between nodes: none, vxlan or host-gw. This build has no overlay yet: `run`
+    refuses any value but `none`."""
 
     overlay_interface: str = ""
     """Interface whose address carries overlay traffic; default: the default route's."""
@@ -351,6 +352,23 @@ def read_config_file(path: Path, problems: list[str]) -> dict[str, Any]:
         if key not in FIELD_NAMES:
             problems.append(f"{path}: unknown key {key!r}")
     return {k: v for k, v in data.items() if k in FIELD_NAMES}
+
+
+def unsupported(settings: Settings) -> list[str]:
+    """Valid settings that name a part this build does not have yet: ``run`` refuses them
+    (rather than run without it) and ``check-config`` reports them."""
+    problems = []
+    if settings.cattle_url:
+        problems.append(
+            "cattle_url: the Cattle event source is not in this build yet; "
+            "feed Cattle resources through snapshot files"
+        )
+    if settings.overlay != "none":
+        problems.append(
+            f"overlay: {settings.overlay!r} is not in this build yet (only 'none'); "
+            "run flannel or another overlay beside node-services for now"
+        )
+    return problems
 
 
 def load_settings(

@@ -154,6 +154,20 @@ def test_check_config_lists_every_error_and_fails(tmp_path: Path) -> None:
     )
 
 
+def test_check_config_reports_parts_this_build_lacks(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("overlay: host-gw\ncattle_url: http://127.0.0.1:9/v2-beta\n")
+    result = cli("check-config", str(config))
+    assert result.returncode == 1
+    assert result.stderr == (
+        "node-services: invalid configuration:\n"
+        "  cattle_url: the Cattle event source is not in this build yet; feed Cattle resources "
+        "through snapshot files\n"
+        "  overlay: 'host-gw' is not in this build yet (only 'none'); run flannel or another "
+        "overlay beside node-services for now\n"
+    )
+
+
 def test_check_config_reports_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
     missing = cli("check-config", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 1
