@@ -36,6 +36,7 @@ _FLAG_FIELDS = {
     "dns_query_log": "dns_query_log",
     "dns_forward_timeout": "dns_forward_timeout",
     "dns_cache_size": "dns_cache_size",
+    "dns_answer_cache_size": "dns_answer_cache_size",
     "dns_max_forwards": "dns_max_forwards",
     "kubeconfig": "kubeconfig",
     "ipam_dir": "ipam_dir",
@@ -91,6 +92,12 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         help="time to wait for one upstream",
     )
     flag("--dns-cache-size", key="dns_cache_size", metavar="N", help="forward cache entries")
+    flag(
+        "--dns-answer-cache-size",
+        key="dns_answer_cache_size",
+        metavar="N",
+        help="in-zone UDP answers kept by query bytes (0: off)",
+    )
     flag(
         "--dns-max-forwards",
         key="dns_max_forwards",

@@ -87,6 +87,11 @@ class Settings:
     dns_cache_size: int = 10000
     """Responses the forward cache holds (least recently used go first); 0 disables it."""
 
+    dns_answer_cache_size: int = 65536
+    """In-zone UDP answers kept by the exact query bytes (all but the ID), so a query asked
+    before skips the lookup; emptied whenever the zone changes, started over when full. About
+    300 bytes an entry; 0 disables it."""
+
     dns_negative_ttl_cap: int = 300
     """Longest time in seconds a negative upstream answer is cached (RFC 2308: the SOA
     minimum, capped by this)."""
@@ -279,7 +284,12 @@ def _convert(key: str, value: Any) -> Any:
         if not 0 <= ttl <= 2147483647:
             raise ValueError(f"{ttl} is out of range")
         return ttl
-    if key in ("dns_cache_size", "dns_negative_ttl_cap", "dns_max_forwards"):
+    if key in (
+        "dns_cache_size",
+        "dns_answer_cache_size",
+        "dns_negative_ttl_cap",
+        "dns_max_forwards",
+    ):
         if isinstance(value, bool) or not str(value).strip().isdigit():
             raise ValueError(f"{value!r} is not a whole number")
         number = int(value)

@@ -73,5 +73,10 @@ def build_dns(settings: Settings, store: Store, registry: CollectorRegistry) -> 
         forwarding=forwarder is not None,
     )
     return DnsServer(
-        store, zone, stats=stats, forwarder=forwarder, query_log=settings.dns_query_log
+        store,
+        zone,
+        stats=stats,
+        forwarder=forwarder,
+        query_log=settings.dns_query_log,
+        answer_cache_size=settings.dns_answer_cache_size,
     )

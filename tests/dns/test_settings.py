@@ -14,7 +14,11 @@ from node_services.dns.service import build_dns, upstreams_of
 
 def test_dns_flags_and_environment() -> None:
     settings = load_settings(
-        environ={"NODE_NAME": "n", "NODE_SERVICES_DNS_CACHE_SIZE": "50"},
+        environ={
+            "NODE_NAME": "n",
+            "NODE_SERVICES_DNS_CACHE_SIZE": "50",
+            "NODE_SERVICES_DNS_ANSWER_CACHE_SIZE": "0",
+        },
         overrides={
             "dns_query_log": "true",
             "dns_forward_timeout": "0.5",
@@ -24,6 +28,7 @@ def test_dns_flags_and_environment() -> None:
     assert settings.dns_query_log is True
     assert settings.dns_forward_timeout == 0.5
     assert settings.dns_cache_size == 50
+    assert settings.dns_answer_cache_size == 0
     assert settings.dns_max_forwards == 7
     assert settings.dns_negative_ttl_cap == 300
 
@@ -36,6 +41,7 @@ def test_bad_dns_values_are_reported_together() -> None:
                 "dns_forward_timeout": "0",
                 "dns_max_forwards": "0",
                 "dns_cache_size": "lots",
+                "dns_answer_cache_size": "-1",
                 "dns_query_log": "maybe",
             },
         )
@@ -43,6 +49,7 @@ def test_bad_dns_values_are_reported_together() -> None:
     assert "dns_forward_timeout: must be more than 0 and at most 60 seconds" in text
     assert "dns_max_forwards: must be at least 1" in text
     assert "dns_cache_size: 'lots' is not a whole number" in text
+    assert "dns_answer_cache_size: '-1' is not a whole number" in text
     assert "dns_query_log: 'maybe' is not true or false" in text
 
 

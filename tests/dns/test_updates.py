@@ -97,3 +97,42 @@ def test_metrics_and_query_log(daemon: Callable[..., DaemonProcess], tmp_path: P
     assert re.search(
         r"127\.0\.0\.1:\d+ tcp nope\.shop\.svc\.cluster\.local AAAA NXDOMAIN 0 answers", log
     )
+
+
+async def test_repeated_udp_queries_come_from_the_reply_cache_until_the_zone_changes() -> None:
+    s = await serve(kube_cluster())
+    try:
+        name = f"web.shop.svc.{Z}"
+        first, second = await s.query(name), await s.query(name)  # dnspython checks the IDs
+        assert first.id != second.id
+        assert answers(first) == answers(second) == [f"{name}. 5 A 10.43.0.20"]
+        assert len(s.server._replies) == 1  # the second was the cached bytes, new ID
+        assert s.stats.requests[False][1] == 2  # both counted, as A queries
+        assert s.stats.responses[0] == 2
+        shouted = await s.query(name.upper())  # other bytes: its own entry, its own case
+        assert answers(shouted) == [f"{name.upper()}. 5 A 10.43.0.20"]
+        missing = f"nope.shop.svc.{Z}"
+        assert (await s.query(missing)).rcode() == (await s.query(missing)).rcode() == 3
+        assert s.stats.responses[3] == 2
+        assert len(s.server._replies) == 3
+
+        s.store.apply("static:test", records([service("shop", "web", cluster_ips=["10.43.0.99"])]))
+        assert answers(await s.query(name)) == [f"{name}. 5 A 10.43.0.99"]
+        assert len(s.server._replies) == 1  # emptied by the change, refilled by this query
+    finally:
+        await s.stop()
+
+
+async def test_the_answer_cache_starts_over_when_full_and_can_be_off() -> None:
+    s = await serve(kube_cluster())
+    try:
+        s.server._replies_max = 2
+        for name in ("web", "db", "nope", "web"):
+            await s.query(f"{name}.shop.svc.{Z}")
+        assert len(s.server._replies) == 2  # full at "nope": emptied, then nope and web
+        s.server._replies_max = 0
+        s.server._replies.clear()
+        assert answers(await s.query(f"web.shop.svc.{Z}")) == [f"web.shop.svc.{Z}. 5 A 10.43.0.20"]
+        assert s.server._replies == {}
+    finally:
+        await s.stop()
