@@ -527,13 +527,17 @@ def _precompile() -> None:
     PYTHONDONTWRITEBYTECODE would otherwise compile them on every pod start (~6 ms)."""
     import py_compile  # install time only
 
-    # Exactly the project modules this process has loaded: the ones every command loads.
+    # This module (it may be running as __main__) and the project modules loaded with it:
+    # the ones every command loads.
     paths = sorted(
         {
-            path
-            for name, module in list(sys.modules.items())
-            if name.split(".")[0] == "node_services"
-            and isinstance(path := getattr(module, "__file__", None), str)
+            os.path.abspath(__file__),
+            *(
+                path
+                for name, module in list(sys.modules.items())
+                if name.split(".")[0] == "node_services"
+                and isinstance(path := getattr(module, "__file__", None), str)
+            ),
         }
     )
     for path in paths:

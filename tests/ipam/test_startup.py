@@ -3,8 +3,10 @@ and none of the daemon's heavy modules."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,12 +89,36 @@ def test_each_command_leaves_no_wal_behind_so_start_up_stays_flat(plugin: Plugin
     assert len(plugin.allocations()) == 20
 
 
-def test_install_writes_the_plugin_bytecode(installed_plugin: Path) -> None:
-    import importlib.util
-
-    import node_services.ipam.cni as cni
-
-    for module in (cni, sys.modules["node_services.ipam.store"]):
-        source = module.__file__
-        assert source is not None
-        assert Path(importlib.util.cache_from_source(source)).is_file()
+def test_install_writes_the_bytecode_of_every_module_a_command_loads(tmp_path: Path) -> None:
+    # A copy of the package without any bytecode, installed as a runtime would run it.
+    package = Path(__file__).resolve().parents[2] / "node_services"
+    shutil.copytree(package, tmp_path / "node_services", ignore=shutil.ignore_patterns("*.pyc"))
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONDONTWRITEBYTECODE": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "node_services.ipam.cni", "--install", str(tmp_path / "bin")],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(tmp_path)},
+        check=True,
+        capture_output=True,
+    )
+    launcher = tmp_path / "bin" / "node-services-ipam"
+    assert f"sys.path.insert(0, {str(tmp_path)!r})" in launcher.read_text()
+    config = {"cniVersion": "1.0.0", "name": "n", "ipam": {"subnet": "10.9.0.0/24"}}
+    config["ipam"]["dataDir"] = str(tmp_path / "data")
+    proc = subprocess.run(
+        [sys.executable, "-S", "-X", "importtime", str(launcher)],
+        input=json.dumps(config).encode(),
+        env={**env, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0"}
+        | {"CNI_NETNS": "/x", "CNI_PATH": "/x"},
+        capture_output=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout
+    lines = proc.stderr.decode().splitlines()
+    loaded = [line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")]
+    ours = [name for name in loaded if name.split(".")[0] == "node_services"]
+    assert "node_services.ipam.cni" in ours and "node_services.ipam.cnijson" in ours
+    for name in ours:
+        source = tmp_path.joinpath(*name.split("."))
+        source = source / "__init__.py" if source.is_dir() else source.with_suffix(".py")
+        assert Path(importlib.util.cache_from_source(str(source))).is_file(), name
