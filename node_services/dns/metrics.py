@@ -5,7 +5,7 @@ query; a dict increment costs tens of nanoseconds)."""
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -81,6 +81,8 @@ class DnsStats:
     refused_overload: int = 0
     loops: int = 0
     zone_names: int = 0
+    answer_cache_hits: int = 0
+    answer_cache: Sized = ()  # the server's table of whole UDP answers (its size is a gauge)
     zone_rebuilds: int = 0
     zone_units_rebuilt: int = 0
 
@@ -194,6 +196,16 @@ class DnsCollector(Collector):
         )
         yield GaugeMetricFamily(
             "node_services_dns_zone_names", "Names with prebuilt answers.", value=s.zone_names
+        )
+        yield CounterMetricFamily(
+            "node_services_dns_answer_cache_hits",
+            "UDP queries answered with the whole answer kept for the same query bytes.",
+            value=s.answer_cache_hits,
+        )
+        yield GaugeMetricFamily(
+            "node_services_dns_answer_cache_entries",
+            "Whole UDP answers kept by query bytes (dns_answer_cache_size at most).",
+            value=len(s.answer_cache),
         )
         yield CounterMetricFamily(
             "node_services_dns_zone_rebuilds",

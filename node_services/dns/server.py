@@ -83,6 +83,7 @@ class DnsServer:
         fast path built from the current zone; emptied whenever the zone changes, and when it
         holds ``answer_cache_size`` entries (0: never filled)."""
         self._replies_max = answer_cache_size
+        self.stats.answer_cache = self._replies
 
     # -- keeping the zone current ----------------------------------------------------------
 
@@ -485,6 +486,7 @@ class _UdpSocket:
         # One clock read per packet: a query's time runs from the end of the previous one
         # (so it includes its own receive) to its answer's send.
         spent = 0.0
+        cached = 0
         started = perf_counter()
         for _ in range(self.BATCH):
             try:
@@ -500,6 +502,7 @@ class _UdpSocket:
                 end = data.find(0, 12)  # the fast path checked this query's shape
                 requests[data[end + 1] << 8 | data[end + 2]] += 1
                 responses[tail[1] & 0xF] += 1
+                cached += 1
                 result: bytes | _Pending | None = data[:2] + tail
             else:
                 try:
@@ -529,6 +532,7 @@ class _UdpSocket:
                 server._spawn(result, self._replier(addr, data, started))
             started = perf_counter()
         histogram.total += spent
+        stats.answer_cache_hits += cached
 
     def _replier(self, addr: Any, data: bytes, started: float) -> Callable[[bytes], None]:
         server = self.server

@@ -78,8 +78,8 @@ def test_metrics_and_query_log(daemon: Callable[..., DaemonProcess], tmp_path: P
     process = daemon("--snapshot", str(path), "--upstream", "127.0.0.1:1", "--dns-query-log")
     process.wait_for(lambda: process.get("/readyz")[0] == 200, what="readyz")
     port = process.dns_port
-    dig(port, f"web.shop.svc.{Z}", "A")
-    dig(port, f"web.shop.svc.{Z}", "A")
+    dig(port, "+nocookie", f"web.shop.svc.{Z}", "A")  # the same bytes twice, but the ID
+    dig(port, "+nocookie", f"web.shop.svc.{Z}", "A")
     dig(port, "+tcp", f"nope.shop.svc.{Z}", "AAAA")
     dig(port, "+noedns", f"big.shop.svc.{Z}", "A")  # TC over UDP, then TCP
     assert process.metric('node_services_dns_requests_total{proto="udp",type="A"}') == "3.0"
@@ -90,6 +90,8 @@ def test_metrics_and_query_log(daemon: Callable[..., DaemonProcess], tmp_path: P
     assert process.metric("node_services_dns_truncated_total") == "1.0"
     assert process.metric('node_services_dns_request_duration_seconds_count{path="local"}') == "5.0"
     assert float(process.metric("node_services_dns_zone_names")) > 50
+    assert process.metric("node_services_dns_answer_cache_hits_total") == "1.0"
+    assert process.metric("node_services_dns_answer_cache_entries") == "1.0"  # web (UDP) only
     log = process.output()
     assert re.search(
         r"127\.0\.0\.1:\d+ udp web\.shop\.svc\.cluster\.local A NOERROR 1 answers", log
@@ -107,6 +109,7 @@ async def test_repeated_udp_queries_come_from_the_reply_cache_until_the_zone_cha
         assert first.id != second.id
         assert answers(first) == answers(second) == [f"{name}. 5 A 10.43.0.20"]
         assert len(s.server._replies) == 1  # the second was the cached bytes, new ID
+        assert s.stats.answer_cache_hits == 1
         assert s.stats.requests[False][1] == 2  # both counted, as A queries
         assert s.stats.responses[0] == 2
         shouted = await s.query(name.upper())  # other bytes: its own entry, its own case
