@@ -240,6 +240,37 @@ def test_endpoint_slice_without_addresses_is_rejected() -> None:
         translate(obj, "t")
 
 
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda e: e.update(addresses=["10.42.1.9", "nope"]), "addresses[1]: 'nope' is not an IP"),
+        (lambda e: e.update(addresses=[]), "addresses: at least one address is required"),
+        (lambda e: e.update(addresses="10.42.1.9"), "addresses: expected a list, got str"),
+        (lambda e: e.update(conditions=[]), "conditions: expected a mapping, got list"),
+        (lambda e: e.update(conditions={"ready": "yes"}), "conditions.ready: expected true or"),
+        (lambda e: e.update(conditions={"serving": 1}), "conditions.serving: expected true or"),
+        (lambda e: e.update(targetRef={"kind": "Pod", "name": 7.5j}), "targetRef.name: expected"),
+        (lambda e: e.update(nodeName=["a"]), "nodeName: expected a string, got list"),
+    ],
+)
+def test_a_bad_endpoint_field_is_named_with_its_index(change: Any, reason: str) -> None:
+    obj = copy.deepcopy(fixture("endpointslice-db.yaml"))
+    change(obj["endpoints"][1])
+    with pytest.raises(TranslateError) as error:
+        translate(obj, "t")
+    assert str(error.value).startswith(f"EndpointSlice default/db-xyz34: endpoints[1].{reason}")
+
+
+def test_an_endpoint_that_is_no_mapping_is_named() -> None:
+    obj = copy.deepcopy(fixture("endpointslice-db.yaml"))
+    obj["endpoints"][0] = "10.42.1.9"
+    with pytest.raises(TranslateError) as error:
+        translate(obj, "t")
+    assert str(error.value) == (
+        "EndpointSlice default/db-xyz34: endpoints[0]: expected a mapping, got str"
+    )
+
+
 def test_endpoint_slice_without_a_service_is_skipped() -> None:
     obj = fixture("endpointslice-db.yaml")
     del obj["metadata"]["labels"]["kubernetes.io/service-name"]

@@ -318,47 +318,10 @@ def _endpoint_slice(obj: Mapping[str, Any], source: str) -> list[Record]:
         raise TranslateError(ref, f"addressType: unknown type {address_type!r}")
     endpoints = []
     for i, item in enumerate(sequence(ref, "endpoints", obj.get("endpoints"))):
-        where = f"endpoints[{i}]"
-        entry = mapping(ref, where, item)
-        raw_addresses = sequence(ref, f"{where}.addresses", entry.get("addresses"))
-        if not raw_addresses:
-            raise TranslateError(ref, f"{where}.addresses: at least one address is required")
-        if address_type == "FQDN":
-            addresses = tuple(
-                text(ref, f"{where}.addresses[{j}]", a) for j, a in enumerate(raw_addresses)
-            )
-        else:
-            addresses = tuple(
-                ip(ref, f"{where}.addresses[{j}]", a) for j, a in enumerate(raw_addresses)
-            )
-        conditions = mapping(ref, f"{where}.conditions", entry.get("conditions"))
-        # Per the EndpointSlice API, an unset "ready" means ready; "serving" defaults to ready.
-        ready = flag(ref, f"{where}.conditions.ready", conditions.get("ready"), default=True)
-        target = mapping(ref, f"{where}.targetRef", entry.get("targetRef"))
-        target_key = ""
-        if target.get("kind") == "Pod" and target.get("name"):
-            target_namespace = text(ref, f"{where}.targetRef.namespace", target.get("namespace"))
-            target_key = key(
-                "Pod",
-                target_namespace or namespace,
-                text(ref, f"{where}.targetRef.name", target.get("name")),
-            )
-        endpoints.append(
-            Endpoint(
-                addresses=addresses,
-                ready=ready,
-                serving=flag(
-                    ref, f"{where}.conditions.serving", conditions.get("serving"), default=ready
-                ),
-                terminating=flag(
-                    ref, f"{where}.conditions.terminating", conditions.get("terminating")
-                ),
-                hostname=text(ref, f"{where}.hostname", entry.get("hostname")),
-                node_name=text(ref, f"{where}.nodeName", entry.get("nodeName"), intern=True),
-                target_key=target_key,
-                zone=text(ref, f"{where}.zone", entry.get("zone"), intern=True),
-            )
-        )
+        try:
+            endpoints.append(_endpoint(ref, item, address_type, namespace))
+        except TranslateError as exc:  # the paths below are relative: name the endpoint
+            raise TranslateError(ref, f"endpoints[{i}]{exc.reason}") from None
     return [
         Endpoints(
             key=key("EndpointSlice", namespace, name),
@@ -371,6 +334,42 @@ def _endpoint_slice(obj: Mapping[str, Any], source: str) -> list[Record]:
             endpoints=tuple(endpoints),
         )
     ]
+
+
+def _endpoint(ref: str, item: Any, address_type: str, namespace: str) -> Endpoint:
+    """One EndpointSlice endpoint. Field paths are relative to it (``.conditions.ready``), so
+    no path text is built unless a field is bad; the caller prefixes ``endpoints[i]``."""
+    entry = mapping(ref, "", item)
+    raw_addresses = sequence(ref, ".addresses", entry.get("addresses"))
+    if not raw_addresses:
+        raise TranslateError(ref, ".addresses: at least one address is required")
+    read = text if address_type == "FQDN" else ip
+    try:
+        addresses = tuple(read(ref, ".addresses[]", a) for a in raw_addresses)
+    except TranslateError:  # again, naming the bad one
+        addresses = tuple(read(ref, f".addresses[{j}]", a) for j, a in enumerate(raw_addresses))
+    conditions = mapping(ref, ".conditions", entry.get("conditions"))
+    # Per the EndpointSlice API, an unset "ready" means ready; "serving" defaults to ready.
+    ready = flag(ref, ".conditions.ready", conditions.get("ready"), default=True)
+    target = mapping(ref, ".targetRef", entry.get("targetRef"))
+    target_key = ""
+    if target.get("kind") == "Pod" and target.get("name"):
+        target_namespace = text(ref, ".targetRef.namespace", target.get("namespace"))
+        target_key = key(
+            "Pod",
+            target_namespace or namespace,
+            text(ref, ".targetRef.name", target.get("name")),
+        )
+    return Endpoint(
+        addresses=addresses,
+        ready=ready,
+        serving=flag(ref, ".conditions.serving", conditions.get("serving"), default=ready),
+        terminating=flag(ref, ".conditions.terminating", conditions.get("terminating")),
+        hostname=text(ref, ".hostname", entry.get("hostname")),
+        node_name=text(ref, ".nodeName", entry.get("nodeName"), intern=True),
+        target_key=target_key,
+        zone=text(ref, ".zone", entry.get("zone"), intern=True),
+    )
 
 
 def _pod(obj: Mapping[str, Any], source: str) -> list[Record]:
