@@ -499,54 +499,6 @@ def run(request: Request, *, close: bool = True) -> dict[str, Any] | None:
             store.close()
 
 
-def install_launcher(directory: str) -> str:
-    """Write ``DIR/node-services-ipam``: this interpreter started with ``-S`` and this package
-    on sys.path, so a plugin start skips the site-packages scan."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    package_root = os.path.dirname(os.path.dirname(here))
-    os.makedirs(directory, exist_ok=True)
-    target = os.path.join(directory, PLUGIN_NAME)
-    temporary = os.path.join(directory, f".{PLUGIN_NAME}.{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(
-            f"#!{sys.executable} -S\n"
-            f"# {PLUGIN_NAME}: CNI IPAM plugin launcher (written by {PLUGIN_NAME} --install)\n"
-            "import sys\n"
-            f"sys.path.insert(0, {package_root!r})\n"
-            "from node_services.ipam.cni import main\n"
-            "sys.exit(main())\n"
-        )
-    os.chmod(temporary, 0o755)
-    os.replace(temporary, target)
-    _precompile()
-    return target
-
-
-def _precompile() -> None:
-    """Write the bytecode of the plugin's modules now: a runtime that sets
-    PYTHONDONTWRITEBYTECODE would otherwise compile them on every pod start (~6 ms)."""
-    import py_compile  # install time only
-
-    # This module (it may be running as __main__) and the project modules loaded with it:
-    # the ones every command loads.
-    paths = sorted(
-        {
-            os.path.abspath(__file__),
-            *(
-                path
-                for name, module in list(sys.modules.items())
-                if name.split(".")[0] == "node_services"
-                and isinstance(path := getattr(module, "__file__", None), str)
-            ),
-        }
-    )
-    for path in paths:
-        try:
-            py_compile.compile(path, doraise=True)
-        except (OSError, py_compile.PyCompileError) as exc:  # read-only install: still works
-            sys.stderr.write(f"{PLUGIN_NAME}: could not precompile {path}: {exc}\n")
-
-
 def _reply_version(stdin: bytes) -> str:
     """The cniVersion to answer an error in: the request's, when it is one we speak."""
     try:
@@ -568,16 +520,18 @@ def _fail(error: CNIError, version: str) -> NoReturn:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv:
-        if argv[0] == "--install" and len(argv) == 2:
-            print(install_launcher(argv[1]))
-            return 0
+        if argv[0] == "--install":
+            from node_services.ipam import install  # install time only
+
+            return install.main(argv[1:])
         if argv[0] == "--version":
             print(f"{PLUGIN_NAME} CNI plugin, CNI spec versions {', '.join(SUPPORTED_VERSIONS)}")
             return 0
         sys.stderr.write(
             f"usage: {PLUGIN_NAME}  (a CNI plugin: run by the container runtime with CNI_COMMAND"
             " set)\n"
-            f"       {PLUGIN_NAME} --install DIR   (write a fast launcher into DIR)\n"
+            f"       {PLUGIN_NAME} --install DIR [--python PATH] [--lib DIR] [--root DIR]\n"
+            "           (write the launcher a runtime runs into DIR; --install --help)\n"
         )
         return 2
     stdin = sys.stdin.buffer.read()
