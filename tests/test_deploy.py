@@ -1,0 +1,162 @@
+"""deploy/ and the Dockerfile: the manifests are what the Kubernetes API takes (read into the
+official client's models and back without losing a field), and every command in them is one
+this build accepts, run where it can be (the plugin install into a directory, the address
+setup in a network namespace of the test's)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helpers import ROOT
+from kubernetes.client import ApiClient
+
+from node_services import __version__
+from node_services.cli import _overrides, build_parser
+from node_services.config import load_settings
+from node_services.ipam import install
+
+DEPLOY = ROOT / "deploy"
+
+
+def documents(name: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all((DEPLOY / name).read_text()) if doc]
+
+
+def daemonset() -> dict[str, Any]:
+    (doc,) = documents("daemonset.yaml")
+    return doc
+
+
+def pod_spec() -> dict[str, Any]:
+    spec: dict[str, Any] = daemonset()["spec"]["template"]["spec"]
+    return spec
+
+
+def container(name: str) -> dict[str, Any]:
+    spec = pod_spec()
+    (found,) = [c for c in spec["containers"] + spec["initContainers"] if c["name"] == name]
+    return found
+
+
+MODELS = {
+    "DaemonSet": "V1DaemonSet",
+    "ServiceAccount": "V1ServiceAccount",
+    "ClusterRole": "V1ClusterRole",
+    "ClusterRoleBinding": "V1ClusterRoleBinding",
+}
+
+
+@pytest.mark.parametrize("name", ["daemonset.yaml", "rbac.yaml"])
+def test_manifests_survive_the_official_client_models_unchanged(name: str) -> None:
+    client = ApiClient()
+    for doc in documents(name):
+        model = client.deserialize(json.dumps(doc), MODELS[doc["kind"]], "application/json")
+        # A misspelt or misplaced field would be dropped here, a wrong type would fail.
+        assert client.sanitize_for_serialization(model) == doc
+
+
+def test_the_daemon_arguments_are_valid_settings_matching_the_probes_and_volumes() -> None:
+    main = container("node-services")
+    args = build_parser().parse_args(main["args"])
+    assert args.command == "run"
+    env = {e["name"]: "node-1" for e in main["env"] if e.get("valueFrom")}
+    assert main["env"][0]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    settings = load_settings(environ=env, overrides=_overrides(args))
+    assert settings.node_name == "node-1"
+    assert settings.dns_listen.host == settings.metadata_listen.host == "169.254.169.250"
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        assert main[probe]["httpGet"] == {"path": path, "port": settings.admin_listen.port}
+    assert settings.admin_listen.host == "0.0.0.0"  # the kubelet probes the node's address
+    mounts = [m["mountPath"] for m in main["volumeMounts"]]
+    assert any(str(settings.ipam_dir).startswith(m + "/") for m in mounts)
+    assert pod_spec()["hostNetwork"] is True
+
+
+def test_the_service_account_is_the_one_rbac_yaml_binds() -> None:
+    by_kind = {doc["kind"]: doc for doc in documents("rbac.yaml")}
+    account = by_kind["ServiceAccount"]["metadata"]
+    assert pod_spec()["serviceAccountName"] == account["name"]
+    assert daemonset()["metadata"]["namespace"] == account["namespace"]
+    assert by_kind["ClusterRoleBinding"]["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["name"], "namespace": account["namespace"]}
+    ]
+
+
+def test_the_plugin_install_command_writes_into_the_mounted_host_directories(
+    tmp_path: Path,
+) -> None:
+    init = container("install-cni-plugin")
+    command = init["command"]
+    assert command[:2] == ["node-services-ipam", "--install"]
+    root = command[command.index("--root") + 1]
+    volumes = {v["name"]: v["hostPath"]["path"] for v in pod_spec()["volumes"]}
+    mounted = {m["mountPath"]: volumes[m["name"]] for m in init["volumeMounts"]}
+    # Each place the installer writes is a mount of the very host path the launcher names.
+    directory, lib = command[2], command[command.index("--lib") + 1]
+    for host_path in (directory, lib):
+        assert mounted[root + host_path] == host_path
+    # The same command, with the test's directory as the root.
+    argv = [*command[2:]]
+    argv[argv.index("--root") + 1] = str(tmp_path)
+    assert install.main(argv) == 0
+    launcher = (tmp_path / directory.lstrip("/") / "node-services-ipam").read_text()
+    assert launcher.startswith("#!/usr/bin/python3 -S\n")
+    assert f"sys.path.insert(0, {lib!r})" in launcher
+    for module in install.PLUGIN_MODULES:
+        assert (tmp_path / lib.lstrip("/") / module).is_file()
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None:
+        pytest.skip("ip is not installed (Debian: iproute2)")
+    name = f"nsvc-deploy-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_the_address_init_container_can_run_again(netns: str) -> None:
+    command = container("metadata-address")["command"]
+    for _ in range(2):  # a restarted pod runs it again
+        subprocess.run(["ip", "netns", "exec", netns, *command], check=True)
+    shown = subprocess.run(
+        ["ip", "netns", "exec", netns, "ip", "-4", "-o", "address", "show", "dev", "lo"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert shown.count("169.254.169.250/32") == 1
+
+
+def test_the_dockerfile_installs_this_project_and_runs_its_command() -> None:
+    # No container engine runs here: check what the Dockerfile relies on instead.
+    text = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^FROM python:(\d+)\.(\d+)-", text, re.M)
+    assert base is not None
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    required = re.fullmatch(r">=(\d+)\.(\d+)", project["requires-python"])
+    assert required is not None
+    assert tuple(map(int, base.groups())) >= tuple(map(int, required.groups()))
+    for line in re.findall(r"^COPY (.+)$", text, re.M):
+        for source in line.split()[:-1]:
+            assert (ROOT / source).exists(), source
+    assert project["readme"] == "README.md" and "README.md" in text  # the build reads it
+    assert 'ENTRYPOINT ["node-services"]' in text and "node-services" in project["scripts"]
+    images = {c["image"] for c in pod_spec()["containers"] + pod_spec()["initContainers"]}
+    assert images == {f"node-services:{__version__}"}
+    assert "iproute2" in text  # the metadata-address init container runs ip
