@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,3 +124,23 @@ class DaemonProcess:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def network_namespace(label: str, *tools: str) -> Iterator[str]:
+    """A network namespace of the test's own, loopback up, deleted afterwards; the test is
+    skipped (with the reason) without root or without one of ``tools`` (and ``ip``)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    for tool in ("ip", *tools):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (Debian: iproute2, curl, bind9-dnsutils)")
+    name = f"nsvc-{label}-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

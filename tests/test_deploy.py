@@ -6,9 +6,7 @@ setup in a network namespace of the test's)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import tomllib
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import ROOT
+from helpers import ROOT, network_namespace
 from kubernetes.client import ApiClient
 
 from node_services import __version__
@@ -118,16 +116,8 @@ def test_the_plugin_install_command_writes_into_the_mounted_host_directories(
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if shutil.which("ip") is None:
-        pytest.skip("ip is not installed (Debian: iproute2)")
-    name = f"nsvc-deploy-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with network_namespace("deploy") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_the_address_init_container_can_run_again(netns: str) -> None:

@@ -4,7 +4,6 @@ port 53 and metadata on the Rancher metadata address."""
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import signal
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import DEMO_SNAPSHOT, ROOT
+from helpers import DEMO_SNAPSHOT, ROOT, network_namespace
 
 UNIT = ROOT / "systemd" / "node-services.service"
 EXAMPLE = ROOT / "systemd" / "config.yaml"
@@ -88,18 +87,8 @@ def in_ns(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProces
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    for tool in ("ip", "curl", "dig"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (Debian: iproute2, curl, bind9-dnsutils)")
-    name = f"nsvc-unit-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        in_ns(name, "ip", "link", "set", "lo", "up")
+    with network_namespace("unit", "curl", "dig") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_the_units_commands_serve_dns_and_metadata_in_a_namespace(

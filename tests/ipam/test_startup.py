@@ -40,11 +40,26 @@ FORBIDDEN = {
 }
 
 
+ADD_ENV = {
+    "CNI_COMMAND": "ADD",
+    "CNI_CONTAINERID": "c1",
+    "CNI_IFNAME": "eth0",
+    "CNI_NETNS": "/x",
+    "CNI_PATH": "/x",
+}
+
+
+def add_config(data_dir: Path) -> bytes:
+    config = {"cniVersion": "1.0.0", "name": "n", "ipam": {"subnet": "10.9.0.0/24"}}
+    config["ipam"]["dataDir"] = str(data_dir)
+    return json.dumps(config).encode()
+
+
 def imported_modules(installed_plugin: Path, stdin: bytes, env: dict[str, str]) -> set[str]:
     proc = subprocess.run(
         [sys.executable, "-S", "-X", "importtime", str(installed_plugin)],
         input=stdin,
-        env={**env, "PATH": os.environ.get("PATH", "")},
+        env={"PATH": os.environ.get("PATH", ""), **env},
         capture_output=True,
         check=False,
     )
@@ -61,19 +76,7 @@ def test_the_launcher_runs_the_interpreter_with_dash_s(installed_plugin: Path) -
 
 
 def test_an_add_imports_none_of_the_heavy_modules(installed_plugin: Path, tmp_path: Path) -> None:
-    config = {
-        "cniVersion": "1.0.0",
-        "name": "n",
-        "ipam": {"subnet": "10.244.3.0/24", "dataDir": str(tmp_path)},
-    }
-    env = {
-        "CNI_COMMAND": "ADD",
-        "CNI_CONTAINERID": "c1",
-        "CNI_IFNAME": "eth0",
-        "CNI_NETNS": "/x",
-        "CNI_PATH": "/x",
-    }
-    modules = imported_modules(installed_plugin, json.dumps(config).encode(), env)
+    modules = imported_modules(installed_plugin, add_config(tmp_path), ADD_ENV)
     assert "node_services.ipam.cni" in modules
     assert "_sqlite3" in modules
     assert modules & FORBIDDEN == set()
@@ -105,40 +108,13 @@ def test_install_writes_the_bytecode_of_every_module_a_command_loads(tmp_path: P
     )
     launcher = tmp_path / "bin" / "node-services-ipam"
     assert f"sys.path.insert(0, {str(tmp_path)!r})" in launcher.read_text()
-    config = {"cniVersion": "1.0.0", "name": "n", "ipam": {"subnet": "10.9.0.0/24"}}
-    config["ipam"]["dataDir"] = str(tmp_path / "data")
-    proc = subprocess.run(
-        [sys.executable, "-S", "-X", "importtime", str(launcher)],
-        input=json.dumps(config).encode(),
-        env={**env, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0"}
-        | {"CNI_NETNS": "/x", "CNI_PATH": "/x"},
-        capture_output=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout
-    lines = proc.stderr.decode().splitlines()
-    loaded = [line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")]
+    loaded = imported_modules(launcher, add_config(tmp_path / "data"), {**env, **ADD_ENV})
     ours = [name for name in loaded if name.split(".")[0] == "node_services"]
     assert "node_services.ipam.cni" in ours and "node_services.ipam.cnijson" in ours
     for name in ours:
         source = tmp_path.joinpath(*name.split("."))
         source = source / "__init__.py" if source.is_dir() else source.with_suffix(".py")
         assert Path(importlib.util.cache_from_source(str(source))).is_file(), name
-
-
-ADD_ENV = {
-    "CNI_COMMAND": "ADD",
-    "CNI_CONTAINERID": "c1",
-    "CNI_IFNAME": "eth0",
-    "CNI_NETNS": "/x",
-    "CNI_PATH": "/x",
-}
-
-
-def add_config(data_dir: Path) -> bytes:
-    config = {"cniVersion": "1.0.0", "name": "n", "ipam": {"subnet": "10.9.0.0/24"}}
-    config["ipam"]["dataDir"] = str(data_dir)
-    return json.dumps(config).encode()
 
 
 def test_the_modules_install_copies_are_exactly_those_an_add_loads(
