@@ -20,6 +20,8 @@ import bisect
 import ipaddress
 import itertools
 
+from node_services.ipam.cnijson import brief
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Protocol, TypeAlias
@@ -138,24 +140,24 @@ class RangeSet:
 
 def _ip(text: Any, field: str) -> IPAddress:
     if not isinstance(text, str):
-        raise RangeError(f"{field}: expected an IP address, got {text!r}")
+        raise RangeError(f"{field}: expected an IP address, got {brief(text)}")
     try:
         return ipaddress.ip_address(text)
     except ValueError:
-        raise RangeError(f"{field}: {text!r} is not an IP address") from None
+        raise RangeError(f"{field}: {brief(text)} is not an IP address") from None
 
 
 def parse_range(obj: Any, where: str) -> Range:
     """A host-local range object: ``subnet`` and optional ``rangeStart/rangeEnd/gateway``."""
     if not isinstance(obj, dict):
-        raise RangeError(f"{where}: expected an object with a subnet, got {obj!r}")
+        raise RangeError(f"{where}: expected an object with a subnet, got {brief(obj)}")
     text = obj.get("subnet")
     if not isinstance(text, str) or not text:
         raise RangeError(f"{where}.subnet: required (a CIDR such as 10.244.0.0/24)")
     try:
         subnet = ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise RangeError(f"{where}.subnet: {text!r} is not a CIDR") from None
+        raise RangeError(f"{where}.subnet: {brief(text)} is not a CIDR") from None
     if subnet.prefixlen > _MAX_PREFIX[subnet.version]:
         raise RangeError(
             f"{where}.subnet: {text} is too small (at most /{_MAX_PREFIX[subnet.version]})"

@@ -44,6 +44,8 @@ SUPPORTED_VERSIONS: Final = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST: Final = "1.1.0"
 DEFAULT_DATA_DIR: Final = "/var/lib/node-services/ipam"
 PLUGIN_NAME: Final = "node-services-ipam"
+MAX_LOCK_TIMEOUT: Final = 600.0
+"""The longest ``ipam.lockTimeout`` (10 minutes: longer than any runtime waits for a plugin)."""
 
 # CNI well-known error codes, and ours (100+).
 INCOMPATIBLE_VERSION: Final = 1
@@ -176,7 +178,7 @@ def parse_request(environ: dict[str, str] | os._Environ[str], stdin: bytes) -> R
             request.version = version
         return request
     if not isinstance(version, str) or not version:
-        raise CNIError(INVALID_CONFIG, "cniVersion is required", repr(version))
+        raise CNIError(INVALID_CONFIG, "cniVersion is required", cnijson.brief(version))
     if version not in SUPPORTED_VERSIONS:
         raise CNIError(
             INCOMPATIBLE_VERSION,
@@ -204,16 +206,29 @@ def parse_request(environ: dict[str, str] | os._Environ[str], stdin: bytes) -> R
 
 def data_dir(request: Request) -> str:
     value = request.config["ipam"].get("dataDir", DEFAULT_DATA_DIR)
-    if not isinstance(value, str) or not value:
-        raise CNIError(INVALID_CONFIG, "ipam.dataDir must be a directory path", repr(value))
+    # (a NUL byte cannot be in a path: the OS call would fail with a bare ValueError)
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise CNIError(
+            INVALID_CONFIG, "ipam.dataDir must be a directory path", cnijson.brief(value)
+        )
     return value
 
 
 def lock_timeout(request: Request) -> float:
-    """``ipam.lockTimeout``: seconds to wait for another command's lock (then code 11)."""
+    """``ipam.lockTimeout``: seconds to wait for another command's lock (then code 11), from 0
+    to :data:`MAX_LOCK_TIMEOUT`. NaN, infinities and huge values are refused: SQLite would read
+    them as "do not wait at all"."""
     value = request.config["ipam"].get("lockTimeout", DEFAULT_TIMEOUT)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise CNIError(INVALID_CONFIG, "ipam.lockTimeout must be a number of seconds", repr(value))
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= MAX_LOCK_TIMEOUT  # False for NaN too
+    ):
+        raise CNIError(
+            INVALID_CONFIG,
+            f"ipam.lockTimeout must be a number of seconds from 0 to {MAX_LOCK_TIMEOUT:g}",
+            cnijson.brief(value),
+        )
     return float(value)
 
 
@@ -224,7 +239,9 @@ def range_sets(request: Request, tx: Transaction, *, code: int = TRY_AGAIN_LATER
         if "range" in ipam:
             if ipam["range"] != "node":
                 raise CNIError(
-                    INVALID_CONFIG, 'ipam.range: the only value is "node"', repr(ipam["range"])
+                    INVALID_CONFIG,
+                    'ipam.range: the only value is "node"',
+                    cnijson.brief(ipam["range"]),
                 )
             cidrs = tx.node_ranges()
             if not cidrs:
@@ -247,7 +264,9 @@ def routes(request: Request) -> list[dict[str, str]]:
     out = []
     for i, route in enumerate(raw):
         if not isinstance(route, dict) or not isinstance(route.get("dst"), str):
-            raise CNIError(INVALID_CONFIG, f"ipam.routes[{i}]: needs dst (a CIDR)", repr(route))
+            raise CNIError(
+                INVALID_CONFIG, f"ipam.routes[{i}]: needs dst (a CIDR)", cnijson.brief(route)
+            )
         try:
             entry = {"dst": str(ip_network(route["dst"], strict=False))}
             if route.get("gw"):
@@ -263,6 +282,8 @@ def dns(request: Request) -> dict[str, Any] | None:
     path = request.config["ipam"].get("resolvConf")
     if not path:
         return None
+    if not isinstance(path, str) or "\x00" in path:
+        raise CNIError(INVALID_CONFIG, "ipam.resolvConf must be a file path", cnijson.brief(path))
     try:
         with open(path, encoding="utf-8") as file:
             text = file.read()
@@ -299,7 +320,11 @@ def requested_ips(request: Request) -> list[str]:
         found.extend(ips if isinstance(ips, list) else [ips])
     out = []
     for item in found:
-        text = str(item).strip().split("/")[0]
+        if not isinstance(item, str):
+            raise CNIError(
+                INVALID_CONFIG, f"requested IP: a {type(item).__name__} is not an IP address"
+            )
+        text = item.strip().split("/")[0]
         try:
             out.append(str(ip_address(text)))
         except ValueError:
@@ -342,10 +367,14 @@ def ip_entry(request: Request, range_set: RangeSet, ip: str) -> dict[str, str]:
     return entry
 
 
-def build_result(request: Request, entries: list[dict[str, str]]) -> dict[str, Any]:
+def build_result(
+    request: Request,
+    entries: list[dict[str, str]],
+    route_list: list[dict[str, str]],
+    servers: dict[str, Any] | None,
+) -> dict[str, Any]:
     result: dict[str, Any] = {"cniVersion": request.version, "ips": entries}
-    result["routes"] = routes(request)
-    servers = dns(request)
+    result["routes"] = route_list
     if servers is not None:
         result["dns"] = servers
     return result
@@ -367,7 +396,9 @@ def owner_of(request: Request) -> Owner:
 def cmd_add(request: Request, store: IPAMStore) -> dict[str, Any]:
     network = request.config["name"]
     wanted = requested_ips(request)
-    routes(request)  # validate before reserving anything
+    # read and validated before reserving anything: a failed ADD leaves no reservation
+    route_list = routes(request)
+    servers = dns(request)
     with store.transaction() as tx:
         sets = range_sets(request, tx)
         chosen = assign_requested(sets, wanted)
@@ -403,7 +434,7 @@ def cmd_add(request: Request, store: IPAMStore) -> dict[str, Any]:
             with open(pause, "w") as marker:
                 marker.write(str(os.getpid()))
             time.sleep(60)
-    return build_result(request, entries)
+    return build_result(request, entries, route_list, servers)
 
 
 def _in_set(range_set: RangeSet, ip: str) -> bool:
@@ -428,7 +459,10 @@ def cmd_check(request: Request, store: IPAMStore) -> None:
         )
     prev = request.config.get("prevResult")
     if isinstance(prev, dict):
-        for entry in prev.get("ips", []) or []:
+        prev_ips = prev.get("ips") or []
+        if not isinstance(prev_ips, list):
+            raise CNIError(INVALID_CONFIG, "prevResult.ips must be a list", cnijson.brief(prev_ips))
+        for entry in prev_ips:
             address = str(entry.get("address", "")).split("/")[0] if isinstance(entry, dict) else ""
             if address and address not in held:
                 raise CNIError(
@@ -448,7 +482,9 @@ def cmd_gc(request: Request, store: IPAMStore) -> None:
     valid = set()
     for item in raw:
         if not isinstance(item, dict) or not isinstance(item.get("containerID"), str):
-            raise CNIError(INVALID_CONFIG, "cni.dev/valid-attachments: bad entry", repr(item))
+            raise CNIError(
+                INVALID_CONFIG, "cni.dev/valid-attachments: bad entry", cnijson.brief(item)
+            )
         valid.add((item["containerID"], str(item.get("ifname", ""))))
     network = request.config["name"]
     with store.transaction() as tx:
@@ -503,7 +539,7 @@ def _reply_version(stdin: bytes) -> str:
     """The cniVersion to answer an error in: the request's, when it is one we speak."""
     try:
         version = cnijson.loads(stdin).get("cniVersion")
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except Exception:  # whatever the input, the error reply itself must not fail
         return LATEST
     return version if version in SUPPORTED_VERSIONS else LATEST
 

@@ -26,6 +26,10 @@ except ImportError:  # another Python implementation: the json module does it al
 _WHITESPACE = " \t\n\r"
 
 
+class NestingError(ValueError):
+    """The document nests arrays/objects deeper than the decoder's recursion limit allows."""
+
+
 class _DecodeContext:
     """What ``_json.make_scanner`` reads from a ``json.JSONDecoder`` (its defaults)."""
 
@@ -38,7 +42,16 @@ class _DecodeContext:
 
 
 def loads(data: bytes | str) -> Any:
-    """``json.loads(data)``."""
+    """``json.loads(data)``; a document nested too deeply for the decoder (about 1000 levels,
+    the interpreter's recursion limit) raises :class:`NestingError`, a ValueError, instead of
+    RecursionError, so every undecodable input is one kind of error to the caller."""
+    try:
+        return _loads(data)
+    except RecursionError:
+        raise NestingError("JSON nested too deeply (arrays or objects ~1000 levels deep)") from None
+
+
+def _loads(data: bytes | str) -> Any:
     if _accel is None:
         return _slow_loads(data)
     if isinstance(data, bytes):
@@ -53,6 +66,8 @@ def loads(data: bytes | str) -> Any:
     start = len(text) - len(text.lstrip(_WHITESPACE))
     try:
         value, end = _accel.make_scanner(_DecodeContext)(text, start)
+    except RecursionError:
+        raise
     except Exception:
         # (StopIteration, or the accelerator's own errors, which need json.decoder loaded:
         # without it they come out as SystemError)
@@ -82,3 +97,18 @@ def _slow_loads(data: bytes | str) -> Any:
     import json
 
     return json.loads(data)
+
+
+BRIEF_LIMIT = 120
+
+
+def brief(value: Any) -> str:
+    """``repr(value)`` for an error message, at most about :data:`BRIEF_LIMIT` characters: a
+    decoded value can be megabytes long or nested hundreds deep (where repr itself fails)."""
+    if isinstance(value, dict | list) and len(value) > BRIEF_LIMIT:
+        return f"a {type(value).__name__} of {len(value)} items"
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a deeply nested {type(value).__name__}"
+    return text if len(text) <= BRIEF_LIMIT else text[: BRIEF_LIMIT - 3] + "..."

@@ -608,7 +608,18 @@ class _Command:
         db = self.db
         assert db is not None
         if kind is not None:
-            db.execute("ROLLBACK")
+            # A corrupt file can fail the rollback too; the original error tells the cause.
+            # (contextlib.suppress would cost the plugin's start-up an import.)
+            try:  # noqa: SIM105
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if exc is not None and isinstance(exc, sqlite3.Error):
+                # A damaged page ("database disk image is malformed") or any other SQLite
+                # failure inside the command: the store cannot be used (code 5), not a bug.
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise _translate(exc, self.store.path) from exc
+                raise StoreError(f"{self.store.path}: {exc}") from exc
             return
         try:
             db.execute("COMMIT")

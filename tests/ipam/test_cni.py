@@ -281,6 +281,8 @@ def _ipam(plugin: Plugin, **changes: Any) -> dict[str, Any]:
 CONFIG_ERRORS = [
     (b"{not json", 6, "network configuration on stdin is not JSON"),
     (b"[1, 2]", 6, "network configuration must be a JSON object"),
+    (b"[" * 100_000 + b"]" * 100_000, 6, "network configuration on stdin is not JSON"),
+    (b'{"a": ' * 3000 + b"1" + b"}" * 3000, 6, "network configuration on stdin is not JSON"),
     ({"cniVersion": "9.9.9"}, 1, "CNI version 9.9.9 is not supported"),
     ({"cniVersion": None}, 7, "cniVersion is required"),
     ({"name": ""}, 7, "network configuration needs a name"),
@@ -296,6 +298,12 @@ CONFIG_ERRORS = [
     ({"range": "cluster"}, 7, 'ipam.range: the only value is "node"'),
     ({"routes": [{"gw": "10.0.0.1"}]}, 7, "ipam.routes[0]: needs dst (a CIDR)"),
     ({"dataDir": 5}, 7, "ipam.dataDir must be a directory path"),
+    ({"dataDir": "/tmp/ipam\x00data"}, 7, "ipam.dataDir must be a directory path"),
+    ({"resolvConf": ["/etc/resolv.conf"]}, 7, "ipam.resolvConf must be a file path"),
+    *(
+        ({"lockTimeout": bad}, 7, "ipam.lockTimeout must be a number of seconds from 0 to 600")
+        for bad in (float("nan"), float("inf"), float("-inf"), 1e308, 600.5, -1, "5", True)
+    ),
     (
         {"ranges": [[{"subnet": "10.1.0.0/16"}], [{"subnet": "10.1.2.0/24"}]]},
         7,
@@ -334,6 +342,34 @@ def test_an_unusable_data_dir_is_an_io_failure(plugin: Plugin, tmp_path: Path) -
     blocker.write_text("")
     code, msg = error_of(plugin.add(config=plugin.config(dataDir=str(blocker / "dir"))))
     assert (code, msg) == (5, "the IPAM store cannot be used")
+
+
+def test_json_nested_too_deeply_is_a_decoding_failure_not_a_traceback(plugin: Plugin) -> None:
+    reply = plugin.run("ADD", b'{"cniVersion": "1.0.0", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+    assert error_of(reply) == (6, "network configuration on stdin is not JSON")
+    assert reply.json["details"] == "JSON nested too deeply (arrays or objects ~1000 levels deep)"
+    assert reply.json["cniVersion"] == "1.1.0"  # the request's version could not be read
+    assert reply.stderr == ""
+
+
+def test_a_lock_timeout_just_inside_the_range_is_accepted(plugin: Plugin) -> None:
+    assert plugin.add("c1", config=plugin.config(lockTimeout=600)).ips == ["10.244.7.2/24"]
+    assert plugin.add("c2", config=plugin.config(lockTimeout=0)).ips == ["10.244.7.3/24"]
+
+
+def test_a_corrupt_database_page_is_an_io_failure(plugin: Plugin) -> None:
+    assert plugin.add("c1").returncode == 0
+    db = plugin.data_dir / "ipam.db"
+    data = bytearray(db.read_bytes())
+    assert len(data) > 4096 * 2
+    data[4096:] = b"\xab" * (len(data) - 4096)  # every page after the header page
+    db.write_bytes(bytes(data))
+    for command in ("ADD", "DEL", "CHECK"):
+        reply = plugin.run(command, container="c2")
+        assert error_of(reply) == (5, "the IPAM store cannot be used"), command
+        assert reply.json["details"] == f"{db}: database disk image is malformed"
+        assert reply.stderr == ""
+    assert db.read_bytes() == bytes(data)  # nothing was written over the evidence
 
 
 def test_a_store_locked_past_the_timeout_is_try_again_later(plugin: Plugin) -> None:
