@@ -33,6 +33,7 @@ from node_services.ipam.store import (
     Owner,
     StoreBusy,
     StoreError,
+    StoreLost,
     Transaction,
 )
 
@@ -524,6 +525,16 @@ def run(request: Request, *, close: bool = True) -> dict[str, Any] | None:
         else:
             cmd_status(request, store)
         return None
+    except StoreLost as exc:
+        if request.command == "DEL":
+            # Nothing recorded is left to release, and a failing DEL would keep the pod from
+            # ever being torn down; the next ADD on this node fails and says why.
+            sys.stderr.write(f"{PLUGIN_NAME}: DEL released nothing: {exc}\n")
+            return None
+        code = NOT_AVAILABLE if request.command == "STATUS" else IO_FAILURE
+        raise CNIError(
+            code, "the IPAM store was lost: running containers' reservations are unknown", str(exc)
+        ) from None
     except StoreBusy as exc:
         code = NOT_AVAILABLE if request.command == "STATUS" else TRY_AGAIN_LATER
         raise CNIError(code, "the IPAM store is busy", str(exc)) from None

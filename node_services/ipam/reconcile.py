@@ -30,7 +30,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from node_services.ipam.store import Allocation, IPAMStore
+from node_services.ipam.store import Allocation, IPAMStore, StoreLost
 from node_services.state.store import Snapshot, Store
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class IPAMMetrics:
     released: Counter
     node_ranges: Gauge
     errors: Counter
+    store_lost: Gauge
 
     @classmethod
     def register(cls, registry: CollectorRegistry) -> IPAMMetrics:
@@ -143,6 +144,12 @@ class IPAMMetrics:
                 "Reconcile passes that failed (store unreadable or locked)",
                 registry=registry,
             ),
+            store_lost=Gauge(
+                "node_services_ipam_store_lost",
+                "1 while ipam.db is missing or empty although a store was in use in ipam_dir "
+                "(the plugin refuses every ADD until the operator recovers it)",
+                registry=registry,
+            ),
         )
 
 
@@ -159,6 +166,7 @@ class IPAMReconciler:
     clock: Callable[[], float] = time.monotonic
     suspects: dict[SuspectKey, float] = field(default_factory=dict)
     _metrics: IPAMMetrics | None = None
+    _lost: bool = False
 
     @property
     def metrics(self) -> IPAMMetrics:
@@ -181,9 +189,20 @@ class IPAMReconciler:
     async def reconcile_once(self) -> None:
         try:
             await asyncio.to_thread(self._pass)
+        except StoreLost as exc:
+            self.metrics.errors.inc()
+            if not self._lost:  # once, not every pass
+                log.error("ipam: the store was lost: %s", exc)
+            self._lost = True
+            self.metrics.store_lost.set(1)
         except Exception:
             self.metrics.errors.inc()
             log.exception("ipam reconcile pass failed (store %s)", self.data_dir)
+        else:
+            if self._lost:
+                log.info("ipam: the store in %s is usable again", self.data_dir)
+            self._lost = False
+            self.metrics.store_lost.set(0)
 
     def _collecting(self, snapshot: Snapshot) -> bool:
         return bool(snapshot.synced) and snapshot.all_synced

@@ -52,6 +52,9 @@ if TYPE_CHECKING:
     from node_services.ipam.allocator import Interval
 
 DB_NAME: Final = "ipam.db"
+MARKER_NAME: Final = "ipam.db.initialised"
+"""Written beside the database once it holds a store: a missing or empty database where this
+file exists is a lost store (:class:`StoreLost`), never a fresh one."""
 SCHEMA_VERSION: Final = 1
 DEFAULT_TIMEOUT: Final = 30.0
 
@@ -102,6 +105,32 @@ class StoreError(Exception):
 
 class StoreBusy(StoreError):
     """Another process held the lock past the timeout (CNI code 11: try again later)."""
+
+
+class StoreLost(StoreError):
+    """``ipam.db`` is missing or empty although a store was initialised in this directory (its
+    marker file says so): the reservations of running containers are unknown, so nothing may
+    be handed out until the operator restores the file or starts afresh (CNI code 5)."""
+
+    def __init__(self, path: str, marker: str) -> None:
+        try:
+            with open(marker, encoding="utf-8", errors="replace") as file:
+                since = file.read(200).strip()
+        except OSError:
+            since = ""
+        try:
+            size = f"{os.stat(path).st_size} bytes"
+        except OSError:
+            size = "absent"
+        super().__init__(
+            f"{path} is missing or empty ({size}, no IPAM tables) but {marker} says a store "
+            f"was in use here ({since or 'no date'}): handing out addresses now could give a new "
+            "container an address a running one holds. Recover: restore ipam.db from a backup; "
+            f"or, once no container on this node holds an address from it (node drained, its "
+            f"pods restarted), delete {marker} and the next command starts an empty store"
+        )
+        self.path = path
+        self.marker = marker
 
 
 class Owner:
@@ -521,6 +550,7 @@ class IPAMStore:
     ) -> None:
         self.directory = os.fspath(data_dir)
         self.path = os.path.join(self.directory, DB_NAME)
+        self.marker = os.path.join(self.directory, MARKER_NAME)
         self.timeout = timeout
         self._db: sqlite3.Connection | None = None
 
@@ -536,6 +566,8 @@ class IPAMStore:
                 db.execute("PRAGMA synchronous = NORMAL")
                 if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                     self._create(db)
+                if not os.path.exists(self.marker):  # (one stat per command)
+                    self._write_marker()
                 break
             except sqlite3.OperationalError as exc:
                 if db is not None:
@@ -546,6 +578,10 @@ class IPAMStore:
                     time.sleep(0.01)
                     continue
                 raise _translate(exc, self.path) from exc
+            except StoreError:
+                if db is not None:
+                    db.close()
+                raise
             except (OSError, sqlite3.Error) as exc:
                 if db is not None:
                     db.close()
@@ -554,10 +590,17 @@ class IPAMStore:
         return db
 
     def _create(self, db: sqlite3.Connection) -> None:
-        db.execute("PRAGMA journal_mode = WAL")
+        """Create the schema in an empty database, unless the marker says this directory had a
+        store: then the database was deleted or emptied behind our back (StoreLost)."""
+        marked = os.path.exists(self.marker)
+        if not marked:  # (with a marker, leave a lost file exactly as it was found)
+            db.execute("PRAGMA journal_mode = WAL")
         db.execute("BEGIN IMMEDIATE")
         try:
+            # Read again under the write lock: another process may have created it meanwhile.
             version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0 and (marked or os.path.exists(self.marker)):
+                raise StoreLost(self.path, self.marker)
             if version == 0:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
@@ -569,6 +612,14 @@ class IPAMStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _write_marker(self) -> None:
+        """The marker, written whole (a temporary file renamed over it) after the schema."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        temporary = f"{self.marker}.{os.getpid()}.{id(self):x}.tmp"  # (unique per opener)
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(f"node-services IPAM store initialised {stamp}\n")
+        os.replace(temporary, self.marker)
 
     def transaction(self) -> _Command:
         """``with store.transaction() as tx``: ``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back

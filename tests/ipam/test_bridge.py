@@ -158,3 +158,37 @@ def test_bridge_check_fails_when_the_reservation_is_missing(
     error = checked.json
     assert error["code"] == 102
     assert error["msg"] == "no IP reservation for container pod1 interface eth0 in network podnet"
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted"])
+def test_bridge_never_hands_out_a_running_pods_address_after_the_store_is_lost(
+    cni_dir: Plugin, netns: Namespaces, how: str
+) -> None:
+    config = bridge_config(cni_dir, netns)
+    first = run_bridge(cni_dir, netns, "ADD", config, container="pod1", netns=netns.pod_path)
+    assert [e["address"] for e in first.json["ips"]] == ["10.244.200.2/24"]
+    db = cni_dir.data_dir / "ipam.db"
+    if how == "truncated":
+        db.write_bytes(b"")  # `: > ipam.db`
+    else:
+        db.unlink()
+
+    second = run_bridge(
+        cni_dir, netns, "ADD", config, container="pod2", netns=netns.pod_path, ifname="net1"
+    )
+    assert second.returncode != 0, second.stdout
+    error = second.json
+    assert "ips" not in error
+    assert error["code"] == 5
+    assert error["msg"] == "the IPAM store was lost: running containers' reservations are unknown"
+    assert "restore ipam.db from a backup" in error["details"]
+    # pod2's veth (the bridge leaves it for the runtime's DEL) got no address: pod1 keeps the
+    # only 10.244.200.2 in the pod namespace
+    shown = ip("-n", netns.pod, "-4", "-o", "addr", "show").stdout
+    assert shown.count("inet 10.244.200.") == 1 and "eth0    inet 10.244.200.2/24" in shown
+    # the runtime's clean-up DEL of pod2 succeeds, so the pod's teardown is not stuck
+    deleted = run_bridge(
+        cni_dir, netns, "DEL", config, container="pod2", netns=netns.pod_path, ifname="net1"
+    )
+    assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+    assert ip("-n", netns.pod, "link", "show", "net1", check=False).returncode != 0
