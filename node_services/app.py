@@ -17,7 +17,7 @@ from node_services.admin import make_admin_app
 from node_services.config import ConfigError, Settings, unsupported
 from node_services.dns.server import DnsServer
 from node_services.dns.service import build_dns
-from node_services.ipam.reconcile import IPAMReconciler
+from node_services.ipam.reconcile import IPAMReconciler, wait_for_directory
 from node_services.metadata.app import (
     MetadataConfig,
     MetadataMetrics,
@@ -168,11 +168,12 @@ class Daemon:
 
     def _start_ipam(self) -> None:
         """Persist this node's pod CIDRs for the CNI plugin's "range": "node", release leaked
-        addresses, export pool metrics. Runs when ipam is "on", or "auto" and ipam_dir exists
-        (made by the plugin's first ADD or the installer), so a daemon that is not this node's
-        IPAM never writes under /var/lib."""
+        addresses, export pool metrics. Runs when ipam is "on", or "auto" once ipam_dir exists
+        (made by the plugin's first ADD or the installer, maybe after the daemon started: the
+        task then polls for it), so a daemon that is not this node's IPAM never writes under
+        /var/lib."""
         settings = self.settings
-        if not (settings.ipam == "on" or (settings.ipam == "auto" and settings.ipam_dir.is_dir())):
+        if settings.ipam == "off":
             return
         reconciler = IPAMReconciler(
             self.store,
@@ -182,10 +183,17 @@ class Daemon:
             grace=settings.ipam_leak_grace,
             interval=settings.ipam_reconcile_interval,
         )
-        self.supervisor.start("ipam-reconcile", reconciler.run)
-        log.info(
-            "ipam reconcile on %s (leak grace %gs)", settings.ipam_dir, settings.ipam_leak_grace
-        )
+
+        async def run() -> None:
+            if settings.ipam == "auto" and not await asyncio.to_thread(settings.ipam_dir.is_dir):
+                log.info("ipam: auto: waiting for %s to exist", settings.ipam_dir)
+                await wait_for_directory(settings.ipam_dir)
+            log.info(
+                "ipam reconcile on %s (leak grace %gs)", settings.ipam_dir, settings.ipam_leak_grace
+            )
+            await reconciler.run()
+
+        self.supervisor.start("ipam-reconcile", run)
 
     async def reload(self) -> None:
         """SIGHUP: re-read every snapshot file now."""

@@ -138,7 +138,8 @@ class Settings:
 
     ipam: str = "auto"
     """IPAM reconcile in the daemon (persist this node's pod CIDRs for `"range": "node"`,
-    release leaked addresses, pool metrics): on, off, or auto (on when ipam_dir exists)."""
+    release leaked addresses, pool metrics): on, off, or auto (on once ipam_dir exists, also
+    when it appears after start: checked every second)."""
 
     ipam_leak_grace: float = 600.0
     """Seconds an allocation must stay without a workload on this node before the daemon

@@ -246,16 +246,47 @@ def range_sets(request: Request, tx: Transaction, *, code: int = TRY_AGAIN_LATER
                 )
             cidrs = tx.node_ranges()
             if not cidrs:
-                raise CNIError(
-                    code,
-                    "this node's pod CIDRs are not known yet",
-                    "the node-services daemon writes them to dataDir once it sees the node's "
-                    "spec.podCIDRs (Kubernetes) or the default network's subnet (Cattle)",
-                )
+                raise CNIError(code, *why_no_node_ranges(tx, data_dir(request)))
             return node_range_sets(cidrs)
         return parse_range_sets(ipam)
     except RangeError as exc:
         raise CNIError(INVALID_CONFIG, str(exc)) from None
+
+
+STALE_AFTER: Final = 30.0
+"""The daemon counts as stopped when its last pass is older than this, or three intervals."""
+
+
+def why_no_node_ranges(tx: Transaction, directory: str) -> tuple[str, str]:
+    """(msg, details) of "range": "node" without ranges: which of the daemon's parts is missing
+    (none reconciles this dataDir, it stopped, or it runs but has no CIDRs for its node)."""
+    seen = tx.reconciler()
+    now = time.time()
+    if seen is None:
+        return (
+            "this node's pod CIDRs are not known yet: no node-services daemon has reconciled "
+            "this dataDir",
+            f"check that node-services runs on this node with ipam_dir (--ipam-dir) {directory} "
+            "and ipam on or auto (auto starts once the directory exists); its log says "
+            '"ipam reconcile on <dir>"',
+        )
+    node, interval, at = seen
+    age = now - at
+    if age > max(STALE_AFTER, 3 * interval):
+        return (
+            "this node's pod CIDRs are not known yet: the node-services daemon stopped "
+            f"reconciling this dataDir {age:.0f}s ago",
+            f"its last pass (node {node}) was at "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(at))}; check that the daemon "
+            "is running and its log for ipam errors",
+        )
+    return (
+        f"this node's pod CIDRs are not known yet: the node-services daemon has none for node "
+        f"{node}",
+        f"it runs, but node {node} shows no pod CIDRs: check the Node's spec.podCIDRs "
+        f"(kubectl get node {node} -o jsonpath='{{.spec.podCIDRs}}'), or, on Rancher 1.x, the "
+        "default network's subnet, and that the daemon's --node-name is this node's name",
+    )
 
 
 def routes(request: Request) -> list[dict[str, str]]:

@@ -4,7 +4,8 @@ On every store change and every ``interval`` seconds it
 - persists this node's pod CIDRs (``Host.pod_cidrs`` of the host named ``node_name``: a
   Kubernetes Node's ``spec.podCIDRs``, or for a Cattle host the subnet of the default Cattle
   network, which the Cattle translation gives every host) into the plugin's store, for
-  ``"range": "node"``; a node that shows none keeps the last ones;
+  ``"range": "node"``; a node that shows none keeps the last ones; and a heartbeat (node,
+  interval, wall-clock time) so the plugin can say why ranges are missing;
 - persists the addresses Cattle assigned to this node's containers (``primaryIpAddress``,
   keyed by the Docker container ID), which the plugin's ADD honours;
 - finds allocations whose container is no longer a workload on this node (the pod vanished,
@@ -96,6 +97,21 @@ def assigned_addresses(snapshot: Snapshot, node_name: str) -> set[tuple[str, str
     }
 
 
+DIR_POLL_INTERVAL: Final = 1.0
+"""Seconds between looks for a missing ``ipam_dir`` in ``ipam: auto`` (one stat each)."""
+
+
+async def wait_for_directory(path: Path, interval: float = DIR_POLL_INTERVAL) -> None:
+    """Return once ``path`` is a directory: ``ipam: auto`` on a fresh node, where the plugin's
+    first ADD (or the installer) creates ``ipam_dir`` after the daemon started. The stat runs
+    in a worker thread: a hung filesystem must not stall the loop."""
+    # (a poll: nothing notifies us of a directory another process creates, short of inotify)
+    while True:
+        if await asyncio.to_thread(path.is_dir):
+            return
+        await asyncio.sleep(interval)
+
+
 @dataclass(eq=False)
 class IPAMMetrics:
     pool_size: Gauge
@@ -165,8 +181,10 @@ class IPAMReconciler:
     interval: float = 10.0
     clock: Callable[[], float] = time.monotonic
     suspects: dict[SuspectKey, float] = field(default_factory=dict)
+    wall_clock: Callable[[], float] = time.time
     _metrics: IPAMMetrics | None = None
     _lost: bool = False
+    _heartbeat: float = float("-inf")
 
     @property
     def metrics(self) -> IPAMMetrics:
@@ -237,6 +255,12 @@ class IPAMReconciler:
             assigned = assigned_addresses(snapshot, self.node_name)
             if assigned != tx.all_assigned():
                 tx.set_assigned(assigned)
+            # The heartbeat the plugin reads to explain missing ranges: written at most about
+            # twice per interval, however often the state changes.
+            now = self.wall_clock()
+            if now - self._heartbeat >= self.interval / 2:
+                tx.mark_reconciled(self.node_name, self.interval, now)
+                self._heartbeat = now
         self.metrics.node_ranges.set(len(current))
 
     def _find_leaks(self, ipam: IPAMStore, snapshot: Snapshot) -> list[Allocation]:

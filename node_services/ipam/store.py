@@ -532,6 +532,35 @@ class Transaction:
         self.db.execute("DELETE FROM assigned")
         self.db.executemany("INSERT INTO assigned (container_id, ip) VALUES (?, ?)", sorted(pairs))
 
+    def mark_reconciled(self, node_name: str, interval: float, now: float) -> None:
+        """The daemon's heartbeat: which node it reconciles this store for, how often, and when
+        it last did (wall clock), so the plugin can tell why the node's ranges are missing."""
+        self.db.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            [
+                ("reconciler_node", node_name),
+                ("reconcile_interval", repr(float(interval))),
+                ("reconciled_at", repr(float(now))),
+            ],
+        )
+
+    def reconciler(self) -> tuple[str, float, float] | None:
+        """(node name, interval, last pass time) the daemon last recorded, or None."""
+        rows = dict(
+            self.db.execute(
+                "SELECT key, value FROM meta WHERE key IN "
+                "('reconciler_node', 'reconcile_interval', 'reconciled_at')"
+            ).fetchall()
+        )
+        try:
+            return (
+                rows["reconciler_node"],
+                float(rows["reconcile_interval"]),
+                float(rows["reconciled_at"]),
+            )
+        except (KeyError, ValueError):
+            return None
+
     def set_node_ranges(self, cidrs: list[str], node_name: str) -> None:
         self.db.execute("DELETE FROM node_ranges")
         self.db.executemany(

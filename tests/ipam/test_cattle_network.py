@@ -132,7 +132,10 @@ def test_without_a_network_a_cattle_node_has_no_range_and_add_says_try_again(
     reply = plugin.add(DOCKER_ID, config=plugin.config("1.0.0", name="managed", range="node"))
     assert reply.returncode != 0
     assert reply.json["code"] == 11
-    assert reply.json["msg"] == "this node's pod CIDRs are not known yet"
+    assert reply.json["msg"] == (
+        "this node's pod CIDRs are not known yet: the node-services daemon has none for node node1"
+    )
+    assert "check the Node's spec.podCIDRs" in reply.json["details"]
 
 
 def _metric_or(node: DaemonProcess, name: str, default: str = "") -> str:

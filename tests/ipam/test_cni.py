@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,8 @@ def test_status_without_node_ranges_is_unavailable(plugin: Plugin) -> None:
     config = plugin.config("1.1.0", range="node")
     assert error_of(plugin.run("STATUS", config, container="")) == (
         50,
-        "this node's pod CIDRs are not known yet",
+        "this node's pod CIDRs are not known yet: no node-services daemon has reconciled this "
+        "dataDir",
     )
 
 
@@ -222,7 +224,8 @@ def test_range_node_uses_the_pod_cidrs_the_daemon_persisted(plugin: Plugin) -> N
     config = plugin.config("1.0.0", range="node")
     assert error_of(plugin.add("c1", config=config)) == (
         11,
-        "this node's pod CIDRs are not known yet",
+        "this node's pod CIDRs are not known yet: no node-services daemon has reconciled this "
+        "dataDir",
     )
     store = IPAMStore(plugin.data_dir)
     with store.transaction() as tx:
@@ -232,6 +235,40 @@ def test_range_node_uses_the_pod_cidrs_the_daemon_persisted(plugin: Plugin) -> N
         {"address": "10.42.1.2/24", "gateway": "10.42.1.1"},
         {"address": "fd00:42:1::2/64", "gateway": "fd00:42:1::1"},
     ]
+
+
+def test_range_node_without_ranges_says_whether_the_daemon_runs_or_stopped(
+    plugin: Plugin,
+) -> None:
+    config = plugin.config("1.0.0", range="node")
+    reply = plugin.add("c1", config=config)
+    assert error_of(reply)[0] == 11
+    assert reply.json["details"].startswith(
+        f"check that node-services runs on this node with ipam_dir (--ipam-dir) {plugin.data_dir}"
+    )
+    store = IPAMStore(plugin.data_dir)
+    with store.transaction() as tx:  # a daemon whose last pass was 100 s ago, every 10 s
+        tx.mark_reconciled("node-a", 10.0, time.time() - 100)
+    reply = plugin.add("c1", config=config)
+    code, msg = error_of(reply)
+    assert code == 11
+    assert msg.startswith(
+        "this node's pod CIDRs are not known yet: the node-services daemon stopped reconciling "
+        "this dataDir 10"  # 100 s, or 101 on a slow machine
+    )
+    assert msg.endswith("s ago")
+    assert reply.json["details"].startswith("its last pass (node node-a) was at 20")
+    with store.transaction() as tx:  # a live daemon, but its node has no pod CIDRs
+        tx.mark_reconciled("node-a", 10.0, time.time())
+    store.close()
+    reply = plugin.add("c1", config=config)
+    assert error_of(reply) == (
+        11,
+        "this node's pod CIDRs are not known yet: the node-services daemon has none for node "
+        "node-a",
+    )
+    assert "kubectl get node node-a -o jsonpath='{.spec.podCIDRs}'" in reply.json["details"]
+    assert plugin.allocations() == {}
 
 
 def test_dns_comes_from_resolv_conf(plugin: Plugin, tmp_path: Path) -> None:

@@ -288,3 +288,43 @@ async def test_a_cattle_containers_assigned_address_is_what_add_hands_out(
     await reconciler.reconcile_once()
     assert plugin.run("DEL", config, container="3f6940ab5ab43bc5").returncode == 0
     assert plugin.add("3f6940ab5ab43bc5", config=config).ips == ["10.42.0.3/16"]
+
+
+def test_auto_turns_on_when_the_first_add_creates_the_ipam_dir(
+    daemon: Start, plugin: Plugin, tmp_path: Path
+) -> None:
+    # A fresh node: the daemon (ipam: auto, the default) starts before ipam_dir exists.
+    snap = tmp_path / "snapshot.yaml"
+    snap.write_text(snapshot(NODE))
+    assert not plugin.data_dir.exists()
+    node = daemon(
+        "--snapshot",
+        str(snap),
+        "--ipam-dir",
+        str(plugin.data_dir),
+        env={"NODE_SERVICES_IPAM_RECONCILE_INTERVAL": "0.2"},
+    )
+    node.wait_for(lambda: node.get("/readyz")[0] == 200, what="readiness")
+    node.wait_for(lambda: "waiting for" in node.output(), what="the daemon to wait for the dir")
+    assert not plugin.data_dir.exists()
+    config = plugin.config("1.0.0", name="podnet", range="node")
+
+    first = plugin.add("sandbox-1", config=config)  # creates the directory
+    created = time.monotonic()
+    if first.returncode != 0:  # (unless the daemon's poll came just between)
+        assert first.json["code"] == 11
+        assert first.json["msg"] == (
+            "this node's pod CIDRs are not known yet: no node-services daemon has reconciled "
+            "this dataDir"
+        )
+        # The runtime retries; within the poll interval (1 s) and a pass the ranges are there.
+        node.wait_for(
+            lambda: _metric_or(node, "node_services_ipam_node_ranges", "") == "2.0",
+            what="the daemon to notice the new ipam_dir",
+            timeout=5,
+        )
+        assert time.monotonic() - created < 3
+        first = plugin.add("sandbox-1", config=config)
+    assert first.ips == ["10.42.1.2/24", "fd00:42:1::2/64"]
+    assert f"ipam reconcile on {plugin.data_dir}" in node.output()
+    assert node.get("/readyz")[0] == 200  # the waiting task did not fail readiness
