@@ -39,7 +39,7 @@ from node_services.ipam.store import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs the plugin's start-up an import
-    from typing import Any, Final, NoReturn
+    from typing import Any, Final
 
 SUPPORTED_VERSIONS: Final = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST: Final = "1.1.0"
@@ -84,6 +84,16 @@ def _valid_container_id(value: str) -> bool:
     r"""The spec's ``^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`` (whole string; no :mod:`re`, which costs the
     plugin's start-up several milliseconds)."""
     return bool(value) and value[0] in _ID_FIRST and all(c in _ID_REST for c in value)
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid UTF-8 text: bytes that were not (decoded from the environment
+    with surrogateescape, or JSON's lone ``\\ud800`` escapes) cannot be stored in SQLite."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -154,9 +164,17 @@ def parse_request(environ: dict[str, str] | os._Environ[str], stdin: bytes) -> R
                 INVALID_ENVIRONMENT, "invalid characters in CNI_CONTAINERID", request.container_id
             )
         name = request.ifname
-        if len(name) > 15 or name in (".", "..") or any(c in name for c in "/: \t\n"):
+        if (
+            len(name) > 15
+            or name in (".", "..")
+            or any(c in name for c in "/: \t\n\x00")
+            or not _encodable(name)
+        ):
             raise CNIError(INVALID_ENVIRONMENT, "invalid interface name in CNI_IFNAME", name)
-        request.args = parse_cni_args(environ.get("CNI_ARGS", ""))
+        cni_args = environ.get("CNI_ARGS", "")
+        if not _encodable(cni_args):
+            raise CNIError(INVALID_ENVIRONMENT, "CNI_ARGS is not UTF-8", cnijson.brief(cni_args))
+        request.args = parse_cni_args(cni_args)
     elif command == "GC" and not environ.get("CNI_PATH"):
         raise CNIError(INVALID_ENVIRONMENT, "required environment variables missing", "CNI_PATH")
 
@@ -197,6 +215,12 @@ def parse_request(environ: dict[str, str] | os._Environ[str], stdin: bytes) -> R
     network = config.get("name")
     if not isinstance(network, str) or not network:
         raise CNIError(INVALID_CONFIG, "network configuration needs a name")
+    if not _valid_container_id(network):  # the spec gives names the same alphabet
+        raise CNIError(
+            INVALID_CONFIG,
+            "network name: a letter or digit, then letters, digits, '_', '.' or '-'",
+            cnijson.brief(network),
+        )
     if not isinstance(config.get("ipam"), dict):
         raise CNIError(INVALID_CONFIG, "network configuration needs an ipam object")
     return request
@@ -252,6 +276,9 @@ def range_sets(request: Request, tx: Transaction, *, code: int = TRY_AGAIN_LATER
     except RangeError as exc:
         raise CNIError(INVALID_CONFIG, str(exc)) from None
 
+
+RESOLV_CONF_LIMIT: Final = 65536
+"""Characters of ``ipam.resolvConf`` read (a real one is a few hundred)."""
 
 STALE_AFTER: Final = 30.0
 """The daemon counts as stopped when its last pass is older than this, or three intervals."""
@@ -318,7 +345,7 @@ def dns(request: Request) -> dict[str, Any] | None:
         raise CNIError(INVALID_CONFIG, "ipam.resolvConf must be a file path", cnijson.brief(path))
     try:
         with open(path, encoding="utf-8") as file:
-            text = file.read()
+            text = file.read(RESOLV_CONF_LIMIT)  # (a device such as /dev/zero never ends)
     except OSError as exc:
         raise CNIError(INVALID_CONFIG, f"ipam.resolvConf: cannot read {path}", str(exc)) from None
     result: dict[str, Any] = {}
@@ -586,13 +613,25 @@ def _reply_version(stdin: bytes) -> str:
     return version if version in SUPPORTED_VERSIONS else LATEST
 
 
-def _fail(error: CNIError, version: str) -> NoReturn:
+def error_text(error: CNIError, version: str) -> str:
     body = {"cniVersion": version, "code": error.code, "msg": error.msg}
     if error.details:
         body["details"] = error.details
-    sys.stdout.write(cnijson.dumps(body) + "\n")
-    sys.stdout.flush()
-    os._exit(1)
+    return cnijson.dumps(body) + "\n"
+
+
+def respond(environ: dict[str, str] | os._Environ[str], stdin: bytes) -> tuple[str, int]:
+    """One command, from its environment and stdin to (what to print, exit status): a result
+    (or nothing) and 0, or exactly one CNI error object and 1, whatever the input."""
+    try:
+        result = run(parse_request(environ, stdin))
+    except CNIError as error:
+        return error_text(error, _reply_version(stdin)), 1
+    except Exception as exc:  # a bug: still answer in the CNI error shape, with the cause
+        details = cnijson.brief(exc)
+        internal = CNIError(INTERNAL_ERROR, "internal error", details)
+        return error_text(internal, _reply_version(stdin)), 1
+    return ("" if result is None else cnijson.dumps(result) + "\n"), 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -612,21 +651,14 @@ def main(argv: list[str] | None = None) -> int:
             "           (write the launcher a runtime runs into DIR; --install --help)\n"
         )
         return 2
-    stdin = sys.stdin.buffer.read()
-    try:
-        result = run(parse_request(os.environ, stdin))
-    except CNIError as error:
-        _fail(error, _reply_version(stdin))
-    except Exception as exc:  # a bug: still answer in the CNI error shape, with the cause
-        _fail(CNIError(INTERNAL_ERROR, "internal error", repr(exc)), _reply_version(stdin))
-    if result is not None:
-        sys.stdout.write(cnijson.dumps(result) + "\n")
+    text, status = respond(os.environ, sys.stdin.buffer.read())
+    sys.stdout.write(text)
     sys.stdout.flush()
     # run() closed the store: the last connection to close checkpoints the WAL and removes it.
     # (Exiting with the database open, as a crash does, is safe, but then the next process
     # replays the whole WAL and can never restart it: the WAL, and every command's start-up,
     # grew with each pod ever started.)
-    os._exit(0)
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -379,7 +379,21 @@ class Transaction:
                 time.time(),
             ),
         )
+        self._take_elsewhere(network, text, pool)
         return text
+
+    def _take_elsewhere(self, network: str, ip: str, pool: int) -> None:
+        """Take the address out of the network's other pools that cover it too (a changed
+        range configuration leaves overlapping pools): their free counts stay exact."""
+        address = ip_address(ip)
+        value = int(address)
+        rows = self.db.execute(
+            "SELECT id, bounds FROM pools WHERE network = ? AND family = ? AND id != ?",
+            (network, address.version, pool),
+        ).fetchall()
+        for other, bounds in rows:
+            if any(lo <= value <= hi for lo, hi in _bounds(bounds)):
+                take(SQLFreeList(self.db, other, address.version), value)
 
     def _next(
         self, network: str, range_set: RangeSet, free: SQLFreeList, cursor: int | None

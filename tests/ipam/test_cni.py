@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from ipam.cni_driver import Plugin, error_of
 
+from node_services.ipam import cni
 from node_services.ipam.store import IPAMStore
 
 ROUTES = [{"dst": "0.0.0.0/0"}]
@@ -324,6 +325,10 @@ CONFIG_ERRORS = [
     ({"cniVersion": None}, 7, "cniVersion is required"),
     ({"name": ""}, 7, "network configuration needs a name"),
     ({"ipam": "host-local"}, 7, "network configuration needs an ipam object"),
+    *(
+        ({"name": bad}, 7, "network name: a letter or digit, then letters, digits, '_', '.' or '-'")
+        for bad in ("-net", "pod net", "n\x00", "n\ud800", "n/../x")
+    ),
     ({"subnet": "10.0.0.300/24"}, 7, "ipam.subnet: '10.0.0.300/24' is not a CIDR"),
     ({"subnet": "10.0.0.0/31"}, 7, "ipam.subnet: 10.0.0.0/31 is too small (at most /30)"),
     (
@@ -379,6 +384,19 @@ def test_an_unusable_data_dir_is_an_io_failure(plugin: Plugin, tmp_path: Path) -
     blocker.write_text("")
     code, msg = error_of(plugin.add(config=plugin.config(dataDir=str(blocker / "dir"))))
     assert (code, msg) == (5, "the IPAM store cannot be used")
+
+
+def test_environment_bytes_that_are_not_utf8_are_code_4(plugin: Plugin) -> None:
+    # os.environ decodes such bytes with surrogateescape; SQLite cannot store the result
+    stdin = json.dumps(plugin.config()).encode()
+    for key, value, msg in (
+        ("CNI_ARGS", "K8S_POD_NAME=p\udcff", "CNI_ARGS is not UTF-8"),
+        ("CNI_IFNAME", "eth\udcff", "invalid interface name in CNI_IFNAME"),
+    ):
+        env = {**plugin.env("ADD"), key: value}
+        text, status = cni.respond(env, stdin)
+        assert (status, json.loads(text)["code"], json.loads(text)["msg"]) == (1, 4, msg)
+    assert not plugin.data_dir.exists()
 
 
 def test_json_nested_too_deeply_is_a_decoding_failure_not_a_traceback(plugin: Plugin) -> None:

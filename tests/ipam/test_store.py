@@ -12,7 +12,7 @@ from ipam.cni_driver import Plugin, error_of
 from prometheus_client import CollectorRegistry
 
 from node_services.ipam.reconcile import IPAMReconciler
-from node_services.ipam.store import MARKER_NAME
+from node_services.ipam.store import MARKER_NAME, IPAMStore
 from node_services.state.store import Store
 
 LOST = "the IPAM store was lost: running containers' reservations are unknown"
@@ -109,3 +109,19 @@ async def test_the_daemon_reports_a_lost_store_once_and_its_recovery(
     assert registry.get_sample_value("node_services_ipam_store_lost") == 0
     assert any("usable again" in r.getMessage() for r in caplog.records)
     assert plugin.allocations() == {("c1", "eth0"): "10.244.7.2"}
+
+
+def test_overlapping_pools_of_a_changed_config_keep_exact_free_counts(plugin: Plugin) -> None:
+    narrow = plugin.config(ranges=[[{"subnet": "10.244.7.0/24", "rangeEnd": "10.244.7.10"}]])
+    wide = plugin.config()  # the whole /24: a second pool over the same addresses
+    assert plugin.add("c1", config=narrow).ips == ["10.244.7.2/24"]
+    assert plugin.add("c2", config=wide).ips == ["10.244.7.3/24"]
+    assert plugin.add("c3", config=narrow).ips == ["10.244.7.4/24"]  # also taken from the wide
+    assert plugin.check_store() == []
+    assert plugin.run("DEL", narrow, container="c3").returncode == 0
+    assert plugin.check_store() == []
+    store = IPAMStore(plugin.data_dir)
+    with store.transaction() as tx:
+        # c1 and c2 hold .2 and .3, inside both pools: each has two addresses fewer free
+        assert sorted((p.size, p.free) for p in tx.pool_stats()) == [(9, 7), (253, 251)]
+    store.close()
