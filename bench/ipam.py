@@ -27,7 +27,8 @@ from pathlib import Path
 
 from bench._common import record
 from node_services.ipam.allocator import parse_range_sets
-from node_services.ipam.store import IPAMStore, Owner
+from node_services.ipam.store import IPAMStore
+from node_services.ipam.tables import Owner
 
 HOST_LOCAL = Path("/usr/lib/cni/host-local")
 SUBNET = "10.250.0.0/16"

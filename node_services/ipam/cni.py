@@ -30,12 +30,11 @@ from node_services.ipam.allocator import (
 from node_services.ipam.store import (
     DEFAULT_TIMEOUT,
     IPAMStore,
-    Owner,
     StoreBusy,
     StoreError,
     StoreLost,
-    Transaction,
 )
+from node_services.ipam.tables import Owner, Transaction
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs the plugin's start-up an import

@@ -35,6 +35,7 @@ PLUGIN_MODULES = (
     "node_services/ipam/cnijson.py",
     "node_services/ipam/allocator.py",
     "node_services/ipam/store.py",
+    "node_services/ipam/tables.py",
 )
 """Every project module a plugin command loads (a test checks it against an ADD's imports)."""
 

@@ -31,7 +31,8 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from node_services.ipam.store import Allocation, IPAMStore, StoreLost
+from node_services.ipam.store import IPAMStore, StoreLost
+from node_services.ipam.tables import Allocation
 from node_services.state.store import Snapshot, Store
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from ipam.cni_driver import Plugin
 from prometheus_client import CollectorRegistry
 
 from node_services.ipam.reconcile import IPAMReconciler, is_owned
-from node_services.ipam.store import Allocation, IPAMStore, Owner
+from node_services.ipam.store import IPAMStore
+from node_services.ipam.tables import Allocation, Owner
 from node_services.state.records import Host, Workload
 from node_services.state.store import Store
 
