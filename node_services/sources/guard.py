@@ -61,6 +61,8 @@ def describe(exc: BaseException) -> str:
     :class:`TranslateError` gives its reason: the ``what`` beside it names the object)."""
     if isinstance(exc, TranslateError):
         return exc.reason
+    if isinstance(exc, InputLimitError):  # its message says which limit, and where
+        return str(exc)
     if isinstance(exc, RecursionError):
         return "nested too deeply to process (RecursionError)"
     if isinstance(exc, MemoryError):

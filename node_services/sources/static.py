@@ -213,6 +213,8 @@ def _load_file(path: Path, source: str) -> LoadResult:
             except InputLimitError as exc:
                 errors.append(f"{path}: document {number + 1}: {exc}")
                 reason = "limit"
+            except (ValueError, KeyError, TypeError) as exc:  # a bad tagged scalar: !!int x
+                errors.append(f"{path}: document {number + 1}: not valid YAML: {describe(exc)}")
             marked_empty = False
             if not records and not errors:
                 stream.seek(0)
