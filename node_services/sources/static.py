@@ -9,8 +9,12 @@ one file.
 
 A file is loaded whole or not at all: if any document or object is malformed, every problem is
 logged with the file, document number and object, and the file's last good content keeps
-serving. Objects of kinds no service uses are skipped. Files are checked for changes every
-``poll_interval`` seconds and reloaded on SIGHUP (the app calls :meth:`SnapshotFile.reload`).
+serving. Objects of kinds no service uses are skipped. Any exception is a rejection, never the
+end of the reload task (:mod:`~node_services.sources.guard`); a file with no records needs the
+line ``# node-services: empty`` to apply (an empty or truncated file must not blank the cache);
+nesting and YAML aliases are bounded (:mod:`~node_services.sources.yamlload`). Files are
+checked for changes every ``poll_interval`` seconds and reloaded on SIGHUP (the app calls
+:meth:`SnapshotFile.reload`).
 Parsing runs in a worker thread so the event loop keeps answering meanwhile.
 """
 

@@ -218,6 +218,12 @@ HOSTILE: dict[str, tuple[str, str, str]] = {
         + billion_laughs().replace("\n", "\n  "),
         "document 1: its aliases would expand it by more than 100,000 nodes",
     ),
+    "alias-bomb-in-cattle-metadata": (  # the 4.9 GB metadata GET of issue 9
+        "cattle-bomb.yaml",
+        "type: service\nid: 1s9\nname: lol\nstackId: 1st5\nkind: service\nmetadata:\n  "
+        + billion_laughs().replace("\n", "\n  "),
+        "document 1: its aliases would expand it by more than 100,000 nodes",
+    ),
 }
 
 
@@ -357,7 +363,7 @@ async def test_hostile_files_never_end_the_polling_task_and_the_next_good_file_l
         labels = {"source": source.name, "reason": reason}
         return registry.get_sample_value("node_services_source_rejected_loads_total", labels)
 
-    assert (rejected("limit"), rejected("invalid"), rejected("empty")) == (4, 2, len(EMPTY))
+    assert (rejected("limit"), rejected("invalid"), rejected("empty")) == (5, 2, len(EMPTY))
 
 
 async def test_a_failed_read_is_retried_at_the_next_poll(
@@ -493,7 +499,7 @@ def test_daemon_keeps_serving_through_hostile_and_empty_snapshots(
     assert f"snapshot rejected: {path}: document 1: JSON nested more than 100" in text
     assert f"snapshot rejected: {path}: no objects" in text
     assert "Traceback" not in text
-    for reason, count in (("limit", 4), ("invalid", 2), ("empty", len(EMPTY))):
+    for reason, count in (("limit", 5), ("invalid", 2), ("empty", len(EMPTY))):
         labels = f'reason="{reason}",source="static:{path}"'
         assert node.metric(f"node_services_source_rejected_loads_total{{{labels}}}") == f"{count}.0"
     # the next good file loads: frontend moves

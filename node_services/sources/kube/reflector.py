@@ -205,6 +205,17 @@ class Reflector:
                     self.resource_version or "a relist",
                     delay,
                 )
+            except Exception as exc:  # the guard's rule for the load step: never a dead task
+                self.metrics.error(self.resource.name, "error")
+                self.rejections.rejected_load(self.source, "error")
+                self.resource_version = ""  # whatever broke, a relist starts from the truth
+                delay = self.backoff.next_delay()
+                log.error(
+                    "%s: list/watch failed: %s; relisting in %.1fs",
+                    self.source,
+                    describe(exc),
+                    delay,
+                )
             if delay:
                 await asyncio.sleep(delay)
 

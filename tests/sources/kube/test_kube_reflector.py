@@ -588,3 +588,32 @@ async def test_objects_whose_translation_raises_anything_are_rejected_and_the_re
         )
         == 6
     )
+
+
+async def test_an_unexpected_failure_of_a_list_is_retried_not_fatal(
+    make_harness: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from node_services.sources.guard import Rejections
+
+    real = KubeClient.get_json
+    failures: list[str] = []
+
+    async def failing_once(self: KubeClient, path: str, params: Any = None) -> Any:
+        if path.endswith("/nodes") and not failures:
+            failures.append(path)
+            raise MemoryError
+        return await real(self, path, params)
+
+    monkeypatch.setattr(KubeClient, "get_json", failing_once)
+    registry = CollectorRegistry()
+    with caplog.at_level(logging.ERROR):
+        kube = await make_harness(rejections=Rejections(registry))
+        await kube.synced()
+    assert failures == ["/api/v1/nodes"]
+    assert sorted(kube.store.snapshot.hosts) == ["k8s:Node/node-a", "k8s:Node/node-b"]
+    assert (
+        "kubernetes:nodes: list/watch failed: ran out of memory while processing it (MemoryError)"
+        in caplog.text
+    )
+    labels = {"source": "kubernetes:nodes", "reason": "error"}
+    assert registry.get_sample_value("node_services_source_rejected_loads_total", labels) == 1
