@@ -195,7 +195,9 @@ def load_file(path: Path, source: str) -> LoadResult:
     with _gc_paused():
         outcome = guarded(lambda: _load_file(path, source), what=str(path))
     if isinstance(outcome, Rejected):
-        return LoadResult((), (str(outcome),), (), reason=outcome.kind)
+        # Judged as it is now: a file that exhausts memory is not parsed again every second
+        # (a change or SIGHUP reads it again).
+        return LoadResult((), (str(outcome),), (), reason=outcome.kind, stamp=_stamp(path))
     return outcome
 
 

@@ -277,6 +277,7 @@ def test_an_exception_anywhere_in_the_load_is_a_rejection(
     result = load_file(path, "t")
     assert result.errors == (f"{path}: nested too deeply to process (RecursionError)",)
     assert result.reason == "limit"
+    assert result.stamp == static._stamp(path)  # judged: not parsed again until it changes
 
 
 EMPTY: dict[str, str] = {
