@@ -378,11 +378,13 @@ class Reflector:
             self.metrics.invalid(self.resource.name)
             log.error("%s: skipped an object that is not a JSON object", self.source)
             return []
-        outcome = guarded(lambda: self._translate_supported(obj), what=self._ref(obj))
-        if isinstance(outcome, Rejected):
+        outcome = guarded(lambda: self._translate_supported(obj), what="")
+        if isinstance(outcome, Rejected):  # named only now: watch events are a hot path
             self.metrics.invalid(self.resource.name)
             self.rejections.rejected_object(self.source)
-            log.error("%s: skipped invalid object %s", self.source, outcome)
+            log.error(
+                "%s: skipped invalid object %s: %s", self.source, self._ref(obj), outcome.reason
+            )
             return []
         return outcome
 
