@@ -237,7 +237,8 @@ def _worker_parse(path: Path) -> dict[str, Any]:
     from node_services.sources.static import _documents, _objects, translate_object
 
     started = time.process_time()
-    documents = list(_documents(path))
+    with path.open("rb") as stream:
+        documents = list(_documents(stream))
     parsed = time.process_time()
     records = 0
     for number, document in enumerate(documents, start=1):

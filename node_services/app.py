@@ -25,6 +25,7 @@ from node_services.metadata.app import (
     parse_trusted_proxies,
 )
 from node_services.metadata.tree import Environment
+from node_services.sources.guard import Rejections
 from node_services.sources.kube.client import in_cluster
 from node_services.sources.kube.source import KubeSource
 from node_services.sources.static import SnapshotFile
@@ -94,8 +95,15 @@ class Daemon:
 
     def __post_init__(self) -> None:
         check_supported(self.settings)
+        # One set of rejected-load/object counters, shared by every source.
+        rejections = Rejections(self.registry)
         self.snapshots = [
-            SnapshotFile(self.store, path, poll_interval=self.settings.snapshot_poll_interval)
+            SnapshotFile(
+                self.store,
+                path,
+                poll_interval=self.settings.snapshot_poll_interval,
+                rejections=rejections,
+            )
             for path in self.settings.snapshots
         ]
         for snapshot in self.snapshots:
@@ -110,6 +118,7 @@ class Daemon:
                 page_size=self.settings.kube_page_size,
                 read_timeout=self.settings.kube_read_timeout,
                 registry=self.registry,
+                rejections=rejections,
             )
 
     async def start(self) -> None:

@@ -14,3 +14,8 @@ class TranslateError(ValueError):
 
 class UnsupportedObject(TranslateError):
     """A well-formed object of a kind no service uses (a ConfigMap, a Cattle volume, ...)."""
+
+
+class InputLimitError(ValueError):
+    """A document exceeds one of the loader's documented limits (nesting depth, alias uses,
+    alias expansion). The message says which, and where."""

@@ -9,8 +9,12 @@ one file.
 
 A file is loaded whole or not at all: if any document or object is malformed, every problem is
 logged with the file, document number and object, and the file's last good content keeps
-serving. Objects of kinds no service uses are skipped. Files are checked for changes every
-``poll_interval`` seconds and reloaded on SIGHUP (the app calls :meth:`SnapshotFile.reload`).
+serving. Objects of kinds no service uses are skipped. Any exception is a rejection, never the
+end of the reload task (:mod:`~node_services.sources.guard`); a file with no records needs the
+line ``# node-services: empty`` to apply (an empty or truncated file must not blank the cache);
+nesting and YAML aliases are bounded (:mod:`~node_services.sources.yamlload`). Files are
+checked for changes every ``poll_interval`` seconds and reloaded on SIGHUP (the app calls
+:meth:`SnapshotFile.reload`).
 Parsing runs in a worker thread so the event loop keeps answering meanwhile.
 """
 
@@ -23,23 +27,45 @@ import gc
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Final
 
 import yaml
 
 from node_services.sources import yamlload
 from node_services.sources.cattle import translate as cattle
-from node_services.sources.errors import TranslateError, UnsupportedObject
+from node_services.sources.errors import InputLimitError, TranslateError, UnsupportedObject
+from node_services.sources.guard import Rejected, Rejections, describe, guarded
 from node_services.sources.kube import translate as kube
+from node_services.sources.yamlload import MAX_DEPTH
 from node_services.state.records import Record
 from node_services.state.store import Store
 
 log = logging.getLogger(__name__)
+
+
+EMPTY_MARKER: Final = "# node-services: empty"
+"""A line that lets a file with no objects replace the file's previous content (see
+:func:`load_file`)."""
+_MARKER_LINE = re.compile(rb"^[ \t]*" + re.escape(EMPTY_MARKER.encode()) + rb"[ \t]*\r?$", re.M)
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """What tells that a file changed: replaced (inode), rewritten (mtime, size)."""
+
+    inode: int
+    mtime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Stamp:
+        return cls(st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,21 +75,47 @@ class LoadResult:
     records: tuple[Record, ...]
     errors: tuple[str, ...]  # "file: document N: Kind ns/name: reason"
     skipped: tuple[str, ...]  # unsupported objects, with the reason
+    reason: str = ""
+    """Why the load is rejected (one of :data:`~node_services.sources.guard.LOAD_REASONS`);
+    "" when ``errors`` is empty."""
+    stamp: Stamp | None = None
+    """The file as it was read; None when the read failed or the file changed while being
+    read: the content is not known, so the next check tries again."""
 
 
-def _documents(path: Path) -> Iterator[Any]:
+def _documents(stream: IO[bytes]) -> Iterator[Any]:
     """The documents of a file, streamed (JSON fast path when the file starts like JSON)."""
-    with path.open("rb") as stream:
-        head = stream.read(64).lstrip()
-        stream.seek(0)
-        if head[:1] in (b"{", b"["):
-            try:
-                yield json.load(stream)
-                return
-            except ValueError:
-                stream.seek(0)  # not JSON after all (a YAML flow mapping): parse as YAML
-        # = yaml.load_all(stream, Loader=CSafeLoader), exactly, in about half the time
-        yield from yamlload.load_all(stream)
+    head = stream.read(64).lstrip()
+    stream.seek(0)
+    if head[:1] in (b"{", b"["):
+        try:
+            document = json.load(stream)
+        except RecursionError:
+            raise InputLimitError(f"JSON nested more than {MAX_DEPTH} levels deep") from None
+        except ValueError:
+            stream.seek(0)  # not JSON after all (a YAML flow mapping): parse as YAML
+        else:
+            _check_json_depth(document)
+            yield document
+            return
+    # = yaml.load_all(stream, Loader=CSafeLoader), exactly, in about half the time
+    yield from yamlload.load_all(stream)
+
+
+def _check_json_depth(document: Any) -> None:
+    """Raise :class:`InputLimitError` if a JSON document nests deeper than MAX_DEPTH (YAML
+    documents are checked as they are built, in :mod:`yamlload`)."""
+    stack = [(document, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node, depth = pop()
+        children = node.values() if type(node) is dict else node
+        for child in children:
+            kind = type(child)
+            if kind is dict or kind is list:
+                if depth >= MAX_DEPTH:
+                    raise InputLimitError(f"JSON nested more than {MAX_DEPTH} levels deep")
+                push((child, depth + 1))
 
 
 def _objects(document: Any, where: str) -> Iterator[tuple[str, Any]]:
@@ -133,34 +185,102 @@ def _gc_paused() -> Iterator[None]:
 
 
 def load_file(path: Path, source: str) -> LoadResult:
-    """Read and translate one snapshot file. Never raises for bad content: see ``errors``."""
+    """Read and translate one snapshot file. Never raises: a bad file is a result whose
+    ``errors`` say why (any exception is caught by :func:`~node_services.sources.guard.guarded`).
+
+    A file that yields no records is rejected (``reason`` "empty") unless it has the line
+    :data:`EMPTY_MARKER`: an empty, comment-only or truncated file must not blank the cache. A
+    file whose size or mtime changed while it was read is rejected with reason "changing" and
+    no stamp (a writer is still at it: the next check reads it again)."""
     with _gc_paused():
-        return _load_file(path, source)
+        outcome = guarded(lambda: _load_file(path, source), what=str(path))
+    if isinstance(outcome, Rejected):
+        # Judged as it is now: a file that exhausts memory is not parsed again every second
+        # (a change or SIGHUP reads it again).
+        return LoadResult((), (str(outcome),), (), reason=outcome.kind, stamp=_stamp(path))
+    return outcome
 
 
 def _load_file(path: Path, source: str) -> LoadResult:
     records: list[cattle.Translated] = []
     errors: list[str] = []
     skipped: list[str] = []
+    reason = "invalid"
     try:
-        for number, document in enumerate(_documents(path), start=1):
-            for where, obj in _objects(document, f"document {number}"):
-                try:
-                    records.extend(translate_object(obj, source))
-                except UnsupportedObject as exc:
-                    skipped.append(f"{path}: {where}: {exc}")
-                except TranslateError as exc:
-                    errors.append(f"{path}: {where}: {exc}")
+        with path.open("rb") as stream:
+            before = os.fstat(stream.fileno())
+            number = 0
+            try:
+                for number, document in enumerate(_documents(stream), start=1):
+                    for where, obj in _objects(document, f"document {number}"):
+                        _translate_into(records, errors, skipped, obj, source, f"{path}: {where}")
+            except yaml.YAMLError as exc:
+                errors.append(f"{path}: not valid YAML: {' '.join(str(exc).split())}")
+            except InputLimitError as exc:
+                errors.append(f"{path}: document {number + 1}: {exc}")
+                reason = "limit"
+            except (ValueError, KeyError, TypeError) as exc:  # a bad tagged scalar: !!int x
+                errors.append(f"{path}: document {number + 1}: not valid YAML: {describe(exc)}")
+            marked_empty = False
+            if not records and not errors:
+                stream.seek(0)
+                marked_empty = _MARKER_LINE.search(stream.read()) is not None
+            after = os.fstat(stream.fileno())
     except OSError as exc:
-        errors.append(f"{path}: cannot read: {exc.strerror or exc}")
-    except yaml.YAMLError as exc:
-        errors.append(f"{path}: not valid YAML: {' '.join(str(exc).split())}")
+        message = f"{path}: cannot read: {exc.strerror or exc}"
+        return LoadResult((), (message,), (), reason="unreadable")
+    stamp = Stamp.of(before)
+    if Stamp.of(after) != stamp:
+        message = f"{path}: changed while being read (still being written?); reading it again"
+        return LoadResult((), (message,), (), reason="changing")
+    if errors:
+        return LoadResult((), tuple(errors), tuple(skipped), reason=reason, stamp=stamp)
     seen: set[str] = set()
     for record in records:
         if record.key in seen:
             errors.append(f"{path}: {record.key} appears more than once")
         seen.add(record.key)
-    return LoadResult(tuple(cattle.resolve(records)), tuple(errors), tuple(skipped))
+    if errors:
+        return LoadResult((), tuple(errors), tuple(skipped), reason="invalid", stamp=stamp)
+    resolved = tuple(cattle.resolve(records))
+    if not resolved and not marked_empty:
+        message = (
+            f"{path}: no objects (empty, comment-only, truncated or only unused kinds); "
+            f"refusing to blank its content: a file meant to be empty says {EMPTY_MARKER!r} "
+            "on a line of its own"
+        )
+        return LoadResult((), (message,), tuple(skipped), reason="empty", stamp=stamp)
+    return LoadResult(resolved, (), tuple(skipped), stamp=stamp)
+
+
+def _translate_into(
+    records: list[cattle.Translated],
+    errors: list[str],
+    skipped: list[str],
+    obj: Any,
+    source: str,
+    where: str,
+) -> None:
+    try:
+        records.extend(translate_object(obj, source))
+    except UnsupportedObject as exc:
+        skipped.append(f"{where}: {exc}")
+    except TranslateError as exc:
+        errors.append(f"{where}: {exc}")
+    except Exception as exc:  # anything else a hostile object finds: name it, reject the file
+        errors.append(f"{where}: {_ref(obj)}: {describe(exc)}")
+
+
+def _ref(obj: Any) -> str:
+    """The object's name for a message, whatever it is."""
+    try:
+        if isinstance(obj, Mapping) and "kind" in obj:
+            return kube.object_ref(obj)
+        if isinstance(obj, Mapping):
+            return cattle.resource_ref(obj)
+    except Exception:  # a name is a courtesy; the rejection stands without it
+        pass
+    return type(obj).__name__
 
 
 def _release_freed_memory() -> None:
@@ -181,35 +301,32 @@ def _release_freed_memory() -> None:
 _malloc_trim: Any = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Stamp:
-    """What tells that a file changed: replaced (inode), rewritten (mtime, size)."""
-
-    inode: int
-    mtime_ns: int
-    size: int
-
-
-def _stamp(path: Path) -> _Stamp | None:
+def _stamp(path: Path) -> Stamp | None:
     try:
-        st = os.stat(path)
+        return Stamp.of(os.stat(path))
     except OSError:
         return None
-    return _Stamp(st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 @dataclass(eq=False)
 class SnapshotFile:
-    """One snapshot file feeding the store as source ``static:<path>``."""
+    """One snapshot file feeding the store as source ``static:<path>``.
+
+    Its task never dies of a file: every load goes through :func:`load_file` (which turns any
+    exception into a rejection), and a rejected load keeps the last good content. The file is
+    marked as seen only when its content was judged (loaded, or rejected for what it says); a
+    failed read or a file changing under the reader is tried again at the next check."""
 
     store: Store
     path: Path
     poll_interval: float = 1.0
+    rejections: Rejections = field(default_factory=Rejections)
+    """Counts rejected loads (``node_services_source_rejected_loads_total``)."""
     loads: int = 0
     reload_errors: int = 0
     last_error: str = ""
     last_load_seconds: float = 0.0
-    _stamp: _Stamp | None = None
+    _stamp: Stamp | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -223,22 +340,14 @@ class SnapshotFile:
     async def reload(self) -> bool:
         """Read the file now; True when its content was loaded into the store."""
         async with self._lock:
-            self._stamp = _stamp(self.path)
             started = time.perf_counter()
             result = await asyncio.to_thread(load_file, self.path, self.name)
+            if result.stamp is not None:  # judged: do not read this version again
+                self._stamp = result.stamp
             for line in result.skipped:
                 log.info("skipped %s", line)
             if result.errors:
-                self.reload_errors += 1
-                self.last_error = result.errors[0]
-                for line in result.errors:
-                    log.error("snapshot rejected: %s", line)
-                log.error(
-                    "snapshot %s: %d problem(s); still serving its last good content (%s)",
-                    self.path,
-                    len(result.errors),
-                    "loaded before" if self.synced else "none yet",
-                )
+                self._rejected(result)
                 return False
             version = self.store.replace(self.name, result.records)
             count = len(result.records)
@@ -256,13 +365,43 @@ class SnapshotFile:
             )
             return True
 
+    def _rejected(self, result: LoadResult) -> None:
+        self.reload_errors += 1
+        self.rejections.rejected_load(self.name, result.reason or "invalid")
+        retried = result.stamp is None
+        # A read retried every poll says so once, not every second, until the error changes.
+        level = logging.DEBUG if retried and result.errors[0] == self.last_error else logging.ERROR
+        self.last_error = result.errors[0]
+        for line in result.errors:
+            log.log(level, "snapshot rejected: %s", line)
+        log.log(
+            level,
+            "snapshot %s: %d problem(s); still serving its last good content (%s)%s",
+            self.path,
+            len(result.errors),
+            "loaded before" if self.synced else "none yet",
+            "; trying again at the next check" if retried else "",
+        )
+
     async def run(self) -> None:
         """Load, then watch the file for changes until cancelled."""
         self.store.register(self.name)
-        await self.reload()
+        await self._reload_guarded()
         if self.poll_interval <= 0:
             await asyncio.Event().wait()
         while True:
             await asyncio.sleep(self.poll_interval)
             if _stamp(self.path) != self._stamp:
-                await self.reload()
+                await self._reload_guarded()
+
+    async def _reload_guarded(self) -> None:
+        # load_file never raises; this is for the rest (the store, the thread pool at exit).
+        try:
+            await self.reload()
+        except Exception as exc:  # no file may end this task
+            self.rejections.rejected_load(self.name, "error")
+            log.error(
+                "snapshot %s: load failed: %s; still serving its last good content",
+                self.path,
+                describe(exc),
+            )

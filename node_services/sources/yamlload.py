@@ -13,16 +13,37 @@ and makes them cheap:
   tag), sequences (``seq``), scalars constructed by SafeConstructor's own scalar
   constructors (``str`` is the value itself). A document with anything else (an alias or an
   anchor used twice, a merge key ``<<`` or ``=`` key, a non-scalar key, a tag other than
-  the plain ones, nesting too deep) is built by ``SafeConstructor`` unchanged instead.
+  the plain ones) is built by ``SafeConstructor`` unchanged instead.
+
+Limits (hostile input; a refused document raises :class:`InputLimitError` naming its line):
+
+- nesting: at most :data:`MAX_DEPTH` levels of mappings/sequences (checked as the fast path
+  builds, and on the node graph before ``SafeConstructor`` builds a document);
+- aliases (``*name`` and ``<<: *name``): at most :data:`MAX_ALIASES` uses of mappings and
+  sequences per document, and
+  expanding them all may add at most :data:`MAX_ALIAS_EXPANSION` nodes (a "billion laughs"
+  file of 31 KB would add 10^9); an alias inside its own anchor (a recursive document) is
+  refused. A document without aliases is never walked twice, so these checks cost the fast
+  path only its depth count.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from node_services.sources.errors import InputLimitError
+
+MAX_DEPTH: Final = 100
+"""Deepest nesting of mappings and sequences a document may have (kubectl output: ~20)."""
+MAX_ALIASES: Final = 10_000
+"""Most alias uses of mappings and sequences (``*name``, merge keys included) one document may
+make; aliases of scalars share one immutable value and are not counted."""
+MAX_ALIAS_EXPANSION: Final = 100_000
+"""Most nodes expanding every alias of one document may add to it."""
 
 _STR = "tag:yaml.org,2002:str"
 _SEQ = "tag:yaml.org,2002:seq"
@@ -85,13 +106,16 @@ class FastSafeLoader(_Base):  # type: ignore[misc]
             return super().construct_document(node)
         self._seen = set()
         try:
-            return self._build(node)
+            return self._build(node, 1)
+        except InputLimitError:
+            raise
         except Exception:
             # _Fallback, RecursionError, or a bad scalar (!!int x): SafeConstructor builds
             # the document again, in its own order, so the result or the error is its own.
             pass
         finally:
             self._seen = set()
+        check_limits(node)
         return super().construct_document(node)
 
     def _scalar(self, node: Node) -> Any:
@@ -111,10 +135,12 @@ class FastSafeLoader(_Base):  # type: ignore[misc]
             raise _Fallback
         return constructor(self, node)
 
-    def _build(self, node: Node) -> Any:
+    def _build(self, node: Node, depth: int) -> Any:
         cls = node.__class__
         if cls is ScalarNode:
             return self._scalar(node)
+        if depth > MAX_DEPTH:
+            raise _too_deep(node)
         seen = self._seen
         if id(node) in seen:  # an alias: SafeConstructor shares (and may recurse into) it
             raise _Fallback
@@ -133,7 +159,7 @@ class FastSafeLoader(_Base):  # type: ignore[misc]
                     else:
                         data[key] = self._scalar(value_node)
                 else:
-                    data[key] = self._build(value_node)
+                    data[key] = self._build(value_node, depth + 1)
             return data
         if cls is SequenceNode:
             if node.tag != _SEQ:
@@ -144,9 +170,71 @@ class FastSafeLoader(_Base):  # type: ignore[misc]
                 if item.__class__ is ScalarNode and item.tag == _STR:
                     append(item.value)
                 else:
-                    append(self._build(item))
+                    append(self._build(item, depth + 1))
             return items
         raise _Fallback  # pragma: no cover - composers make only these three node kinds
+
+
+def _line(node: Node) -> str:
+    mark = node.start_mark
+    return f"line {mark.line + 1}" if mark is not None else "somewhere"
+
+
+def _too_deep(node: Node) -> InputLimitError:
+    return InputLimitError(f"nested more than {MAX_DEPTH} levels deep (at {_line(node)})")
+
+
+def check_limits(root: Node) -> None:
+    """Raise :class:`InputLimitError` if the document under ``root`` nests deeper than
+    :data:`MAX_DEPTH`, uses more than :data:`MAX_ALIASES` aliases, would grow by more than
+    :data:`MAX_ALIAS_EXPANSION` nodes with its aliases expanded, or contains itself.
+
+    One walk of the node graph (shared nodes are aliases), iterative: the sizes and heights
+    of shared nodes are computed once, so a billion-laughs graph costs its own size."""
+    size: dict[int, int] = {}  # id(node) -> nodes in it, aliases expanded
+    height: dict[int, int] = {}  # id(node) -> nesting levels in it, aliases expanded
+    open_: set[int] = set()  # nodes whose children are being walked: the current path
+    distinct = 0
+    aliases = 0
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        nid = id(node)
+        value = node.value
+        if node.__class__ is ScalarNode:  # an alias of one shares one str/int: not counted
+            if nid not in size:
+                distinct += 1
+                size[nid], height[nid] = 1, 0
+            continue
+        children: list[Node] = (
+            [part for pair in value for part in pair] if node.__class__ is MappingNode else value
+        )
+        if children_done:
+            open_.discard(nid)
+            size[nid] = 1 + sum(size[id(child)] for child in children)
+            level = 1 + max((height[id(child)] for child in children), default=0)
+            height[nid] = level
+            if level > MAX_DEPTH:
+                raise _too_deep(node)
+            if size[nid] - distinct > MAX_ALIAS_EXPANSION:
+                raise InputLimitError(
+                    f"its aliases would expand it by more than {MAX_ALIAS_EXPANSION:,} nodes "
+                    f"(at {_line(node)}; an alias bomb?)"
+                )
+            continue
+        if nid in size:
+            aliases += 1
+            if aliases > MAX_ALIASES:
+                raise InputLimitError(f"more than {MAX_ALIASES:,} alias uses (at {_line(node)})")
+            continue
+        if nid in open_:
+            raise InputLimitError(f"an alias refers to a node that contains it (at {_line(node)})")
+        if len(open_) >= MAX_DEPTH:
+            raise _too_deep(node)
+        distinct += 1
+        open_.add(nid)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children)
 
 
 def _resolver(resolve: Callable[[Any, Any, Any], str]) -> Callable[[Any, Any, Any], str]:

@@ -11,6 +11,7 @@ import io
 import math
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import yaml
 from helpers import DEMO_SNAPSHOT, FIXTURES, ROOT
 
 from node_services.sources import yamlload
+from node_services.sources.errors import InputLimitError
 from node_services.sources.yamlload import FastSafeLoader
 
 REFERENCE: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -55,8 +57,39 @@ def reference(text: str | bytes) -> list[Any]:
     return list(yaml.load_all(text, Loader=REFERENCE))
 
 
+def recursive(text: str | bytes) -> bool:
+    """Whether some document of ``text`` contains itself through an alias (its node graph
+    has a cycle): the one kind of document the fast loader refuses and SafeLoader builds."""
+
+    def cyclic(node: Any, path: set[int]) -> bool:
+        if not isinstance(node.value, list):
+            return False
+        if id(node) in path:
+            return True
+        path.add(id(node))
+        children = (
+            [p for pair in node.value for p in pair]
+            if isinstance(node.value[0:1] and node.value[0], tuple)
+            else node.value
+        )
+        found = any(cyclic(child, path) for child in children)
+        path.discard(id(node))
+        return found
+
+    return any(cyclic(root, set()) for root in yaml.compose_all(text, Loader=REFERENCE))
+
+
 def check(text: str | bytes) -> list[Any]:
-    """Both loaders on ``text``: same documents, or the same error."""
+    """Both loaders on ``text``: same documents, or the same error; except that a document
+    containing itself is refused (InputLimitError) where SafeLoader builds a cycle."""
+    try:
+        list(yamlload.load_all(text))
+    except InputLimitError as exc:
+        assert "contains it" in str(exc)
+        assert recursive(text)
+        return []
+    except Exception:  # the same error as the reference's, checked below
+        pass
     try:
         expected = reference(text)
     except Exception as exc:  # !!int x: ValueError, !!bool x: KeyError, as SafeLoader has it
@@ -164,7 +197,6 @@ CASES = [
     "a: &x [1, 2]\nb: *x\nc: &y {k: v}\nd: *y\n",
     "base: &b {x: 1, y: 2}\nderived:\n  <<: *b\n  y: 3\n",
     "- &a {a: 1}\n- &b {b: 2}\n- <<: [*a, *b]\n  c: 3\n",
-    "a: &r [*r]\n",
     "a: {=: value, b: c}\n",
     "&a a: &b b\n*a : *b\n",
     "- &x !!str 5\n- *x\n",
@@ -222,17 +254,75 @@ def test_cases_are_not_all_trivial() -> None:
 
 
 def test_aliases_stay_shared_objects() -> None:
-    (doc,) = yamlload.load_all("a: &x [1, 2]\nb: *x\nc: &r [*r]\n")
-    assert doc["a"] is doc["b"]
-    assert doc["c"][0] is doc["c"]
+    (doc,) = yamlload.load_all("a: &x [1, 2]\nb: *x\nc: &y {k: [*x]}\nd: *y\n")
+    assert doc["a"] is doc["b"] is doc["c"]["k"][0]
+    assert doc["c"] is doc["d"]
 
 
-def test_very_deep_nesting_falls_back() -> None:
-    text = "[" * 995 + "]" * 995  # libyaml's limit is 1000; Python's recursion limit is hit
-    (doc,) = yamlload.load_all(text)
-    for _ in range(994):
-        (doc,) = doc
-    assert doc == []
+@pytest.mark.parametrize("text", ["a: &r [*r]\n", "- &top\n  x: [1, {y: *top}]\n"])
+def test_a_document_containing_itself_is_refused(text: str) -> None:
+    assert recursive(text)
+    with pytest.raises(InputLimitError, match=r"an alias refers to a node that contains it"):
+        list(yamlload.load_all(text))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 101 + "]" * 101,  # the fast path counts
+        "[" * 995 + "]" * 995,  # libyaml's limit is 1000; Python's recursion limit is near
+        "a: &x [1]\nb: " + "[" * 100 + "*x" + "]" * 100,  # an alias: the node-graph check
+        "- " * 101 + "x\n",  # block style
+    ],
+)
+def test_nesting_deeper_than_the_limit_is_refused(text: str) -> None:
+    with pytest.raises(InputLimitError, match=r"nested more than 100 levels deep \(at line \d\)"):
+        list(yamlload.load_all(text))
+
+
+def test_nesting_at_the_limit_loads() -> None:
+    for text in ("[" * 100 + "]" * 100, "a: &x [1]\nb: " + "[" * 98 + "*x" + "]" * 98):
+        (doc,) = yamlload.load_all(text)
+        depth = 0
+        while isinstance(doc, list | dict):
+            depth += 1
+            if not doc:
+                break
+            doc = doc[0] if isinstance(doc, list) else doc["b"]
+        assert depth == 100
+
+
+def billion_laughs(levels: int, fanout: int = 10) -> str:
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels):
+        refs = ", ".join([f"*a{i - 1}"] * fanout)
+        lines.append(f"a{i}: &a{i} [{refs}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_quickly() -> None:
+    text = billion_laughs(9)  # 10^9 strings when expanded; ~900 bytes
+    started = time.perf_counter()
+    with pytest.raises(InputLimitError, match=r"aliases would expand it by more than 100,000"):
+        list(yamlload.load_all(text))
+    assert time.perf_counter() - started < 1.0
+
+
+def test_aliases_within_the_limits_load_shared() -> None:
+    (doc,) = yamlload.load_all(billion_laughs(4))  # 10^4 expanded: fine
+    assert doc["a3"][0] is doc["a2"]
+    assert len(doc["a3"][9][9][9]) == 10
+
+
+def test_too_many_alias_uses_are_refused() -> None:
+    text = "a: &x [1]\nb: [" + ", ".join(["*x"] * 10_001) + "]\n"
+    with pytest.raises(InputLimitError, match=r"more than 10,000 alias uses"):
+        list(yamlload.load_all(text))
+    (doc,) = yamlload.load_all("a: &x [1]\nb: [" + ", ".join(["*x"] * 10_000) + "]\n")
+    assert len(doc["b"]) == 10_000
+    # aliases of scalars share one str/int: not counted (they cannot grow a document)
+    (doc,) = yamlload.load_all("a: &x 1\nb: [" + ", ".join(["*x"] * 20_000) + "]\n")
+    assert len(doc["b"]) == 20_000
 
 
 def test_stream_kinds() -> None:

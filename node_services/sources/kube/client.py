@@ -290,6 +290,8 @@ class KubeClient:
                 return json.loads(await response.read())
             except ValueError as exc:
                 raise KubeAPIError(response.status, "BadBody", f"not JSON: {exc}") from exc
+            except RecursionError:  # hostile nesting: the same as a body that is not JSON
+                raise KubeAPIError(response.status, "BadBody", "JSON nested too deeply") from None
             except aiohttp.ClientError as exc:
                 raise KubeAPIError(0, type(exc).__name__, str(exc)) from exc
 

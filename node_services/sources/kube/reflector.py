@@ -13,8 +13,10 @@ The loop, as client-go's Reflector does it, plus what Python clients miss:
 - errors back off exponentially (0.8 s doubling to 30 s, with jitter), reset after a success;
   429 waits the server's Retry-After;
 - events that arrive together are applied as one batch (one new store version);
-- an object that fails translation is logged by namespace/name and skipped (it contributes no
-  record: a stricter check here must not leave stale data behind).
+- an object that fails translation, for whatever reason (a validation error, or any exception
+  a hostile object provokes: :mod:`~node_services.sources.guard`), is logged by
+  kind/namespace/name, counted, and skipped (it contributes no record: a stricter check here
+  must not leave stale data behind); the reflector goes on with the next object.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from typing import Any, Final
 
 import aiohttp
 
-from node_services.sources.errors import TranslateError, UnsupportedObject
+from node_services.sources.errors import UnsupportedObject
+from node_services.sources.guard import Rejected, Rejections, describe, guarded
 from node_services.sources.kube import translate
 from node_services.sources.kube.client import KubeAPIError, KubeClient
 from node_services.state.records import Change, Deleted, Record
@@ -131,6 +134,7 @@ class Reflector:
         watch_timeout: tuple[float, float] = (300.0, 600.0),
         backoff: Backoff | None = None,
         metrics: ReflectorMetrics | None = None,
+        rejections: Rejections | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.client = client
@@ -142,6 +146,7 @@ class Reflector:
         self.watch_timeout = watch_timeout
         self.backoff = backoff or Backoff()
         self.metrics = metrics or ReflectorMetrics()
+        self.rejections = rejections or Rejections()
         self._rng = rng or random.Random()
         self.resource_version = ""
         self.lists = 0
@@ -198,6 +203,17 @@ class Reflector:
                     self.source,
                     str(exc) or type(exc).__name__,
                     self.resource_version or "a relist",
+                    delay,
+                )
+            except Exception as exc:  # the guard's rule for the load step: never a dead task
+                self.metrics.error(self.resource.name, "error")
+                self.rejections.rejected_load(self.source, "error")
+                self.resource_version = ""  # whatever broke, a relist starts from the truth
+                delay = self.backoff.next_delay()
+                log.error(
+                    "%s: list/watch failed: %s; relisting in %.1fs",
+                    self.source,
+                    describe(exc),
                     delay,
                 )
             if delay:
@@ -307,8 +323,11 @@ class Reflector:
                     event = json.loads(line)
                     kind = event["type"]
                     obj = event["object"]
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise KubeAPIError(200, "BadEvent", f"undecodable watch event: {exc}") from None
+                except (ValueError, KeyError, TypeError, RecursionError) as exc:
+                    reason = describe(exc) if isinstance(exc, RecursionError) else str(exc)
+                    raise KubeAPIError(
+                        200, "BadEvent", f"undecodable watch event: {reason}"
+                    ) from None
                 counts[kind] = counts.get(kind, 0) + 1
                 if kind == "ERROR":
                     status = obj if isinstance(obj, dict) else {}
@@ -359,12 +378,24 @@ class Reflector:
             self.metrics.invalid(self.resource.name)
             log.error("%s: skipped an object that is not a JSON object", self.source)
             return []
+        outcome = guarded(lambda: self._translate_supported(obj), what="")
+        if isinstance(outcome, Rejected):  # named only now: watch events are a hot path
+            self.metrics.invalid(self.resource.name)
+            self.rejections.rejected_object(self.source)
+            log.error(
+                "%s: skipped invalid object %s: %s", self.source, self._ref(obj), outcome.reason
+            )
+            return []
+        return outcome
+
+    def _translate_supported(self, obj: dict[str, Any]) -> list[Record]:
         try:
             return translate.translate(obj, self.source)
         except UnsupportedObject as exc:
             log.debug("%s: skipped %s", self.source, exc)
             return []
-        except TranslateError as exc:
-            self.metrics.invalid(self.resource.name)
-            log.error("%s: skipped invalid object %s", self.source, exc)
-            return []
+
+    def _ref(self, obj: dict[str, Any]) -> str:
+        """``Kind namespace/name`` of an object, as far as it can tell."""
+        outcome = guarded(lambda: translate.object_ref(obj), what="")
+        return outcome if isinstance(outcome, str) else self.resource.kind

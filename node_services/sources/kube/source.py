@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from node_services.sources.guard import Rejections
 from node_services.sources.kube.client import Connection, KubeAPIError, KubeClient, load_connection
 from node_services.sources.kube.reflector import (
     Backoff,
@@ -94,6 +95,7 @@ class KubeSource:
         watch_timeout: tuple[float, float] = (300.0, 600.0),
         backoff: tuple[float, float] = (0.8, 30.0),
         registry: CollectorRegistry | None = None,
+        rejections: Rejections | None = None,
         connection: Connection | None = None,
     ) -> None:
         self.store = store
@@ -109,6 +111,8 @@ class KubeSource:
         self._metrics = (
             _prometheus_metrics(registry) if registry is not None else ReflectorMetrics()
         )
+        # Shared with the other sources (one set of counters per registry): the app builds it.
+        self._rejections = rejections or Rejections()
         self._connection = connection
         self._client: KubeClient | None = None
         self._ready = asyncio.Event()
@@ -148,6 +152,7 @@ class KubeSource:
                     resource,
                     backoff=Backoff(initial=self._backoff[0], maximum=self._backoff[1]),
                     metrics=self._metrics,
+                    rejections=self._rejections,
                     **self._options,
                 )
             async with asyncio.TaskGroup() as group:  # one failing cancels the others

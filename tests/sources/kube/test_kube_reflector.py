@@ -529,3 +529,91 @@ async def test_kubeconfig_with_client_certificates_over_mutual_tls(tmp_path: Any
                 await asyncio.gather(task, return_exceptions=True)
     finally:
         await server.stop()
+
+
+def _node(name: str, cpu: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "uid": f"uid-{name}"},
+        "spec": {"podCIDRs": []},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": "192.168.10.50"}],
+            "capacity": {"cpu": cpu, "memory": "1Gi"},
+        },
+    }
+
+
+async def test_objects_whose_translation_raises_anything_are_rejected_and_the_reflector_goes_on(
+    make_harness: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "nan" and "inf" quantities once ended the reflector task (ValueError, OverflowError);
+    # an object that makes translation run out of memory must not either.
+    from node_services.sources.guard import Rejections
+    from node_services.sources.kube import translate as kube_translate
+
+    real = kube_translate.translate
+
+    def exploding(obj: Any, source: str) -> Any:
+        if obj["metadata"]["name"].startswith("boom"):
+            raise MemoryError
+        return real(obj, source)
+
+    monkeypatch.setattr(kube_translate, "translate", exploding)
+    registry = CollectorRegistry()
+    objects = [_node("nan-node", "nan"), _node("inf-node", "inf"), _node("boom-1", "2")]
+    kube = await make_harness(
+        objects=[*objects, _node("good-1", "2")], rejections=Rejections(registry)
+    )
+    with caplog.at_level(logging.ERROR):
+        await kube.synced()
+        assert sorted(kube.store.snapshot.hosts) == ["k8s:Node/good-1"]
+        # over the watch too: the same objects again, then a good one still arrives
+        for obj in (_node("inf-2", "-inf"), _node("nan-2", "NaN"), _node("boom-2", "1")):
+            kube.server.put(obj)
+        kube.server.put(_node("good-2", "500m"))
+        await wait_until(lambda: "k8s:Node/good-2" in kube.store.snapshot.hosts, what="good-2")
+    assert sorted(kube.store.snapshot.hosts) == ["k8s:Node/good-1", "k8s:Node/good-2"]
+    good = kube.store.snapshot.hosts["k8s:Node/good-2"]
+    assert isinstance(good, Host) and good.milli_cpu == 500
+    text = caplog.text
+    for name in ("nan-node", "inf-node", "inf-2", "nan-2"):
+        assert f"skipped invalid object Node {name}: status.capacity.cpu:" in text
+    for name in ("boom-1", "boom-2"):
+        assert f"skipped invalid object Node {name}: ran out of memory while processing it" in text
+    assert all(task.done() is False for task in kube.tasks)
+    assert (
+        registry.get_sample_value(
+            "node_services_source_rejected_objects_total", {"source": "kubernetes:nodes"}
+        )
+        == 6
+    )
+
+
+async def test_an_unexpected_failure_of_a_list_is_retried_not_fatal(
+    make_harness: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from node_services.sources.guard import Rejections
+
+    real = KubeClient.get_json
+    failures: list[str] = []
+
+    async def failing_once(self: KubeClient, path: str, params: Any = None) -> Any:
+        if path.endswith("/nodes") and not failures:
+            failures.append(path)
+            raise MemoryError
+        return await real(self, path, params)
+
+    monkeypatch.setattr(KubeClient, "get_json", failing_once)
+    registry = CollectorRegistry()
+    with caplog.at_level(logging.ERROR):
+        kube = await make_harness(rejections=Rejections(registry))
+        await kube.synced()
+    assert failures == ["/api/v1/nodes"]
+    assert sorted(kube.store.snapshot.hosts) == ["k8s:Node/node-a", "k8s:Node/node-b"]
+    assert (
+        "kubernetes:nodes: list/watch failed: ran out of memory while processing it (MemoryError)"
+        in caplog.text
+    )
+    labels = {"source": "kubernetes:nodes", "reason": "error"}
+    assert registry.get_sample_value("node_services_source_rejected_loads_total", labels) == 1
