@@ -25,6 +25,7 @@ from node_services.metadata.app import (
     parse_trusted_proxies,
 )
 from node_services.metadata.tree import Environment
+from node_services.overlay.reconcile import OverlayConfig, OverlayReconciler
 from node_services.sources.kube.client import in_cluster
 from node_services.sources.kube.source import KubeSource
 from node_services.sources.static import SnapshotFile
@@ -89,6 +90,7 @@ class Daemon:
     """The Kubernetes list/watch source, when a kubeconfig is set or we run in a pod."""
     dns: DnsServer | None = None
     metadata: MetadataServer | None = None
+    overlay: OverlayReconciler | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
 
@@ -122,12 +124,20 @@ class Daemon:
         if self.kube is not None:
             self.supervisor.start("kubernetes", self.kube.run)
         self._start_ipam()
+        self._start_overlay()
+
+    def _problems(self) -> list[str]:
+        """Readiness problems beyond the sources': failed tasks, an overlay not yet set up."""
+        problems = self.supervisor.problems()
+        if self.overlay is not None:
+            problems.extend(self.overlay.problems())
+        return problems
 
     async def _start_admin(self) -> None:
         admin = make_admin_app(
             self.store,
             loaders=self.snapshots,
-            task_problems=self.supervisor.problems,
+            task_problems=self._problems,
             registry=self.registry,
         )
         self._runner = web.AppRunner(admin, access_log=None, handle_signals=False)
@@ -185,6 +195,21 @@ class Daemon:
         self.supervisor.start("ipam-reconcile", reconciler.run)
         log.info(
             "ipam reconcile on %s (leak grace %gs)", settings.ipam_dir, settings.ipam_leak_grace
+        )
+
+    def _start_overlay(self) -> None:
+        """Routes between nodes (vxlan or host-gw), reconciled from the store by diff."""
+        if self.settings.overlay == "none":
+            return
+        self.overlay = OverlayReconciler(
+            self.store, OverlayConfig.from_settings(self.settings), self.registry
+        )
+        self.supervisor.start("overlay", self.overlay.run)
+        log.info(
+            "overlay %s on node %s (reconcile every %gs)",
+            self.settings.overlay,
+            self.settings.node_name,
+            self.settings.overlay_reconcile_interval,
         )
 
     async def reload(self) -> None:
