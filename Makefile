@@ -14,7 +14,7 @@ RUN_SNAPSHOT ?= demo/snapshot.yaml
 RUN_UPSTREAM ?= 127.0.0.1:1
 
 # Debian tools the tests use (installed when root; tests skip with a reason without them).
-DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2 openssl wrk containernetworking-plugins iputils-ping dnsperf dnsmasq-base systemd
+DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2 openssl wrk containernetworking-plugins iputils-ping dnsperf dnsmasq-base systemd ethtool
 # kubectl proves the test Kubernetes API server faithful; Debian ships it in kubernetes-client
 # (installed only when no kubectl is on PATH: other kubectl packages own the same file).
 KUBECTL_PACKAGE ?= kubernetes-client

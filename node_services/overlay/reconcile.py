@@ -202,6 +202,7 @@ class OverlayReconciler:
         """Reconcile on every store change and at least every ``interval`` seconds."""
         self.metrics  # noqa: B018 - register the metrics before the first pass
         subscription = self.store.subscribe()
+        subscription.poll()  # the first read is "everything": the first pass below covers it
         try:
             while True:
                 await self.reconcile_once()
