@@ -9,6 +9,8 @@ exactly with what :mod:`~node_services.overlay.netlink` reads back from the kern
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import ipaddress
 import re
@@ -98,6 +100,7 @@ class Desired:
     refusals: tuple[Refusal, ...] = ()
 
 
+@functools.lru_cache(maxsize=65536)
 def vtep_mac_for(node_name: str) -> str:
     """A MAC derived from the node name: the same on every boot and on every peer, locally
     administered and unicast, so a peer's neighbour entry never goes stale on reboot."""
@@ -114,16 +117,17 @@ def normalise_mac(text: str) -> str | None:
     return mac
 
 
+@functools.lru_cache(maxsize=65536)
 def gateway_of(cidr: str) -> str:
     """The peer gateway IP of a pod CIDR: its network address (like flannel's
     ``10.244.1.0``), because the pod bridge takes the first usable one."""
-    return str(ipaddress.ip_network(cidr, strict=False).network_address)
+    return str(network(cidr).network_address)
 
 
 def is_connected(address: str, networks: Iterable[str]) -> bool:
     """Whether ``address`` lies in one of the directly connected ``networks``."""
     ip = ipaddress.ip_address(address)
-    return any(ip in ipaddress.ip_network(net, strict=False) for net in networks)
+    return any(ip in network(net) for net in networks)
 
 
 def vtep_mac_of(host: Host) -> str | None:
@@ -143,10 +147,48 @@ def _cidrs(host: Host) -> tuple[list[str], list[str]]:
     good, bad = [], []
     for text in host.pod_cidrs:
         try:
-            good.append(str(ipaddress.ip_network(text, strict=False)))
+            good.append(_cidr_text(text))
         except ValueError:
             bad.append(text)
     return good, bad
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@functools.lru_cache(maxsize=65536)
+def network(text: str) -> Network:
+    """``text`` as a network (host bits cleared); cached, since every pass parses the same
+    CIDRs again. Raises ValueError when malformed."""
+    return ipaddress.ip_network(text, strict=False)
+
+
+@functools.lru_cache(maxsize=65536)
+def _cidr_text(text: str) -> str:
+    return str(network(text))
+
+
+class _Claims:
+    """Pod CIDRs taken so far, disjoint by construction, kept sorted per family: whether a new
+    one overlaps any is one bisection and a look at its two neighbours."""
+
+    def __init__(self) -> None:
+        self._starts: dict[int, list[int]] = {4: [], 6: []}
+        self._spans: dict[int, list[tuple[int, int, str]]] = {4: [], 6: []}
+
+    def holder(self, net: Network) -> str | None:
+        start, end = int(net.network_address), int(net.broadcast_address)
+        starts, spans = self._starts[net.version], self._spans[net.version]
+        at = bisect.bisect_right(starts, end)
+        if at and spans[at - 1][1] >= start:
+            return spans[at - 1][2]
+        return None
+
+    def claim(self, net: Network, holder: str) -> None:
+        start, end = int(net.network_address), int(net.broadcast_address)
+        at = bisect.bisect_left(self._starts[net.version], start)
+        self._starts[net.version].insert(at, start)
+        self._spans[net.version].insert(at, (start, end, holder))
 
 
 def peers_of(hosts: Iterable[Host], node_name: str) -> tuple[list[Peer], list[Refusal]]:
@@ -157,13 +199,11 @@ def peers_of(hosts: Iterable[Host], node_name: str) -> tuple[list[Peer], list[Re
     by name keeps it), since two routes for one range would send pods to the wrong node.
     """
     ordered = sorted(hosts, key=lambda h: (h.name, h.key))
-    own: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    claims = _Claims()
     for host in ordered:
         if host.name == node_name:
-            own.extend(ipaddress.ip_network(c) for c in _cidrs(host)[0])
-    taken: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = [
-        (net, node_name + " (this node)") for net in own
-    ]
+            for cidr in _cidrs(host)[0]:
+                claims.claim(network(cidr), node_name + " (this node)")
     peers: list[Peer] = []
     refusals: list[Refusal] = []
     for host in ordered:
@@ -200,8 +240,8 @@ def peers_of(hosts: Iterable[Host], node_name: str) -> tuple[list[Peer], list[Re
             continue
         kept = []
         for cidr in cidrs:
-            net = ipaddress.ip_network(cidr)
-            holder = next((who for other, who in taken if other.overlaps(net)), None)
+            net = network(cidr)
+            holder = claims.holder(net)
             if holder is not None:
                 refusals.append(
                     Refusal(
@@ -211,7 +251,7 @@ def peers_of(hosts: Iterable[Host], node_name: str) -> tuple[list[Peer], list[Re
                     )
                 )
                 continue
-            taken.append((net, host.name))
+            claims.claim(net, host.name)
             kept.append(cidr)
         if kept:
             peers.append(Peer(host.name, host.key, tuple(kept), underlay, mac))

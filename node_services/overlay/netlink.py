@@ -89,7 +89,7 @@ def describe(change: Change) -> str:
         onlink = " onlink" if entry.onlink else ""
         what = f"route {entry.dst} via {entry.gateway} dev {entry.device}{onlink}"
     elif isinstance(entry, Neighbour):
-        what = f"neighbour {entry.ip} lladdr {entry.mac or '(kernel-made)'} dev {entry.device}"
+        what = f"neighbour {entry.ip} lladdr {entry.mac} dev {entry.device}"
     else:
         what = f"fdb {entry.mac} dst {entry.dst} dev {entry.device}"
     return f"{change.op} {what}"
@@ -348,10 +348,9 @@ class Netlink:
                 if neigh.family == rtnl.AF_BRIDGE:
                     fdb.add(FdbEntry(neigh.lladdr, neigh.dst, device or ""))
                 elif neigh.state & rtnl.NUD_PERMANENT:
+                    # only permanent entries are ours: the kernel's own (IPv6 multicast
+                    # NOARP ones, say) stay; one where ours belongs is replaced by the add
                     neighbours.add(Neighbour(neigh.dst, neigh.lladdr, device or ""))
-                else:
-                    # a kernel-made entry: not the permanent one we set, so it differs
-                    neighbours.add(Neighbour(neigh.dst, "", device or ""))
         return Actual(frozenset(routes), frozenset(neighbours), frozenset(fdb))
 
     def _message(self, change: Change, seq: int, indexes: dict[str, int]) -> bytes:

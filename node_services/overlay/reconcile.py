@@ -91,21 +91,21 @@ def _key(entry: Entry) -> tuple[str, ...]:
 
 
 def _diff(desired: frozenset[Entry], actual: frozenset[Entry]) -> tuple[list[Change], ...]:
-    """(adds + replaces, removes) turning ``actual`` into ``desired``, each sorted."""
-    wanted = {_key(entry): entry for entry in desired}
-    present = {_key(entry) for entry in actual if entry in desired}
+    """(adds + replaces, removes) turning ``actual`` into ``desired``, each sorted.
+
+    Only the entries in one set and not the other are looked at, so a pass with little to
+    change stays cheap however many peers there are."""
+    extra = actual - desired
+    missing = {_key(entry): entry for entry in desired - actual}
     upserts: list[Change] = []
     removes: list[Change] = []
-    replaced: set[tuple[str, ...]] = set()
-    for entry in sorted(actual - desired, key=_key):
+    for entry in sorted(extra, key=_key):
         key = _key(entry)
-        if key in wanted and key not in present and key not in replaced:
-            replaced.add(key)
-            upserts.append(Change(REPLACE, wanted[key]))
+        if key in missing:  # same key, other content: drifted
+            upserts.append(Change(REPLACE, missing.pop(key)))
         else:
             removes.append(Change(REMOVE, entry))
-    seen = {_key(entry) for entry in actual}
-    upserts.extend(Change(ADD, wanted[key]) for key in sorted(wanted.keys() - seen))
+    upserts.extend(Change(ADD, missing[key]) for key in sorted(missing))
     return upserts, removes
 
 

@@ -199,9 +199,13 @@ def _attrs(payload: memoryview, offset: int) -> dict[int, memoryview]:
 
 
 def _address(raw: memoryview | None) -> str:
-    if raw is None or len(raw) not in (4, 16):
+    if raw is None:
         return ""
-    return str(ipaddress.ip_address(bytes(raw)))
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw)
+    if len(raw) == 16:
+        return socket.inet_ntop(socket.AF_INET6, raw)
+    return ""
 
 
 def parse_route(payload: memoryview, *, protocol: int = -1) -> RouteMsg | None:
@@ -231,5 +235,5 @@ def parse_neighbour(payload: memoryview) -> NeighMsg:
     family, ifindex, state, flags, _type = _NDMSG.unpack_from(payload)
     attrs = _attrs(payload, _NDMSG.size)
     raw_mac = attrs.get(NDA_LLADDR)
-    mac = ":".join(f"{b:02x}" for b in bytes(raw_mac)) if raw_mac is not None else ""
+    mac = bytes(raw_mac).hex(":") if raw_mac is not None else ""
     return NeighMsg(family, ifindex, _address(attrs.get(NDA_DST)), mac, state, flags)
