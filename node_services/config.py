@@ -182,6 +182,11 @@ class Settings:
     """Keep tx checksum offload on the VXLAN device. Off by default: with it on, a kernel bug
     stalls cross-node VXLAN traffic for 63 s at a time (flannel#1282, kubernetes#88986)."""
 
+    cni_conf_dir: Path | None = None
+    """With an overlay: directory (the host's /etc/cni/net.d) where the daemon writes the pods'
+    CNI network config `10-node-services.conflist` (bridge `cni0` + node-services-ipam with
+    "range": "node", mtu = the overlay MTU), atomically, whenever it changes. Unset: none."""
+
     cattle_url: str = ""
     """Project-scoped Cattle v2-beta endpoint (e.g. http://rancher:8080/v2-beta/projects/1a5);
     enables the Cattle source. Env CATTLE_URL."""
@@ -296,7 +301,7 @@ def _convert(key: str, value: Any) -> Any:
         return _BOOLEANS[flag]
     if key == "snapshots":
         return tuple(Path(str(v)) for v in _as_list(value))
-    if key in ("kubeconfig",):
+    if key in ("kubeconfig", "cni_conf_dir"):
         return Path(str(value)) if value not in (None, "") else None
     if key == "ipam_dir":
         return Path(str(value))

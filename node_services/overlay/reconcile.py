@@ -15,12 +15,13 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from node_services.config import Settings
-from node_services.overlay import hostgw, vxlan
+from node_services.overlay import cniconf, hostgw, vxlan
 from node_services.overlay.model import (
     Desired,
     Neighbour,
@@ -65,6 +66,8 @@ class OverlayConfig:
     directrouting: bool = False
     tx_checksum_offload: bool = False
     interval: float = 10.0
+    cni_conf_dir: Path | None = None
+    ipam_dir: Path = Path("/var/lib/node-services/ipam")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OverlayConfig:
@@ -79,6 +82,8 @@ class OverlayConfig:
             directrouting=settings.overlay_directrouting,
             tx_checksum_offload=settings.overlay_tx_checksum_offload,
             interval=settings.overlay_reconcile_interval,
+            cni_conf_dir=settings.cni_conf_dir,
+            ipam_dir=settings.ipam_dir,
         )
 
 
@@ -129,6 +134,7 @@ class PassResult:
     failures: tuple[Failure, ...]
     device_repairs: tuple[str, ...]
     mtu: int
+    cni_error: str = ""
 
 
 @dataclass(eq=False)
@@ -289,12 +295,22 @@ class OverlayReconciler:
             mtu = config.mtu or underlay.mtu
         changes = plan(desired, actual)
         failures = self.kernel.apply(changes) if changes else []
+        cni_error = ""
+        if config.cni_conf_dir is not None:
+            conf = cniconf.render(mtu=mtu, ipam_dir=config.ipam_dir, pod_cidrs=me.pod_cidrs)
+            path = config.cni_conf_dir / cniconf.CONF_NAME
+            try:
+                if cniconf.write(config.cni_conf_dir, conf):
+                    log.info("overlay %s: wrote %s (mtu %d)", config.backend, path, mtu)
+            except OSError as exc:
+                cni_error = f"cannot write the CNI config {path}: {exc.strerror or exc}"
         return PassResult(
             desired=desired,
             changes=tuple(changes),
             failures=tuple(failures),
             device_repairs=tuple(device_repairs),
             mtu=mtu,
+            cni_error=cni_error,
         )
 
     def _report(self, result: PassResult) -> None:
@@ -306,6 +322,9 @@ class OverlayReconciler:
             metrics.errors.labels(refusal.reason).inc()
             log.warning("overlay %s: %s", backend, refusal.detail)
         self._refused = refused
+        if result.cni_error:
+            metrics.errors.labels("cni_conf").inc()
+            log.error("overlay %s: %s", backend, result.cni_error)
         failed = {failure.change for failure in result.failures}
         for kind in result.device_repairs:
             metrics.repairs.labels(kind).inc()

@@ -94,6 +94,7 @@ class Daemon:
     node: int
     log_path: Path
     args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -103,6 +104,7 @@ class Daemon:
             NODE_SERVICES_OVERLAY_RECONCILE_INTERVAL=str(INTERVAL),
             NODE_SERVICES_SNAPSHOT_POLL_INTERVAL="0.1",
         )
+        env.update(self.env)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
@@ -187,6 +189,7 @@ class Cluster:
                     "--snapshot", str(self.snapshot),
                     "--ipam-dir", str(self.root / f"ipam-{n}"),
                 ],
+                {"NODE_SERVICES_CNI_CONF_DIR": str(self.root / f"net.d-{n}")},
             )  # fmt: skip
             self.daemons[n].start()
         for n in nodes:
@@ -197,21 +200,20 @@ class Cluster:
             self.daemons[n].kill()
 
     def add_pod(self, n: int) -> None:
-        """A pod on host ``n``: Debian's bridge plugin + our IPAM, as a runtime runs them."""
+        """A pod on host ``n``: Debian's bridge plugin + our IPAM, as a runtime runs them,
+        with the network config the daemon wrote into its cni_conf_dir."""
+        conflist = json.loads((self.root / f"net.d-{n}" / "10-node-services.conflist").read_text())
         config = {
-            "cniVersion": "1.0.0",
-            "name": "podnet",
-            "type": "bridge",
-            "bridge": "cni0",
-            "isGateway": True,
-            "ipMasq": False,
-            "mtu": MTU,
-            "ipam": {
-                "type": "node-services-ipam",
-                "range": "node",
-                "routes": [{"dst": "0.0.0.0/0"}],
-                "dataDir": str(self.root / f"ipam-{n}"),
-            },
+            "cniVersion": conflist["cniVersion"],
+            "name": conflist["name"],
+            **conflist["plugins"][0],
+        }
+        assert config["mtu"] == MTU
+        assert config["ipam"] == {
+            "type": "node-services-ipam",
+            "range": "node",
+            "dataDir": str(self.root / f"ipam-{n}"),
+            "routes": [{"dst": "0.0.0.0/0"}],
         }
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
