@@ -28,6 +28,7 @@ from node_services.metadata.tree import Environment
 from node_services.overlay.reconcile import OverlayConfig, OverlayReconciler
 from node_services.sources.kube.client import in_cluster
 from node_services.sources.kube.source import KubeSource
+from node_services.sources.kube.translate import PUBLIC_IP_ANNOTATION, VTEP_MAC_ANNOTATION
 from node_services.sources.static import SnapshotFile
 from node_services.state.store import Store
 
@@ -67,6 +68,16 @@ class Supervisor:
         for task in self.tasks.values():
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+
+def node_annotator(kube: KubeSource) -> Callable[[str, str], Awaitable[None]]:
+    """Writes the overlay's VTEP MAC and underlay address as this node's annotations, where
+    peers read them (node-services.io/vtep-mac, node-services.io/public-ip)."""
+
+    async def annotate(mac: str, address: str) -> None:
+        await kube.patch_node_annotations({VTEP_MAC_ANNOTATION: mac, PUBLIC_IP_ANNOTATION: address})
+
+    return annotate
 
 
 def check_supported(settings: Settings) -> None:
@@ -204,6 +215,8 @@ class Daemon:
         self.overlay = OverlayReconciler(
             self.store, OverlayConfig.from_settings(self.settings), self.registry
         )
+        if self.kube is not None:
+            self.overlay.announce = node_annotator(self.kube)
         self.supervisor.start("overlay", self.overlay.run)
         log.info(
             "overlay %s on node %s (reconcile every %gs)",

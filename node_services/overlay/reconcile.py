@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -47,6 +48,9 @@ from node_services.overlay.netlink import (
 from node_services.state.store import Snapshot, Store
 
 log = logging.getLogger(__name__)
+
+Announce = Callable[[str, str], Awaitable[None]]
+"""Publishes this node's (VTEP MAC, underlay address), e.g. as Kubernetes node annotations."""
 
 REPAIR_KINDS: Final = {ADD: "added", REPLACE: "replaced", REMOVE: "removed"}
 _LOGGED_CHANGES: Final = 20  # per pass; beyond, one summary line
@@ -135,6 +139,7 @@ class PassResult:
     device_repairs: tuple[str, ...]
     mtu: int
     cni_error: str = ""
+    own: tuple[str, str] | None = None  # (VTEP MAC, underlay address) of this node's device
 
 
 @dataclass(eq=False)
@@ -189,6 +194,10 @@ class OverlayReconciler:
     last_problem: str = "not reconciled yet"
     mtu: int = 0
     """The overlay device's MTU after the last pass (0 before one / for host-gw: underlay's)."""
+    announce: Announce | None = None
+    """Called with (VTEP MAC, underlay address) once this node's device is set up and again
+    whenever they change: the Kubernetes source writes them as this node's annotations."""
+    _announced: tuple[str, str] | None = None
     _refused: frozenset[Refusal] = frozenset()
     _metrics: OverlayMetrics | None = None
 
@@ -254,7 +263,31 @@ class OverlayReconciler:
             )
         self.reconciled = True
         self.last_problem = ""
+        if self.announce is not None and result.own is not None and result.own != self._announced:
+            await self._announce(result.own)
         return True
+
+    async def _announce(self, own: tuple[str, str]) -> None:
+        assert self.announce is not None
+        try:
+            await self.announce(*own)
+        except Exception as exc:  # retried on the next pass
+            self.metrics.errors.labels("announce").inc()
+            log.warning(
+                "overlay %s: could not publish node %s's VTEP MAC %s / address %s: %s",
+                self.config.backend,
+                self.config.node_name,
+                *own,
+                exc,
+            )
+            return
+        self._announced = own
+        log.info(
+            "overlay %s: published node %s's VTEP MAC %s and address %s",
+            self.config.backend,
+            self.config.node_name,
+            *own,
+        )
 
     def _pass(self, snapshot: Snapshot) -> PassResult:
         config = self.config
@@ -289,7 +322,9 @@ class OverlayReconciler:
             )
             actual = self.kernel.read(device.name)
             mtu = device.mtu
+            own: tuple[str, str] | None = (device.mac, device.local)
         else:
+            own = None
             desired = hostgw.desired(peers, underlay, refusals=refusals)
             actual = self.kernel.read(None)
             mtu = config.mtu or underlay.mtu
@@ -311,6 +346,7 @@ class OverlayReconciler:
             device_repairs=tuple(device_repairs),
             mtu=mtu,
             cni_error=cni_error,
+            own=own,
         )
 
     def _report(self, result: PassResult) -> None:

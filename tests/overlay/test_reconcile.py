@@ -3,18 +3,15 @@ metrics and log lines. The real kernel is exercised in test_namespaces.py."""
 
 from __future__ import annotations
 
-import errno
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import pytest
+from overlay.fake_kernel import FakeKernel
 from prometheus_client import CollectorRegistry
 
-from node_services.overlay.model import Desired, FdbEntry, Neighbour, Route, Underlay, vtep_mac_for
-from node_services.overlay.netlink import ADD, REMOVE, REPLACE, Actual, Change, Failure
+from node_services.overlay.model import Desired, FdbEntry, Neighbour, Route, vtep_mac_for
+from node_services.overlay.netlink import ADD, REMOVE, REPLACE, Actual, Change
 from node_services.overlay.reconcile import OverlayConfig, OverlayReconciler, plan
-from node_services.overlay.vxlan import VxlanDevice
 from node_services.state.records import Host
 from node_services.state.store import Store
 
@@ -59,49 +56,6 @@ def test_plan_removes_a_second_remote_of_a_desired_fdb_entry() -> None:
     assert plan(desired, Actual(frozenset(), frozenset(), frozenset({wanted, extra}))) == [
         Change(REMOVE, extra)
     ]
-
-
-@dataclass
-class FakeKernel:
-    routes: set[Route] = field(default_factory=set)
-    neighbours: set[Neighbour] = field(default_factory=set)
-    fdb: set[FdbEntry] = field(default_factory=set)
-    taken: set[str] = field(default_factory=set)  # destinations another protocol holds
-    applied: list[Change] = field(default_factory=list)
-
-    def underlay(self, interface: str, address: str) -> Underlay:
-        return Underlay("eth0", address, ("192.168.7.0/24",), 1500)
-
-    def ensure_device(self, device: VxlanDevice) -> list[str]:
-        return []
-
-    def read(self, device: str | None) -> Actual:
-        return Actual(frozenset(self.routes), frozenset(self.neighbours), frozenset(self.fdb))
-
-    def apply(self, changes: Sequence[Change]) -> list[Failure]:
-        failures = []
-        for change in changes:
-            entry = change.entry
-            if isinstance(entry, Route) and entry.dst in self.taken:
-                failures.append(Failure(change, errno.EEXIST))
-                continue
-            self.applied.append(change)
-            held: set[Route] | set[Neighbour] | set[FdbEntry]
-            held = (
-                self.routes
-                if isinstance(entry, Route)
-                else self.neighbours
-                if isinstance(entry, Neighbour)
-                else self.fdb
-            )
-            if change.op == REMOVE:
-                held.discard(entry)  # type: ignore[arg-type]
-            else:
-                held.add(entry)  # type: ignore[arg-type]
-        return failures
-
-    def close(self) -> None:
-        pass
 
 
 def host(n: int, ip: str = "") -> Host:
