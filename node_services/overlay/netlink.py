@@ -15,13 +15,14 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, ParamSpec, Protocol, TypeVar
 
 from node_services.overlay import rtnl
 from node_services.overlay.model import (
@@ -118,6 +119,29 @@ class Kernel(Protocol):
     def close(self) -> None: ...
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _kernel_errors(what: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """Turn what the kernel or pyroute2 raises (EPERM without CAP_NET_ADMIN, say) into one
+    OverlayError naming the step, so a pass fails with a line, not a traceback."""
+
+    def wrap(function: Callable[P, T]) -> Callable[P, T]:
+        @functools.wraps(function)
+        def call(*args: P.args, **kwargs: P.kwargs) -> T:
+            try:
+                return function(*args, **kwargs)
+            except OverlayError:
+                raise
+            except Exception as exc:
+                raise OverlayError("netlink", f"{what}: {exc}") from exc
+
+        return call
+
+    return wrap
+
+
 def _ethtool(name: str, command: int, value: int = 0) -> int:
     """One ethtool_value ioctl (SIOCETHTOOL) on interface ``name``; its returned value."""
     data = ctypes.create_string_buffer(struct.pack("=II", command, value), 8)
@@ -188,6 +212,7 @@ class Netlink:
 
         return IPRoute()
 
+    @_kernel_errors("reading the underlay interface")
     def underlay(self, interface: str, address: str) -> Underlay:
         """The underlay: ``interface`` when named, else the one holding ``address`` (the
         node's own underlay IP), else the one the route to ``address`` leaves by."""
@@ -234,6 +259,7 @@ class Netlink:
         finally:
             ipr.close()
 
+    @_kernel_errors("setting up the VXLAN device")
     def ensure_device(self, device: VxlanDevice) -> list[str]:
         """Make the VXLAN device exactly as ``device`` says; the repair kinds it took
         ("added", "replaced", "removed" per link, address or setting changed)."""
@@ -316,6 +342,7 @@ class Netlink:
 
     # -- routes, neighbours, FDB (rtnl, batched) ------------------------------------------
 
+    @_kernel_errors("reading routes, neighbours and FDB entries")
     def read(self, device: str | None) -> Actual:
         """Our routes (by protocol, main table) and, when ``device`` exists, every permanent
         neighbour and FDB entry on it."""
@@ -383,6 +410,7 @@ class Netlink:
             kind, flags, seq, ifindex=indexes[entry.device], mac=entry.mac, dst=entry.dst
         )
 
+    @_kernel_errors("applying changes")
     def apply(self, changes: Sequence[Change]) -> list[Failure]:
         """Send ``changes`` in order, in batches; the ones the kernel refused."""
         indexes = {name: index for index, name in socket.if_nameindex()}

@@ -225,7 +225,7 @@ class OverlayReconciler:
                     await asyncio.wait_for(subscription.next(), timeout=self.config.interval)
         finally:
             subscription.close()
-            await asyncio.to_thread(self.kernel.close)
+            self.kernel.close()  # closes a socket: does not block
 
     async def reconcile_once(self) -> bool:
         """One pass; True when it went through."""
@@ -240,7 +240,8 @@ class OverlayReconciler:
             return False
         except OverlayError as exc:
             self.metrics.errors.labels(exc.reason).inc()
-            log.error("overlay %s: reconcile failed: %s", self.config.backend, exc)
+            if str(exc) != self.last_problem:  # once per distinct problem, not every pass
+                log.error("overlay %s: reconcile failed: %s", self.config.backend, exc)
             self.last_problem = str(exc)
             return False
         except Exception as exc:

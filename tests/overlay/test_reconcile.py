@@ -9,8 +9,8 @@ import pytest
 from overlay.fake_kernel import FakeKernel
 from prometheus_client import CollectorRegistry
 
-from node_services.overlay.model import Desired, FdbEntry, Neighbour, Route, vtep_mac_for
-from node_services.overlay.netlink import ADD, REMOVE, REPLACE, Actual, Change
+from node_services.overlay.model import Desired, FdbEntry, Neighbour, Route, Underlay, vtep_mac_for
+from node_services.overlay.netlink import ADD, REMOVE, REPLACE, Actual, Change, OverlayError
 from node_services.overlay.reconcile import OverlayConfig, OverlayReconciler, plan
 from node_services.state.records import Host
 from node_services.state.store import Store
@@ -161,3 +161,28 @@ async def test_a_route_held_by_another_protocol_is_left_alone_and_reported(
         == 1
     )
     assert registry.get_sample_value("node_services_overlay_repairs_total", {"kind": "added"}) == 1
+
+
+async def test_a_failing_kernel_fails_the_pass_with_one_log_line_and_a_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Refusing(FakeKernel):
+        def underlay(self, interface: str, address: str) -> Underlay:
+            raise OverlayError("netlink", "reading the underlay interface: Operation not permitted")
+
+    store = Store()
+    store.replace("snap", [host(1), host(2)])
+    overlay, registry = reconciler("vxlan", Refusing(), store)
+    with caplog.at_level(logging.ERROR, logger="node_services.overlay.reconcile"):
+        assert await overlay.reconcile_once() is False
+        assert await overlay.reconcile_once() is False
+    assert caplog.messages == [
+        "overlay vxlan: reconcile failed: reading the underlay interface: Operation not permitted"
+    ]
+    assert overlay.problems() == [
+        "overlay vxlan has not reconciled yet: reading the underlay interface: Operation not "
+        "permitted"
+    ]
+    assert (
+        registry.get_sample_value("node_services_overlay_errors_total", {"reason": "netlink"}) == 2
+    )
