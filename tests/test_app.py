@@ -111,9 +111,9 @@ def test_unimplemented_live_sources_are_refused_clearly(tmp_path: Path) -> None:
 def test_readyz_names_the_overlay_until_its_first_reconcile(daemon: Start) -> None:
     # no source at all: the overlay waits (and touches no kernel state) instead of routing
     node = daemon("--overlay", "vxlan")
-    status, body = node.get("/readyz")
-    assert status == 503
-    assert "overlay vxlan has not reconciled yet: waiting for every source to sync" in body, body
+    waiting = "  overlay vxlan has not reconciled yet: waiting for every source to sync\n"
+    node.wait_for(lambda: waiting in node.get("/readyz")[1], what="the overlay's first pass")
+    assert node.get("/readyz") == (503, "not ready:\n" + waiting)
 
 
 def test_admin_port_in_use_is_a_clear_error(daemon: Start) -> None:

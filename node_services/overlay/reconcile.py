@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 Announce = Callable[[str, str], Awaitable[None]]
 """Publishes this node's (VTEP MAC, underlay address), e.g. as Kubernetes node annotations."""
 
+ANNOUNCE_TIMEOUT: Final = 10.0  # seconds
+
 REPAIR_KINDS: Final = {ADD: "added", REPLACE: "replaced", REMOVE: "removed"}
 _LOGGED_CHANGES: Final = 20  # per pass; beyond, one summary line
 
@@ -271,7 +273,9 @@ class OverlayReconciler:
     async def _announce(self, own: tuple[str, str]) -> None:
         assert self.announce is not None
         try:
-            await self.announce(*own)
+            # bounded: an unreachable API server must not stall the reconcile loop
+            async with asyncio.timeout(ANNOUNCE_TIMEOUT):
+                await self.announce(*own)
         except Exception as exc:  # retried on the next pass
             self.metrics.errors.labels("announce").inc()
             log.warning(
