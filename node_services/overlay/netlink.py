@@ -12,19 +12,17 @@ changed or removed.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import fcntl
 import functools
 import ipaddress
 import os
 import socket
-import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, ParamSpec, Protocol, TypeVar
 
 from node_services.overlay import rtnl
+from node_services.overlay.ethtool import set_tx_checksum_offload, tx_checksum_offload
 from node_services.overlay.model import (
     MAIN_TABLE,
     ROUTE_PROTOCOL,
@@ -42,9 +40,6 @@ REPLACE: Final = "replace"
 REMOVE: Final = "remove"
 
 _BATCH: Final = 128  # requests per sendmsg; their ACKs must fit the receive buffer
-_SIOCETHTOOL: Final = 0x8946
-_ETHTOOL_GTXCSUM: Final = 0x16
-_ETHTOOL_STXCSUM: Final = 0x17
 
 
 class OverlayError(Exception):
@@ -140,24 +135,6 @@ def _kernel_errors(what: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
         return call
 
     return wrap
-
-
-def _ethtool(name: str, command: int, value: int = 0) -> int:
-    """One ethtool_value ioctl (SIOCETHTOOL) on interface ``name``; its returned value."""
-    data = ctypes.create_string_buffer(struct.pack("=II", command, value), 8)
-    request = struct.pack("16sP", name.encode(), ctypes.addressof(data)).ljust(40, b"\0")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        fcntl.ioctl(sock.fileno(), _SIOCETHTOOL, request)
-    return int(struct.unpack("=II", data.raw)[1])
-
-
-def tx_checksum_offload(name: str) -> bool:
-    """Whether tx checksum offload is on for ``name`` (``ethtool -k``'s tx-checksumming)."""
-    return bool(_ethtool(name, _ETHTOOL_GTXCSUM))
-
-
-def set_tx_checksum_offload(name: str, on: bool) -> None:
-    _ethtool(name, _ETHTOOL_STXCSUM, 1 if on else 0)
 
 
 class Netlink:

@@ -339,7 +339,7 @@ def test_vxlan_pods_on_different_hosts_ping_each_other(vxlan_cluster: Cluster) -
         host_ns(1),
         sys.executable,
         "-c",
-        f"from node_services.overlay.netlink import tx_checksum_offload as t\nprint(t({DEVICE!r}))",
+        f"from node_services.overlay.ethtool import tx_checksum_offload as t\nprint(t({DEVICE!r}))",
     )
     assert offload.stdout.strip() == "False"
     if shutil.which("ethtool"):
