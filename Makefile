@@ -14,12 +14,14 @@ RUN_SNAPSHOT ?= demo/snapshot.yaml
 RUN_UPSTREAM ?= 127.0.0.1:1
 
 # Debian tools the tests use (installed when root; tests skip with a reason without them).
-DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2 openssl wrk containernetworking-plugins iputils-ping dnsperf dnsmasq-base systemd
+DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2 openssl wrk containernetworking-plugins iputils-ping dnsperf dnsmasq-base systemd ethtool
+# Debian tools only the benchmarks use (make bench installs them when root).
+DEBIAN_BENCH_PACKAGES ?= iperf3
 # kubectl proves the test Kubernetes API server faithful; Debian ships it in kubernetes-client
 # (installed only when no kubectl is on PATH: other kubectl packages own the same file).
 KUBECTL_PACKAGE ?= kubernetes-client
 
-.PHONY: run test test-deps lint format bench clean
+.PHONY: run test test-deps bench-deps lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,7 +69,18 @@ format: $(STAMP)
 	$(BIN)/ruff format node_services tests bench
 	$(BIN)/ruff check --fix node_services tests bench
 
-bench: $(STAMP)
+bench-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		missing=""; for p in $(DEBIAN_BENCH_PACKAGES); do \
+			dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+		done; \
+		if [ -n "$$missing" ]; then \
+			echo "apt-get install:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		fi; \
+	else echo "not root: skipping apt-get; benchmarks needing Debian tools skip that part"; fi
+
+bench: $(STAMP) test-deps bench-deps
 	$(BIN)/python -m bench
 
 clean:

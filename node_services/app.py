@@ -25,9 +25,11 @@ from node_services.metadata.app import (
     parse_trusted_proxies,
 )
 from node_services.metadata.tree import Environment
+from node_services.overlay.reconcile import OverlayConfig, OverlayReconciler
 from node_services.sources.guard import Rejections
 from node_services.sources.kube.client import in_cluster
 from node_services.sources.kube.source import KubeSource
+from node_services.sources.kube.translate import PUBLIC_IP_ANNOTATION, VTEP_MAC_ANNOTATION
 from node_services.sources.static import SnapshotFile
 from node_services.state.store import Store
 
@@ -69,6 +71,16 @@ class Supervisor:
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
 
 
+def node_annotator(kube: KubeSource) -> Callable[[str, str], Awaitable[None]]:
+    """Writes the overlay's VTEP MAC and underlay address as this node's annotations, where
+    peers read them (node-services.io/vtep-mac, node-services.io/public-ip)."""
+
+    async def annotate(mac: str, address: str) -> None:
+        await kube.patch_node_annotations({VTEP_MAC_ANNOTATION: mac, PUBLIC_IP_ANNOTATION: address})
+
+    return annotate
+
+
 def check_supported(settings: Settings) -> None:
     """Refuse settings that name a part this build does not have yet, clearly."""
     problems = unsupported(settings)
@@ -90,6 +102,7 @@ class Daemon:
     """The Kubernetes list/watch source, when a kubeconfig is set or we run in a pod."""
     dns: DnsServer | None = None
     metadata: MetadataServer | None = None
+    overlay: OverlayReconciler | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
 
@@ -131,12 +144,20 @@ class Daemon:
         if self.kube is not None:
             self.supervisor.start("kubernetes", self.kube.run)
         self._start_ipam()
+        self._start_overlay()
+
+    def _problems(self) -> list[str]:
+        """Readiness problems beyond the sources': failed tasks, an overlay not yet set up."""
+        problems = self.supervisor.problems()
+        if self.overlay is not None:
+            problems.extend(self.overlay.problems())
+        return problems
 
     async def _start_admin(self) -> None:
         admin = make_admin_app(
             self.store,
             loaders=self.snapshots,
-            task_problems=self.supervisor.problems,
+            task_problems=self._problems,
             registry=self.registry,
         )
         self._runner = web.AppRunner(admin, access_log=None, handle_signals=False)
@@ -203,6 +224,23 @@ class Daemon:
             await reconciler.run()
 
         self.supervisor.start("ipam-reconcile", run)
+
+    def _start_overlay(self) -> None:
+        """Routes between nodes (vxlan or host-gw), reconciled from the store by diff."""
+        if self.settings.overlay == "none":
+            return
+        self.overlay = OverlayReconciler(
+            self.store, OverlayConfig.from_settings(self.settings), self.registry
+        )
+        if self.kube is not None:
+            self.overlay.announce = node_annotator(self.kube)
+        self.supervisor.start("overlay", self.overlay.run)
+        log.info(
+            "overlay %s on node %s (reconcile every %gs)",
+            self.settings.overlay,
+            self.settings.node_name,
+            self.settings.overlay_reconcile_interval,
+        )
 
     async def reload(self) -> None:
         """SIGHUP: re-read every snapshot file now."""

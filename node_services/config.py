@@ -149,11 +149,44 @@ class Settings:
     """Seconds between IPAM reconcile passes (it also runs on every state change)."""
 
     overlay: str = "none"
-    """Overlay between nodes: none, vxlan or host-gw. This build has no overlay yet: `run`
-    refuses any value but `none`."""
+    """Overlay between nodes: none, vxlan (one VXLAN device, a route + neighbour + FDB entry
+    per peer) or host-gw (a route per peer via its underlay address; peers must be on a
+    directly connected network). Needs CAP_NET_ADMIN in the host's network namespace."""
 
     overlay_interface: str = ""
-    """Interface whose address carries overlay traffic; default: the default route's."""
+    """Interface whose address carries overlay traffic; default: the one holding this node's
+    underlay address (node-services.io/public-ip, else its InternalIP / agent IP), else the
+    one the route to it leaves by."""
+
+    overlay_reconcile_interval: float = 10.0
+    """Seconds between overlay reconcile passes (it also runs on every state change): entries
+    deleted or changed by hand are repaired within one interval."""
+
+    overlay_mtu: int = 0
+    """MTU of the overlay device and of the pods (CNI conf); 0: the underlay interface's MTU
+    less 50 (VXLAN over IPv4; 70 over IPv6), or the underlay's for host-gw."""
+
+    overlay_vxlan_device: str = "ns-vxlan.1"
+    """Name of the VXLAN device (VXLAN only)."""
+
+    overlay_vxlan_vni: int = 1
+    """VXLAN network identifier; 1 like flannel."""
+
+    overlay_vxlan_port: int = 8472
+    """VXLAN UDP port; 8472 like flannel (the Linux default), not IANA's 4789."""
+
+    overlay_directrouting: bool = False
+    """VXLAN: peers on the same L2 subnet as the underlay get a plain route via their underlay
+    address instead of the tunnel (flannel's DirectRouting)."""
+
+    overlay_tx_checksum_offload: bool = False
+    """Keep tx checksum offload on the VXLAN device. Off by default: with it on, a kernel bug
+    stalls cross-node VXLAN traffic for 63 s at a time (flannel#1282, kubernetes#88986)."""
+
+    cni_conf_dir: Path | None = None
+    """With an overlay: directory (the host's /etc/cni/net.d) where the daemon writes the pods'
+    CNI network config `10-node-services.conflist` (bridge `cni0` + node-services-ipam with
+    "range": "node", mtu = the overlay MTU), atomically, whenever it changes. Unset: none."""
 
     cattle_url: str = ""
     """Project-scoped Cattle v2-beta endpoint (e.g. http://rancher:8080/v2-beta/projects/1a5);
@@ -255,7 +288,12 @@ def _convert(key: str, value: Any) -> Any:
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or CIDR") from None
         return tuple(networks)
-    if key in ("metadata_access_log", "dns_query_log"):
+    if key in (
+        "metadata_access_log",
+        "dns_query_log",
+        "overlay_directrouting",
+        "overlay_tx_checksum_offload",
+    ):
         if isinstance(value, bool):
             return value
         flag = str(value).strip().lower()
@@ -264,16 +302,16 @@ def _convert(key: str, value: Any) -> Any:
         return _BOOLEANS[flag]
     if key == "snapshots":
         return tuple(Path(str(v)) for v in _as_list(value))
-    if key in ("kubeconfig",):
+    if key in ("kubeconfig", "cni_conf_dir"):
         return Path(str(value)) if value not in (None, "") else None
     if key == "ipam_dir":
         return Path(str(value))
-    if key in ("ipam_leak_grace", "ipam_reconcile_interval"):
+    if key in ("ipam_leak_grace", "ipam_reconcile_interval", "overlay_reconcile_interval"):
         try:
             seconds = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{value!r} is not a number of seconds") from None
-        if key == "ipam_reconcile_interval" and not seconds > 0:
+        if key in ("ipam_reconcile_interval", "overlay_reconcile_interval") and not seconds > 0:
             raise ValueError("must be positive")
         if not seconds >= 0:
             raise ValueError("must not be negative")
@@ -307,6 +345,23 @@ def _convert(key: str, value: Any) -> Any:
         if not seconds > 0:
             raise ValueError("must be more than 0")
         return seconds
+    if key in ("overlay_mtu", "overlay_vxlan_vni", "overlay_vxlan_port"):
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise ValueError(f"{value!r} is not a whole number")
+        number = int(value)
+        low, high = {
+            "overlay_mtu": (0, 65535),
+            "overlay_vxlan_vni": (0, 16777215),
+            "overlay_vxlan_port": (1, 65535),
+        }[key]
+        if not low <= number <= high or (key == "overlay_mtu" and 0 < number < 576):
+            raise ValueError(f"{number} is out of range")
+        return number
+    if key == "overlay_vxlan_device":
+        name = str(value).strip()
+        if not 0 < len(name) < 16 or "/" in name or any(c.isspace() for c in name):
+            raise ValueError(f"{value!r} is not an interface name (1-15 characters)")
+        return name
     if key == "kube_page_size":
         if isinstance(value, bool) or not str(value).strip().isdigit() or int(value) < 1:
             raise ValueError(f"{value!r} is not a whole number of at least 1")
@@ -373,11 +428,6 @@ def unsupported(settings: Settings) -> list[str]:
         problems.append(
             "cattle_url: the Cattle event source is not in this build yet; "
             "feed Cattle resources through snapshot files"
-        )
-    if settings.overlay != "none":
-        problems.append(
-            f"overlay: {settings.overlay!r} is not in this build yet (only 'none'); "
-            "run flannel or another overlay beside node-services for now"
         )
     return problems
 

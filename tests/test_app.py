@@ -108,10 +108,12 @@ def test_unimplemented_live_sources_are_refused_clearly(tmp_path: Path) -> None:
     assert "cattle_url: the Cattle event source is not in this build yet" in result.stderr
 
 
-def test_an_overlay_mode_this_build_lacks_is_refused_not_ignored() -> None:
-    result = run_cli("run", "--admin-listen", "127.0.0.1:0", "--overlay", "vxlan")
-    assert result.returncode == 2
-    assert "overlay: 'vxlan' is not in this build yet (only 'none')" in result.stderr
+def test_readyz_names_the_overlay_until_its_first_reconcile(daemon: Start) -> None:
+    # no source at all: the overlay waits (and touches no kernel state) instead of routing
+    node = daemon("--overlay", "vxlan")
+    waiting = "  overlay vxlan has not reconciled yet: waiting for every source to sync\n"
+    node.wait_for(lambda: waiting in node.get("/readyz")[1], what="the overlay's first pass")
+    assert node.get("/readyz") == (503, "not ready:\n" + waiting)
 
 
 def test_admin_port_in_use_is_a_clear_error(daemon: Start) -> None:

@@ -163,8 +163,6 @@ def test_check_config_reports_parts_this_build_lacks(tmp_path: Path) -> None:
         "node-services: invalid configuration:\n"
         "  cattle_url: the Cattle event source is not in this build yet; feed Cattle resources "
         "through snapshot files\n"
-        "  overlay: 'host-gw' is not in this build yet (only 'none'); run flannel or another "
-        "overlay beside node-services for now\n"
     )
 
 
