@@ -11,9 +11,10 @@
    running the daemon with ``--overlay vxlan``; a "pod" namespace on each behind a veth.
    iperf3 (Debian ``iperf3``) pod to pod across the hosts over VXLAN, then host to host over
    the plain underlay veth, in the same run (best of 3 rounds each, 3 s per round); once with
-   the default (tx checksum offload off on the VXLAN device) and once with it kept on
-   (``overlay_tx_checksum_offload: true``): without offload the VXLAN device cannot hand
-   64 KB segments to the veth, and the kernel segments and checksums every packet in software.
+   the default (``overlay_tx_checksum_offload: auto``, which keeps offload on kernels from
+   5.7) and once with it off (what auto does on older kernels, shown, not judged): without
+   offload the VXLAN device cannot hand 64 KB segments to the veth, and the kernel segments
+   and checksums every packet in software.
 
 Targets (issue 11): 1,000 peers < 2 s; 100 changes < 200 ms; VXLAN >= 0.7x the underlay.
 Needs root. All traffic stays inside namespaces created here; they are removed afterwards.
@@ -220,7 +221,7 @@ def throughput_bench(
                 sh("ip", "-n", pods[n], "link", "set", "eth0", "up")
                 sh("ip", "-n", pods[n], "route", "add", "default", "via", f"10.244.{n}.1")
             env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_SERVICES_")}
-            env["NODE_SERVICES_OVERLAY_TX_CHECKSUM_OFFLOAD"] = "true" if offload else "false"
+            env["NODE_SERVICES_OVERLAY_TX_CHECKSUM_OFFLOAD"] = "auto" if offload else "off"
             for n, host in hosts.items():
                 log = (Path(tmp) / f"daemon-{n}.log").open("wb")
                 command = [
@@ -305,15 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     for offload in (False, True):
         overlay, plain, n = throughput_bench(rounds, seconds, offload=offload)
         ratio = overlay / plain
-        mode = "kept on" if offload else "off (the default)"
+        mode = "auto (the default)" if offload else "off (auto on kernels before 5.7)"
         print(
             f"  iperf3 TCP, best of {n} x {seconds} s, tx checksum offload {mode}: pod->pod over "
             f"VXLAN {overlay:.2f} Gbit/s, host->host over the underlay veth {plain:.2f} Gbit/s: "
             f"{ratio:.2f}x"
         )
-        label = "offload kept" if offload else "default"
+        label = "default" if offload else "offload off"
         record(f"VXLAN / underlay TCP ({label})", ratio, "x", f">= {TARGET_RATIO:g}x",
-               ratio >= TARGET_RATIO, shown=f"{ratio:.2f}x")  # fmt: skip
+               (ratio >= TARGET_RATIO) if offload else None, shown=f"{ratio:.2f}x")  # fmt: skip
     print("(2 shared cores, other jobs running: numbers are noisy; compare within one run)")
     return 0
 

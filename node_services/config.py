@@ -22,6 +22,7 @@ import yaml
 POD_RECORDS: Final = ("disabled", "insecure", "verified")
 OVERLAYS: Final = ("none", "vxlan", "host-gw")
 IPAM_MODES: Final = ("auto", "on", "off")
+TX_CHECKSUM_OFFLOAD_MODES: Final = ("auto", "on", "off")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
@@ -179,9 +180,12 @@ class Settings:
     """VXLAN: peers on the same L2 subnet as the underlay get a plain route via their underlay
     address instead of the tunnel (flannel's DirectRouting)."""
 
-    overlay_tx_checksum_offload: bool = False
-    """Keep tx checksum offload on the VXLAN device. Off by default: with it on, a kernel bug
-    stalls cross-node VXLAN traffic for 63 s at a time (flannel#1282, kubernetes#88986)."""
+    overlay_tx_checksum_offload: str = "auto"
+    """Tx checksum offload on the VXLAN device: auto, on or off. Auto turns it off on kernels
+    older than 5.7, where a netfilter bug corrupts the checksums of SNATed VXLAN packets and
+    stalls cross-node traffic for 63 s at a time (flannel#1282, kubernetes#88986, fixed in
+    5.7; Calico does the same), and keeps it on newer kernels, where turning it off costs most
+    of the overlay's TCP throughput (no GSO). true/false are read as on/off."""
 
     cni_conf_dir: Path | None = None
     """With an overlay: directory (the host's /etc/cni/net.d) where the daemon writes the pods'
@@ -292,7 +296,6 @@ def _convert(key: str, value: Any) -> Any:
         "metadata_access_log",
         "dns_query_log",
         "overlay_directrouting",
-        "overlay_tx_checksum_offload",
     ):
         if isinstance(value, bool):
             return value
@@ -379,13 +382,18 @@ def _convert(key: str, value: Any) -> Any:
         if not _DOMAIN_RE.match(domain):
             raise ValueError(f"{value!r} is not a valid DNS domain")
         return domain
-    if key == "ipam" and isinstance(value, bool):
+    if key in ("ipam", "overlay_tx_checksum_offload") and isinstance(value, bool):
         value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+    if key == "overlay_tx_checksum_offload":
+        value = {"true": "on", "yes": "on", "false": "off", "no": "off"}.get(
+            str(value).strip().lower(), value
+        )
     choices = {
         "pod_records": POD_RECORDS,
         "overlay": OVERLAYS,
         "log_level": LOG_LEVELS,
         "ipam": IPAM_MODES,
+        "overlay_tx_checksum_offload": TX_CHECKSUM_OFFLOAD_MODES,
     }.get(key)
     if choices is not None:
         text = str(value).strip().lower()

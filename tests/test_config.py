@@ -195,3 +195,24 @@ def test_run_with_a_bad_flag_value_exits_2_with_the_reason() -> None:
     result = cli("run", "--dns-ttl", "soon")
     assert result.returncode == 2
     assert "flags: dns_ttl: 'soon' is not a whole number of seconds" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("written", "read"),
+    [("auto", "auto"), ("on", "on"), ("OFF", "off"), ("true", "on"), ("false", "off")],
+)
+def test_tx_checksum_offload_reads_a_mode_or_a_boolean(written: str, read: str) -> None:
+    settings = load_settings(
+        environ={"NODE_NAME": "n", "NODE_SERVICES_OVERLAY_TX_CHECKSUM_OFFLOAD": written}
+    )
+    assert settings.overlay_tx_checksum_offload == read
+
+
+def test_tx_checksum_offload_from_a_yaml_boolean_and_a_bad_value(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("overlay_tx_checksum_offload: yes\n")
+    settings = load_settings(config_file=config, environ={"NODE_NAME": "n"})
+    assert settings.overlay_tx_checksum_offload == "on"
+    config.write_text("overlay_tx_checksum_offload: sometimes\n")
+    with pytest.raises(ConfigError, match="'sometimes' is not one of auto, on, off"):
+        load_settings(config_file=config, environ={"NODE_NAME": "n"})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import platform
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -86,7 +87,9 @@ class OverlayConfig:
             port=settings.overlay_vxlan_port,
             mtu=settings.overlay_mtu,
             directrouting=settings.overlay_directrouting,
-            tx_checksum_offload=settings.overlay_tx_checksum_offload,
+            tx_checksum_offload=vxlan.tx_checksum_offload_for(
+                settings.overlay_tx_checksum_offload, platform.release()
+            ),
             interval=settings.overlay_reconcile_interval,
             cni_conf_dir=settings.cni_conf_dir,
             ipam_dir=settings.ipam_dir,

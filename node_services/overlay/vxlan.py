@@ -16,6 +16,7 @@ instead. Pure: no I/O.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -52,6 +53,24 @@ class VxlanDevice:
     underlay: str  # underlay interface name (the device's lower link)
     addresses: tuple[str, ...]  # "10.244.1.0/32", "fd00:1::/128"
     tx_checksum_offload: bool = False
+
+
+FIXED_CHECKSUM_KERNEL: Final = (5, 7)
+"""The first kernel whose netfilter leaves a zero UDP checksum alone under NAT: before it,
+SNATed VXLAN packets from a device with tx checksum offload get bad checksums and are dropped
+(the 63 s stalls of kubernetes#88986)."""
+
+
+def tx_checksum_offload_for(mode: str, kernel_release: str) -> bool:
+    """Whether the device keeps tx checksum offload: ``on``/``off`` as said; ``auto`` keeps it
+    only on a kernel with the fix (``kernel_release`` as ``uname -r`` prints it; one that
+    cannot be read counts as old, the safe side)."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    match = re.match(r"(\d+)\.(\d+)", kernel_release)
+    if match is None:
+        return False
+    return (int(match[1]), int(match[2])) >= FIXED_CHECKSUM_KERNEL
 
 
 def overlay_mtu(underlay: Underlay, configured: int = 0) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from node_services.overlay import hostgw, vxlan
 from node_services.overlay.model import (
     Desired,
@@ -214,3 +216,22 @@ def test_hostgw_refuses_a_pod_cidr_of_the_other_family() -> None:
     wanted = hostgw.desired(peers, UNDERLAY)
     assert wanted.routes == {Route("10.244.2.0/24", "192.168.7.2", "eth0")}
     assert [(r.peer, r.reason) for r in wanted.refusals] == [("node-b", "family")]
+
+
+@pytest.mark.parametrize(
+    ("mode", "release", "kept"),
+    [
+        ("auto", "6.18.44-fc-v1045", True),
+        ("auto", "5.7.0", True),
+        ("auto", "5.6.19-generic", False),
+        ("auto", "4.19.0-27-amd64", False),
+        ("auto", "3.10.0-1160.el7.x86_64", False),
+        ("auto", "unknown", False),
+        ("on", "4.19.0", True),
+        ("off", "6.18.44", False),
+    ],
+)
+def test_tx_checksum_offload_is_kept_only_where_the_kernel_has_the_nat_fix(
+    mode: str, release: str, kept: bool
+) -> None:
+    assert vxlan.tx_checksum_offload_for(mode, release) is kept

@@ -103,6 +103,9 @@ class Daemon:
             NODE_SERVICES_IPAM="on",
             NODE_SERVICES_OVERLAY_RECONCILE_INTERVAL=str(INTERVAL),
             NODE_SERVICES_SNAPSHOT_POLL_INTERVAL="0.1",
+            # the setting for old kernels (auto keeps offload on this one): the checks below
+            # prove that "off" reaches the device
+            NODE_SERVICES_OVERLAY_TX_CHECKSUM_OFFLOAD="off",
         )
         env.update(self.env)
         log = self.log_path.open("ab")
