@@ -59,6 +59,8 @@ def build_dns(settings: Settings, store: Store, registry: CollectorRegistry) -> 
             stats=stats,
             timeout=settings.dns_forward_timeout,
             cache_size=settings.dns_cache_size,
+            cache_bytes=settings.dns_cache_bytes,
+            sockets=settings.dns_upstream_sockets,
             max_inflight=settings.dns_max_forwards,
             negative_ttl_cap=settings.dns_negative_ttl_cap,
         )
