@@ -93,7 +93,7 @@ class _PoolSocket:
                 return
             except OSError as exc:
                 log.debug("dns: upstream socket receive error: %s", exc)
-                self._fail_from_errors()
+                self.fail_from_errors()
                 continue
             if len(data) < 12:
                 stats.count(stats.forward_ignored, "malformed")
@@ -115,7 +115,7 @@ class _PoolSocket:
             if not future.done():
                 future.set_result(data)
 
-    def _fail_from_errors(self) -> None:
+    def fail_from_errors(self) -> None:
         """Fail the queries an ICMP error came back for (each error holds the query's start
         and its destination), so the next upstream is tried at once, not after the timeout."""
         for _ in range(_BATCH):
@@ -219,8 +219,14 @@ class UdpPool:
         try:
             sock.sock.sendto(query, upstream)
         except OSError:
-            del pending[key]
-            raise
+            # Most likely the ICMP error of an earlier query on this socket, reported on the
+            # first call after it: hand it to that query, then send this one again.
+            sock.fail_from_errors()
+            try:
+                sock.sock.sendto(query, upstream)
+            except OSError:
+                pending.pop(key, None)
+                raise
         sock.sent += 1
         if sock.sent >= self.renew_after:
             # A fresh random port for the next queries; this one closes once answered.
