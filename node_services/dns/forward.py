@@ -1,12 +1,13 @@
 """Forwarding names outside the cluster zones: upstreams in order, TCP retry on TC, one
 upstream query per distinct question in flight (later askers join it: no loop can multiply
-queries), a byte-budgeted cache and a concurrency cap."""
+queries), loop probes, a byte-budgeted cache and a concurrency cap."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import logging
+import random
 import socket
 import struct
 import time
@@ -19,6 +20,7 @@ from node_services.dns.metrics import DnsStats
 from node_services.dns.upstream import Question, UdpPool, Upstream, UpstreamError
 
 __all__ = [
+    "LOOP_PROBE_INTERVAL",
     "MAX_POSITIVE_TTL",
     "Forwarder",
     "UpstreamError",
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 
 _LOOPBACK_PREFIXES: Final = ("127.", "::1")
 DEFAULT_CACHE_BYTES: Final = 16 << 20
+LOOP_PROBE_INTERVAL: Final = 60.0
+"""Seconds between loop probes to the upstreams while we forward (the daemon's setting)."""
+_HINFO: Final = 13
 
 
 def upstreams_from_resolv_conf(
@@ -89,6 +94,7 @@ class Forwarder:
         negative_ttl_cap: int = 300,
         sockets: int = 16,
         pool: UdpPool | None = None,
+        loop_probe_interval: float = 0.0,
     ) -> None:
         self.upstreams = tuple(_canonical(u) for u in upstreams)
         self.stats = stats
@@ -105,12 +111,29 @@ class Forwarder:
         """Questions being asked upstream: later askers of the same question await the answer."""
         self._ours: set[tuple[int, bytes, int]] = set()  # (ID, name, type) of our queries out
         self._resolved: dict[Upstream, Upstream] = {}
+        self.loop_probe_interval = loop_probe_interval
+        self._next_probe = 0.0
+        self._probes: dict[bytes, Upstream] = {}  # probe name in flight -> the upstream asked
+        self._probe_tasks: set[asyncio.Task[None]] = set()
+        self._looping: dict[Upstream, float] = {}  # upstream -> skipped until (monotonic)
 
     def is_own_query(self, qid: int, lname: bytes, qtype: int) -> bool:
-        """Whether a query reaching us is one we sent upstream ourselves, our ID echoed: a
-        forwarding loop. (An upstream that gives the query a new ID cannot be told apart from
-        another client; such a query joins the question in flight and adds no upstream query.)
-        """
+        """Whether a query reaching us is one we sent upstream ourselves: a forwarding loop.
+
+        Two signals: our ID echoed, or one of our loop probes (a random name only we ask,
+        whatever its ID). A looped client query under a new ID cannot be told apart from
+        another client's; it joins the question in flight and adds no upstream query."""
+        upstream = self._probes.get(lname)
+        if upstream is not None:
+            if upstream not in self._looping:
+                log.error(
+                    "dns: forwarding loop: upstream %s:%d sends our queries back to us; not "
+                    "using it for %.0f s (fix its configuration)",
+                    *upstream,
+                    self.loop_probe_interval,
+                )
+            self._looping[upstream] = time.monotonic() + self.loop_probe_interval
+            return True
         return (qid, lname, qtype) in self._ours
 
     def overloaded(self) -> bool:
@@ -138,7 +161,9 @@ class Forwarder:
         return await self._ask((qname, qtype, wire.CLASS_IN, 8), query)
 
     def close(self) -> None:
-        """Close the upstream sockets (queries still waiting fail)."""
+        """Close the upstream sockets (queries still waiting fail) and stop the probes."""
+        for task in self._probe_tasks:
+            task.cancel()
         self.pool.close()
 
     async def _ask(self, key: CacheKey, query: bytes) -> bytes:
@@ -151,6 +176,8 @@ class Forwarder:
                 stats.forward_coalesced += 1
                 # Shielded: one asker giving up must not cancel the answer for the others.
                 return await asyncio.shield(flight)
+            if self.loop_probe_interval:
+                self._maybe_probe()
             return await self._lead(key, bytearray(query))
         finally:
             stats.forward_inflight -= 1
@@ -172,20 +199,18 @@ class Forwarder:
         return response
 
     async def _exchange(self, query: bytearray, question: Question) -> bytes:
+        looping = self._looping
         for upstream in self.upstreams:
             host, port = upstream
+            if looping and upstream in looping:
+                if time.monotonic() < looping[upstream]:
+                    self.stats.count(self.stats.forward_errors, "loop")
+                    continue
+                del looping[upstream]
             started = time.perf_counter()
             try:
                 address = await self._address(upstream)
-                exchange = self.pool.send(query, address, question)
-                marker = (exchange.qid, question.lname, question.qtype)
-                self._ours.add(marker)
-                try:
-                    async with asyncio.timeout(self.timeout):
-                        response = await exchange.answer
-                finally:
-                    exchange.release()
-                    self._ours.discard(marker)
+                response = await self._udp(query, address, question)
                 if response[2] & 0x02:  # TC: the answer did not fit, ask again over TCP
                     self.stats.forward_tcp_retries += 1
                     response = await self._tcp(bytes(query), address, question)
@@ -202,6 +227,45 @@ class Forwarder:
             return response
         self.stats.count(self.stats.forward_errors, "all_failed")
         raise UpstreamError("no upstream answered")
+
+    async def _udp(self, query: bytearray, address: Upstream, question: Question) -> bytes:
+        exchange = self.pool.send(query, address, question)
+        marker = (exchange.qid, question.lname, question.qtype)
+        self._ours.add(marker)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await exchange.answer
+        finally:
+            exchange.release()
+            self._ours.discard(marker)
+
+    def _maybe_probe(self) -> None:
+        now = time.monotonic()
+        if now < self._next_probe:
+            return
+        self._next_probe = now + self.loop_probe_interval
+        task = asyncio.get_running_loop().create_task(self._probe())
+        self._probe_tasks.add(task)
+        task.add_done_callback(self._probe_tasks.discard)
+
+    async def _probe(self) -> None:
+        """Ask each upstream for a random name no one else asks (CoreDNS's `loop` check):
+        if it reaches us, :meth:`is_own_query` knows that upstream loops back to us."""
+        randbits = random.SystemRandom().getrandbits
+        for upstream in self.upstreams:
+            name = f"{randbits(40)}.{randbits(40)}.node-services-loop-probe."
+            lname = wire.encode_name(name)
+            query = bytearray(
+                wire.HEADER.pack(0, wire.RD, 1, 0, 0, 0) + lname + struct.pack("!HH", _HINFO, 1)
+            )
+            self._probes[lname] = upstream
+            try:
+                address = await self._address(upstream)
+                await self._udp(query, address, Question(lname, _HINFO, wire.CLASS_IN))
+            except (TimeoutError, OSError, UpstreamError, ValueError) as exc:
+                log.debug("dns: loop probe to %s:%d: %s", *upstream, exc)
+            finally:
+                del self._probes[lname]
 
     async def _address(self, upstream: Upstream) -> Upstream:
         """The IP address of an upstream given by name, looked up once (off the loop)."""

@@ -86,10 +86,14 @@ class _PoolSocket:
     def _readable(self) -> None:
         pending = self.pending
         stats = self.pool.stats
-        for _ in range(_BATCH):
+        for round_ in range(_BATCH):
             try:
                 data, addr = self.sock.recvfrom(_MAX_ANSWER)
             except (BlockingIOError, InterruptedError):
+                if round_ == 0:
+                    # Woken with nothing to read: an ICMP error waits in the error queue
+                    # (its error code already taken by a send); drain it, or we spin.
+                    self.fail_from_errors()
                 return
             except OSError as exc:
                 log.debug("dns: upstream socket receive error: %s", exc)

@@ -27,6 +27,12 @@ from dnsserve import serve
 from fakes.dns_upstream import LoopingRelay, RawUpstream, ask_many, ip_for
 from helpers import DaemonProcess
 
+from node_services.dns.forward import Forwarder
+from node_services.dns.metrics import DnsStats
+from node_services.dns.server import DnsServer
+from node_services.dns.zone import Zone
+from node_services.state.store import Store
+
 WWW = "www.example.org"
 
 
@@ -156,12 +162,13 @@ def test_daemon_forwards_with_dig(
     assert out.split() == [f"{WWW}.", "300", "IN", "A", "192.0.2.10"]
 
 
-def test_loop_through_upstream_that_rewrites_ids_stays_bounded(
+def test_loop_through_upstream_that_rewrites_ids_is_detected_and_bounded(
     daemon: Callable[..., DaemonProcess], tmp_path: Path
 ) -> None:
     """The upstream forwards every query back to us with a new random ID, as a real resolver
     configured to forward to us does: 200 client queries must not snowball (before: 12,441
-    upstream packets), and cluster names keep being answered meanwhile."""
+    upstream packets), the loop is reported (our random probe name came back), and cluster
+    names keep being answered meanwhile."""
     snapshot = write_snapshot(tmp_path / "snapshot.yaml", kube_cluster())
     with LoopingRelay("127.0.0.13", ("127.0.0.1", 0)) as relay:
         process = daemon(
@@ -188,8 +195,29 @@ def test_loop_through_upstream_that_rewrites_ids_stays_bounded(
         assert {a[3] & 0xF for a in answers_.values()} == {2}  # SERVFAIL: no one can answer
         assert served and all(s == ["10.43.0.20"] for s in served)
         assert relay.queries < 2000, relay.queries
-        coalesced = float(process.metric("node_services_dns_forward_coalesced_total"))
-        assert coalesced >= 100  # the relayed queries joined the questions in flight
+        assert float(process.metric("node_services_dns_forward_loops_total")) >= 1
+        assert f"forwarding loop: upstream {relay.address} sends our queries back" in (
+            process.output()
+        )
+
+
+async def test_loop_through_upstream_that_rewrites_ids_adds_no_queries_without_probes() -> None:
+    """Without the probe's help, the looped queries join the questions in flight."""
+    with LoopingRelay("127.0.0.17", ("127.0.0.1", 0)) as relay:
+        s = await serve(
+            [], upstreams=((relay.host, relay.port),), forward_timeout=1.0, max_inflight=1000
+        )
+        relay.target = ("127.0.0.1", s.port)
+        try:
+            names = [f"loop-{i}.example.org" for i in range(200)]
+            got = await asyncio.to_thread(ask_many, s.port, names, timeout=8)
+            await asyncio.sleep(1.2)  # anything still circling comes back or dies out
+            assert len(got) == 200 and {a[3] & 0xF for a in got.values()} == {2}
+            assert relay.queries < 2000, relay.queries
+            assert s.stats.forward_coalesced >= 100, s.stats.forward_coalesced
+            assert s.stats.loops == 0
+        finally:
+            await s.stop()
 
 
 async def test_identical_queries_in_flight_share_one_upstream_query() -> None:
@@ -219,3 +247,46 @@ async def test_identical_queries_in_flight_share_one_upstream_query() -> None:
             assert s.stats.forward_coalesced == 3
         finally:
             await s.stop()
+
+
+async def test_upstream_found_looping_is_skipped_until_the_next_probe() -> None:
+    with (
+        LoopingRelay("127.0.0.18", ("127.0.0.1", 0)) as relay,
+        RawUpstream("127.0.0.19") as good,
+    ):
+        store = Store()
+        store.replace("static:test", [], synced=True)
+        stats = DnsStats()
+        forwarder = Forwarder(
+            ((relay.host, relay.port), (good.host, good.port)),
+            stats=stats,
+            timeout=1.0,
+            loop_probe_interval=60.0,
+        )
+        server = DnsServer(store, Zone(forwarding=True), stats=stats, forwarder=forwarder)
+        await server.start("127.0.0.1", 0)
+        assert server.sockname is not None
+        port = server.sockname[1]
+        relay.target = ("127.0.0.1", port)
+        try:
+            # The first query starts the probes; it loops through the relay until its timeout.
+            first = await dns.asyncquery.udp(
+                dns.message.make_query("a.example.org", "A"), "127.0.0.1", port=port, timeout=3
+            )
+            assert [r.to_text() for rrset in first.answer for r in rrset] == [
+                ip_for("a.example.org")
+            ]
+            assert stats.loops == 1  # the relay's probe came back to us
+            before = relay.queries
+            started = time.monotonic()
+            second = await dns.asyncquery.udp(
+                dns.message.make_query("b.example.org", "A"), "127.0.0.1", port=port, timeout=3
+            )
+            assert time.monotonic() - started < 0.5  # straight to the good upstream
+            assert [r.to_text() for rrset in second.answer for r in rrset] == [
+                ip_for("b.example.org")
+            ]
+            assert relay.queries == before
+            assert stats.forward_errors.get("loop") == 1
+        finally:
+            await server.stop()
