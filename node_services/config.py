@@ -89,7 +89,8 @@ class Settings:
 
     dns_cache_bytes: int = 16777216
     """Memory budget in bytes of the forward cache (16 MiB): each entry counts its response,
-    its key and about 500 bytes of bookkeeping; least recently used go first; 0 disables it."""
+    its key and about 450 bytes of bookkeeping; least recently used go first; 0 disables it.
+    Both this and dns_cache_size apply."""
 
     dns_upstream_sockets: int = 16
     """UDP sockets (per address family) shared by all queries to upstreams, each on its own

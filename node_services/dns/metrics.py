@@ -157,7 +157,8 @@ class DnsCollector(Collector):
         yield forward
         errors = CounterMetricFamily(
             "node_services_dns_forward_errors",
-            "Failed attempts at an upstream, by reason (timeout, error, mismatch, all_failed).",
+            "Failed attempts at an upstream, by reason (timeout, error, loop: skipped as looping, "
+            "all_failed).",
             labels=["reason"],
         )
         for reason, count in sorted(s.forward_errors.items()):

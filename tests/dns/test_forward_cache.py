@@ -15,10 +15,14 @@ from pathlib import Path
 
 from fakes.dns_upstream import RawUpstream, make_query
 from helpers import DaemonProcess
+from prometheus_client import CollectorRegistry
 
+from node_services.config import ConfigError, load_settings
 from node_services.dns import wire
 from node_services.dns.forward_cache import ResponseCache, entry_cost
 from node_services.dns.metrics import DnsStats
+from node_services.dns.service import build_dns
+from node_services.state.store import Store
 
 
 def _response(name: str, records: int, qid: int = 0x1234) -> bytes:
@@ -123,3 +127,30 @@ def test_daemon_memory_stays_bounded_under_unique_forwarded_names(
     assert 0.9 * 16 * 2**20 <= cache_bytes <= 16 * 2**20, cache_bytes
     assert entries < answered
     assert grown_mb < 100, grown_mb
+
+
+def test_cache_budget_and_socket_pool_come_from_settings() -> None:
+    settings = load_settings(
+        environ={
+            "NODE_NAME": "n",
+            "NODE_SERVICES_DNS_CACHE_BYTES": "1048576",
+            "NODE_SERVICES_DNS_UPSTREAM_SOCKETS": "4",
+            "NODE_SERVICES_UPSTREAMS": "127.0.0.20:53",
+        }
+    )
+    server = build_dns(settings, Store(), CollectorRegistry())
+    assert server.forwarder is not None
+    assert server.forwarder.cache.max_bytes == 1048576
+    assert server.forwarder.pool.size == 4
+    assert load_settings(environ={"NODE_NAME": "n"}).dns_cache_bytes == 16 * 2**20
+    try:
+        load_settings(
+            environ={"NODE_NAME": "n"},
+            overrides={"dns_upstream_sockets": "0", "dns_cache_bytes": "lots"},
+        )
+    except ConfigError as exc:
+        assert len(exc.problems) == 2, exc.problems
+        assert any("dns_upstream_sockets" in p and "at least 1" in p for p in exc.problems)
+        assert any("dns_cache_bytes" in p and "whole number" in p for p in exc.problems)
+    else:
+        raise AssertionError("bad values accepted")
