@@ -170,6 +170,7 @@ class Exchange:
             del sock.pending[self._key]
         if sock.retiring and not sock.pending:
             sock.close()
+            sock.pool.forget(sock)
 
 
 class UdpPool:
@@ -196,7 +197,6 @@ class UdpPool:
     def sockets(self) -> int:
         """Open sockets (in use or retiring)."""
         live = sum(1 for slots in self._slots.values() for s in slots if s is not None)
-        self._retiring = {s for s in self._retiring if not s.closed}
         return live + len(self._retiring)
 
     def send(self, query: bytearray, upstream: Upstream, question: Question) -> Exchange:
@@ -238,6 +238,10 @@ class UdpPool:
             sock.retiring = True
             self._retiring.add(sock)
         return Exchange(sock, key, answer)
+
+    def forget(self, sock: _PoolSocket) -> None:
+        """A retired socket has closed."""
+        self._retiring.discard(sock)
 
     def close(self) -> None:
         for slots in self._slots.values():
