@@ -174,3 +174,28 @@ async def test_pool_refuses_when_every_id_is_taken() -> None:
         pool.send(query, ("127.0.0.12", 9), question).release()  # free again
     finally:
         pool.close()
+
+
+async def test_ipv6_upstream_written_unusually_is_matched() -> None:
+    """Answers are matched on the address as the kernel reports it: an upstream written
+    "0:0::1" still gets its answers from "::1" taken."""
+    loop = asyncio.get_running_loop()
+    server = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    server.bind(("::1", 0))
+    server.setblocking(False)
+
+    def answer() -> None:
+        data, addr = server.recvfrom(4096)
+        server.sendto(response(data), addr)
+
+    loop.add_reader(server.fileno(), answer)
+    stats = DnsStats()
+    forwarder = Forwarder((("0:0::1", server.getsockname()[1]),), stats=stats)
+    try:
+        reply = await forwarder.resolve_name("v6.example.org", wire.A)
+        assert _a_record(reply) == ip_for("v6.example.org")
+        assert stats.forward_ignored == {} and stats.forward_errors == {}
+    finally:
+        forwarder.close()
+        loop.remove_reader(server.fileno())
+        server.close()
