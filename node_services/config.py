@@ -88,6 +88,15 @@ class Settings:
     dns_cache_size: int = 10000
     """Responses the forward cache holds (least recently used go first); 0 disables it."""
 
+    dns_cache_bytes: int = 16777216
+    """Memory budget in bytes of the forward cache (16 MiB): each entry counts its response,
+    its key and about 450 bytes of bookkeeping; least recently used go first; 0 disables it.
+    Both this and dns_cache_size apply."""
+
+    dns_upstream_sockets: int = 16
+    """UDP sockets (per address family) shared by all queries to upstreams, each on its own
+    random port, renewed every 10000 queries."""
+
     dns_answer_cache_size: int = 65536
     """In-zone UDP answers kept by the exact query bytes (all but the ID), so a query asked
     before skips the lookup; emptied whenever the zone changes, started over when full. About
@@ -328,6 +337,8 @@ def _convert(key: str, value: Any) -> Any:
         return ttl
     if key in (
         "dns_cache_size",
+        "dns_cache_bytes",
+        "dns_upstream_sockets",
         "dns_answer_cache_size",
         "dns_negative_ttl_cap",
         "dns_max_forwards",
@@ -335,7 +346,7 @@ def _convert(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not str(value).strip().isdigit():
             raise ValueError(f"{value!r} is not a whole number")
         number = int(value)
-        if key == "dns_max_forwards" and number < 1:
+        if key in ("dns_max_forwards", "dns_upstream_sockets") and number < 1:
             raise ValueError("must be at least 1")
         return number
     if key in ("dns_forward_timeout", "kube_read_timeout"):

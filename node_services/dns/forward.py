@@ -1,26 +1,40 @@
-"""Forwarding names outside the cluster zones: upstreams in order, TCP retry on TC, a bounded
-TTL-honouring cache (negative answers per RFC 2308), a concurrency cap and loop detection."""
+"""Forwarding names outside the cluster zones: upstreams in order, TCP retry on TC, one
+upstream query per distinct question in flight (later askers join it: no loop can multiply
+queries), loop probes, a byte-budgeted cache and a concurrency cap."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
+import socket
 import struct
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from node_services.dns import wire
+from node_services.dns.forward_cache import MAX_POSITIVE_TTL, CacheKey, ResponseCache
 from node_services.dns.metrics import DnsStats
+from node_services.dns.upstream import Question, UdpPool, Upstream, UpstreamError
+
+__all__ = [
+    "LOOP_PROBE_INTERVAL",
+    "MAX_POSITIVE_TTL",
+    "Forwarder",
+    "UpstreamError",
+    "question_key",
+    "upstreams_from_resolv_conf",
+]
 
 log = logging.getLogger(__name__)
 
-MAX_POSITIVE_TTL: Final = 3600
-_TTL: Final = struct.Struct("!I")
 _LOOPBACK_PREFIXES: Final = ("127.", "::1")
+DEFAULT_CACHE_BYTES: Final = 16 << 20
+LOOP_PROBE_INTERVAL: Final = 60.0
+"""Seconds between loop probes to the upstreams while we forward (the daemon's setting)."""
+_HINFO: Final = 13
 
 
 def upstreams_from_resolv_conf(
@@ -41,31 +55,28 @@ def upstreams_from_resolv_conf(
     return tuple(found)
 
 
-class UpstreamError(Exception):
-    """An upstream did not give a usable answer."""
+def question_key(q: wire.Query) -> CacheKey:
+    """What makes two queries the same question for the upstream: the name (any case), type,
+    class, and the flags the answer depends on (EDNS, DO, CD, RD)."""
+    variant = q.edns | q.do << 1 | bool(q.flags & wire.CD) << 2 | bool(q.flags & wire.RD) << 3
+    return (q.lname, q.qtype, q.qclass, variant)
 
 
-@dataclass(slots=True)
-class _Cached:
-    response: bytes  # as received, ID and question from the first asker
-    stored: float
-    expires: float
-    ttl_offsets: tuple[int, ...]
-    ttls: tuple[int, ...]
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
-class _UdpExchange(asyncio.DatagramProtocol):
-    def __init__(self, future: asyncio.Future[bytes], qid: int) -> None:
-        self.future = future
-        self.qid = qid
-
-    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        if len(data) >= 12 and data[0] << 8 | data[1] == self.qid and not self.future.done():
-            self.future.set_result(data)
-
-    def error_received(self, exc: Exception) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
+def _canonical(upstream: tuple[str, int]) -> tuple[str, int]:
+    """The address as the kernel reports a datagram's source (answers are matched on it)."""
+    host, port = upstream
+    try:
+        return (str(ipaddress.ip_address(host)), port)
+    except ValueError:
+        return upstream  # a host name: resolved when first used
 
 
 class Forwarder:
@@ -78,20 +89,51 @@ class Forwarder:
         stats: DnsStats,
         timeout: float = 2.0,
         cache_size: int = 10000,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
         max_inflight: int = 1000,
         negative_ttl_cap: int = 300,
+        sockets: int = 16,
+        pool: UdpPool | None = None,
+        loop_probe_interval: float = 0.0,
     ) -> None:
-        self.upstreams = upstreams
+        self.upstreams = tuple(_canonical(u) for u in upstreams)
         self.stats = stats
         self.timeout = timeout
-        self.cache_size = cache_size
         self.max_inflight = max_inflight
-        self.negative_ttl_cap = negative_ttl_cap
-        self._cache: OrderedDict[tuple[bytes, int, int, bool], _Cached] = OrderedDict()
-        self._ours: set[tuple[int, bytes, int]] = set()
+        self.cache = ResponseCache(
+            stats=stats,
+            max_bytes=cache_bytes,
+            max_entries=cache_size,
+            negative_ttl_cap=negative_ttl_cap,
+        )
+        self.pool = pool if pool is not None else UdpPool(stats=stats, size=sockets)
+        self._flights: dict[CacheKey, asyncio.Future[bytes]] = {}
+        """Questions being asked upstream: later askers of the same question await the answer."""
+        self._ours: set[tuple[int, bytes, int]] = set()  # (ID, name, type) of our queries out
+        self._resolved: dict[Upstream, Upstream] = {}
+        self.loop_probe_interval = loop_probe_interval
+        self._next_probe = 0.0
+        self._probes: dict[bytes, Upstream] = {}  # probe name in flight -> the upstream asked
+        self._probe_tasks: set[asyncio.Task[None]] = set()
+        self._looping: dict[Upstream, float] = {}  # upstream -> skipped until (monotonic)
 
     def is_own_query(self, qid: int, lname: bytes, qtype: int) -> bool:
-        """Whether a query reaching us is one we sent upstream ourselves: a forwarding loop."""
+        """Whether a query reaching us is one we sent upstream ourselves: a forwarding loop.
+
+        Two signals: our ID echoed, or one of our loop probes (a random name only we ask,
+        whatever its ID). A looped client query under a new ID cannot be told apart from
+        another client's; it joins the question in flight and adds no upstream query."""
+        upstream = self._probes.get(lname)
+        if upstream is not None:
+            if upstream not in self._looping:
+                log.error(
+                    "dns: forwarding loop: upstream %s:%d sends our queries back to us; not "
+                    "using it for %.0f s (fix its configuration)",
+                    *upstream,
+                    self.loop_probe_interval,
+                )
+            self._looping[upstream] = time.monotonic() + self.loop_probe_interval
+            return True
         return (qid, lname, qtype) in self._ours
 
     def overloaded(self) -> bool:
@@ -99,33 +141,14 @@ class Forwarder:
 
     def cached(self, q: wire.Query) -> bytes | None:
         """The cached response for this query (ID, question and TTLs patched), if fresh."""
-        key = (q.lname, q.qtype, q.qclass, q.edns)
-        entry = self._cache.get(key)
-        if entry is None:
-            return None
-        now = time.monotonic()
-        if now >= entry.expires:
-            del self._cache[key]
-            self.stats.cache_entries = len(self._cache)
-            return None
-        self._cache.move_to_end(key)
-        elapsed = int(now - entry.stored)
-        out = bytearray(entry.response)
-        out[0:2] = q.qid.to_bytes(2, "big")
-        out[12 : 12 + len(q.question)] = q.question
-        if elapsed:
-            for offset, ttl in zip(entry.ttl_offsets, entry.ttls, strict=True):
-                _TTL.pack_into(out, offset, max(0, ttl - elapsed))
-        return bytes(out)
+        return self.cache.get(question_key(q), q.qid, q.question)
 
     async def resolve(self, q: wire.Query, data: bytes) -> bytes:
         """The upstream answer to a client's query (ID and question as the client sent them).
 
         Raises :class:`UpstreamError` when every upstream failed."""
         self.stats.cache_misses += 1
-        query = bytearray(data)
-        response = await self._exchange(query, q.lname, q.qtype)
-        self._store(q, response)
+        response = await self._ask(question_key(q), data)
         out = bytearray(response)
         out[0:2] = q.qid.to_bytes(2, "big")
         out[12 : 12 + len(q.question)] = q.question
@@ -134,72 +157,141 @@ class Forwarder:
     async def resolve_name(self, name: str, qtype: int) -> bytes:
         """Resolve a name we need ourselves (an ExternalName target); the raw response."""
         qname = wire.encode_name(name)
-        query = bytearray(
-            wire.HEADER.pack(0, wire.RD, 1, 0, 0, 0) + qname + struct.pack("!HH", qtype, 1)
-        )
-        return await self._exchange(query, qname, qtype)
+        query = wire.HEADER.pack(0, wire.RD, 1, 0, 0, 0) + qname + struct.pack("!HH", qtype, 1)
+        return await self._ask((qname, qtype, wire.CLASS_IN, 8), query)
 
-    async def _exchange(self, query: bytearray, lname: bytes, qtype: int) -> bytes:
-        self.stats.forward_inflight += 1
+    def close(self) -> None:
+        """Close the upstream sockets (queries still waiting fail) and stop the probes."""
+        for task in self._probe_tasks:
+            task.cancel()
+        self.pool.close()
+
+    async def _ask(self, key: CacheKey, query: bytes) -> bytes:
+        """The answer to ``query``: from the flight already asking it, else asked upstream."""
+        stats = self.stats
+        stats.forward_inflight += 1
         try:
-            for host, port in self.upstreams:
-                qid = random.getrandbits(16)
-                query[0:2] = qid.to_bytes(2, "big")
-                marker = (qid, lname, qtype)
-                self._ours.add(marker)
-                started = time.perf_counter()
-                try:
-                    response = await self._udp(bytes(query), host, port, qid)
-                    if response[2] & 0x02:  # TC: the answer did not fit, ask again over TCP
-                        self.stats.forward_tcp_retries += 1
-                        response = await self._tcp(bytes(query), host, port, qid)
-                    self._check(response, lname, qtype)
-                except TimeoutError:
-                    self.stats.count(self.stats.forward_errors, "timeout")
-                    log.debug("dns: upstream %s:%d timed out", host, port)
-                    continue
-                except (OSError, UpstreamError, ValueError, IndexError, struct.error) as exc:
-                    self.stats.count(self.stats.forward_errors, "error")
-                    log.debug("dns: upstream %s:%d failed: %s", host, port, exc)
-                    continue
-                finally:
-                    self._ours.discard(marker)
-                self.stats.forward_duration.observe(time.perf_counter() - started)
-                return response
+            flight = self._flights.get(key)
+            if flight is not None:
+                stats.forward_coalesced += 1
+                # Shielded: one asker giving up must not cancel the answer for the others.
+                return await asyncio.shield(flight)
+            if self.loop_probe_interval:
+                self._maybe_probe()
+            return await self._lead(key, bytearray(query))
         finally:
-            self.stats.forward_inflight -= 1
+            stats.forward_inflight -= 1
+
+    async def _lead(self, key: CacheKey, query: bytearray) -> bytes:
+        flight: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._flights[key] = flight
+        try:
+            response = await self._exchange(query, Question(key[0], key[1], key[2]))
+        except BaseException as exc:
+            failure = exc if isinstance(exc, UpstreamError) else UpstreamError(repr(exc))
+            flight.set_exception(failure)
+            flight.exception()  # retrieved: there may be no other asker
+            raise
+        finally:
+            del self._flights[key]
+        self.cache.store(key, response)
+        flight.set_result(response)
+        return response
+
+    async def _exchange(self, query: bytearray, question: Question) -> bytes:
+        looping = self._looping
+        for upstream in self.upstreams:
+            host, port = upstream
+            if looping and upstream in looping:
+                if time.monotonic() < looping[upstream]:
+                    self.stats.count(self.stats.forward_errors, "loop")
+                    continue
+                del looping[upstream]
+            started = time.perf_counter()
+            try:
+                address = await self._address(upstream)
+                response = await self._udp(query, address, question)
+                if response[2] & 0x02:  # TC: the answer did not fit, ask again over TCP
+                    self.stats.forward_tcp_retries += 1
+                    response = await self._tcp(bytes(query), address, question)
+                self._check(response)
+            except TimeoutError:
+                self.stats.count(self.stats.forward_errors, "timeout")
+                log.debug("dns: upstream %s:%d timed out", host, port)
+                continue
+            except (OSError, UpstreamError, ValueError, IndexError, struct.error) as exc:
+                self.stats.count(self.stats.forward_errors, "error")
+                log.debug("dns: upstream %s:%d failed: %s", host, port, exc)
+                continue
+            self.stats.forward_duration.observe(time.perf_counter() - started)
+            return response
         self.stats.count(self.stats.forward_errors, "all_failed")
         raise UpstreamError("no upstream answered")
 
+    async def _udp(self, query: bytearray, address: Upstream, question: Question) -> bytes:
+        exchange = self.pool.send(query, address, question)
+        marker = (exchange.qid, question.lname, question.qtype)
+        self._ours.add(marker)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await exchange.answer
+        finally:
+            exchange.release()
+            self._ours.discard(marker)
+
+    def _maybe_probe(self) -> None:
+        now = time.monotonic()
+        if now < self._next_probe:
+            return
+        self._next_probe = now + self.loop_probe_interval
+        task = asyncio.get_running_loop().create_task(self._probe())
+        self._probe_tasks.add(task)
+        task.add_done_callback(self._probe_tasks.discard)
+
+    async def _probe(self) -> None:
+        """Ask each upstream for a random name no one else asks (CoreDNS's `loop` check):
+        if it reaches us, :meth:`is_own_query` knows that upstream loops back to us."""
+        randbits = random.SystemRandom().getrandbits
+        for upstream in self.upstreams:
+            name = f"{randbits(40)}.{randbits(40)}.node-services-loop-probe."
+            lname = wire.encode_name(name)
+            query = bytearray(
+                wire.HEADER.pack(0, wire.RD, 1, 0, 0, 0) + lname + struct.pack("!HH", _HINFO, 1)
+            )
+            self._probes[lname] = upstream
+            try:
+                address = await self._address(upstream)
+                await self._udp(query, address, Question(lname, _HINFO, wire.CLASS_IN))
+            except (TimeoutError, OSError, UpstreamError, ValueError) as exc:
+                log.debug("dns: loop probe to %s:%d: %s", *upstream, exc)
+            finally:
+                del self._probes[lname]
+
+    async def _address(self, upstream: Upstream) -> Upstream:
+        """The IP address of an upstream given by name, looked up once (off the loop)."""
+        if _is_ip(upstream[0]):
+            return upstream
+        found = self._resolved.get(upstream)
+        if found is None:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                upstream[0], upstream[1], type=socket.SOCK_DGRAM
+            )
+            if not infos:
+                raise UpstreamError(f"{upstream[0]}: no address")
+            found = self._resolved[upstream] = _canonical(
+                (str(infos[0][4][0]), int(infos[0][4][1]))
+            )
+        return found
+
     @staticmethod
-    def _check(response: bytes, lname: bytes, qtype: int) -> None:
-        if len(response) < 12 or not response[2] & 0x80:
-            raise UpstreamError("not a response")
+    def _check(response: bytes) -> None:
         rcode = response[3] & 0x0F
         if rcode in (wire.SERVFAIL, wire.REFUSED, wire.NOTIMP):
             raise UpstreamError(f"upstream rcode {rcode}")
-        end = 12 + len(lname)
-        if response[4:6] != b"\x00\x01" or response[12:end].lower() != lname:
-            raise UpstreamError("answer to another question")
-        if int.from_bytes(response[end : end + 2], "big") != qtype:
-            raise UpstreamError("answer to another question type")
 
-    async def _udp(self, query: bytes, host: str, port: int, qid: int) -> bytes:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpExchange(future, qid), remote_addr=(host, port)
-        )
-        try:
-            transport.sendto(query)
-            async with asyncio.timeout(self.timeout):
-                return await future
-        finally:
-            transport.close()
-
-    async def _tcp(self, query: bytes, host: str, port: int, qid: int) -> bytes:
+    async def _tcp(self, query: bytes, upstream: Upstream, question: Question) -> bytes:
         async with asyncio.timeout(self.timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(*upstream)
             try:
                 writer.write(len(query).to_bytes(2, "big") + query)
                 await writer.drain()
@@ -207,32 +299,8 @@ class Forwarder:
                 response = await reader.readexactly(size)
             finally:
                 writer.close()
-        if int.from_bytes(response[0:2], "big") != qid:
+        if response[0:2] != query[0:2]:
             raise UpstreamError("TCP answer with another ID")
+        if not question.asked_by(response):
+            raise UpstreamError("TCP answer to another question")
         return response
-
-    def _store(self, q: wire.Query, response: bytes) -> None:
-        if self.cache_size <= 0:
-            return
-        try:
-            walked = wire.walk_response(response)
-        except (ValueError, IndexError, struct.error):
-            return
-        if walked.truncated:
-            return
-        if walked.rcode == wire.NOERROR and walked.ancount:
-            ttl = min(walked.min_ttl or 0, MAX_POSITIVE_TTL)
-        elif walked.rcode in (wire.NXDOMAIN, wire.NOERROR) and walked.soa_negative_ttl is not None:
-            ttl = min(walked.soa_negative_ttl, self.negative_ttl_cap)  # RFC 2308 section 5
-        else:
-            return
-        if ttl <= 0:
-            return
-        ttls = tuple(_TTL.unpack_from(response, offset)[0] for offset in walked.ttl_offsets)
-        now = time.monotonic()
-        key = (q.lname, q.qtype, q.qclass, q.edns)
-        self._cache[key] = _Cached(response, now, now + ttl, walked.ttl_offsets, ttls)
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        self.stats.cache_entries = len(self._cache)

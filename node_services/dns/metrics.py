@@ -80,6 +80,10 @@ class DnsStats:
     forward_inflight: int = 0
     refused_overload: int = 0
     loops: int = 0
+    forward_coalesced: int = 0  # queries that joined the same question already in flight
+    forward_ignored: dict[str, int] = field(default_factory=dict)  # upstream datagrams, reason
+    forward_id_collisions: int = 0
+    cache_bytes: int = 0
     zone_names: int = 0
     answer_cache_hits: int = 0
     answer_cache: Sized = ()  # the server's table of whole UDP answers (its size is a gauge)
@@ -153,7 +157,8 @@ class DnsCollector(Collector):
         yield forward
         errors = CounterMetricFamily(
             "node_services_dns_forward_errors",
-            "Failed attempts at an upstream, by reason (timeout, error, mismatch, all_failed).",
+            "Failed attempts at an upstream, by reason (timeout, error, loop: skipped as looping, "
+            "all_failed).",
             labels=["reason"],
         )
         for reason, count in sorted(s.forward_errors.items()):
@@ -193,6 +198,31 @@ class DnsCollector(Collector):
             "node_services_dns_forward_loops",
             "Queries detected as our own forwarded queries coming back (a forwarding loop).",
             value=s.loops,
+        )
+        yield CounterMetricFamily(
+            "node_services_dns_forward_coalesced",
+            "Forwarded queries that joined the same question already asked upstream (also what "
+            "a forwarding loop through an upstream that rewrites IDs turns into).",
+            value=s.forward_coalesced,
+        )
+        ignored = CounterMetricFamily(
+            "node_services_dns_forward_ignored",
+            "Upstream UDP datagrams ignored, by reason (unexpected: no query of ours with that "
+            "ID to that address and port; mismatch: another question; malformed).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(s.forward_ignored.items()):
+            ignored.add_metric([reason], count)
+        yield ignored
+        yield CounterMetricFamily(
+            "node_services_dns_forward_id_collisions",
+            "Random query IDs drawn again because the ID was in use for that upstream.",
+            value=s.forward_id_collisions,
+        )
+        yield GaugeMetricFamily(
+            "node_services_dns_cache_bytes",
+            "Memory the forward cache accounts for its entries (responses, keys, overhead).",
+            value=s.cache_bytes,
         )
         yield GaugeMetricFamily(
             "node_services_dns_zone_names", "Names with prebuilt answers.", value=s.zone_names

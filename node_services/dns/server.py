@@ -164,6 +164,8 @@ class DnsServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.forwarder is not None:
+            self.forwarder.close()
         if self._subscription is not None:
             self._subscription.close()
 

@@ -8,7 +8,7 @@ import logging
 from prometheus_client import CollectorRegistry
 
 from node_services.config import Settings
-from node_services.dns.forward import Forwarder, upstreams_from_resolv_conf
+from node_services.dns.forward import LOOP_PROBE_INTERVAL, Forwarder, upstreams_from_resolv_conf
 from node_services.dns.metrics import DnsStats, register
 from node_services.dns.server import DnsServer
 from node_services.dns.zone import DEFAULT_METADATA_IP, Zone
@@ -59,6 +59,9 @@ def build_dns(settings: Settings, store: Store, registry: CollectorRegistry) -> 
             stats=stats,
             timeout=settings.dns_forward_timeout,
             cache_size=settings.dns_cache_size,
+            cache_bytes=settings.dns_cache_bytes,
+            sockets=settings.dns_upstream_sockets,
+            loop_probe_interval=LOOP_PROBE_INTERVAL,
             max_inflight=settings.dns_max_forwards,
             negative_ttl_cap=settings.dns_negative_ttl_cap,
         )

@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
+import dns.asyncquery
 import dns.flags
-from dnshelpers import FakeUpstream, Z, answers, dig, kube_cluster, needs_dig, rcode
+import dns.message
+from dnshelpers import (
+    FakeUpstream,
+    Z,
+    answers,
+    dig,
+    kube_cluster,
+    needs_dig,
+    query,
+    rcode,
+    write_snapshot,
+)
 from dnsserve import serve
+from fakes.dns_upstream import LoopingRelay, RawUpstream, ask_many, ip_for
 from helpers import DaemonProcess
+
+from node_services.dns.forward import Forwarder
+from node_services.dns.metrics import DnsStats
+from node_services.dns.server import DnsServer
+from node_services.dns.zone import Zone
+from node_services.state.store import Store
 
 WWW = "www.example.org"
 
@@ -137,3 +160,133 @@ def test_daemon_forwards_with_dig(
     process = daemon("--upstream", upstream.address)
     out = dig(process.dns_port, "+noall", "+answer", WWW, "A")
     assert out.split() == [f"{WWW}.", "300", "IN", "A", "192.0.2.10"]
+
+
+def test_loop_through_upstream_that_rewrites_ids_is_detected_and_bounded(
+    daemon: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    """The upstream forwards every query back to us with a new random ID, as a real resolver
+    configured to forward to us does: 200 client queries must not snowball (before: 12,441
+    upstream packets), the loop is reported (our random probe name came back), and cluster
+    names keep being answered meanwhile."""
+    snapshot = write_snapshot(tmp_path / "snapshot.yaml", kube_cluster())
+    with LoopingRelay("127.0.0.13", ("127.0.0.1", 0)) as relay:
+        process = daemon(
+            "--snapshot",
+            str(snapshot),
+            "--upstream",
+            relay.address,
+            "--dns-forward-timeout",
+            "1",
+        )
+        relay.target = ("127.0.0.1", process.dns_port)
+        process.wait_for(lambda: process.get("/readyz")[0] == 200, what="/readyz")
+        names = [f"loop-{i}.example.org" for i in range(200)]
+        with ThreadPoolExecutor(1) as pool:
+            asked = pool.submit(ask_many, process.dns_port, names, timeout=8)
+            served = []
+            while not asked.done():
+                answer = query(process.dns_port, f"web.shop.svc.{Z}", "A", timeout=1)
+                served.append(sorted(str(r) for rrset in answer.answer for r in rrset))
+                time.sleep(0.05)
+            answers_ = asked.result()
+        time.sleep(1.5)  # let whatever is still circling come back or die out
+        assert len(answers_) == 200
+        assert {a[3] & 0xF for a in answers_.values()} == {2}  # SERVFAIL: no one can answer
+        assert served and all(s == ["10.43.0.20"] for s in served)
+        assert relay.queries < 2000, relay.queries
+        assert float(process.metric("node_services_dns_forward_loops_total")) >= 1
+        assert f"forwarding loop: upstream {relay.address} sends our queries back" in (
+            process.output()
+        )
+
+
+async def test_loop_through_upstream_that_rewrites_ids_adds_no_queries_without_probes() -> None:
+    """Without the probe's help, the looped queries join the questions in flight."""
+    with LoopingRelay("127.0.0.17", ("127.0.0.1", 0)) as relay:
+        s = await serve(
+            [], upstreams=((relay.host, relay.port),), forward_timeout=1.0, max_inflight=1000
+        )
+        relay.target = ("127.0.0.1", s.port)
+        try:
+            names = [f"loop-{i}.example.org" for i in range(200)]
+            got = await asyncio.to_thread(ask_many, s.port, names, timeout=8)
+            await asyncio.sleep(1.2)  # anything still circling comes back or dies out
+            assert len(got) == 200 and {a[3] & 0xF for a in got.values()} == {2}
+            assert relay.queries < 2000, relay.queries
+            assert s.stats.forward_coalesced >= 100, s.stats.forward_coalesced
+            assert s.stats.loops == 0
+        finally:
+            await s.stop()
+
+
+async def test_identical_queries_in_flight_share_one_upstream_query() -> None:
+    """Clients asking the same question at once each get the answer with their own ID and
+    their own case; one query went upstream. A query differing in DO is asked on its own."""
+    seen: list[bytes] = []
+
+    def late(upstream: RawUpstream, data: bytes, addr: Any) -> None:
+        seen.append(data)
+        upstream.loop.call_later(0.3, upstream.answer, data, addr)
+
+    with RawUpstream("127.0.0.14", on_query=late) as upstream:
+        s = await serve([], upstreams=((upstream.host, upstream.port),), forward_timeout=2.0)
+        try:
+            cases = ["www.example.org", "WWW.example.org", "www.EXAMPLE.org", "Www.Example.Org"]
+            messages = [dns.message.make_query(name, "A") for name in cases]
+            messages.append(dns.message.make_query(WWW, "A", want_dnssec=True))
+            replies = await asyncio.gather(
+                *(dns.asyncquery.udp(m, "127.0.0.1", port=s.port, timeout=3) for m in messages)
+            )
+            for message, reply in zip(messages, replies, strict=True):
+                assert reply.id == message.id
+                assert reply.question[0].name.to_text() == message.question[0].name.to_text()
+                ip = ip_for(WWW)
+                assert [r.to_text() for rrset in reply.answer for r in rrset] == [ip]
+            assert len(seen) == 2  # one for the four plain queries, one for the DO query
+            assert s.stats.forward_coalesced == 3
+        finally:
+            await s.stop()
+
+
+async def test_upstream_found_looping_is_skipped_until_the_next_probe() -> None:
+    with (
+        LoopingRelay("127.0.0.18", ("127.0.0.1", 0)) as relay,
+        RawUpstream("127.0.0.19") as good,
+    ):
+        store = Store()
+        store.replace("static:test", [], synced=True)
+        stats = DnsStats()
+        forwarder = Forwarder(
+            ((relay.host, relay.port), (good.host, good.port)),
+            stats=stats,
+            timeout=1.0,
+            loop_probe_interval=60.0,
+        )
+        server = DnsServer(store, Zone(forwarding=True), stats=stats, forwarder=forwarder)
+        await server.start("127.0.0.1", 0)
+        assert server.sockname is not None
+        port = server.sockname[1]
+        relay.target = ("127.0.0.1", port)
+        try:
+            # The first query starts the probes; it loops through the relay until its timeout.
+            first = await dns.asyncquery.udp(
+                dns.message.make_query("a.example.org", "A"), "127.0.0.1", port=port, timeout=3
+            )
+            assert [r.to_text() for rrset in first.answer for r in rrset] == [
+                ip_for("a.example.org")
+            ]
+            assert stats.loops == 1  # the relay's probe came back to us
+            before = relay.queries
+            started = time.monotonic()
+            second = await dns.asyncquery.udp(
+                dns.message.make_query("b.example.org", "A"), "127.0.0.1", port=port, timeout=3
+            )
+            assert time.monotonic() - started < 0.5  # straight to the good upstream
+            assert [r.to_text() for rrset in second.answer for r in rrset] == [
+                ip_for("b.example.org")
+            ]
+            assert relay.queries == before
+            assert stats.forward_errors.get("loop") == 1
+        finally:
+            await server.stop()
