@@ -14,19 +14,19 @@ publishes, nothing polls.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import re
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, TypeAlias
+from typing import Any, Final, Protocol
 from urllib.parse import unquote_plus
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from node_services.metadata import render
+from node_services.metadata.callers import CallerResolver, IPNetwork
+from node_services.metadata.callers import parse_trusted_proxies as parse_trusted_proxies
 from node_services.metadata.longpoll import SentResponse, VersionWaiters
 from node_services.metadata.render import Format
 from node_services.metadata.tree import (
@@ -42,8 +42,6 @@ from node_services.metadata.tree import (
 from node_services.state.store import Snapshot
 
 log = logging.getLogger(__name__)
-
-IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_MAX_WAIT: Final = 60.0
 """Seconds a long-poll waits when ``maxWait`` is absent or not positive (as rancher-metadata)."""
@@ -148,6 +146,10 @@ class MetadataServer:
     _version_bodies: dict[tuple[int, Format], bytes] = field(default_factory=dict)
     _runner: web.ServerRunner | None = None
     _version_waiters: VersionWaiters | None = None
+    callers: CallerResolver = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.callers = CallerResolver(self.config.trusted_proxies)
 
     @property
     def version_waiters(self) -> VersionWaiters:
@@ -285,37 +287,8 @@ class MetadataServer:
     ) -> web.Response:
         return self._respond(route, status, render.error_body(message, status, fmt), fmt, version)
 
-    def _trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.config.trusted_proxies)
-
     def _caller_ip(self, request: web.BaseRequest) -> str | None:
-        """The caller's IP, or None when a proxy header (``Forwarded``, RFC 7239, or
-        ``X-Forwarded-For``) comes from an untrusted peer. From a trusted proxy, the standard
-        ``Forwarded`` is read when present; a hop it hides (``unknown``, ``_name``) is a caller
-        that is no workload."""
-        peer = request.remote or ""
-        if peer.startswith("::ffff:") and "." in peer:
-            peer = peer[len("::ffff:") :]
-        headers = request.headers
-        forwarded = headers.get("Forwarded")
-        xff = headers.get("X-Forwarded-For")
-        if forwarded is None and xff is None:
-            return peer
-        if not self._trusted(peer):
-            return None
-        if forwarded is not None:
-            hops = forwarded_for(forwarded)
-        else:
-            hops = [h.strip() for h in (xff or "").split(",") if h.strip()]
-        # Walk from the right past our trusted proxies: the first other address is the caller.
-        for hop in reversed(hops):
-            if not self._trusted(hop):
-                return hop
-        return peer
+        return self.callers.caller_ip(request.remote or "", request.headers)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         # Fast path: a plain GET asked before for this snapshot, from this peer, with this
@@ -612,60 +585,3 @@ def _etag_matches(header: str | None, version: int) -> bool:
         if tag.strip('"') == current:
             return True
     return False
-
-
-def forwarded_for(header: str) -> list[str]:
-    """The ``for=`` node of each element of an RFC 7239 ``Forwarded`` header, in order: an
-    address without port or brackets, or the node as sent when it is no address (``unknown``,
-    an obfuscated ``_name``); an element without ``for=`` counts as ``unknown``."""
-    hops: list[str] = []
-    for element in _split_outside_quotes(header, ","):
-        node = "unknown"
-        for pair in _split_outside_quotes(element, ";"):
-            name, _, value = pair.partition("=")
-            if name.strip().lower() == "for":
-                node = _forwarded_node(value.strip())
-        hops.append(node)
-    return hops
-
-
-def _split_outside_quotes(text: str, separator: str) -> list[str]:
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = escaped = False
-    for char in text:
-        if escaped:
-            escaped = False
-        elif quoted and char == "\\":
-            escaped = True
-        elif char == '"':
-            quoted = not quoted
-        elif char == separator and not quoted:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(char)
-    parts.append("".join(current))
-    return [part.strip() for part in parts if part.strip()]
-
-
-def _forwarded_node(value: str) -> str:
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        value = value[1:-1].replace("\\", "")
-    if value.startswith("["):  # "[2001:db8::1]:4711"
-        return value[1 : value.find("]")] if "]" in value else value
-    host, colon, _port = value.rpartition(":")
-    if colon and "." in host:  # "192.0.2.60:4711"
-        return host
-    return value
-
-
-def parse_trusted_proxies(values: Sequence[str]) -> tuple[IPNetwork, ...]:
-    """Addresses or CIDRs -> networks (ValueError names the bad one)."""
-    networks = []
-    for value in values:
-        try:
-            networks.append(ipaddress.ip_network(value.strip(), strict=False))
-        except ValueError:
-            raise ValueError(f"{value!r} is not an IP address or CIDR") from None
-    return tuple(networks)
