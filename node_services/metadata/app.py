@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from node_services.metadata import render
 from node_services.metadata.callers import CallerResolver, IPNetwork
 from node_services.metadata.callers import parse_trusted_proxies as parse_trusted_proxies
+from node_services.metadata.framing import BadRequests, ParseErrorLog, framing_error
 from node_services.metadata.longpoll import SentResponse, VersionWaiters
 from node_services.metadata.render import Format
 from node_services.metadata.tree import (
@@ -110,6 +111,12 @@ class MetadataMetrics:
             buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
             registry=registry,
         )
+        self.bad_requests = Counter(
+            "node_services_metadata_bad_requests",
+            "Requests refused before routing (malformed, ambiguous framing), by reason.",
+            ["reason"],
+            registry=registry,
+        )
         self._children: dict[tuple[str, int], Counter] = {}
 
     def child(self, route: str, status: int) -> Counter:
@@ -147,9 +154,11 @@ class MetadataServer:
     _runner: web.ServerRunner | None = None
     _version_waiters: VersionWaiters | None = None
     callers: CallerResolver = field(init=False)
+    bad_requests: BadRequests = field(init=False)
 
     def __post_init__(self) -> None:
         self.callers = CallerResolver(self.config.trusted_proxies)
+        self.bad_requests = BadRequests(self.metrics.bad_requests)
 
     @property
     def version_waiters(self) -> VersionWaiters:
@@ -294,6 +303,10 @@ class MetadataServer:
         # Fast path: a plain GET asked before for this snapshot, from this peer, with this
         # Accept header, is answered from a prebuilt (route, status, body, headers).
         headers = request.headers
+        if "Transfer-Encoding" in headers:
+            refused = framing_error(request)
+            if refused is not None:
+                return self._refuse_framing(request, refused)
         snapshot = self.store.snapshot
         if snapshot.version != self._fast_version:
             self._fast = {}
@@ -327,6 +340,14 @@ class MetadataServer:
             counter = self.metrics.child(route, response.status)
             entry = (counter, response.status, body, dict(response.headers))
             self._remember(self._fast, fast_key, entry, len(body) if isinstance(body, bytes) else 0)
+        return response
+
+    def _refuse_framing(self, request: web.BaseRequest, reason: str) -> web.Response:
+        """400 and close: what follows on this connection may be a smuggled request."""
+        self.bad_requests.report(request.remote, "transfer_encoding", reason)
+        fmt = render.negotiate(request.headers.get("Accept"))
+        response = self._error("bad_request", 400, reason, fmt)
+        response.force_close()
         return response
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -530,6 +551,7 @@ class MetadataServer:
             max_line_size=MAX_LINE_SIZE,
             max_field_size=MAX_FIELD_SIZE,
             max_headers=MAX_HEADERS,
+            logger=ParseErrorLog(self.bad_requests),
         )
 
     async def start(self, host: str, port: int) -> None:
