@@ -110,6 +110,11 @@ class Settings:
     metadata_access_log: bool = False
     """Log one line per metadata request (logger node_services.metadata.access)."""
 
+    metadata_cache_bytes: int = 32 * 1024 * 1024
+    """Bytes the metadata service's rendered-answer caches may hold together, counting keys
+    (paths, Accept headers, peers), bodies, headers and a per-entry overhead; when full they
+    start over. 0 disables them."""
+
     metadata_environment_name: str = "Default"
     """Environment name the metadata service shows at `/<version>/name` (Rancher's project)."""
 
@@ -277,6 +282,10 @@ def _convert(key: str, value: Any) -> Any:
         if not seconds >= 0:
             raise ValueError("must not be negative")
         return seconds
+    if key == "metadata_cache_bytes":
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise ValueError(f"{value!r} is not a whole number of bytes")
+        return int(value)
     if key == "dns_ttl":
         if isinstance(value, bool) or not str(value).strip().isdigit():
             raise ValueError(f"{value!r} is not a whole number of seconds")

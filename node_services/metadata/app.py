@@ -25,6 +25,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from node_services.metadata import render
+from node_services.metadata.caches import DEFAULT_BUDGET, AnswerCaches
 from node_services.metadata.callers import CallerResolver, IPNetwork
 from node_services.metadata.callers import parse_trusted_proxies as parse_trusted_proxies
 from node_services.metadata.framing import BadRequests, ParseErrorLog, framing_error
@@ -53,10 +54,6 @@ MAX_LINE_SIZE: Final = 4096
 MAX_FIELD_SIZE: Final = 4096
 MAX_HEADERS: Final = 64
 BACKLOG: Final = 4096
-RESPONSE_CACHE_LIMIT: Final = 20_000
-RESPONSE_CACHE_BYTES: Final = 64 * 1024 * 1024
-"""Rendered answers kept per tree (entries, bytes); beyond either the cache starts over, so
-odd paths or many callers cannot grow it without bound."""
 
 TOP_ROUTES: Final = frozenset(
     {"containers", "services", "stacks", "hosts", "self", "version", "environments", "networks"}
@@ -82,6 +79,7 @@ class MetadataConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     access_log: bool = False
     idle_timeout: float = IDLE_TIMEOUT
+    cache_bytes: int = DEFAULT_BUDGET
 
 
 class MetadataMetrics:
@@ -117,6 +115,16 @@ class MetadataMetrics:
             ["reason"],
             registry=registry,
         )
+        self.cache_bytes = Gauge(
+            "node_services_metadata_cache_bytes",
+            "Bytes the rendered-answer caches hold (keys, values, per-entry overhead).",
+            registry=registry,
+        )
+        self.cache_resets = Counter(
+            "node_services_metadata_cache_resets",
+            "Times the rendered-answer caches were emptied for reaching metadata_cache_bytes.",
+            registry=registry,
+        )
         self._children: dict[tuple[str, int], Counter] = {}
 
     def child(self, route: str, status: int) -> Counter:
@@ -149,16 +157,19 @@ class MetadataServer:
     )
     _fast_version: int = -1
     _building: dict[tuple[int, str], asyncio.Future[Tree]] = field(default_factory=dict)
-    _cache_bytes: dict[int, int] = field(default_factory=dict)
     _version_bodies: dict[tuple[int, Format], bytes] = field(default_factory=dict)
     _runner: web.ServerRunner | None = None
     _version_waiters: VersionWaiters | None = None
     callers: CallerResolver = field(init=False)
     bad_requests: BadRequests = field(init=False)
+    caches: AnswerCaches = field(init=False)
 
     def __post_init__(self) -> None:
         self.callers = CallerResolver(self.config.trusted_proxies)
         self.bad_requests = BadRequests(self.metrics.bad_requests)
+        self.caches = AnswerCaches(
+            self.config.cache_bytes, self.metrics.cache_bytes, self.metrics.cache_resets
+        )
 
     @property
     def version_waiters(self) -> VersionWaiters:
@@ -186,7 +197,10 @@ class MetadataServer:
             self._trees = {}
             self._trees_version = snapshot.version
         if snapshot.version == self._trees_version:
-            return self._trees.setdefault(api_version, tree)
+            kept = self._trees.setdefault(api_version, tree)
+            if kept is tree:
+                self.caches.track(tree.responses)
+            return kept
         return tree  # an old snapshot (a waiter still holding it): answer, don't cache
 
     def tree(self, snapshot: Snapshot, api_version: str) -> Tree:
@@ -266,17 +280,8 @@ class MetadataServer:
             else:
                 result = (404, render.error_body("Not found", 404, fmt))
         if path or fmt is Format.TEXT:  # whole trees per caller: spliced each time, not kept
-            self._remember(tree.responses, key, result, len(result[1]))
+            self.caches.remember(tree.responses, key, result)
         return result
-
-    def _remember(self, cache: dict[Any, Any], key: object, value: object, size: int) -> None:
-        """Keep a rendered answer; a cache over its entry or byte budget starts over."""
-        used = self._cache_bytes.get(id(cache), 0) + size
-        if len(cache) >= RESPONSE_CACHE_LIMIT or used > RESPONSE_CACHE_BYTES:
-            cache.clear()
-            used = size
-        self._cache_bytes[id(cache)] = used
-        cache[key] = value
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -309,9 +314,9 @@ class MetadataServer:
                 return self._refuse_framing(request, refused)
         snapshot = self.store.snapshot
         if snapshot.version != self._fast_version:
-            self._fast = {}
             self._fast_version = snapshot.version
-            self._cache_bytes = {}
+            self.caches.new_version()
+            self._fast = self.caches.track({})
         cacheable = (
             request.method == "GET"
             and not request.query_string
@@ -339,7 +344,7 @@ class MetadataServer:
             body = response.body
             counter = self.metrics.child(route, response.status)
             entry = (counter, response.status, body, dict(response.headers))
-            self._remember(self._fast, fast_key, entry, len(body) if isinstance(body, bytes) else 0)
+            self.caches.remember(self._fast, fast_key, entry)
         return response
 
     def _refuse_framing(self, request: web.BaseRequest, reason: str) -> web.Response:

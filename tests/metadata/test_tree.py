@@ -13,9 +13,9 @@ from aiohttp.test_utils import make_mocked_request
 from helpers import FIXTURES
 from prometheus_client import CollectorRegistry
 
-from node_services.metadata import app as metadata_app
 from node_services.metadata import render
 from node_services.metadata.app import MetadataConfig, MetadataMetrics, MetadataServer, root_body
+from node_services.metadata.caches import ENTRY_OVERHEAD, footprint
 from node_services.metadata.render import Format
 from node_services.metadata.tree import (
     V1,
@@ -145,17 +145,15 @@ async def test_concurrent_first_requests_share_one_build_in_a_thread(store: Stor
     assert server.tree(store.snapshot, V3) is trees[0]
 
 
-async def test_answer_caches_are_bounded_in_bytes(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(metadata_app, "RESPONSE_CACHE_BYTES", 2000)
-    server = MetadataServer(store, MetadataConfig("node1"), MetadataMetrics(CollectorRegistry()))
+async def test_answer_caches_are_bounded_in_bytes(store: Store) -> None:
+    config = MetadataConfig("node1", cache_bytes=4000)
+    server = MetadataServer(store, config, MetadataMetrics(CollectorRegistry()))
     snapshot = store.snapshot
     tree = await server.tree_for(snapshot, V3)
     for index in range(6):
         await server.answer(snapshot, V3, None, ["containers", str(index % 5)], Format.JSON)
-        kept = sum(len(v[1]) for v in tree.responses.values() if isinstance(v, tuple))
-        assert kept <= 2000
+        kept = sum(ENTRY_OVERHEAD + footprint(k) + footprint(v) for k, v in tree.responses.items())
+        assert kept == server.caches.used <= 4000
     assert 0 < len(tree.responses) < 5
 
 
