@@ -115,6 +115,11 @@ class Settings:
     (paths, Accept headers, peers), bodies, headers and a per-entry overhead; when full they
     start over. 0 disables them."""
 
+    metadata_prepare_above: int = 5000
+    """Records from which the metadata service builds a new snapshot's trees (in a worker
+    thread) before showing it: until then it answers from, and reports the version of, the
+    snapshot it shows. Below, a new version is shown at once and trees build on first use."""
+
     metadata_environment_name: str = "Default"
     """Environment name the metadata service shows at `/<version>/name` (Rancher's project)."""
 
@@ -282,9 +287,9 @@ def _convert(key: str, value: Any) -> Any:
         if not seconds >= 0:
             raise ValueError("must not be negative")
         return seconds
-    if key == "metadata_cache_bytes":
+    if key in ("metadata_cache_bytes", "metadata_prepare_above"):
         if isinstance(value, bool) or not str(value).strip().isdigit():
-            raise ValueError(f"{value!r} is not a whole number of bytes")
+            raise ValueError(f"{value!r} is not a whole number")
         return int(value)
     if key == "dns_ttl":
         if isinstance(value, bool) or not str(value).strip().isdigit():

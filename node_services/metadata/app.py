@@ -18,7 +18,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final
 from urllib.parse import unquote_plus
 
 from aiohttp import web
@@ -41,6 +41,7 @@ from node_services.metadata.tree import (
     lookup,
     resolve_version,
 )
+from node_services.metadata.view import PREPARE_ABOVE, ShownSnapshot, StoreReader
 from node_services.state.store import Snapshot
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,6 @@ _ROUTE: Final = web.RequestKey("metadata_route", str)
 _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
-class StoreReader(Protocol):
-    """What the server needs of the store."""
-
-    @property
-    def snapshot(self) -> Snapshot: ...
-
-    async def wait_for_change(self, since: int, timeout: float) -> Snapshot: ...  # noqa: ASYNC109
-
-
 @dataclass(frozen=True, slots=True)
 class MetadataConfig:
     node_name: str
@@ -80,6 +72,7 @@ class MetadataConfig:
     access_log: bool = False
     idle_timeout: float = IDLE_TIMEOUT
     cache_bytes: int = DEFAULT_BUDGET
+    prepare_above: int = PREPARE_ABOVE
 
 
 class MetadataMetrics:
@@ -125,6 +118,11 @@ class MetadataMetrics:
             "Times the rendered-answer caches were emptied for reaching metadata_cache_bytes.",
             registry=registry,
         )
+        self.view_lag = Gauge(
+            "node_services_metadata_view_lag_versions",
+            "Store versions the shown snapshot is behind while a large one's trees are built.",
+            registry=registry,
+        )
         self._children: dict[tuple[str, int], Counter] = {}
 
     def child(self, route: str, status: int) -> Counter:
@@ -149,24 +147,30 @@ class MetadataServer:
     store: StoreReader
     config: MetadataConfig
     metrics: MetadataMetrics
-    _trees: dict[str, Tree] = field(default_factory=dict)
-    _trees_version: int = -1
+    _trees: dict[int, dict[str, Tree]] = field(default_factory=dict)
+    """Trees by snapshot version (the shown one, and one being prepared) and API version."""
     _seen_at: dict[int, float] = field(default_factory=dict)
     _fast: dict[tuple[str, str | None, str | None], tuple[Counter, int, Any, dict[str, str]]] = (
         field(default_factory=dict)
     )
     _fast_version: int = -1
     _building: dict[tuple[int, str], asyncio.Future[Tree]] = field(default_factory=dict)
+    _freeing: set[asyncio.Future[None]] = field(default_factory=set)
     _version_bodies: dict[tuple[int, Format], bytes] = field(default_factory=dict)
     _runner: web.ServerRunner | None = None
     _version_waiters: VersionWaiters | None = None
     callers: CallerResolver = field(init=False)
     bad_requests: BadRequests = field(init=False)
     caches: AnswerCaches = field(init=False)
+    view: ShownSnapshot = field(init=False)
+    """The snapshot requests are answered from (a large one only once its trees are built)."""
 
     def __post_init__(self) -> None:
         self.callers = CallerResolver(self.config.trusted_proxies)
         self.bad_requests = BadRequests(self.metrics.bad_requests)
+        self.view = ShownSnapshot(
+            self.store, self._prepare, self.config.prepare_above, self.metrics.view_lag
+        )
         self.caches = AnswerCaches(
             self.config.cache_bytes, self.metrics.cache_bytes, self.metrics.cache_resets
         )
@@ -176,7 +180,7 @@ class MetadataServer:
         """The registry of parked ``version`` long-polls (made on first use)."""
         if self._version_waiters is None:
             self._version_waiters = VersionWaiters(
-                self.store,
+                self.view,
                 self.metrics.waiters,
                 self.metrics.child("version", 200),
                 self.metrics.wake_latency,
@@ -187,21 +191,33 @@ class MetadataServer:
 
     def cached_tree(self, snapshot: Snapshot, api_version: str) -> Tree | None:
         """The tree already built for this snapshot and API version, if any."""
-        if snapshot.version == self._trees_version:
-            return self._trees.get(api_version)
-        return None
+        trees = self._trees.get(snapshot.version)
+        if trees is None or snapshot.version < self.view.shown_version:
+            return None  # no longer shown: its trees go at the next request
+        return trees.get(api_version)
 
     def _keep(self, snapshot: Snapshot, api_version: str, tree: Tree) -> Tree:
-        """Cache a built tree unless a newer snapshot's trees are cached already."""
-        if snapshot.version > self._trees_version:
-            self._trees = {}
-            self._trees_version = snapshot.version
-        if snapshot.version == self._trees_version:
-            kept = self._trees.setdefault(api_version, tree)
-            if kept is tree:
-                self.caches.track(tree.responses)
-            return kept
-        return tree  # an old snapshot (a waiter still holding it): answer, don't cache
+        """Cache a built tree unless its snapshot is older than the one shown (a waiter
+        still holding it: answer, don't cache); trees of versions no longer shown go."""
+        shown = self.view.shown_version
+        if snapshot.version < shown:
+            return tree
+        trees = self._trees.setdefault(snapshot.version, {})
+        kept = trees.setdefault(api_version, tree)
+        if kept is tree:
+            self.caches.track(tree.responses)
+        stale = sorted(self._trees)[:-2]  # at most the shown version and the next
+        self._dispose(
+            [self._trees.pop(v) for v in {*stale, *(v for v in self._trees if v < shown)}]
+        )
+        return kept
+
+    async def _prepare(self, snapshot: Snapshot) -> None:
+        """Build, off the loop, the trees of ``snapshot`` for the API versions in use (those
+        built for the shown version) before the view shows it."""
+        in_use = list(self._trees.get(self.view.shown_version, {}))
+        for api_version in in_use:
+            await self.tree_for(snapshot, api_version)
 
     def tree(self, snapshot: Snapshot, api_version: str) -> Tree:
         """The tree of ``api_version`` for ``snapshot``, built at most once (here, inline)."""
@@ -312,11 +328,9 @@ class MetadataServer:
             refused = framing_error(request)
             if refused is not None:
                 return self._refuse_framing(request, refused)
-        snapshot = self.store.snapshot
+        snapshot = self.view.snapshot
         if snapshot.version != self._fast_version:
-            self._fast_version = snapshot.version
-            self.caches.new_version()
-            self._fast = self.caches.track({})
+            self._new_version(snapshot.version)
         cacheable = (
             request.method == "GET"
             and not request.query_string
@@ -346,6 +360,32 @@ class MetadataServer:
             entry = (counter, response.status, body, dict(response.headers))
             self.caches.remember(self._fast, fast_key, entry)
         return response
+
+    def _new_version(self, version: int) -> None:
+        """A new snapshot is shown: the caches start over with its trees'."""
+        self._fast_version = version
+        self.caches.new_version()
+        garbage: list[object] = [self._fast]
+        self._fast = self.caches.track({})
+        garbage += [self._trees.pop(v) for v in [v for v in self._trees if v < version]]
+        self._dispose(garbage)
+        for tree in self._trees.get(version, {}).values():
+            self.caches.track(tree.responses)
+
+    def _dispose(self, garbage: list[object]) -> None:
+        """Let go of trees (and caches) no longer shown in a worker thread: freeing the
+        dicts of a large tree takes a while (0.1 s for 10,000 services), which the loop
+        must not spend."""
+        if not garbage:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside the loop (a test): free them here
+            garbage.clear()
+            return
+        freeing = loop.run_in_executor(None, garbage.clear)
+        self._freeing.add(freeing)
+        freeing.add_done_callback(self._freeing.discard)
 
     def _refuse_framing(self, request: web.BaseRequest, reason: str) -> web.Response:
         """400 and close: what follows on this connection may be a smuggled request."""
@@ -398,7 +438,7 @@ class MetadataServer:
             if "If-None-Match" in request.headers:
                 return await self._wait_for_etag(request, api_version, ip, path, fmt, route)
 
-        snapshot = self.store.snapshot
+        snapshot = self.view.snapshot
         if _etag_matches(request.headers.get("If-None-Match"), snapshot.version):
             return self._respond(route, 304, b"", fmt, snapshot.version)
         caller = self._caller(snapshot, ip)
@@ -448,7 +488,7 @@ class MetadataServer:
         self.metrics.waiters.inc()
         try:
             while True:
-                snapshot = self.store.snapshot
+                snapshot = self.view.snapshot
                 if asks_version:
                     if str(snapshot.version) != old:
                         break
@@ -460,7 +500,7 @@ class MetadataServer:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                changed = await self.store.wait_for_change(snapshot.version, remaining)
+                changed = await self.view.wait_for_change(snapshot.version, remaining)
                 if changed.version != snapshot.version:
                     woken_at = self._woken(changed)
         finally:
@@ -479,7 +519,7 @@ class MetadataServer:
     ) -> web.StreamResponse | None:
         """Park a ``version`` long-poll in the registry, which writes its answer; None when it
         is to be answered at once (the version differs already) or cannot park (no transport)."""
-        snapshot = self.store.snapshot
+        snapshot = self.view.snapshot
         transport = request.transport
         if str(snapshot.version) != old or transport is None:
             return None
@@ -523,13 +563,13 @@ class MetadataServer:
         self.metrics.waiters.inc()
         try:
             while True:
-                snapshot = self.store.snapshot
+                snapshot = self.view.snapshot
                 if not _etag_matches(tags, snapshot.version):
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return self._respond(route, 304, b"", fmt, snapshot.version)
-                changed = await self.store.wait_for_change(snapshot.version, remaining)
+                changed = await self.view.wait_for_change(snapshot.version, remaining)
                 if changed.version != snapshot.version:
                     woken_at = self._woken(changed)
         finally:
@@ -576,6 +616,7 @@ class MetadataServer:
             self._runner = None
         if self._version_waiters is not None:
             self._version_waiters.close()
+        await self.view.close()
 
 
 def root_body(tree: Tree, caller: str | None, fmt: Format) -> bytes:

@@ -89,7 +89,7 @@ def test_the_tree_is_pure_and_self_is_per_workload(store: Store) -> None:
     assert stranger.root["self"] == {}
 
 
-def test_trees_are_built_once_per_snapshot_version(store: Store) -> None:
+async def test_trees_are_built_once_per_snapshot_version(store: Store) -> None:
     registry = CollectorRegistry()
     server = MetadataServer(store, MetadataConfig("node1"), MetadataMetrics(registry))
     snapshot = store.snapshot
@@ -104,8 +104,12 @@ def test_trees_are_built_once_per_snapshot_version(store: Store) -> None:
     assert newer is not latest
     assert newer.snapshot_version == snapshot.version + 1
     assert registry.get_sample_value(builds) == 3
-    # an old snapshot (a waiter still holding it) is answered, not cached over the new one
+    # once the new snapshot is shown, an old one (a waiter still holding it) is answered
+    # from a tree of its own, not cached
+    assert server.view.snapshot is store.snapshot
+    assert server.tree(store.snapshot, V3) is newer
     assert server.tree(snapshot, V3) is not latest
+    assert server.tree(snapshot, V3).snapshot_version == snapshot.version
     assert server.tree(store.snapshot, V3) is newer
 
 
