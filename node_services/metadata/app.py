@@ -13,7 +13,6 @@ publishes, nothing polls.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -22,7 +21,7 @@ from typing import Any, Final
 from urllib.parse import unquote_plus
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter
 
 from node_services.metadata import render
 from node_services.metadata.caches import DEFAULT_BUDGET, AnswerCaches
@@ -30,6 +29,7 @@ from node_services.metadata.callers import CallerResolver, IPNetwork
 from node_services.metadata.callers import parse_trusted_proxies as parse_trusted_proxies
 from node_services.metadata.framing import BadRequests, ParseErrorLog, framing_error
 from node_services.metadata.longpoll import SentResponse, VersionWaiters
+from node_services.metadata.metrics import MetadataMetrics as MetadataMetrics
 from node_services.metadata.render import Format
 from node_services.metadata.tree import (
     API_VERSIONS,
@@ -41,6 +41,7 @@ from node_services.metadata.tree import (
     lookup,
     resolve_version,
 )
+from node_services.metadata.trees import Trees
 from node_services.metadata.view import PREPARE_ABOVE, ShownSnapshot, StoreReader
 from node_services.state.store import Snapshot
 
@@ -75,67 +76,6 @@ class MetadataConfig:
     prepare_above: int = PREPARE_ABOVE
 
 
-class MetadataMetrics:
-    """The service's metrics, on the daemon's registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "node_services_metadata_requests",
-            "Metadata requests, by route (first path key) and HTTP status.",
-            ["route", "status"],
-            registry=registry,
-        )
-        self.waiters = Gauge(
-            "node_services_metadata_waiters",
-            "Long-poll requests waiting for a change now.",
-            registry=registry,
-        )
-        self.wake_latency = Histogram(
-            "node_services_metadata_wake_latency_seconds",
-            "From a new store version being seen to a woken long-poll's answer being ready.",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
-            registry=registry,
-        )
-        self.tree_builds = Histogram(
-            "node_services_metadata_tree_build_seconds",
-            "Time to build one API version's tree for a new snapshot.",
-            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
-            registry=registry,
-        )
-        self.bad_requests = Counter(
-            "node_services_metadata_bad_requests",
-            "Requests refused before routing (malformed, ambiguous framing), by reason.",
-            ["reason"],
-            registry=registry,
-        )
-        self.cache_bytes = Gauge(
-            "node_services_metadata_cache_bytes",
-            "Bytes the rendered-answer caches hold (keys, values, per-entry overhead).",
-            registry=registry,
-        )
-        self.cache_resets = Counter(
-            "node_services_metadata_cache_resets",
-            "Times the rendered-answer caches were emptied for reaching metadata_cache_bytes.",
-            registry=registry,
-        )
-        self.view_lag = Gauge(
-            "node_services_metadata_view_lag_versions",
-            "Store versions the shown snapshot is behind while a large one's trees are built.",
-            registry=registry,
-        )
-        self._children: dict[tuple[str, int], Counter] = {}
-
-    def child(self, route: str, status: int) -> Counter:
-        """The request counter of a route and status."""
-        counter = self._children.get((route, status))
-        if counter is None:
-            counter = self._children[(route, status)] = self.requests.labels(route, str(status))
-        return counter
-
-    def count(self, route: str, status: int) -> None:
-        self.child(route, status).inc()
-
-
 _ROOT: Final = {v: f"/{v}" for v in (*API_VERSIONS, LATEST)}
 _ROOT_BODIES: Final = {fmt: render.body(_ROOT, fmt) for fmt in Format}
 
@@ -147,15 +87,11 @@ class MetadataServer:
     store: StoreReader
     config: MetadataConfig
     metrics: MetadataMetrics
-    _trees: dict[int, dict[str, Tree]] = field(default_factory=dict)
-    """Trees by snapshot version (the shown one, and one being prepared) and API version."""
     _seen_at: dict[int, float] = field(default_factory=dict)
     _fast: dict[tuple[str, str | None, str | None], tuple[Counter, int, Any, dict[str, str]]] = (
         field(default_factory=dict)
     )
     _fast_version: int = -1
-    _building: dict[tuple[int, str], asyncio.Future[Tree]] = field(default_factory=dict)
-    _freeing: set[asyncio.Future[None]] = field(default_factory=set)
     _version_bodies: dict[tuple[int, Format], bytes] = field(default_factory=dict)
     _runner: web.ServerRunner | None = None
     _version_waiters: VersionWaiters | None = None
@@ -164,12 +100,18 @@ class MetadataServer:
     caches: AnswerCaches = field(init=False)
     view: ShownSnapshot = field(init=False)
     """The snapshot requests are answered from (a large one only once its trees are built)."""
+    trees: Trees = field(init=False)
 
     def __post_init__(self) -> None:
         self.callers = CallerResolver(self.config.trusted_proxies)
         self.bad_requests = BadRequests(self.metrics.bad_requests)
+        self.trees = Trees(
+            lambda snapshot, api_version: self._build(snapshot, api_version),
+            self._shown_version,
+            lambda tree: self.caches.track(tree.responses),
+        )
         self.view = ShownSnapshot(
-            self.store, self._prepare, self.config.prepare_above, self.metrics.view_lag
+            self.store, self.trees.prepare, self.config.prepare_above, self.metrics.view_lag
         )
         self.caches = AnswerCaches(
             self.config.cache_bytes, self.metrics.cache_bytes, self.metrics.cache_resets
@@ -189,66 +131,16 @@ class MetadataServer:
 
     # -- answers ---------------------------------------------------------------------------
 
-    def cached_tree(self, snapshot: Snapshot, api_version: str) -> Tree | None:
-        """The tree already built for this snapshot and API version, if any."""
-        trees = self._trees.get(snapshot.version)
-        if trees is None or snapshot.version < self.view.shown_version:
-            return None  # no longer shown: its trees go at the next request
-        return trees.get(api_version)
-
-    def _keep(self, snapshot: Snapshot, api_version: str, tree: Tree) -> Tree:
-        """Cache a built tree unless its snapshot is older than the one shown (a waiter
-        still holding it: answer, don't cache); trees of versions no longer shown go."""
-        shown = self.view.shown_version
-        if snapshot.version < shown:
-            return tree
-        trees = self._trees.setdefault(snapshot.version, {})
-        kept = trees.setdefault(api_version, tree)
-        if kept is tree:
-            self.caches.track(tree.responses)
-        stale = sorted(self._trees)[:-2]  # at most the shown version and the next
-        self._dispose(
-            [self._trees.pop(v) for v in {*stale, *(v for v in self._trees if v < shown)}]
-        )
-        return kept
-
-    async def _prepare(self, snapshot: Snapshot) -> None:
-        """Build, off the loop, the trees of ``snapshot`` for the API versions in use (those
-        built for the shown version) before the view shows it."""
-        in_use = list(self._trees.get(self.view.shown_version, {}))
-        for api_version in in_use:
-            await self.tree_for(snapshot, api_version)
+    def _shown_version(self) -> int:
+        return self.view.shown_version
 
     def tree(self, snapshot: Snapshot, api_version: str) -> Tree:
         """The tree of ``api_version`` for ``snapshot``, built at most once (here, inline)."""
-        tree = self.cached_tree(snapshot, api_version)
-        if tree is None:
-            tree = self._keep(snapshot, api_version, self._build(snapshot, api_version))
-        return tree
+        return self.trees.tree(snapshot, api_version)
 
     async def tree_for(self, snapshot: Snapshot, api_version: str) -> Tree:
-        """:meth:`tree`, built in a worker thread so the loop keeps answering meanwhile (a
-        snapshot is immutable: safe to read from another thread). Concurrent askers share
-        one build."""
-        tree = self.cached_tree(snapshot, api_version)
-        if tree is not None:
-            return tree
-        key = (snapshot.version, api_version)
-        building = self._building.get(key)
-        if building is None:
-            building = asyncio.get_running_loop().run_in_executor(
-                None, self._build, snapshot, api_version
-            )
-            self._building[key] = building
-
-            def done(future: asyncio.Future[Tree]) -> None:
-                self._building.pop(key, None)
-                if not future.cancelled() and future.exception() is None:
-                    self._keep(snapshot, api_version, future.result())
-
-            building.add_done_callback(done)
-        built = await asyncio.shield(building)
-        return self.cached_tree(snapshot, api_version) or built
+        """The tree, built at most once, in a worker thread (see :class:`Trees`)."""
+        return await self.trees.tree_for(snapshot, api_version)
 
     def _build(self, snapshot: Snapshot, api_version: str) -> Tree:
         started = time.perf_counter()
@@ -367,25 +259,9 @@ class MetadataServer:
         self.caches.new_version()
         garbage: list[object] = [self._fast]
         self._fast = self.caches.track({})
-        garbage += [self._trees.pop(v) for v in [v for v in self._trees if v < version]]
-        self._dispose(garbage)
-        for tree in self._trees.get(version, {}).values():
+        self.trees.dispose(garbage)
+        for tree in self.trees.shown(version):
             self.caches.track(tree.responses)
-
-    def _dispose(self, garbage: list[object]) -> None:
-        """Let go of trees (and caches) no longer shown in a worker thread: freeing the
-        dicts of a large tree takes a while (0.1 s for 10,000 services), which the loop
-        must not spend."""
-        if not garbage:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # called outside the loop (a test): free them here
-            garbage.clear()
-            return
-        freeing = loop.run_in_executor(None, garbage.clear)
-        self._freeing.add(freeing)
-        freeing.add_done_callback(self._freeing.discard)
 
     def _refuse_framing(self, request: web.BaseRequest, reason: str) -> web.Response:
         """400 and close: what follows on this connection may be a smuggled request."""
