@@ -59,12 +59,17 @@ def start_metadata_daemon(
         ["--metadata-listen", f"127.0.0.1:{port}", *args], log_path, env=dict(env or {})
     )
     process.start()
-    process.wait_for(
-        lambda: process.get("/readyz")[0] == 200, what="readiness", timeout=ready_timeout
-    )
+    process.wait_for(lambda: _ready(process), what="readiness", timeout=ready_timeout)
     url = f"http://127.0.0.1:{port}"
     process.wait_for(lambda: _answers(url), what="the metadata listener")
     return MetadataDaemon(process, url)
+
+
+def _ready(process: DaemonProcess) -> bool:
+    try:  # a large first load keeps the admin endpoint busy for a while: ask again
+        return process.get("/readyz")[0] == 200
+    except OSError:
+        return False
 
 
 def _answers(url: str) -> bool:
