@@ -190,6 +190,8 @@ class Daemon:
                 ),
                 trusted_proxies=parse_trusted_proxies(settings.metadata_trusted_proxies),
                 access_log=settings.metadata_access_log,
+                cache_bytes=settings.metadata_cache_bytes,
+                prepare_above=settings.metadata_prepare_above,
             ),
             MetadataMetrics(self.registry),
         )

@@ -120,6 +120,16 @@ class Settings:
     metadata_access_log: bool = False
     """Log one line per metadata request (logger node_services.metadata.access)."""
 
+    metadata_cache_bytes: int = 32 * 1024 * 1024
+    """Bytes the metadata service's rendered-answer caches may hold together, counting keys
+    (paths, Accept headers, peers), bodies, headers and a per-entry overhead; when full they
+    start over. 0 disables them."""
+
+    metadata_prepare_above: int = 5000
+    """Records from which the metadata service builds a new snapshot's trees (in a worker
+    thread) before showing it: until then it answers from, and reports the version of, the
+    snapshot it shows. Below, a new version is shown at once and trees build on first use."""
+
     metadata_environment_name: str = "Default"
     """Environment name the metadata service shows at `/<version>/name` (Rancher's project)."""
 
@@ -328,6 +338,10 @@ def _convert(key: str, value: Any) -> Any:
         if not seconds >= 0:
             raise ValueError("must not be negative")
         return seconds
+    if key in ("metadata_cache_bytes", "metadata_prepare_above"):
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise ValueError(f"{value!r} is not a whole number")
+        return int(value)
     if key == "dns_ttl":
         if isinstance(value, bool) or not str(value).strip().isdigit():
             raise ValueError(f"{value!r} is not a whole number of seconds")

@@ -52,17 +52,24 @@ class MetadataDaemon:
 
 
 def start_metadata_daemon(
-    log_path: Path, *args: str, env: dict[str, str] | None = None
+    log_path: Path, *args: str, env: dict[str, str] | None = None, ready_timeout: float = 10
 ) -> MetadataDaemon:
     port = free_port()
     process = DaemonProcess(
         ["--metadata-listen", f"127.0.0.1:{port}", *args], log_path, env=dict(env or {})
     )
     process.start()
-    process.wait_for(lambda: process.get("/readyz")[0] == 200, what="readiness")
+    process.wait_for(lambda: _ready(process), what="readiness", timeout=ready_timeout)
     url = f"http://127.0.0.1:{port}"
     process.wait_for(lambda: _answers(url), what="the metadata listener")
     return MetadataDaemon(process, url)
+
+
+def _ready(process: DaemonProcess) -> bool:
+    try:  # a large first load keeps the admin endpoint busy for a while: ask again
+        return process.get("/readyz")[0] == 200
+    except OSError:
+        return False
 
 
 def _answers(url: str) -> bool:

@@ -13,21 +13,23 @@ publishes, nothing polls.
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
 import logging
 import re
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, TypeAlias
+from typing import Any, Final
 from urllib.parse import unquote_plus
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter
 
 from node_services.metadata import render
+from node_services.metadata.caches import DEFAULT_BUDGET, AnswerCaches
+from node_services.metadata.callers import CallerResolver, IPNetwork
+from node_services.metadata.callers import parse_trusted_proxies as parse_trusted_proxies
+from node_services.metadata.framing import BadRequests, ParseErrorLog, framing_error
 from node_services.metadata.longpoll import SentResponse, VersionWaiters
+from node_services.metadata.metrics import MetadataMetrics as MetadataMetrics
 from node_services.metadata.render import Format
 from node_services.metadata.tree import (
     API_VERSIONS,
@@ -39,11 +41,11 @@ from node_services.metadata.tree import (
     lookup,
     resolve_version,
 )
+from node_services.metadata.trees import Trees
+from node_services.metadata.view import PREPARE_ABOVE, ShownSnapshot, StoreReader
 from node_services.state.store import Snapshot
 
 log = logging.getLogger(__name__)
-
-IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_MAX_WAIT: Final = 60.0
 """Seconds a long-poll waits when ``maxWait`` is absent or not positive (as rancher-metadata)."""
@@ -54,10 +56,6 @@ MAX_LINE_SIZE: Final = 4096
 MAX_FIELD_SIZE: Final = 4096
 MAX_HEADERS: Final = 64
 BACKLOG: Final = 4096
-RESPONSE_CACHE_LIMIT: Final = 20_000
-RESPONSE_CACHE_BYTES: Final = 64 * 1024 * 1024
-"""Rendered answers kept per tree (entries, bytes); beyond either the cache starts over, so
-odd paths or many callers cannot grow it without bound."""
 
 TOP_ROUTES: Final = frozenset(
     {"containers", "services", "stacks", "hosts", "self", "version", "environments", "networks"}
@@ -67,15 +65,6 @@ _ROUTE: Final = web.RequestKey("metadata_route", str)
 _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
-class StoreReader(Protocol):
-    """What the server needs of the store."""
-
-    @property
-    def snapshot(self) -> Snapshot: ...
-
-    async def wait_for_change(self, since: int, timeout: float) -> Snapshot: ...  # noqa: ASYNC109
-
-
 @dataclass(frozen=True, slots=True)
 class MetadataConfig:
     node_name: str
@@ -83,46 +72,8 @@ class MetadataConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     access_log: bool = False
     idle_timeout: float = IDLE_TIMEOUT
-
-
-class MetadataMetrics:
-    """The service's metrics, on the daemon's registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "node_services_metadata_requests",
-            "Metadata requests, by route (first path key) and HTTP status.",
-            ["route", "status"],
-            registry=registry,
-        )
-        self.waiters = Gauge(
-            "node_services_metadata_waiters",
-            "Long-poll requests waiting for a change now.",
-            registry=registry,
-        )
-        self.wake_latency = Histogram(
-            "node_services_metadata_wake_latency_seconds",
-            "From a new store version being seen to a woken long-poll's answer being ready.",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
-            registry=registry,
-        )
-        self.tree_builds = Histogram(
-            "node_services_metadata_tree_build_seconds",
-            "Time to build one API version's tree for a new snapshot.",
-            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
-            registry=registry,
-        )
-        self._children: dict[tuple[str, int], Counter] = {}
-
-    def child(self, route: str, status: int) -> Counter:
-        """The request counter of a route and status."""
-        counter = self._children.get((route, status))
-        if counter is None:
-            counter = self._children[(route, status)] = self.requests.labels(route, str(status))
-        return counter
-
-    def count(self, route: str, status: int) -> None:
-        self.child(route, status).inc()
+    cache_bytes: int = DEFAULT_BUDGET
+    prepare_above: int = PREPARE_ABOVE
 
 
 _ROOT: Final = {v: f"/{v}" for v in (*API_VERSIONS, LATEST)}
@@ -136,25 +87,42 @@ class MetadataServer:
     store: StoreReader
     config: MetadataConfig
     metrics: MetadataMetrics
-    _trees: dict[str, Tree] = field(default_factory=dict)
-    _trees_version: int = -1
     _seen_at: dict[int, float] = field(default_factory=dict)
     _fast: dict[tuple[str, str | None, str | None], tuple[Counter, int, Any, dict[str, str]]] = (
         field(default_factory=dict)
     )
     _fast_version: int = -1
-    _building: dict[tuple[int, str], asyncio.Future[Tree]] = field(default_factory=dict)
-    _cache_bytes: dict[int, int] = field(default_factory=dict)
     _version_bodies: dict[tuple[int, Format], bytes] = field(default_factory=dict)
     _runner: web.ServerRunner | None = None
     _version_waiters: VersionWaiters | None = None
+    callers: CallerResolver = field(init=False)
+    bad_requests: BadRequests = field(init=False)
+    caches: AnswerCaches = field(init=False)
+    view: ShownSnapshot = field(init=False)
+    """The snapshot requests are answered from (a large one only once its trees are built)."""
+    trees: Trees = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.callers = CallerResolver(self.config.trusted_proxies)
+        self.bad_requests = BadRequests(self.metrics.bad_requests)
+        self.trees = Trees(
+            lambda snapshot, api_version: self._build(snapshot, api_version),
+            self._shown_version,
+            lambda tree: self.caches.track(tree.responses),
+        )
+        self.view = ShownSnapshot(
+            self.store, self.trees.prepare, self.config.prepare_above, self.metrics.view_lag
+        )
+        self.caches = AnswerCaches(
+            self.config.cache_bytes, self.metrics.cache_bytes, self.metrics.cache_resets
+        )
 
     @property
     def version_waiters(self) -> VersionWaiters:
         """The registry of parked ``version`` long-polls (made on first use)."""
         if self._version_waiters is None:
             self._version_waiters = VersionWaiters(
-                self.store,
+                self.view,
                 self.metrics.waiters,
                 self.metrics.child("version", 200),
                 self.metrics.wake_latency,
@@ -163,51 +131,16 @@ class MetadataServer:
 
     # -- answers ---------------------------------------------------------------------------
 
-    def cached_tree(self, snapshot: Snapshot, api_version: str) -> Tree | None:
-        """The tree already built for this snapshot and API version, if any."""
-        if snapshot.version == self._trees_version:
-            return self._trees.get(api_version)
-        return None
-
-    def _keep(self, snapshot: Snapshot, api_version: str, tree: Tree) -> Tree:
-        """Cache a built tree unless a newer snapshot's trees are cached already."""
-        if snapshot.version > self._trees_version:
-            self._trees = {}
-            self._trees_version = snapshot.version
-        if snapshot.version == self._trees_version:
-            return self._trees.setdefault(api_version, tree)
-        return tree  # an old snapshot (a waiter still holding it): answer, don't cache
+    def _shown_version(self) -> int:
+        return self.view.shown_version
 
     def tree(self, snapshot: Snapshot, api_version: str) -> Tree:
         """The tree of ``api_version`` for ``snapshot``, built at most once (here, inline)."""
-        tree = self.cached_tree(snapshot, api_version)
-        if tree is None:
-            tree = self._keep(snapshot, api_version, self._build(snapshot, api_version))
-        return tree
+        return self.trees.tree(snapshot, api_version)
 
     async def tree_for(self, snapshot: Snapshot, api_version: str) -> Tree:
-        """:meth:`tree`, built in a worker thread so the loop keeps answering meanwhile (a
-        snapshot is immutable: safe to read from another thread). Concurrent askers share
-        one build."""
-        tree = self.cached_tree(snapshot, api_version)
-        if tree is not None:
-            return tree
-        key = (snapshot.version, api_version)
-        building = self._building.get(key)
-        if building is None:
-            building = asyncio.get_running_loop().run_in_executor(
-                None, self._build, snapshot, api_version
-            )
-            self._building[key] = building
-
-            def done(future: asyncio.Future[Tree]) -> None:
-                self._building.pop(key, None)
-                if not future.cancelled() and future.exception() is None:
-                    self._keep(snapshot, api_version, future.result())
-
-            building.add_done_callback(done)
-        built = await asyncio.shield(building)
-        return self.cached_tree(snapshot, api_version) or built
+        """The tree, built at most once, in a worker thread (see :class:`Trees`)."""
+        return await self.trees.tree_for(snapshot, api_version)
 
     def _build(self, snapshot: Snapshot, api_version: str) -> Tree:
         started = time.perf_counter()
@@ -255,17 +188,8 @@ class MetadataServer:
             else:
                 result = (404, render.error_body("Not found", 404, fmt))
         if path or fmt is Format.TEXT:  # whole trees per caller: spliced each time, not kept
-            self._remember(tree.responses, key, result, len(result[1]))
+            self.caches.remember(tree.responses, key, result)
         return result
-
-    def _remember(self, cache: dict[Any, Any], key: object, value: object, size: int) -> None:
-        """Keep a rendered answer; a cache over its entry or byte budget starts over."""
-        used = self._cache_bytes.get(id(cache), 0) + size
-        if len(cache) >= RESPONSE_CACHE_LIMIT or used > RESPONSE_CACHE_BYTES:
-            cache.clear()
-            used = size
-        self._cache_bytes[id(cache)] = used
-        cache[key] = value
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -285,47 +209,20 @@ class MetadataServer:
     ) -> web.Response:
         return self._respond(route, status, render.error_body(message, status, fmt), fmt, version)
 
-    def _trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.config.trusted_proxies)
-
     def _caller_ip(self, request: web.BaseRequest) -> str | None:
-        """The caller's IP, or None when a proxy header (``Forwarded``, RFC 7239, or
-        ``X-Forwarded-For``) comes from an untrusted peer. From a trusted proxy, the standard
-        ``Forwarded`` is read when present; a hop it hides (``unknown``, ``_name``) is a caller
-        that is no workload."""
-        peer = request.remote or ""
-        if peer.startswith("::ffff:") and "." in peer:
-            peer = peer[len("::ffff:") :]
-        headers = request.headers
-        forwarded = headers.get("Forwarded")
-        xff = headers.get("X-Forwarded-For")
-        if forwarded is None and xff is None:
-            return peer
-        if not self._trusted(peer):
-            return None
-        if forwarded is not None:
-            hops = forwarded_for(forwarded)
-        else:
-            hops = [h.strip() for h in (xff or "").split(",") if h.strip()]
-        # Walk from the right past our trusted proxies: the first other address is the caller.
-        for hop in reversed(hops):
-            if not self._trusted(hop):
-                return hop
-        return peer
+        return self.callers.caller_ip(request.remote or "", request.headers)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         # Fast path: a plain GET asked before for this snapshot, from this peer, with this
         # Accept header, is answered from a prebuilt (route, status, body, headers).
         headers = request.headers
-        snapshot = self.store.snapshot
+        if "Transfer-Encoding" in headers:
+            refused = framing_error(request)
+            if refused is not None:
+                return self._refuse_framing(request, refused)
+        snapshot = self.view.snapshot
         if snapshot.version != self._fast_version:
-            self._fast = {}
-            self._fast_version = snapshot.version
-            self._cache_bytes = {}
+            self._new_version(snapshot.version)
         cacheable = (
             request.method == "GET"
             and not request.query_string
@@ -353,7 +250,25 @@ class MetadataServer:
             body = response.body
             counter = self.metrics.child(route, response.status)
             entry = (counter, response.status, body, dict(response.headers))
-            self._remember(self._fast, fast_key, entry, len(body) if isinstance(body, bytes) else 0)
+            self.caches.remember(self._fast, fast_key, entry)
+        return response
+
+    def _new_version(self, version: int) -> None:
+        """A new snapshot is shown: the caches start over with its trees'."""
+        self._fast_version = version
+        self.caches.new_version()
+        garbage: list[object] = [self._fast]
+        self._fast = self.caches.track({})
+        self.trees.dispose(garbage)
+        for tree in self.trees.shown(version):
+            self.caches.track(tree.responses)
+
+    def _refuse_framing(self, request: web.BaseRequest, reason: str) -> web.Response:
+        """400 and close: what follows on this connection may be a smuggled request."""
+        self.bad_requests.report(request.remote, "transfer_encoding", reason)
+        fmt = render.negotiate(request.headers.get("Accept"))
+        response = self._error("bad_request", 400, reason, fmt)
+        response.force_close()
         return response
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -399,7 +314,7 @@ class MetadataServer:
             if "If-None-Match" in request.headers:
                 return await self._wait_for_etag(request, api_version, ip, path, fmt, route)
 
-        snapshot = self.store.snapshot
+        snapshot = self.view.snapshot
         if _etag_matches(request.headers.get("If-None-Match"), snapshot.version):
             return self._respond(route, 304, b"", fmt, snapshot.version)
         caller = self._caller(snapshot, ip)
@@ -449,7 +364,7 @@ class MetadataServer:
         self.metrics.waiters.inc()
         try:
             while True:
-                snapshot = self.store.snapshot
+                snapshot = self.view.snapshot
                 if asks_version:
                     if str(snapshot.version) != old:
                         break
@@ -461,7 +376,7 @@ class MetadataServer:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                changed = await self.store.wait_for_change(snapshot.version, remaining)
+                changed = await self.view.wait_for_change(snapshot.version, remaining)
                 if changed.version != snapshot.version:
                     woken_at = self._woken(changed)
         finally:
@@ -480,7 +395,7 @@ class MetadataServer:
     ) -> web.StreamResponse | None:
         """Park a ``version`` long-poll in the registry, which writes its answer; None when it
         is to be answered at once (the version differs already) or cannot park (no transport)."""
-        snapshot = self.store.snapshot
+        snapshot = self.view.snapshot
         transport = request.transport
         if str(snapshot.version) != old or transport is None:
             return None
@@ -524,13 +439,13 @@ class MetadataServer:
         self.metrics.waiters.inc()
         try:
             while True:
-                snapshot = self.store.snapshot
+                snapshot = self.view.snapshot
                 if not _etag_matches(tags, snapshot.version):
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return self._respond(route, 304, b"", fmt, snapshot.version)
-                changed = await self.store.wait_for_change(snapshot.version, remaining)
+                changed = await self.view.wait_for_change(snapshot.version, remaining)
                 if changed.version != snapshot.version:
                     woken_at = self._woken(changed)
         finally:
@@ -557,6 +472,7 @@ class MetadataServer:
             max_line_size=MAX_LINE_SIZE,
             max_field_size=MAX_FIELD_SIZE,
             max_headers=MAX_HEADERS,
+            logger=ParseErrorLog(self.bad_requests),
         )
 
     async def start(self, host: str, port: int) -> None:
@@ -576,6 +492,7 @@ class MetadataServer:
             self._runner = None
         if self._version_waiters is not None:
             self._version_waiters.close()
+        await self.view.close()
 
 
 def root_body(tree: Tree, caller: str | None, fmt: Format) -> bytes:
@@ -612,60 +529,3 @@ def _etag_matches(header: str | None, version: int) -> bool:
         if tag.strip('"') == current:
             return True
     return False
-
-
-def forwarded_for(header: str) -> list[str]:
-    """The ``for=`` node of each element of an RFC 7239 ``Forwarded`` header, in order: an
-    address without port or brackets, or the node as sent when it is no address (``unknown``,
-    an obfuscated ``_name``); an element without ``for=`` counts as ``unknown``."""
-    hops: list[str] = []
-    for element in _split_outside_quotes(header, ","):
-        node = "unknown"
-        for pair in _split_outside_quotes(element, ";"):
-            name, _, value = pair.partition("=")
-            if name.strip().lower() == "for":
-                node = _forwarded_node(value.strip())
-        hops.append(node)
-    return hops
-
-
-def _split_outside_quotes(text: str, separator: str) -> list[str]:
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = escaped = False
-    for char in text:
-        if escaped:
-            escaped = False
-        elif quoted and char == "\\":
-            escaped = True
-        elif char == '"':
-            quoted = not quoted
-        elif char == separator and not quoted:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(char)
-    parts.append("".join(current))
-    return [part.strip() for part in parts if part.strip()]
-
-
-def _forwarded_node(value: str) -> str:
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        value = value[1:-1].replace("\\", "")
-    if value.startswith("["):  # "[2001:db8::1]:4711"
-        return value[1 : value.find("]")] if "]" in value else value
-    host, colon, _port = value.rpartition(":")
-    if colon and "." in host:  # "192.0.2.60:4711"
-        return host
-    return value
-
-
-def parse_trusted_proxies(values: Sequence[str]) -> tuple[IPNetwork, ...]:
-    """Addresses or CIDRs -> networks (ValueError names the bad one)."""
-    networks = []
-    for value in values:
-        try:
-            networks.append(ipaddress.ip_network(value.strip(), strict=False))
-        except ValueError:
-            raise ValueError(f"{value!r} is not an IP address or CIDR") from None
-    return tuple(networks)

@@ -22,8 +22,12 @@ def metadata_daemon(tmp_path: Path) -> Iterator[Callable[..., MetadataDaemon]]:
     """Factory: metadata_daemon(*args, env=...) starts a daemon; all stop at teardown."""
     started: list[MetadataDaemon] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> MetadataDaemon:
-        daemon = start_metadata_daemon(tmp_path / f"daemon-{len(started)}.log", *args, env=env)
+    def start(
+        *args: str, env: dict[str, str] | None = None, ready_timeout: float = 10
+    ) -> MetadataDaemon:
+        daemon = start_metadata_daemon(
+            tmp_path / f"daemon-{len(started)}.log", *args, env=env, ready_timeout=ready_timeout
+        )
         started.append(daemon)
         return daemon
 

@@ -6,16 +6,10 @@ import asyncio
 import socket
 import time
 
-import pytest
 from helpers import FIXTURES, free_port
 from prometheus_client import CollectorRegistry
 
-from node_services.metadata.app import (
-    MetadataConfig,
-    MetadataMetrics,
-    MetadataServer,
-    forwarded_for,
-)
+from node_services.metadata.app import MetadataConfig, MetadataMetrics, MetadataServer
 from node_services.sources.static import load_file
 from node_services.state.store import Store
 
@@ -48,20 +42,3 @@ async def test_an_idle_connection_is_closed_and_a_busy_one_is_not() -> None:
         writer.close()
     finally:
         await server.stop()
-
-
-@pytest.mark.parametrize(
-    ("header", "hops"),
-    [
-        ("for=192.0.2.60;proto=http;by=203.0.113.43", ["192.0.2.60"]),
-        ('For="[2001:db8:cafe::17]:4711"', ["2001:db8:cafe::17"]),
-        ('for="192.0.2.60:8080"', ["192.0.2.60"]),
-        ("for=192.0.2.43, for=198.51.100.17", ["192.0.2.43", "198.51.100.17"]),
-        ('for="_gazonk", for=unknown', ["_gazonk", "unknown"]),
-        ("proto=https;by=10.0.0.1", ["unknown"]),  # an element without for=
-        ('for="a,b;c", for=10.0.0.2', ["a,b;c", "10.0.0.2"]),  # separators inside quotes
-        ("for=10.0.0.1 ; proto=http,,for=10.0.0.2", ["10.0.0.1", "10.0.0.2"]),
-    ],
-)
-def test_forwarded_header_hops(header: str, hops: list[str]) -> None:
-    assert forwarded_for(header) == hops

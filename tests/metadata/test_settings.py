@@ -19,9 +19,12 @@ def test_metadata_settings_from_the_environment() -> None:
             "NODE_SERVICES_METADATA_ENVIRONMENT_NAME": "Prod",
             "NODE_SERVICES_METADATA_ENVIRONMENT_UUID": "1a5",
             "NODE_SERVICES_METADATA_REGION_NAME": "eu",
+            "NODE_SERVICES_METADATA_CACHE_BYTES": "1048576",
+            "NODE_SERVICES_METADATA_PREPARE_ABOVE": "0",
         },
         check_files=False,
     )
+    assert (settings.metadata_cache_bytes, settings.metadata_prepare_above) == (1048576, 0)
     assert settings.metadata_trusted_proxies == ("10.0.0.7/32", "10.1.0.0/16", "fd00::1/128")
     assert settings.metadata_access_log is True
     assert (
@@ -32,6 +35,7 @@ def test_metadata_settings_from_the_environment() -> None:
     defaults = load_settings(environ={}, check_files=False)
     assert defaults.metadata_trusted_proxies == ()
     assert defaults.metadata_access_log is False
+    assert (defaults.metadata_cache_bytes, defaults.metadata_prepare_above) == (32 << 20, 5000)
     assert (defaults.metadata_environment_name, defaults.metadata_region_name) == (
         "Default",
         "local",
@@ -44,6 +48,8 @@ def test_bad_metadata_settings_are_reported() -> None:
             environ={
                 "NODE_SERVICES_METADATA_TRUSTED_PROXIES": "10.0.0.7,proxy.example",
                 "NODE_SERVICES_METADATA_ACCESS_LOG": "sometimes",
+                "NODE_SERVICES_METADATA_CACHE_BYTES": "32M",
+                "NODE_SERVICES_METADATA_PREPARE_ABOVE": "-1",
             },
             check_files=False,
         )
@@ -51,6 +57,8 @@ def test_bad_metadata_settings_are_reported() -> None:
         "environment: NODE_SERVICES_METADATA_TRUSTED_PROXIES: 'proxy.example' is not an IP "
         "address or CIDR",
         "environment: NODE_SERVICES_METADATA_ACCESS_LOG: 'sometimes' is not true or false",
+        "environment: NODE_SERVICES_METADATA_CACHE_BYTES: '32M' is not a whole number",
+        "environment: NODE_SERVICES_METADATA_PREPARE_ABOVE: '-1' is not a whole number",
     ]
 
 

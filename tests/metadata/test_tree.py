@@ -13,9 +13,9 @@ from aiohttp.test_utils import make_mocked_request
 from helpers import FIXTURES
 from prometheus_client import CollectorRegistry
 
-from node_services.metadata import app as metadata_app
 from node_services.metadata import render
 from node_services.metadata.app import MetadataConfig, MetadataMetrics, MetadataServer, root_body
+from node_services.metadata.caches import ENTRY_OVERHEAD, footprint
 from node_services.metadata.render import Format
 from node_services.metadata.tree import (
     V1,
@@ -89,7 +89,7 @@ def test_the_tree_is_pure_and_self_is_per_workload(store: Store) -> None:
     assert stranger.root["self"] == {}
 
 
-def test_trees_are_built_once_per_snapshot_version(store: Store) -> None:
+async def test_trees_are_built_once_per_snapshot_version(store: Store) -> None:
     registry = CollectorRegistry()
     server = MetadataServer(store, MetadataConfig("node1"), MetadataMetrics(registry))
     snapshot = store.snapshot
@@ -104,8 +104,12 @@ def test_trees_are_built_once_per_snapshot_version(store: Store) -> None:
     assert newer is not latest
     assert newer.snapshot_version == snapshot.version + 1
     assert registry.get_sample_value(builds) == 3
-    # an old snapshot (a waiter still holding it) is answered, not cached over the new one
+    # once the new snapshot is shown, an old one (a waiter still holding it) is answered
+    # from a tree of its own, not cached
+    assert server.view.snapshot is store.snapshot
+    assert server.tree(store.snapshot, V3) is newer
     assert server.tree(snapshot, V3) is not latest
+    assert server.tree(snapshot, V3).snapshot_version == snapshot.version
     assert server.tree(store.snapshot, V3) is newer
 
 
@@ -145,17 +149,15 @@ async def test_concurrent_first_requests_share_one_build_in_a_thread(store: Stor
     assert server.tree(store.snapshot, V3) is trees[0]
 
 
-async def test_answer_caches_are_bounded_in_bytes(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(metadata_app, "RESPONSE_CACHE_BYTES", 2000)
-    server = MetadataServer(store, MetadataConfig("node1"), MetadataMetrics(CollectorRegistry()))
+async def test_answer_caches_are_bounded_in_bytes(store: Store) -> None:
+    config = MetadataConfig("node1", cache_bytes=4000)
+    server = MetadataServer(store, config, MetadataMetrics(CollectorRegistry()))
     snapshot = store.snapshot
     tree = await server.tree_for(snapshot, V3)
     for index in range(6):
         await server.answer(snapshot, V3, None, ["containers", str(index % 5)], Format.JSON)
-        kept = sum(len(v[1]) for v in tree.responses.values() if isinstance(v, tuple))
-        assert kept <= 2000
+        kept = sum(ENTRY_OVERHEAD + footprint(k) + footprint(v) for k, v in tree.responses.items())
+        assert kept == server.caches.used <= 4000
     assert 0 < len(tree.responses) < 5
 
 
