@@ -83,6 +83,7 @@ class DnsStats:
     zone_names: int = 0
     answer_cache_hits: int = 0
     answer_cache: Sized = ()  # the server's table of whole UDP answers (its size is a gauge)
+    answer_cache_bytes: int = 0  # what that table costs, keys and overhead included
     zone_rebuilds: int = 0
     zone_units_rebuilt: int = 0
 
@@ -206,6 +207,12 @@ class DnsCollector(Collector):
             "node_services_dns_answer_cache_entries",
             "Whole UDP answers kept by query bytes (dns_answer_cache_size at most).",
             value=len(s.answer_cache),
+        )
+        yield GaugeMetricFamily(
+            "node_services_dns_answer_cache_bytes",
+            "Memory the whole UDP answers cost, query keys and overhead included "
+            "(dns_answer_cache_bytes at most).",
+            value=s.answer_cache_bytes,
         )
         yield CounterMetricFamily(
             "node_services_dns_zone_rebuilds",

@@ -36,6 +36,9 @@ _REFUSED_TYPES: Final = frozenset({251, 252})  # IXFR, AXFR: no zone transfers
 _OPT: Final = wire.opt_record()
 _ONE_QUESTION: Final = b"\x00\x01\x00\x00\x00\x00\x00"  # QD=1, AN=0, NS=0, AR<256
 _MAX_QUERY: Final = 4096  # bytes read per datagram: far above any sane query
+_ENTRY_OVERHEAD: Final = 160
+"""Bytes an answer-cache entry costs beyond its key and value bytes: two bytes objects'
+headers and allocator rounding, and its share of the dict's table (measured: ~120)."""
 
 
 @dataclass(slots=True)
@@ -60,6 +63,7 @@ class DnsServer:
         forwarder: Forwarder | None = None,
         query_log: bool = False,
         answer_cache_size: int = 65536,
+        answer_cache_bytes: int = 16 << 20,
     ) -> None:
         self.store = store
         self.zone = zone
@@ -81,8 +85,13 @@ class DnsServer:
         self._replies: dict[bytes, bytes] = {}
         """UDP query bytes after the ID -> response bytes after the ID, for the answers the
         fast path built from the current zone; emptied whenever the zone changes, and when it
-        holds ``answer_cache_size`` entries (0: never filled)."""
-        self._replies_max = answer_cache_size
+        would hold more than ``answer_cache_size`` entries or ``answer_cache_bytes`` bytes
+        (either 0: never filled)."""
+        self._replies_max = answer_cache_size if answer_cache_bytes else 0
+        self._replies_budget = answer_cache_bytes
+        self._replies_used = 0
+        """What the entries cost: key and value bytes plus their objects and dict slot (a
+        client picks the key's size: a query may carry up to 4 KB of EDNS options)."""
         self.stats.answer_cache = self._replies
 
     # -- keeping the zone current ----------------------------------------------------------
@@ -112,9 +121,13 @@ class DnsServer:
                 )
         snapshot = self.store.snapshot
         if changes is not None or self.zone.ready != snapshot.all_synced:
-            self._replies.clear()
+            self._clear_replies()
         self.zone.ready = snapshot.all_synced
         self._seen = snapshot
+
+    def _clear_replies(self) -> None:
+        self._replies.clear()
+        self._replies_used = self.stats.answer_cache_bytes = 0
 
     async def follow_store(self) -> None:
         """Run forever: rebuild changed names whenever the store publishes a new version."""
@@ -232,6 +245,7 @@ class DnsServer:
             and size >= qend + 11
             and data[qend : qend + 3] == b"\x00\x00\x29"
             and data[qend + 6] == 0  # EDNS version 0
+            and size == qend + 11 + (data[qend + 9] << 8 | data[qend + 10])  # RDATA fits exactly
         ):
             variant = 4
             limit = 65535 if tcp else max(512, data[qend + 3] << 8 | data[qend + 4])
@@ -247,7 +261,7 @@ class DnsServer:
             if answer.chase:
                 return self._answer(data, tcp)
         else:
-            found = zone.zone_for(lname)
+            found = zone.zone_for(lname) if end < 267 else None  # a name over 255 bytes: FORMERR
             if (
                 found is None
                 or not found.authoritative
@@ -263,9 +277,13 @@ class DnsServer:
         response = b"".join((data[:2], answer.heads[variant], data[12:qend], answer.body, opt))
         if not tcp and self._replies_max:
             replies = self._replies
-            if len(replies) >= self._replies_max:
+            cost = size + len(response) + _ENTRY_OVERHEAD
+            used = self._replies_used + cost
+            if len(replies) >= self._replies_max or used > self._replies_budget:
                 replies.clear()
+                used = cost
             replies[data[2:]] = response[2:]
+            self._replies_used = self.stats.answer_cache_bytes = used
         return response
 
     def _answer(self, data: bytes, tcp: bool) -> bytes | _Pending | None:
