@@ -70,6 +70,8 @@ class DnsStats:
     responses: list[int] = field(default_factory=lambda: [0] * 32)  # by (extended) rcode
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # reason
+    tcp_closed: dict[str, int] = field(default_factory=dict)  # reason
+    tcp_connections: Sized = ()  # the server's open TCP connections (their number is a gauge)
     duration: dict[str, Histogram] = field(default_factory=dict)  # "local" | "forward"
     forward_duration: Histogram = field(default_factory=Histogram)
     forward_errors: dict[str, int] = field(default_factory=dict)  # reason
@@ -138,6 +140,21 @@ class DnsCollector(Collector):
         for reason, count in sorted(s.dropped.items()):
             dropped.add_metric([reason], count)
         yield dropped
+        tcp_closed = CounterMetricFamily(
+            "node_services_dns_tcp_closed",
+            "TCP connections the server closed, by reason (idle: no query for 10 s; "
+            "write_timeout: did not read its answers within 2 s; evicted: the least recently "
+            "active, to make room for a new one).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(s.tcp_closed.items()):
+            tcp_closed.add_metric([reason], count)
+        yield tcp_closed
+        yield GaugeMetricFamily(
+            "node_services_dns_tcp_connections",
+            "Open TCP connections to the DNS server.",
+            value=len(s.tcp_connections),
+        )
         duration = HistogramMetricFamily(
             "node_services_dns_request_duration_seconds",
             "Time from receiving a query to sending its answer, by path (local or forward).",

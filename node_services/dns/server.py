@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 import socket
+import struct
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
@@ -31,7 +32,14 @@ log = logging.getLogger(__name__)
 querylog = logging.getLogger("node_services.dns.query")
 
 TCP_IDLE_TIMEOUT: Final = 10.0
+TCP_WRITE_TIMEOUT: Final = 2.0
+"""Seconds a TCP client has to take its answers once its queue is full; then it is cut off."""
+TCP_MAX_QUEUED: Final = 64 << 10
+"""Bytes of answers queued for one TCP client (in our buffer; the kernel's send buffer is
+capped alike) beyond which we wait for it to read, at most TCP_WRITE_TIMEOUT."""
 MAX_TCP_CLIENTS: Final = 256
+"""TCP connections held at once; a new one beyond this closes the least recently active
+(RFC 7766 6.2.3: under pressure, close idle connections first, never refuse fresh clients)."""
 _REFUSED_TYPES: Final = frozenset({251, 252})  # IXFR, AXFR: no zone transfers
 _OPT: Final = wire.opt_record()
 _ONE_QUESTION: Final = b"\x00\x01\x00\x00\x00\x00\x00"  # QD=1, AN=0, NS=0, AR<256
@@ -76,7 +84,11 @@ class DnsServer:
         self._udp: _UdpSocket | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._tcp_clients = 0
+        self._tcp_clients: dict[asyncio.StreamWriter, None] = {}
+        """Open TCP connections, least recently active first."""
+        self.stats.tcp_connections = self._tcp_clients
+        self._slow_logged_at = -10.0
+        self._slow_readers = 0
         self._local = self.stats.duration.setdefault("local", Histogram())
         self._forwarded = self.stats.duration.setdefault("forward", Histogram())
         self.sockname: tuple[Any, ...] | None = None
@@ -186,16 +198,36 @@ class DnsServer:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._tcp_clients >= MAX_TCP_CLIENTS:
-            self.stats.count(self.stats.dropped, "tcp_busy")
-            writer.close()
-            return
-        self._tcp_clients += 1
+        clients = self._tcp_clients
+        closed = self.stats.tcp_closed
+        if len(clients) >= MAX_TCP_CLIENTS:
+            oldest = next(iter(clients))
+            del clients[oldest]
+            if oldest.transport.get_write_buffer_size():
+                _reset(oldest)
+            else:  # idle: a plain close (its handler sees EOF and ends)
+                oldest.transport.close()
+            self.stats.count(closed, "evicted")
+        clients[writer] = None
+        transport = writer.transport
+        transport.set_write_buffer_limits(high=TCP_MAX_QUEUED)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, TCP_MAX_QUEUED)
         try:
             while True:
-                async with asyncio.timeout(TCP_IDLE_TIMEOUT):
-                    size = int.from_bytes(await reader.readexactly(2), "big")
-                    data = await reader.readexactly(size)
+                try:
+                    async with asyncio.timeout(TCP_IDLE_TIMEOUT):
+                        size = int.from_bytes(await reader.readexactly(2), "big")
+                        data = await reader.readexactly(size)
+                except TimeoutError:
+                    self.stats.count(closed, "idle")
+                    break
+                if writer not in clients:
+                    break  # evicted while it waited: the transport is gone
+                del clients[writer]
+                clients[writer] = None  # the most recently active now
                 started = time.perf_counter()
                 result = self.answer(data, tcp=True)
                 if isinstance(result, _Pending):
@@ -207,14 +239,50 @@ class DnsServer:
                 writer.write(len(result).to_bytes(2, "big") + result)
                 if self.query_log:
                     _log_query(writer.get_extra_info("peername"), data, result, started, "tcp")
-                await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                if transport.get_write_buffer_size() > TCP_MAX_QUEUED:
+                    try:
+                        async with asyncio.timeout(TCP_WRITE_TIMEOUT):
+                            await writer.drain()
+                    except TimeoutError:
+                        self.stats.count(closed, "write_timeout")
+                        self._log_slow_reader(writer)
+                        _reset(writer)
+                        break
+        except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except Exception:
-            log.exception("dns: TCP client failed")
+            log.exception("dns: TCP client %s failed", _peer(writer))
         finally:
-            self._tcp_clients -= 1
-            writer.close()
+            clients.pop(writer, None)
+            await self._close_tcp(writer)
+
+    def _log_slow_reader(self, writer: asyncio.StreamWriter) -> None:
+        """One warning per 10 s at most: a flood of silent clients must not flood the log."""
+        now = time.monotonic()
+        self._slow_readers += 1
+        if now - self._slow_logged_at >= 10:
+            log.warning(
+                "dns: TCP client %s did not read its answers for %.0f s: closed "
+                "(%d such client(s) since the last warning)",
+                _peer(writer),
+                TCP_WRITE_TIMEOUT,
+                self._slow_readers,
+            )
+            self._slow_logged_at = now
+            self._slow_readers = 0
+
+    async def _close_tcp(self, writer: asyncio.StreamWriter) -> None:
+        """Close after what is queued is sent, but never wait on a client longer than
+        TCP_WRITE_TIMEOUT for it (a closing transport keeps its buffer until then)."""
+        writer.close()
+        try:
+            async with asyncio.timeout(TCP_WRITE_TIMEOUT):
+                await writer.wait_closed()
+        except TimeoutError:
+            self.stats.count(self.stats.tcp_closed, "write_timeout")
+            _reset(writer)
+        except (ConnectionError, OSError):
+            pass
 
     # -- the answer function ---------------------------------------------------------------
 
@@ -459,6 +527,21 @@ class DnsServer:
         self._count_rcode(wire.NOERROR)
         # dnslib writes the question from our text form: put the client's bytes back.
         return packed[:12] + q.question + packed[12 + len(q.question) :]
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Drop a connection now, with what is queued for it in our buffer and the kernel's
+    (SO_LINGER 0: a reset, not a FIN that waits behind data the client never reads)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
 
 
 def _qname(q: wire.Query) -> str:

@@ -12,11 +12,21 @@ from pathlib import Path
 import dns.message
 import dns.rcode
 import pytest
-from dnshelpers import Z, answers, kube_cluster, query, write_snapshot
+from dnshelpers import (
+    Z,
+    answers,
+    dig,
+    endpoint_slice,
+    kube_cluster,
+    needs_dig,
+    query,
+    service,
+    write_snapshot,
+)
 from dnsserve import Served, serve
 from helpers import DaemonProcess
 
-from node_services.dns.server import DnsServer
+from node_services.dns.server import MAX_TCP_CLIENTS, DnsServer
 
 
 @pytest.fixture
@@ -177,3 +187,112 @@ def test_unique_names_with_big_queries_grow_rss_by_less_than_100_mb(
     assert 0 < entries <= held / 3000
     response = query(process.dns_port, f"web.shop.svc.{Z}")
     assert answers(response) == [f"web.shop.svc.{Z}. 5 A 10.43.0.20"]
+
+
+HUGE = f"huge.shop.svc.{Z}"
+
+
+@pytest.fixture
+def tcp_daemon(daemon: Callable[..., DaemonProcess], tmp_path: Path) -> DaemonProcess:
+    """A daemon whose HUGE answers 1,000 A records (~16 KB over TCP)."""
+    objects = [
+        *kube_cluster(),
+        service("shop", "huge", cluster_ips=None),
+        endpoint_slice(
+            "shop",
+            "huge",
+            "huge-1",
+            [{"ip": f"10.44.{i // 250}.{i % 250 + 1}"} for i in range(1000)],
+        ),
+    ]
+    snapshot = write_snapshot(tmp_path / "cluster.yaml", objects)
+    process = daemon("--snapshot", str(snapshot), "--upstream", "127.0.0.1:1")
+    process.wait_for(lambda: process.get("/readyz")[0] == 200, what="readyz")
+    return process
+
+
+def _timed_dig_tcp(port: int) -> tuple[float, list[str]]:
+    started = time.monotonic()
+    out = dig(port, "+tcp", "+short", f"web.shop.svc.{Z}", "A", timeout=3)
+    return time.monotonic() - started, out.split()
+
+
+def _tcp_query(name: str, qid: int) -> bytes:
+    packet = dns.message.make_query(name, "A", id=qid).to_wire()
+    return len(packet).to_bytes(2, "big") + packet
+
+
+@needs_dig
+def test_a_fresh_tcp_query_is_answered_while_256_clients_never_read(
+    tcp_daemon: DaemonProcess,
+) -> None:
+    process = tcp_daemon
+    assert process.proc is not None
+    before = _status_kib(process.proc.pid, "VmRSS")
+    # 256 connections each asking 20 x 16 KB and reading nothing (their receive buffers are
+    # small): their answers fill every buffer between us and them.
+    pipelined = b"".join(_tcp_query(HUGE, i) for i in range(20))
+    attackers = []
+    try:
+        for _ in range(MAX_TCP_CLIENTS):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", process.dns_port))
+            sock.sendall(pipelined)
+            attackers.append(sock)
+        elapsed, out = _timed_dig_tcp(process.dns_port)
+        assert out == ["10.43.0.20"]
+        assert elapsed < 1.0, f"dig +tcp took {elapsed:.2f} s"
+        # The silent readers are cut off once their queue is full and 2 s pass.
+        process.wait_for(
+            lambda: (
+                float(process.metric('node_services_dns_tcp_closed_total{reason="write_timeout"}'))
+                >= MAX_TCP_CLIENTS - 10
+            ),
+            what="write timeouts",
+            timeout=8,
+        )
+        grown_mb = (_status_kib(process.proc.pid, "VmHWM") - before) / 1024
+        assert grown_mb < 100, f"peak RSS grew {grown_mb:.0f} MB"
+        for sock in attackers[-5:]:
+            sock.settimeout(2)
+            with pytest.raises(ConnectionResetError):
+                while sock.recv(65536):
+                    pass
+    finally:
+        for sock in attackers:
+            sock.close()
+
+
+@needs_dig
+def test_a_fresh_tcp_query_is_answered_while_256_clients_sit_idle(
+    tcp_daemon: DaemonProcess,
+) -> None:
+    process = tcp_daemon
+    idle = []
+    try:
+        for _ in range(MAX_TCP_CLIENTS):
+            idle.append(socket.create_connection(("127.0.0.1", process.dns_port)))
+        process.wait_for(
+            lambda: float(process.metric("node_services_dns_tcp_connections")) >= MAX_TCP_CLIENTS,
+            what="every TCP slot taken",
+        )
+        elapsed, out = _timed_dig_tcp(process.dns_port)
+        assert out == ["10.43.0.20"]
+        assert elapsed < 1.0, f"dig +tcp took {elapsed:.2f} s"
+        evicted = process.metric('node_services_dns_tcp_closed_total{reason="evicted"}')
+        assert evicted == "1.0"  # the oldest idle one made room; dig's own left with dig
+        # The oldest idle connection was the one closed; the newest still works.
+        idle[0].settimeout(2)
+        assert idle[0].recv(1) == b""
+        newest = idle[-1]
+        newest.settimeout(2)
+        newest.sendall(_tcp_query(f"web.shop.svc.{Z}", 7))
+        size = int.from_bytes(newest.recv(2), "big")
+        reply = b""
+        while len(reply) < size:
+            reply += newest.recv(size - len(reply))
+        assert answers(dns.message.from_wire(reply)) == [f"web.shop.svc.{Z}. 5 A 10.43.0.20"]
+    finally:
+        for sock in idle:
+            sock.close()
