@@ -88,6 +88,7 @@ class DnsStats:
     answer_cache_bytes: int = 0  # what that table costs, keys and overhead included
     zone_rebuilds: int = 0
     zone_units_rebuilt: int = 0
+    zone_build_failures: int = 0
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
@@ -240,6 +241,11 @@ class DnsCollector(Collector):
             "node_services_dns_zone_units_rebuilt",
             "Units (services, pods, containers, ...) whose names were rebuilt.",
             value=s.zone_units_rebuilt,
+        )
+        yield CounterMetricFamily(
+            "node_services_dns_zone_build_failures",
+            "Zone builds in a worker thread that failed (the zone then rebuilds from scratch).",
+            value=s.zone_build_failures,
         )
 
 

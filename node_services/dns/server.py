@@ -14,6 +14,7 @@ import gc
 import logging
 import socket
 import struct
+import sys
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from node_services.dns import wire
 from node_services.dns.forward import Forwarder, UpstreamError
 from node_services.dns.metrics import DURATION_BUCKETS, DnsStats, Histogram
 from node_services.dns.zone import ANY_TYPE, Answer, Zone
-from node_services.state.store import Snapshot, Store, Subscription
+from node_services.state.store import ChangeSet, Snapshot, Store, Subscription
 
 log = logging.getLogger(__name__)
 querylog = logging.getLogger("node_services.dns.query")
@@ -37,6 +38,11 @@ TCP_WRITE_TIMEOUT: Final = 2.0
 TCP_MAX_QUEUED: Final = 64 << 10
 """Bytes of answers queued for one TCP client (in our buffer; the kernel's send buffer is
 capped alike) beyond which we wait for it to read, at most TCP_WRITE_TIMEOUT."""
+SWITCH_INTERVAL: Final = 0.0005
+"""Seconds a worker thread may hold the GIL while the event loop waits for it."""
+LARGE_CHANGE: Final = 1000
+"""Changed keys (or records, on a first read) beyond which the zone is built whole in a worker
+thread and swapped in, instead of rebuilt in place on the event loop."""
 MAX_TCP_CLIENTS: Final = 256
 """TCP connections held at once; a new one beyond this closes the least recently active
 (RFC 7766 6.2.3: under pressure, close idle connections first, never refuse fresh clients)."""
@@ -80,6 +86,9 @@ class DnsServer:
         self.query_log = query_log
         self._ra = wire.RA if forwarder is not None else 0
         self._subscription: Subscription | None = None
+        self._building: asyncio.Future[int] | None = None
+        """A new zone being built in a worker thread for a large change (see catch_up)."""
+        self._dropping: set[asyncio.Future[None]] = set()
         self._seen: Snapshot | None = None
         self._udp: _UdpSocket | None = None
         self._tcp: asyncio.Server | None = None
@@ -109,10 +118,19 @@ class DnsServer:
     # -- keeping the zone current ----------------------------------------------------------
 
     def catch_up(self) -> None:
-        """Apply the store's pending changes (cheap when there are none)."""
+        """Apply the store's pending changes (cheap when there are none); a large change is
+        built in a worker thread while the current zone keeps answering."""
+        if self._building is not None:
+            # What changes meanwhile waits in the subscription (coalesced) until the new zone
+            # is swapped in; the current zone keeps its answers and its readiness.
+            self._seen = self.store.snapshot
+            return
         if self._subscription is None:
             self._subscription = self.store.subscribe()
         changes = self._subscription.poll()
+        if changes is not None and self._build_off_loop(changes):
+            self._seen = self.store.snapshot
+            return
         if changes is not None:
             started = time.perf_counter()
             units = self.zone.apply(changes)
@@ -137,6 +155,92 @@ class DnsServer:
         self.zone.ready = snapshot.all_synced
         self._seen = snapshot
 
+    def _build_off_loop(self, changes: ChangeSet) -> bool:
+        """Start building a whole new zone for a large change set in a worker thread; False
+        when the change is small (or no loop runs): apply it here."""
+        snapshot = changes.snapshot
+        if changes.full:
+            size = len(snapshot.services) + len(snapshot.endpoints) + len(snapshot.workloads)
+        else:
+            size = len(changes.keys)
+        if size <= LARGE_CHANGE:
+            return False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        zone = self.zone.empty_copy()
+        # The build allocates ~a million long-lived containers: collections triggered by them
+        # would traverse the heap holding the GIL (tens of ms the loop cannot run). The new
+        # zone is frozen out of the collector's sight when it is swapped in.
+        collecting = gc.isenabled()
+        gc.disable()
+        started = time.perf_counter()
+        full = ChangeSet(snapshot, frozenset(), full=True)
+        future = loop.run_in_executor(None, zone.apply, full)
+        self._building = future
+        log.info(
+            "dns: building the zone for store version %d in a worker thread (%d changes)",
+            snapshot.version,
+            size,
+        )
+
+        def done(future: asyncio.Future[int]) -> None:
+            self._swap(future, zone, snapshot, started, collecting)
+
+        future.add_done_callback(done)
+        return True
+
+    def _swap(
+        self,
+        future: asyncio.Future[int],
+        zone: Zone,
+        snapshot: Snapshot,
+        started: float,
+        collecting: bool,
+    ) -> None:
+        """On the loop: answer from the zone a worker built, then catch up with what changed
+        while it was built."""
+        self._building = None
+        try:
+            if future.cancelled():
+                return
+            try:
+                units = future.result()
+            except Exception:
+                log.exception(
+                    "dns: building the zone for store version %d failed", snapshot.version
+                )
+                self.stats.zone_build_failures += 1
+                # Start over from a full read: the changes it held are not in the zone.
+                if self._subscription is not None:
+                    self._subscription.close()
+                self._subscription = None
+                return
+            old, self.zone = self.zone, zone
+            self.stats.zone_rebuilds += 1
+            self.stats.zone_units_rebuilt += units
+            self.stats.zone_names = len(zone.nodes)
+            gc.freeze()
+            self._clear_replies()
+            log.info(
+                "dns: built %d units (%d names) for store version %d in %.3f s (worker thread)",
+                units,
+                len(zone.nodes),
+                snapshot.version,
+                time.perf_counter() - started,
+            )
+            # Freeing the old zone takes as long as building it did: do that off the loop too.
+            box: list[object] = [old]
+            del old
+            dropped = asyncio.get_running_loop().run_in_executor(None, box.clear)
+            self._dropping.add(dropped)
+            dropped.add_done_callback(self._dropping.discard)
+        finally:
+            if collecting:
+                gc.enable()
+        self.catch_up()
+
     def _clear_replies(self) -> None:
         self._replies.clear()
         self._replies_used = self.stats.answer_cache_bytes = 0
@@ -152,6 +256,10 @@ class DnsServer:
 
     async def start(self, host: str, port: int) -> None:
         """Bind UDP and TCP on ``host:port`` (port 0 picks one; see :attr:`sockname`)."""
+        # While a worker thread builds (a zone, a snapshot, a parsed file), the loop waits
+        # for the GIL up to the switch interval on every wake-up: 5 ms by default, too much
+        # of a DNS answer's budget. Switching costs nothing when no other thread runs.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self.catch_up()
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -186,6 +294,8 @@ class DnsServer:
             self._tcp.close()
             with contextlib.suppress(Exception):
                 await self._tcp.wait_closed()
+        if self._building is not None:
+            self._building.cancel()  # the thread runs on; its zone is never swapped in
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
