@@ -240,7 +240,7 @@ class SnapshotFile:
                     "loaded before" if self.synced else "none yet",
                 )
                 return False
-            version = self.store.replace(self.name, result.records)
+            version = await self.store.replace_async(self.name, result.records)
             count = len(result.records)
             del result  # the parsed file is garbage now: hand its memory back (below)
             _release_freed_memory()
