@@ -92,9 +92,9 @@ class Settings:
     before skips the lookup; emptied whenever the zone changes, started over when full. A cap
     on the entry count; memory is capped by dns_answer_cache_bytes. 0 disables it."""
 
-    dns_answer_cache_bytes: int = 16 << 20
+    dns_answer_cache_bytes: int = 32 << 20
     """Bytes the in-zone UDP answer cache may cost (query keys, answers and per-entry
-    overhead, ~300 bytes an entry for ordinary queries); started over when full. 16 MiB by
+    overhead, ~300 bytes an entry for ordinary queries); started over when full. 32 MiB by
     default; 0 disables the cache."""
 
     dns_negative_ttl_cap: int = 300

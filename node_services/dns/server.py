@@ -77,7 +77,7 @@ class DnsServer:
         forwarder: Forwarder | None = None,
         query_log: bool = False,
         answer_cache_size: int = 65536,
-        answer_cache_bytes: int = 16 << 20,
+        answer_cache_bytes: int = 32 << 20,
     ) -> None:
         self.store = store
         self.zone = zone
@@ -157,13 +157,16 @@ class DnsServer:
 
     def _build_off_loop(self, changes: ChangeSet) -> bool:
         """Start building a whole new zone for a large change set in a worker thread; False
-        when the change is small (or no loop runs): apply it here."""
+        when the change is small, the zone is not serving yet, or no loop runs: apply it
+        here."""
         snapshot = changes.snapshot
         if changes.full:
             size = len(snapshot.services) + len(snapshot.endpoints) + len(snapshot.workloads)
         else:
             size = len(changes.keys)
-        if size <= LARGE_CHANGE:
+        if size <= LARGE_CHANGE or not self.zone.ready:
+            # Before the first sync the zone answers SERVFAIL anyway: build in place, so that
+            # a start from many files does not hold two zones (and their garbage) at a time.
             return False
         try:
             loop = asyncio.get_running_loop()
