@@ -99,8 +99,13 @@ class Settings:
 
     dns_answer_cache_size: int = 65536
     """In-zone UDP answers kept by the exact query bytes (all but the ID), so a query asked
-    before skips the lookup; emptied whenever the zone changes, started over when full. About
-    300 bytes an entry; 0 disables it."""
+    before skips the lookup; emptied whenever the zone changes, started over when full. A cap
+    on the entry count; memory is capped by dns_answer_cache_bytes. 0 disables it."""
+
+    dns_answer_cache_bytes: int = 32 << 20
+    """Bytes the in-zone UDP answer cache may cost (query keys, answers and per-entry
+    overhead, ~300 bytes an entry for ordinary queries); started over when full. 32 MiB by
+    default; 0 disables the cache."""
 
     dns_negative_ttl_cap: int = 300
     """Longest time in seconds a negative upstream answer is cached (RFC 2308: the SOA
@@ -354,6 +359,7 @@ def _convert(key: str, value: Any) -> Any:
         "dns_cache_bytes",
         "dns_upstream_sockets",
         "dns_answer_cache_size",
+        "dns_answer_cache_bytes",
         "dns_negative_ttl_cap",
         "dns_max_forwards",
     ):

@@ -70,6 +70,8 @@ class DnsStats:
     responses: list[int] = field(default_factory=lambda: [0] * 32)  # by (extended) rcode
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # reason
+    tcp_closed: dict[str, int] = field(default_factory=dict)  # reason
+    tcp_connections: Sized = ()  # the server's open TCP connections (their number is a gauge)
     duration: dict[str, Histogram] = field(default_factory=dict)  # "local" | "forward"
     forward_duration: Histogram = field(default_factory=Histogram)
     forward_errors: dict[str, int] = field(default_factory=dict)  # reason
@@ -87,8 +89,10 @@ class DnsStats:
     zone_names: int = 0
     answer_cache_hits: int = 0
     answer_cache: Sized = ()  # the server's table of whole UDP answers (its size is a gauge)
+    answer_cache_bytes: int = 0  # what that table costs, keys and overhead included
     zone_rebuilds: int = 0
     zone_units_rebuilt: int = 0
+    zone_build_failures: int = 0
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
@@ -141,6 +145,21 @@ class DnsCollector(Collector):
         for reason, count in sorted(s.dropped.items()):
             dropped.add_metric([reason], count)
         yield dropped
+        tcp_closed = CounterMetricFamily(
+            "node_services_dns_tcp_closed",
+            "TCP connections the server closed, by reason (idle: no query for 10 s; "
+            "write_timeout: did not read its answers within 2 s; evicted: the least recently "
+            "active, to make room for a new one).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(s.tcp_closed.items()):
+            tcp_closed.add_metric([reason], count)
+        yield tcp_closed
+        yield GaugeMetricFamily(
+            "node_services_dns_tcp_connections",
+            "Open TCP connections to the DNS server.",
+            value=len(s.tcp_connections),
+        )
         duration = HistogramMetricFamily(
             "node_services_dns_request_duration_seconds",
             "Time from receiving a query to sending its answer, by path (local or forward).",
@@ -237,6 +256,12 @@ class DnsCollector(Collector):
             "Whole UDP answers kept by query bytes (dns_answer_cache_size at most).",
             value=len(s.answer_cache),
         )
+        yield GaugeMetricFamily(
+            "node_services_dns_answer_cache_bytes",
+            "Memory the whole UDP answers cost, query keys and overhead included "
+            "(dns_answer_cache_bytes at most).",
+            value=s.answer_cache_bytes,
+        )
         yield CounterMetricFamily(
             "node_services_dns_zone_rebuilds",
             "Store change sets applied to the DNS view.",
@@ -246,6 +271,11 @@ class DnsCollector(Collector):
             "node_services_dns_zone_units_rebuilt",
             "Units (services, pods, containers, ...) whose names were rebuilt.",
             value=s.zone_units_rebuilt,
+        )
+        yield CounterMetricFamily(
+            "node_services_dns_zone_build_failures",
+            "Zone builds in a worker thread that failed (the zone then rebuilds from scratch).",
+            value=s.zone_build_failures,
         )
 
 

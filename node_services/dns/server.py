@@ -13,6 +13,8 @@ import contextlib
 import gc
 import logging
 import socket
+import struct
+import sys
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
@@ -25,17 +27,32 @@ from node_services.dns import wire
 from node_services.dns.forward import Forwarder, UpstreamError
 from node_services.dns.metrics import DURATION_BUCKETS, DnsStats, Histogram
 from node_services.dns.zone import ANY_TYPE, Answer, Zone
-from node_services.state.store import Snapshot, Store, Subscription
+from node_services.state.store import ChangeSet, Snapshot, Store, Subscription
 
 log = logging.getLogger(__name__)
 querylog = logging.getLogger("node_services.dns.query")
 
 TCP_IDLE_TIMEOUT: Final = 10.0
+TCP_WRITE_TIMEOUT: Final = 2.0
+"""Seconds a TCP client has to take its answers once its queue is full; then it is cut off."""
+TCP_MAX_QUEUED: Final = 64 << 10
+"""Bytes of answers queued for one TCP client (in our buffer; the kernel's send buffer is
+capped alike) beyond which we wait for it to read, at most TCP_WRITE_TIMEOUT."""
+SWITCH_INTERVAL: Final = 0.0005
+"""Seconds a worker thread may hold the GIL while the event loop waits for it."""
+LARGE_CHANGE: Final = 1000
+"""Changed keys (or records, on a first read) beyond which the zone is built whole in a worker
+thread and swapped in, instead of rebuilt in place on the event loop."""
 MAX_TCP_CLIENTS: Final = 256
+"""TCP connections held at once; a new one beyond this closes the least recently active
+(RFC 7766 6.2.3: under pressure, close idle connections first, never refuse fresh clients)."""
 _REFUSED_TYPES: Final = frozenset({251, 252})  # IXFR, AXFR: no zone transfers
 _OPT: Final = wire.opt_record()
 _ONE_QUESTION: Final = b"\x00\x01\x00\x00\x00\x00\x00"  # QD=1, AN=0, NS=0, AR<256
 _MAX_QUERY: Final = 4096  # bytes read per datagram: far above any sane query
+_ENTRY_OVERHEAD: Final = 160
+"""Bytes an answer-cache entry costs beyond its key and value bytes: two bytes objects'
+headers and allocator rounding, and its share of the dict's table (measured: ~120)."""
 
 
 @dataclass(slots=True)
@@ -60,6 +77,7 @@ class DnsServer:
         forwarder: Forwarder | None = None,
         query_log: bool = False,
         answer_cache_size: int = 65536,
+        answer_cache_bytes: int = 32 << 20,
     ) -> None:
         self.store = store
         self.zone = zone
@@ -68,11 +86,18 @@ class DnsServer:
         self.query_log = query_log
         self._ra = wire.RA if forwarder is not None else 0
         self._subscription: Subscription | None = None
+        self._building: asyncio.Future[int] | None = None
+        """A new zone being built in a worker thread for a large change (see catch_up)."""
+        self._dropping: set[asyncio.Future[None]] = set()
         self._seen: Snapshot | None = None
         self._udp: _UdpSocket | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._tcp_clients = 0
+        self._tcp_clients: dict[asyncio.StreamWriter, None] = {}
+        """Open TCP connections, least recently active first."""
+        self.stats.tcp_connections = self._tcp_clients
+        self._slow_logged_at = -10.0
+        self._slow_readers = 0
         self._local = self.stats.duration.setdefault("local", Histogram())
         self._forwarded = self.stats.duration.setdefault("forward", Histogram())
         self.sockname: tuple[Any, ...] | None = None
@@ -81,17 +106,31 @@ class DnsServer:
         self._replies: dict[bytes, bytes] = {}
         """UDP query bytes after the ID -> response bytes after the ID, for the answers the
         fast path built from the current zone; emptied whenever the zone changes, and when it
-        holds ``answer_cache_size`` entries (0: never filled)."""
-        self._replies_max = answer_cache_size
+        would hold more than ``answer_cache_size`` entries or ``answer_cache_bytes`` bytes
+        (either 0: never filled)."""
+        self._replies_max = answer_cache_size if answer_cache_bytes else 0
+        self._replies_budget = answer_cache_bytes
+        self._replies_used = 0
+        """What the entries cost: key and value bytes plus their objects and dict slot (a
+        client picks the key's size: a query may carry up to 4 KB of EDNS options)."""
         self.stats.answer_cache = self._replies
 
     # -- keeping the zone current ----------------------------------------------------------
 
     def catch_up(self) -> None:
-        """Apply the store's pending changes (cheap when there are none)."""
+        """Apply the store's pending changes (cheap when there are none); a large change is
+        built in a worker thread while the current zone keeps answering."""
+        if self._building is not None:
+            # What changes meanwhile waits in the subscription (coalesced) until the new zone
+            # is swapped in; the current zone keeps its answers and its readiness.
+            self._seen = self.store.snapshot
+            return
         if self._subscription is None:
             self._subscription = self.store.subscribe()
         changes = self._subscription.poll()
+        if changes is not None and self._build_off_loop(changes):
+            self._seen = self.store.snapshot
+            return
         if changes is not None:
             started = time.perf_counter()
             units = self.zone.apply(changes)
@@ -112,9 +151,102 @@ class DnsServer:
                 )
         snapshot = self.store.snapshot
         if changes is not None or self.zone.ready != snapshot.all_synced:
-            self._replies.clear()
+            self._clear_replies()
         self.zone.ready = snapshot.all_synced
         self._seen = snapshot
+
+    def _build_off_loop(self, changes: ChangeSet) -> bool:
+        """Start building a whole new zone for a large change set in a worker thread; False
+        when the change is small, the zone is not serving yet, or no loop runs: apply it
+        here."""
+        snapshot = changes.snapshot
+        if changes.full:
+            size = len(snapshot.services) + len(snapshot.endpoints) + len(snapshot.workloads)
+        else:
+            size = len(changes.keys)
+        if size <= LARGE_CHANGE or not self.zone.ready:
+            # Before the first sync the zone answers SERVFAIL anyway: build in place, so that
+            # a start from many files does not hold two zones (and their garbage) at a time.
+            return False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        zone = self.zone.empty_copy()
+        # The build allocates ~a million long-lived containers: collections triggered by them
+        # would traverse the heap holding the GIL (tens of ms the loop cannot run). The new
+        # zone is frozen out of the collector's sight when it is swapped in.
+        collecting = gc.isenabled()
+        gc.disable()
+        started = time.perf_counter()
+        full = ChangeSet(snapshot, frozenset(), full=True)
+        future = loop.run_in_executor(None, zone.apply, full)
+        self._building = future
+        log.info(
+            "dns: building the zone for store version %d in a worker thread (%d changes)",
+            snapshot.version,
+            size,
+        )
+
+        def done(future: asyncio.Future[int]) -> None:
+            self._swap(future, zone, snapshot, started, collecting)
+
+        future.add_done_callback(done)
+        return True
+
+    def _swap(
+        self,
+        future: asyncio.Future[int],
+        zone: Zone,
+        snapshot: Snapshot,
+        started: float,
+        collecting: bool,
+    ) -> None:
+        """On the loop: answer from the zone a worker built, then catch up with what changed
+        while it was built."""
+        self._building = None
+        try:
+            if future.cancelled():
+                return
+            try:
+                units = future.result()
+            except Exception:
+                log.exception(
+                    "dns: building the zone for store version %d failed", snapshot.version
+                )
+                self.stats.zone_build_failures += 1
+                # Start over from a full read: the changes it held are not in the zone.
+                if self._subscription is not None:
+                    self._subscription.close()
+                self._subscription = None
+                return
+            old, self.zone = self.zone, zone
+            self.stats.zone_rebuilds += 1
+            self.stats.zone_units_rebuilt += units
+            self.stats.zone_names = len(zone.nodes)
+            gc.freeze()
+            self._clear_replies()
+            log.info(
+                "dns: built %d units (%d names) for store version %d in %.3f s (worker thread)",
+                units,
+                len(zone.nodes),
+                snapshot.version,
+                time.perf_counter() - started,
+            )
+            # Freeing the old zone takes as long as building it did: do that off the loop too.
+            box: list[object] = [old]
+            del old
+            dropped = asyncio.get_running_loop().run_in_executor(None, box.clear)
+            self._dropping.add(dropped)
+            dropped.add_done_callback(self._dropping.discard)
+        finally:
+            if collecting:
+                gc.enable()
+        self.catch_up()
+
+    def _clear_replies(self) -> None:
+        self._replies.clear()
+        self._replies_used = self.stats.answer_cache_bytes = 0
 
     async def follow_store(self) -> None:
         """Run forever: rebuild changed names whenever the store publishes a new version."""
@@ -127,6 +259,10 @@ class DnsServer:
 
     async def start(self, host: str, port: int) -> None:
         """Bind UDP and TCP on ``host:port`` (port 0 picks one; see :attr:`sockname`)."""
+        # While a worker thread builds (a zone, a snapshot, a parsed file), the loop waits
+        # for the GIL up to the switch interval on every wake-up: 5 ms by default, too much
+        # of a DNS answer's budget. Switching costs nothing when no other thread runs.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self.catch_up()
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -161,6 +297,8 @@ class DnsServer:
             self._tcp.close()
             with contextlib.suppress(Exception):
                 await self._tcp.wait_closed()
+        if self._building is not None:
+            self._building.cancel()  # the thread runs on; its zone is never swapped in
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -175,16 +313,36 @@ class DnsServer:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._tcp_clients >= MAX_TCP_CLIENTS:
-            self.stats.count(self.stats.dropped, "tcp_busy")
-            writer.close()
-            return
-        self._tcp_clients += 1
+        clients = self._tcp_clients
+        closed = self.stats.tcp_closed
+        if len(clients) >= MAX_TCP_CLIENTS:
+            oldest = next(iter(clients))
+            del clients[oldest]
+            if oldest.transport.get_write_buffer_size():
+                _reset(oldest)
+            else:  # idle: a plain close (its handler sees EOF and ends)
+                oldest.transport.close()
+            self.stats.count(closed, "evicted")
+        clients[writer] = None
+        transport = writer.transport
+        transport.set_write_buffer_limits(high=TCP_MAX_QUEUED)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, TCP_MAX_QUEUED)
         try:
             while True:
-                async with asyncio.timeout(TCP_IDLE_TIMEOUT):
-                    size = int.from_bytes(await reader.readexactly(2), "big")
-                    data = await reader.readexactly(size)
+                try:
+                    async with asyncio.timeout(TCP_IDLE_TIMEOUT):
+                        size = int.from_bytes(await reader.readexactly(2), "big")
+                        data = await reader.readexactly(size)
+                except TimeoutError:
+                    self.stats.count(closed, "idle")
+                    break
+                if writer not in clients:
+                    break  # evicted while it waited: the transport is gone
+                del clients[writer]
+                clients[writer] = None  # the most recently active now
                 started = time.perf_counter()
                 result = self.answer(data, tcp=True)
                 if isinstance(result, _Pending):
@@ -196,14 +354,50 @@ class DnsServer:
                 writer.write(len(result).to_bytes(2, "big") + result)
                 if self.query_log:
                     _log_query(writer.get_extra_info("peername"), data, result, started, "tcp")
-                await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                if transport.get_write_buffer_size() > TCP_MAX_QUEUED:
+                    try:
+                        async with asyncio.timeout(TCP_WRITE_TIMEOUT):
+                            await writer.drain()
+                    except TimeoutError:
+                        self.stats.count(closed, "write_timeout")
+                        self._log_slow_reader(writer)
+                        _reset(writer)
+                        break
+        except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except Exception:
-            log.exception("dns: TCP client failed")
+            log.exception("dns: TCP client %s failed", _peer(writer))
         finally:
-            self._tcp_clients -= 1
-            writer.close()
+            clients.pop(writer, None)
+            await self._close_tcp(writer)
+
+    def _log_slow_reader(self, writer: asyncio.StreamWriter) -> None:
+        """One warning per 10 s at most: a flood of silent clients must not flood the log."""
+        now = time.monotonic()
+        self._slow_readers += 1
+        if now - self._slow_logged_at >= 10:
+            log.warning(
+                "dns: TCP client %s did not read its answers for %.0f s: closed "
+                "(%d such client(s) since the last warning)",
+                _peer(writer),
+                TCP_WRITE_TIMEOUT,
+                self._slow_readers,
+            )
+            self._slow_logged_at = now
+            self._slow_readers = 0
+
+    async def _close_tcp(self, writer: asyncio.StreamWriter) -> None:
+        """Close after what is queued is sent, but never wait on a client longer than
+        TCP_WRITE_TIMEOUT for it (a closing transport keeps its buffer until then)."""
+        writer.close()
+        try:
+            async with asyncio.timeout(TCP_WRITE_TIMEOUT):
+                await writer.wait_closed()
+        except TimeoutError:
+            self.stats.count(self.stats.tcp_closed, "write_timeout")
+            _reset(writer)
+        except (ConnectionError, OSError):
+            pass
 
     # -- the answer function ---------------------------------------------------------------
 
@@ -234,6 +428,7 @@ class DnsServer:
             and size >= qend + 11
             and data[qend : qend + 3] == b"\x00\x00\x29"
             and data[qend + 6] == 0  # EDNS version 0
+            and size == qend + 11 + (data[qend + 9] << 8 | data[qend + 10])  # RDATA fits exactly
         ):
             variant = 4
             limit = 65535 if tcp else max(512, data[qend + 3] << 8 | data[qend + 4])
@@ -249,7 +444,7 @@ class DnsServer:
             if answer.chase:
                 return self._answer(data, tcp)
         else:
-            found = zone.zone_for(lname)
+            found = zone.zone_for(lname) if end < 267 else None  # a name over 255 bytes: FORMERR
             if (
                 found is None
                 or not found.authoritative
@@ -265,9 +460,13 @@ class DnsServer:
         response = b"".join((data[:2], answer.heads[variant], data[12:qend], answer.body, opt))
         if not tcp and self._replies_max:
             replies = self._replies
-            if len(replies) >= self._replies_max:
+            cost = size + len(response) + _ENTRY_OVERHEAD
+            used = self._replies_used + cost
+            if len(replies) >= self._replies_max or used > self._replies_budget:
                 replies.clear()
+                used = cost
             replies[data[2:]] = response[2:]
+            self._replies_used = self.stats.answer_cache_bytes = used
         return response
 
     def _answer(self, data: bytes, tcp: bool) -> bytes | _Pending | None:
@@ -443,6 +642,21 @@ class DnsServer:
         self._count_rcode(wire.NOERROR)
         # dnslib writes the question from our text form: put the client's bytes back.
         return packed[:12] + q.question + packed[12 + len(q.question) :]
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Drop a connection now, with what is queued for it in our buffer and the kernel's
+    (SO_LINGER 0: a reset, not a FIN that waits behind data the client never reads)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
 
 
 def _qname(q: wire.Query) -> str:

@@ -82,4 +82,5 @@ def build_dns(settings: Settings, store: Store, registry: CollectorRegistry) -> 
         forwarder=forwarder,
         query_log=settings.dns_query_log,
         answer_cache_size=settings.dns_answer_cache_size,
+        answer_cache_bytes=settings.dns_answer_cache_bytes,
     )

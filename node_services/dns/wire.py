@@ -200,20 +200,40 @@ def parse_query(data: bytes) -> Query:
     version = 0
     do = False
     if arcount and not ancount and not nscount:
-        pos = end + 4
-        # The first additional record; an OPT has the root name (one zero byte).
-        if pos + 11 <= size and data[pos] == 0:
-            rtype, rclass, ttl, rdlen = RR_FIXED.unpack_from(data, pos + 1)
-            if rtype == OPT:
-                if pos + 11 + rdlen > size:
-                    raise Malformed("OPT record runs past the packet", reply=True)
-                edns = True
-                udp_size = min(max(rclass, 512), MAX_UDP)
-                version = (ttl >> 16) & 0xFF
-                do = bool(ttl & 0x8000)
+        edns, udp_size, version, do = _read_opt(data, end + 4, arcount)
     return Query(
         qid, flags, question, lname, tuple(offsets), qtype, qclass, edns, udp_size, version, do
     )
+
+
+def _read_opt(data: bytes, pos: int, arcount: int) -> tuple[bool, int, int, bool]:
+    """(edns, udp size, version, DO) from the additional records starting at ``pos``.
+
+    RFC 6891 6.1.1: more than one OPT record, or one that does not fit, is a FORMERR. Other
+    additional records are skipped; reading stops, leniently, at one that does not parse."""
+    size = len(data)
+    found: tuple[bool, int, int, bool] = (False, 512, 0, False)
+    for _ in range(arcount):
+        try:
+            start = skip_name(data, pos)
+        except (IndexError, ValueError):
+            break
+        if start + 10 > size:
+            break
+        rtype, rclass, ttl, rdlen = RR_FIXED.unpack_from(data, start)
+        after = start + 10 + rdlen
+        if rtype == OPT:
+            if start != pos + 1:
+                raise Malformed("OPT record with an owner other than the root", reply=True)
+            if found[0]:
+                raise Malformed("more than one OPT record", reply=True)
+            if after > size:
+                raise Malformed("OPT record runs past the packet", reply=True)
+            found = (True, min(max(rclass, 512), MAX_UDP), (ttl >> 16) & 0xFF, bool(ttl & 0x8000))
+        elif after > size:
+            break
+        pos = after
+    return found
 
 
 def opt_record(ext_rcode: int = 0) -> bytes:

@@ -172,6 +172,7 @@ class Zone:
         pod_records: str = "disabled",
         metadata_ip: str = DEFAULT_METADATA_IP,
         forwarding: bool = False,
+        serial: int | None = None,
     ) -> None:
         self.domain = cluster_domain.rstrip(".").lower()
         self.ttl = ttl
@@ -179,7 +180,7 @@ class Zone:
         self.metadata_ip = metadata_ip
         self.forwarding = forwarding
         self.ra = wire.RA if forwarding else 0
-        self.serial = int(time.time())
+        self.serial = int(time.time()) if serial is None else serial
         self.ready = False
         self.version = 0
         self.nodes: dict[bytes, dict[int, Answer]] = {}
@@ -202,6 +203,18 @@ class Zone:
         self._subdomains: dict[tuple[str, str], set[str]] = {}
         self._pod_subdomain: dict[str, tuple[str, str]] = {}
         self._dependents: dict[str, set[Unit]] = {}
+
+    def empty_copy(self) -> Zone:
+        """A zone with this one's settings and serial and no names: to build a new view in a
+        worker thread while this one keeps answering."""
+        return Zone(
+            cluster_domain=self.domain,
+            ttl=self.ttl,
+            pod_records=self.pod_records,
+            metadata_ip=self.metadata_ip,
+            forwarding=self.forwarding,
+            serial=self.serial,
+        )
 
     def _zone_info(self, name: str, authoritative: bool) -> ZoneInfo:
         zone_wire = wire.encode_name(name)

@@ -349,7 +349,7 @@ class SnapshotFile:
             if result.errors:
                 self._rejected(result)
                 return False
-            version = self.store.replace(self.name, result.records)
+            version = await self.store.replace_async(self.name, result.records)
             count = len(result.records)
             del result  # the parsed file is garbage now: hand its memory back (below)
             _release_freed_memory()

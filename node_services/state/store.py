@@ -252,6 +252,47 @@ class Store:
         self._synced[source] = synced
         return self._publish(self._merge(touched), synced_changed=synced_changed)
 
+    async def replace_async(
+        self, source: str, records: Iterable[Record], *, synced: bool = True
+    ) -> int:
+        """:meth:`replace` for a large content: the new snapshot is computed in a worker
+        thread (a 68k-service file costs the loop ~1 s otherwise) and published here, on the
+        loop, so readers never see a half-made one. Computed against the snapshot current
+        when it starts; if another write lands meanwhile it is computed again (after three
+        tries, here, as :meth:`replace` does)."""
+        self.register(source)
+        new = await asyncio.to_thread(_by_key, records)
+        for _ in range(3):
+            base = self._snapshot
+            old = self._by_source[source]
+            # The worker reads the other sources' dicts while the loop may still write them:
+            # any write publishes a new snapshot, and the result is then thrown away.
+            sources = [new if name == source else held for name, held in self._by_source.items()]
+            synced_now = {**self._synced, source: synced}
+            changed, snapshot = await asyncio.to_thread(
+                _plan_replace, base, old, new, sources, synced_now
+            )
+            if self._snapshot is base and self._by_source[source] is old:
+                return self._commit_replace(source, new, synced, changed, snapshot)
+        return self.replace(source, new.values(), synced=synced)
+
+    def _commit_replace(
+        self,
+        source: str,
+        new: dict[str, Record],
+        synced: bool,
+        changed: _Changed,
+        snapshot: Snapshot | None,
+    ) -> int:
+        self._by_source[source] = new
+        synced_changed = self._synced[source] != synced
+        self._synced[source] = synced
+        if snapshot is None:
+            return self._publish(changed, synced_changed=synced_changed)
+        self._snapshot = snapshot
+        self._wake(changed)
+        return snapshot.version
+
     def apply(self, source: str, changes: Iterable[Change]) -> int:
         """Apply upserts and deletions as one batch: at most one new version."""
         self.register(source)
@@ -290,33 +331,60 @@ class Store:
     def _merge(self, keys: set[str]) -> _Changed:
         """(winning record or None: gone, current record) for each key whose merged value
         changed."""
-        snapshot = self._snapshot
-        changed: _Changed = {}
-        sources = self._by_source.values()
-        for key in keys:
-            winner: Record | None = None
-            for held in sources:
-                winner = held.get(key)
-                if winner is not None:
-                    break
-            current = snapshot.get(key)
-            if winner is current or (
-                winner is not None and current is not None and winner == current
-            ):
-                continue
-            changed[key] = (winner, current)
-        return changed
+        return _merge(self._snapshot, self._by_source.values(), keys)
 
     def _publish(self, changed: _Changed, *, synced_changed: bool = False) -> int:
         if not changed and not synced_changed:
             return self._snapshot.version
         self._snapshot = _evolve(self._snapshot, changed, self._synced)
+        self._wake(changed)
+        return self._snapshot.version
+
+    def _wake(self, changed: _Changed) -> None:
         if self._change_future is not None and not self._change_future.done():
             self._change_future.set_result(None)
         self._change_future = None
         for subscription in self._subscriptions:
             subscription._notify(changed)
-        return self._snapshot.version
+
+
+def _merge(snapshot: Snapshot, sources: Iterable[Mapping[str, Record]], keys: set[str]) -> _Changed:
+    """(winning record or None: gone, record in ``snapshot``) for each key whose merged value
+    differs from ``snapshot``; ``sources`` in registration order."""
+    changed: _Changed = {}
+    sources = tuple(sources)
+    for key in keys:
+        winner: Record | None = None
+        for held in sources:
+            winner = held.get(key)
+            if winner is not None:
+                break
+        current = snapshot.get(key)
+        if winner is current or (winner is not None and current is not None and winner == current):
+            continue
+        changed[key] = (winner, current)
+    return changed
+
+
+def _by_key(records: Iterable[Record]) -> dict[str, Record]:
+    return {record.key: record for record in records}
+
+
+def _plan_replace(
+    base: Snapshot,
+    old: Mapping[str, Record],
+    new: Mapping[str, Record],
+    sources: Iterable[Mapping[str, Record]],
+    synced: dict[str, bool],
+) -> tuple[_Changed, Snapshot | None]:
+    """What :meth:`Store.replace` computes, from arguments only (so a worker thread can):
+    the merged changes and the snapshot to publish (None: nothing changed)."""
+    touched = {key for key in old if key not in new}
+    touched.update(key for key, record in new.items() if old.get(key) is not record)
+    changed = _merge(base, sources, touched)
+    if not changed and synced == dict(base.synced):
+        return changed, None
+    return changed, _evolve(base, changed, synced)
 
 
 class _MultiIndex:

@@ -279,3 +279,61 @@ async def test_a_sync_only_change_is_reported_once_with_no_keys_and_next_then_wa
     assert not waiter.done()
     store.replace("a", [service("web")])
     assert (await asyncio.wait_for(waiter, 1)).keys == {"k8s:Service/default/web"}
+
+
+def _content(store: Store) -> dict[str, object]:
+    snapshot = store.snapshot
+    return {
+        "records": {
+            key: snapshot.get(key)
+            for kind in ("services", "endpoints", "workloads")
+            for key in getattr(snapshot, kind)
+        },
+        "by_ip": dict(snapshot.by_ip),
+        "by_host": dict(snapshot.by_host),
+        "by_name": dict(snapshot.by_name),
+        "endpoints_of": dict(snapshot.endpoints_of),
+        "synced": dict(snapshot.synced),
+    }
+
+
+async def test_replace_async_publishes_what_replace_would() -> None:
+    first = [
+        service("web"),
+        service("db", "10.43.0.2"),
+        pod("p1", "10.42.1.5"),
+        slice_("w", "web", "10.42.1.5"),
+    ]
+    second = [
+        service("web", "10.43.0.9"),
+        pod("p2", "10.42.1.6", "node-b"),
+        slice_("w", "web", "10.42.1.6"),
+    ]
+    sync, threaded = Store(), Store()
+    for store in (sync, threaded):
+        store.replace("other", [service("db", "10.43.0.7")])  # an earlier source wins "db"
+    changes = threaded.subscribe()
+    changes.poll()
+    for records in (first, second, []):
+        sync.replace("s", records)
+        version = await threaded.replace_async("s", records)
+        assert version == threaded.version == sync.version
+        assert _content(threaded) == _content(sync)
+        polled = changes.poll()
+        assert polled is not None and "k8s:Service/default/web" in polled.keys
+    assert await threaded.replace_async("s", []) == threaded.version  # nothing changed
+
+
+async def test_replace_async_computes_again_when_a_write_lands_meanwhile() -> None:
+    store = Store()
+    store.replace("s", [service("web")])
+    many = [service(f"s{i}", f"10.44.{i // 250}.{i % 250 + 1}") for i in range(20_000)]
+    replacing = asyncio.create_task(store.replace_async("t", many))
+    await asyncio.sleep(0)  # the worker thread has started on the snapshot of now
+    store.apply("s", [service("db", "10.43.0.2")])
+    await replacing
+    snapshot = store.snapshot
+    assert snapshot.services.get("k8s:Service/default/db") is not None  # the write is kept
+    assert len(snapshot.services) == 20_002
+    assert snapshot.workload_by_ip("10.44.0.1") is None
+    assert snapshot.by_ip["10.44.0.1"] == ("k8s:Service/default/s0",)
