@@ -66,7 +66,8 @@ class _StoreCollector(Collector):
         )
         errors = CounterMetricFamily(
             "node_services_source_reload_errors",
-            "Loads rejected for bad content (the last good content kept serving).",
+            "Loads of a snapshot file not applied, for any reason (the last good content kept "
+            "serving; node_services_source_rejected_loads_total says why).",
             labels=["source"],
         )
         for loader in self._loaders:

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 SOURCE_PREFIX: Final = "kubernetes:"
 MAX_BATCH_BYTES: Final = 4 << 20
+_OFF_LOOP_REPLACE: Final = 1000
+"""A relist of at least this many records is merged into the store in a worker thread
+(:meth:`Store.replace_async`), so DNS and metadata keep answering meanwhile."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +259,10 @@ class Reflector:
             await asyncio.sleep(0)  # let the servers answer between pages
         if not resource_version:
             raise KubeAPIError(200, "BadBody", f"{self.resource.path}: no resourceVersion")
-        self.store.replace(self.source, records)
+        if len(records) >= _OFF_LOOP_REPLACE:
+            await self.store.replace_async(self.source, records)  # a big relist: off the loop
+        else:
+            self.store.replace(self.source, records)
         self.resource_version = resource_version
         self.lists += 1
         seconds = time.perf_counter() - started

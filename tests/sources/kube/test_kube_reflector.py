@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from fakes.kube_apiserver import FakeKubeAPIServer
-from fakes.kube_helpers import service, wait_until
+from fakes.kube_helpers import fixture_objects, service, wait_until
 from prometheus_client import CollectorRegistry
 
 from node_services.sources.kube.client import KubeAPIError, KubeClient, load_connection
@@ -151,6 +151,39 @@ async def test_delete_while_watch_down_and_compacted_is_gone_after_relist(
     assert snap.synced["kubernetes:services"] is True
     assert len(snap.hosts) == 2  # the other resources relisted too (compaction is global)
     await wait_until(lambda: all(server.list_count[r] == 2 for r in server.list_count))
+
+
+async def test_a_large_relist_is_merged_off_the_loop_and_removes_what_vanished(
+    make_harness: Any,
+) -> None:
+    many = [service(f"s{i}", f"10.44.{i // 250}.{i % 250 + 1}") for i in range(1200)]
+    kube = await make_harness(objects=[*fixture_objects(), *many], page_size=500)
+    await kube.synced()
+    server: FakeKubeAPIServer = kube.server
+    store: Store = kube.store
+    assert len(store.snapshot.services) == 1204
+    replaced_async = 0
+    original = store.replace_async
+
+    async def counting(*args: Any, **kwargs: Any) -> int:
+        nonlocal replaced_async
+        replaced_async += 1
+        return await original(*args, **kwargs)
+
+    store.replace_async = counting  # type: ignore[method-assign]
+    server.faults.fail_next = 10**6
+    server.drop_watches()
+    await wait_until(lambda: not server.watchers, what="watches dropped")
+    server.delete("Service", "default", "s7")
+    server.compact()
+    server.faults.fail_next = 0
+    await wait_until(lambda: server.list_count["services"] == 2, what="relist", within=10)
+    await wait_until(lambda: store.snapshot.service("default", "s7") is None, what="s7 removed")
+    snap = store.snapshot
+    assert len(snap.services) == 1203
+    assert snap.service("default", "s8") is not None
+    assert snap.synced["kubernetes:services"] is True
+    assert replaced_async >= 1  # the 1,203-service relist took the worker-thread path
 
 
 async def test_dropped_connection_resumes_from_last_resource_version(make_harness: Any) -> None:
