@@ -81,6 +81,29 @@ def node_annotator(kube: KubeSource) -> Callable[[str, str], Awaitable[None]]:
     return annotate
 
 
+NODE_UP_REASON = "NodeServicesIsUp"
+
+
+def node_network_marker(kube: KubeSource) -> Callable[[], Awaitable[None]]:
+    """Sets this node's NetworkUnavailable condition to False (reason NodeServicesIsUp), as
+    flannel and the cloud route controller do once routes are programmed; nothing is sent
+    when the node already has it."""
+
+    async def mark_up() -> None:
+        sent = await kube.set_node_condition(
+            "NetworkUnavailable",
+            "False",
+            NODE_UP_REASON,
+            "node-services overlay routes are programmed on this node",
+        )
+        if not sent:
+            log.info(
+                "node %s: NetworkUnavailable is already False (%s)", kube.node_name, NODE_UP_REASON
+            )
+
+    return mark_up
+
+
 def check_supported(settings: Settings) -> None:
     """Refuse settings that name a part this build does not have yet, clearly."""
     problems = unsupported(settings)
@@ -236,6 +259,7 @@ class Daemon:
         )
         if self.kube is not None:
             self.overlay.announce = node_annotator(self.kube)
+            self.overlay.node_up = node_network_marker(self.kube)
         self.supervisor.start("overlay", self.overlay.run)
         log.info(
             "overlay %s on node %s (reconcile every %gs)",

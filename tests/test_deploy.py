@@ -90,6 +90,26 @@ def test_the_service_account_is_the_one_rbac_yaml_binds() -> None:
     ]
 
 
+def test_the_cluster_role_allows_every_request_the_daemon_makes() -> None:
+    """Lists and watches of what the cache mirrors, the node GET + annotation PATCH, and the
+    PATCH of nodes/status that sets NetworkUnavailable (a subresource needs its own rule)."""
+    (role,) = [doc for doc in documents("rbac.yaml") if doc["kind"] == "ClusterRole"]
+    allowed = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    needed = {
+        ("", r, v) for r in ("namespaces", "nodes", "services", "pods") for v in ("list", "watch")
+    }
+    needed |= {("discovery.k8s.io", "endpointslices", v) for v in ("list", "watch")}
+    needed |= {("", "nodes", "get"), ("", "nodes", "patch"), ("", "nodes/status", "patch")}
+    assert needed <= allowed
+    assert ("", "nodes/status", "update") not in allowed  # a patch is enough: least privilege
+
+
 def test_the_plugin_install_command_writes_into_the_mounted_host_directories(
     tmp_path: Path,
 ) -> None:

@@ -53,7 +53,10 @@ log = logging.getLogger(__name__)
 Announce = Callable[[str, str], Awaitable[None]]
 """Publishes this node's (VTEP MAC, underlay address), e.g. as Kubernetes node annotations."""
 
-ANNOUNCE_TIMEOUT: Final = 10.0  # seconds
+NodeUp = Callable[[], Awaitable[None]]
+"""Tells the cluster this node's routes are programmed, e.g. Kubernetes NetworkUnavailable=False."""
+
+ANNOUNCE_TIMEOUT: Final = 10.0  # seconds, for each hook call
 
 REPAIR_KINDS: Final = {ADD: "added", REPLACE: "replaced", REMOVE: "removed"}
 _LOGGED_CHANGES: Final = 20  # per pass; beyond, one summary line
@@ -178,7 +181,8 @@ class OverlayMetrics:
             errors=Counter(
                 "node_services_overlay_errors",
                 "Overlay problems: peers refused (peer_not_connected, cidr_conflict, ...), "
-                "changes the kernel refused (route_conflict, netlink), failed passes",
+                "changes the kernel refused (route_conflict, netlink), failed passes, failed "
+                "node writes (announce, node_condition)",
                 ["reason"],
                 registry=registry,
             ),
@@ -202,7 +206,14 @@ class OverlayReconciler:
     announce: Announce | None = None
     """Called with (VTEP MAC, underlay address) once this node's device is set up and again
     whenever they change: the Kubernetes source writes them as this node's annotations."""
+    node_up: NodeUp | None = None
+    """Called once routes are programmed: after the first pass that went through and, when
+    ``announce`` is set, this node's VTEP MAC and address are published (peers route to us
+    only then). Retried on every pass until it succeeds, then never again. The Kubernetes
+    source sets this node's NetworkUnavailable condition to False."""
     _announced: tuple[str, str] | None = None
+    _node_up_done: bool = False
+    _node_up_error: str = ""
     _refused: frozenset[Refusal] = frozenset()
     _metrics: OverlayMetrics | None = None
 
@@ -271,7 +282,40 @@ class OverlayReconciler:
         self.last_problem = ""
         if self.announce is not None and result.own is not None and result.own != self._announced:
             await self._announce(result.own)
+        published = self.announce is None or result.own is None or result.own == self._announced
+        if self.node_up is not None and not self._node_up_done and published:
+            await self._node_up()
         return True
+
+    async def _node_up(self) -> None:
+        assert self.node_up is not None
+        try:
+            async with asyncio.timeout(ANNOUNCE_TIMEOUT):  # bounded, as the announce
+                await self.node_up()
+        except Exception as exc:  # retried on the next pass
+            self.metrics.errors.labels("node_condition").inc()
+            problem = (
+                f"timed out after {ANNOUNCE_TIMEOUT:g}s"
+                if isinstance(exc, TimeoutError)
+                else str(exc) or type(exc).__name__
+            )
+            if problem != self._node_up_error:  # once per distinct problem, not every pass
+                log.warning(
+                    "overlay %s: could not mark node %s's network as up "
+                    "(NetworkUnavailable=False): %s; retrying on every pass",
+                    self.config.backend,
+                    self.config.node_name,
+                    problem,
+                )
+            self._node_up_error = problem
+            return
+        self._node_up_done = True
+        self._node_up_error = ""
+        log.info(
+            "overlay %s: node %s's network marked as up (routes programmed)",
+            self.config.backend,
+            self.config.node_name,
+        )
 
     async def _announce(self, own: tuple[str, str]) -> None:
         assert self.announce is not None

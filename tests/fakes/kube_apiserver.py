@@ -14,10 +14,13 @@ What it implements, as kube-apiserver does it:
 - compaction: a watch from a compacted resourceVersion gets an ERROR event whose object is a
   ``Status`` with code 410 (what the real server does), or HTTP 410 when
   ``faults.gone_as_http`` is set; a ``continue`` token older than the compaction gets HTTP 410;
-- ``Status`` bodies for every error; single-object GET; PATCH of nodes with
-  ``application/merge-patch+json`` or ``application/strategic-merge-patch+json`` (maps merge,
-  null deletes, lists replace; a ``metadata.resourceVersion`` in the patch is a precondition
-  that answers 409 Conflict when stale);
+- ``Status`` bodies for every error; single-object GET; PATCH of nodes and of their ``status``
+  subresource with ``application/merge-patch+json`` (RFC 7386: maps merge, null deletes,
+  lists replace) or ``application/strategic-merge-patch+json`` (the same, except the lists
+  Node declares with a patchMergeKey merge by it, as the real server merges them: see
+  :func:`strategic_merge_patch`); a patch of the node changes no ``status``, one of
+  ``status`` no ``spec``; a ``metadata.resourceVersion`` in the patch is a precondition that
+  answers 409 Conflict when stale;
 - fault hooks (:class:`Faults`): drop every open watch connection, stall watches (keep the
   connection, send nothing), fail the next N requests with 500, or answer 429 with Retry-After;
 - counters: lists and watches per resource, and the query of each.
@@ -253,6 +256,14 @@ class Faults:
     """Answer the next N PATCH requests with 409 Conflict."""
     hold_lists: list[str] = field(default_factory=list)
     """Lists of these resources wait (answer nothing) until the name is removed."""
+    fail_node_patches: int = 0
+    """Refuse the next N PATCH requests of a node (not its status) with ``patch_fail_code``."""
+    fail_status_patches: int = 0
+    """Refuse the next N PATCH requests of a node's status with ``patch_fail_code``."""
+    patch_fail_code: int = 500
+    """500 (InternalError) or 403 (Forbidden: what a missing RBAC rule gets)."""
+    hold_status_patches: bool = False
+    """PATCH requests of a node's status wait (answer nothing) until cleared."""
 
 
 class FakeKubeAPIServer:
@@ -392,6 +403,8 @@ class FakeKubeAPIServer:
             r.add_get(prefix + "/{resource}/{name}", self._get_one)
             r.add_get(prefix + "/namespaces/{namespace}/{resource}/{name}", self._get_one)
             r.add_patch(prefix + "/{resource}/{name}", self._patch)
+            r.add_get(prefix + "/{resource}/{name}/{subresource}", self._get_one)
+            r.add_patch(prefix + "/{resource}/{name}/{subresource}", self._patch)
         r.add_post("/fake/objects", self._fake_objects)
         r.add_post("/fake/delete", self._fake_delete)
         r.add_post("/fake/compact", self._fake_compact)
@@ -499,6 +512,16 @@ class FakeKubeAPIServer:
             if r.short_names:
                 entry["shortNames"] = list(r.short_names)
             resources.append(entry)
+            if r.name == "nodes":
+                resources.append(
+                    {
+                        "name": "nodes/status",
+                        "singularName": "",
+                        "namespaced": False,
+                        "kind": "Node",
+                        "verbs": ["get", "patch"],
+                    }
+                )
         return web.json_response(
             {
                 "kind": "APIResourceList",
@@ -518,8 +541,16 @@ class FakeKubeAPIServer:
             raise APIError(404, "NotFound", "the server could not find the requested resource")
         return resource
 
+    def _subresource(self, request: web.Request, resource: ResourceType) -> str:
+        """ "" for the object itself, "status" for a node's status subresource; others 404."""
+        subresource = request.match_info.get("subresource", "")
+        if subresource and (resource.name, subresource) != ("nodes", "status"):
+            raise APIError(404, "NotFound", "the server could not find the requested resource")
+        return subresource
+
     async def _get_one(self, request: web.Request) -> web.Response:
         resource = self._resource(request)
+        self._subresource(request, resource)
         namespace = request.match_info.get("namespace", "")
         name = request.match_info["name"]
         obj = self.objects[resource.name].get((namespace, name))
@@ -531,6 +562,10 @@ class FakeKubeAPIServer:
         resource = self._resource(request)
         if resource.name != "nodes":
             raise APIError(405, "MethodNotAllowed", "only nodes can be patched here")
+        subresource = self._subresource(request, resource)
+        while subresource and self.faults.hold_status_patches:  # noqa: ASYNC110 - a test hook
+            await asyncio.sleep(0.02)
+        self._patch_fault(subresource, request.match_info["name"])
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
         if content_type not in (
             "application/merge-patch+json",
@@ -562,10 +597,36 @@ class FakeKubeAPIServer:
                 f'Operation cannot be fulfilled on nodes "{name}": the object has been modified; '
                 "please apply your changes to the latest version and try again",
             )
-        merged = merge_patch(copy.deepcopy(current), patch)
-        merged["metadata"].pop("resourceVersion", None)
+        if content_type == "application/strategic-merge-patch+json":
+            merged = strategic_merge_patch(copy.deepcopy(current), patch)
+        else:
+            merged = merge_patch(copy.deepcopy(current), patch)
+        # As the node registry's strategies do: the object's endpoint keeps the status, the
+        # status subresource keeps the spec.
+        kept = "spec" if subresource == "status" else "status"
+        merged.pop(kept, None)
+        if kept in current:
+            merged[kept] = copy.deepcopy(current[kept])
+        merged.setdefault("metadata", {}).pop("resourceVersion", None)
         merged["kind"] = "Node"
         return web.json_response(self.put(merged))
+
+    def _patch_fault(self, subresource: str, name: str) -> None:
+        faults = self.faults
+        attribute = "fail_status_patches" if subresource else "fail_node_patches"
+        if getattr(faults, attribute) <= 0:
+            return
+        setattr(faults, attribute, getattr(faults, attribute) - 1)
+        if faults.patch_fail_code == 403:
+            what = "nodes/status" if subresource else "nodes"
+            raise APIError(
+                403,
+                "Forbidden",
+                f'nodes "{name}" is forbidden: User "system:serviceaccount:kube-system:'
+                f'node-services" cannot patch resource "{what}" in API group "" at the '
+                "cluster scope",
+            )
+        raise APIError(faults.patch_fail_code, "InternalError", "injected patch failure")
 
     async def _collection(self, request: web.Request) -> web.StreamResponse:
         resource = self._resource(request)
@@ -854,6 +915,94 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return target
 
 
+# Lists of a Node the API declares with ``patchStrategy:"merge"`` and this patchMergeKey
+# (k8s.io/api/core/v1 and meta/v1 types.go); every other list is replaced by a strategic merge
+# patch.
+NODE_MERGE_KEYS: dict[tuple[str, ...], str] = {
+    ("status", "conditions"): "type",
+    ("status", "addresses"): "type",
+    ("metadata", "ownerReferences"): "uid",
+}
+
+
+def strategic_merge_patch(
+    target: Any,
+    patch: Any,
+    merge_keys: Mapping[tuple[str, ...], str] = NODE_MERGE_KEYS,
+    path: tuple[str, ...] = (),
+) -> Any:
+    """A strategic merge patch as apimachinery's strategicpatch applies it to a Node: maps
+    merge (null deletes a key; ``$patch: replace`` / ``delete`` directives), lists with a
+    merge key merge item by item (``$patch: delete`` items remove theirs), other lists
+    replace. A merged list is ordered as ``normalizeElementOrder`` orders it: an item already
+    on the server keeps its place among the server's items, a new one goes in front of them
+    (which is why flannel's NetworkUnavailable is listed first by ``kubectl describe node``)."""
+    if not isinstance(patch, dict):
+        return patch
+    directive = patch.get("$patch")
+    if directive == "delete":
+        return None
+    if directive == "replace" or not isinstance(target, dict):
+        target = {}
+    for key, value in patch.items():
+        if key.startswith("$"):  # directives ($patch, $setElementOrder/...): not data
+            continue
+        here = (*path, key)
+        if value is None:
+            target.pop(key, None)
+            continue
+        if isinstance(value, list) and here in merge_keys:
+            merged = _merge_list(target.get(key) or [], value, merge_keys[here])
+        else:
+            merged = strategic_merge_patch(target.get(key), value, merge_keys, here)
+        if merged is None:
+            target.pop(key, None)
+        else:
+            target[key] = merged
+    return target
+
+
+def _merge_list(server: list[Any], patch: list[Any], key: str) -> list[Any]:
+    """Merge a list of maps by ``key`` (mergeSlice + normalizeElementOrder)."""
+
+    def ident(item: Any) -> Any:
+        return item.get(key) if isinstance(item, dict) else item
+
+    def directive(item: Any) -> Any:
+        return item.get("$patch") if isinstance(item, dict) else None
+
+    if any(directive(item) == "replace" for item in patch):
+        return [item for item in patch if directive(item) is None]
+    deleted = {ident(item) for item in patch if directive(item) == "delete"}
+    server = [item for item in server if ident(item) not in deleted]
+    order = [ident(item) for item in server]
+    patched: list[Any] = []
+    seen: set[Any] = set()
+    for item in patch:
+        if directive(item) is not None or ident(item) in seen:
+            continue
+        seen.add(ident(item))
+        base = next((s for s in server if ident(s) == ident(item)), None)
+        patched.append(strategic_merge_patch(copy.deepcopy(base), item) if base else item)
+    server_only = [item for item in server if ident(item) not in seen]
+    # mergeSortedSlice: the server-only item goes first only when the patched one is on the
+    # server too, further down.
+    merged: list[Any] = []
+    i = j = 0
+    while i < len(server_only) or j < len(patched):
+        if j < len(patched) and (
+            i >= len(server_only)
+            or ident(patched[j]) not in order
+            or order.index(ident(patched[j])) < order.index(ident(server_only[i]))
+        ):
+            merged.append(patched[j])
+            j += 1
+        else:
+            merged.append(server_only[i])
+            i += 1
+    return merged
+
+
 @dataclass
 class ThreadedServer:
     """A fake API server on its own event loop in a thread; ``call`` runs code on that loop."""
@@ -929,4 +1078,5 @@ __all__ = [
     "merge_patch",
     "serve_in_thread",
     "status_body",
+    "strategic_merge_patch",
 ]

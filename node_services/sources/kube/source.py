@@ -1,4 +1,5 @@
-"""The Kubernetes source: one reflector per resource, metrics, and this node's annotation writes.
+"""The Kubernetes source: one reflector per resource, metrics, and this node's own writes
+(annotations, status conditions).
 
 Each reflector is its own store source (``kubernetes:namespaces``, ``kubernetes:nodes``,
 ``kubernetes:services``, ``kubernetes:endpointslices``, ``kubernetes:pods``), registered when
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -186,3 +188,42 @@ class KubeSource:
                 raise
             return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def set_node_condition(
+        self,
+        kind: str,
+        status: str,
+        reason: str,
+        message: str,
+        *,
+        node_name: str | None = None,
+    ) -> bool:
+        """Set one status condition of this node, as flannel and the cloud route controller set
+        ``NetworkUnavailable``: a strategic merge patch of ``/status`` (conditions merge by
+        ``type``, so the kubelet's Ready, MemoryPressure, ... stay). False when the node already
+        has it with this status and reason (nothing sent). ``lastTransitionTime`` moves only
+        when the status changes."""
+        client = await self.client()
+        name = node_name or self.node_name
+        node = await client.get_json(f"/api/v1/nodes/{name}")
+        conditions = (node.get("status") or {}).get("conditions") or []
+        current = next(
+            (c for c in conditions if isinstance(c, dict) and c.get("type") == kind), None
+        )
+        if current and current.get("status") == status and current.get("reason") == reason:
+            return False
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        transition = now
+        if current and current.get("status") == status and current.get("lastTransitionTime"):
+            transition = str(current["lastTransitionTime"])
+        condition = {
+            "type": kind,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": transition,
+            "lastHeartbeatTime": now,
+        }
+        patch = {"status": {"conditions": [condition]}}
+        await client.patch_json(f"/api/v1/nodes/{name}/status", patch, STRATEGIC_MERGE_PATCH)
+        return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -117,6 +118,46 @@ def test_kubectl_annotate_patches_the_node(api: ThreadedServer, tmp_path: Path) 
 
 
 @needs_kubectl
+def test_kubectl_patch_of_node_status_merges_conditions_by_type(
+    api: ThreadedServer, tmp_path: Path
+) -> None:
+    """kubectl's strategic merge patch of the status subresource (what flannel and our overlay
+    send) replaces or adds the named condition and keeps the kubelet's others; a new one
+    comes first, as on a real server; spec stays; a JSON merge patch replaces the list."""
+    up = {
+        "type": "NetworkUnavailable",
+        "status": "False",
+        "reason": "NodeServicesIsUp",
+        "message": "routes programmed",
+        "lastTransitionTime": "2026-01-02T03:04:05Z",
+        "lastHeartbeatTime": "2026-01-02T03:04:05Z",
+    }
+    before = api.call(lambda: copy.deepcopy(api.server.objects["nodes"][("", "node-a")]))
+    patch = {"status": {"conditions": [up]}, "spec": {"podCIDR": "10.99.0.0/24"}}
+    args = ("patch", "node", "node-a", "--subresource=status", "--type=strategic")
+    assert kubectl(tmp_path, *args, "-p", json.dumps(patch)) == "node/node-a patched\n"
+    node = json.loads(kubectl(tmp_path, "get", "node", "node-a", "-o", "json"))
+    conditions = node["status"]["conditions"]
+    assert conditions == [up, *before["status"]["conditions"]]
+    assert node["spec"] == before["spec"]  # the status subresource leaves the spec alone
+    assert [(m, p) for m, p, _ in api.server.requests if m == "PATCH"] == [
+        ("PATCH", "/api/v1/nodes/node-a/status")
+    ]
+    down = {**up, "status": "True", "reason": "NoRouteCreated"}
+    kubectl(tmp_path, *args, "-p", json.dumps({"status": {"conditions": [down]}}))
+    node = json.loads(kubectl(tmp_path, "get", "node", "node-a", "-o", "json"))
+    assert node["status"]["conditions"] == [down, *before["status"]["conditions"]]
+    # The node's own endpoint does not change its status.
+    kubectl(tmp_path, "patch", "node", "node-a", "-p", json.dumps({"status": {"conditions": []}}))
+    node = json.loads(kubectl(tmp_path, "get", "node", "node-a", "-o", "json"))
+    assert len(node["status"]["conditions"]) == 5
+    merge = ("patch", "node", "node-a", "--subresource=status", "--type=merge")
+    kubectl(tmp_path, *merge, "-p", json.dumps({"status": {"conditions": [up]}}))
+    node = json.loads(kubectl(tmp_path, "get", "node", "node-a", "-o", "json"))
+    assert node["status"]["conditions"] == [up]
+
+
+@needs_kubectl
 def test_kubectl_watch_sees_events(api: ThreadedServer, tmp_path: Path) -> None:
     assert KUBECTL is not None
     env = {"HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "kubeconfig")}
@@ -210,6 +251,7 @@ def test_kubernetes_models_deserialize_discovery_and_status(api: ThreadedServer)
     assert {r.name: r.namespaced for r in core.resources} == {
         "namespaces": False,
         "nodes": False,
+        "nodes/status": False,
         "services": True,
         "pods": True,
     }
