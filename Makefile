@@ -41,20 +41,12 @@ run: $(STAMP)
 		--upstream $(RUN_UPSTREAM)
 
 test-deps:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		missing=""; for p in $(DEBIAN_TEST_PACKAGES); do \
-			dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
-		done; \
-		if [ -n "$$missing" ]; then \
-			echo "apt-get install:$$missing"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-		fi; \
-		if ! command -v kubectl >/dev/null; then \
-			echo "apt-get install: $(KUBECTL_PACKAGE)"; apt-get update -qq; \
-			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(KUBECTL_PACKAGE) >/dev/null || \
-				echo "no kubectl: the kubectl tests skip with a reason"; \
-		fi; \
-	else echo "not root: skipping apt-get; tests needing Debian tools skip with a reason"; fi
+	@bash .ci/apt-install $(DEBIAN_TEST_PACKAGES)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v kubectl >/dev/null; then \
+		echo "apt-get install: $(KUBECTL_PACKAGE)"; apt-get update -qq; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(KUBECTL_PACKAGE) >/dev/null || \
+			echo "no kubectl: the kubectl tests skip with a reason"; \
+	fi
 
 test: $(STAMP) test-deps
 	$(BIN)/pytest -q
@@ -70,15 +62,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix node_services tests bench
 
 bench-deps:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		missing=""; for p in $(DEBIAN_BENCH_PACKAGES); do \
-			dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
-		done; \
-		if [ -n "$$missing" ]; then \
-			echo "apt-get install:$$missing"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-		fi; \
-	else echo "not root: skipping apt-get; benchmarks needing Debian tools skip that part"; fi
+	@bash .ci/apt-install $(DEBIAN_BENCH_PACKAGES)
 
 bench: $(STAMP) test-deps bench-deps
 	$(BIN)/python -m bench
