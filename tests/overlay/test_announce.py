@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -31,13 +32,13 @@ from node_services.sources.kube.source import KubeSource
 from node_services.state.store import Store
 
 
-async def test_kubernetes_node_gets_its_vtep_mac_and_public_ip_annotations(
-    tmp_path: Path,
-) -> None:
-    node = yaml.safe_load((FIXTURES / "kube" / "node.yaml").read_text())
-    node["metadata"]["annotations"] = {"node.alpha.kubernetes.io/ttl": "0"}
+@contextlib.asynccontextmanager
+async def synced_kube_source(
+    tmp_path: Path, node: dict[str, Any]
+) -> AsyncIterator[tuple[FakeKubeAPIServer, Store, KubeSource]]:
+    """``node`` on the test API server and the real Kubernetes source synced from it."""
     server = await FakeKubeAPIServer().start()
-    server.put(copy.deepcopy(node))
+    server.put(node)
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(server.kubeconfig())
     store = Store()
@@ -51,6 +52,20 @@ async def test_kubernetes_node_gets_its_vtep_mac_and_public_ip_annotations(
     task = asyncio.create_task(source.run())
     try:
         await wait_until(lambda: store.snapshot.all_synced and store.snapshot.hosts, what="sync")
+        yield server, store, source
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await server.stop()
+
+
+async def test_kubernetes_node_gets_its_vtep_mac_and_public_ip_annotations(
+    tmp_path: Path,
+) -> None:
+    node = yaml.safe_load((FIXTURES / "kube" / "node.yaml").read_text())
+    node["metadata"]["annotations"] = {"node.alpha.kubernetes.io/ttl": "0"}
+    async with synced_kube_source(tmp_path, copy.deepcopy(node)) as (server, store, source):
         kernel = FakeKernel(networks=("192.168.10.0/24",))
         overlay = OverlayReconciler(
             store, OverlayConfig("vxlan", "node-a"), CollectorRegistry(), kernel
@@ -76,11 +91,6 @@ async def test_kubernetes_node_gets_its_vtep_mac_and_public_ip_annotations(
         assert patches == ["/api/v1/nodes/node-a"]
         assert await overlay.reconcile_once() is True  # nothing changed: no second patch
         assert [p for m, p, _ in server.requests if m == "PATCH"] == patches
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await server.stop()
 
 
 # -- NetworkUnavailable ------------------------------------------------------------------------
@@ -96,21 +106,7 @@ async def kube_overlay(
     a reconciler with the daemon's two hooks (annotations, then the node condition)."""
     node = yaml.safe_load((FIXTURES / "kube" / "node.yaml").read_text())
     node["status"]["conditions"] = [*(conditions or []), *node["status"]["conditions"]]
-    server = await FakeKubeAPIServer().start()
-    server.put(node)
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(server.kubeconfig())
-    store = Store()
-    source = KubeSource(
-        store,
-        kubeconfig=kubeconfig,
-        connection=await load_connection(kubeconfig),
-        node_name="node-a",
-        backoff=(0.02, 0.2),
-    )
-    task = asyncio.create_task(source.run())
-    try:
-        await wait_until(lambda: store.snapshot.all_synced and store.snapshot.hosts, what="sync")
+    async with synced_kube_source(tmp_path, node) as (server, store, source):
         registry = CollectorRegistry()
         overlay = OverlayReconciler(
             store,
@@ -121,11 +117,6 @@ async def kube_overlay(
         overlay.announce = node_annotator(source)
         overlay.node_up = node_network_marker(source)
         yield server, overlay, registry
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await server.stop()
 
 
 def stored_conditions(server: FakeKubeAPIServer) -> list[dict[str, str]]:

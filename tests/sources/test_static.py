@@ -471,21 +471,28 @@ def _serving(node: DaemonProcess, metadata: str) -> tuple[list[str], int, str, t
     )
 
 
-def test_daemon_keeps_serving_through_hostile_and_empty_snapshots(
-    daemon: Callable[..., DaemonProcess], tmp_path: Path
-) -> None:
+def _demo_daemon(
+    daemon: Callable[..., DaemonProcess], tmp_path: Path, *, poll_interval: str
+) -> tuple[Path, DaemonProcess, str]:
+    """A daemon serving a copy of the demo snapshot, ready: (the file, it, its metadata URL)."""
     path = tmp_path / "snap.yaml"
     shutil.copy(DEMO_SNAPSHOT, path)
     port = free_port()
-    metadata = f"http://127.0.0.1:{port}"
     node = daemon(
         "--snapshot",
         str(path),
         "--metadata-listen",
         f"127.0.0.1:{port}",
-        env={"NODE_SERVICES_SNAPSHOT_POLL_INTERVAL": "0.05"},
+        env={"NODE_SERVICES_SNAPSHOT_POLL_INTERVAL": poll_interval},
     )
     node.wait_for(lambda: node.get("/readyz")[0] == 200, what="readiness")
+    return path, node, f"http://127.0.0.1:{port}"
+
+
+def test_daemon_keeps_serving_through_hostile_and_empty_snapshots(
+    daemon: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    path, node, metadata = _demo_daemon(daemon, tmp_path, poll_interval="0.05")
     good = _serving(node, metadata)
     assert good[0] == ["10.43.87.21"]
     assert good[1:3] == (200, "0=kubernetes\n1=kube-dns\n2=cart\n3=frontend\n4=payments\n5=nginx\n")
@@ -523,18 +530,7 @@ def test_daemon_answers_while_a_snapshot_is_rewritten_in_place(
 ) -> None:
     # `kubectl get ... > snapshot.yaml`: the shell truncates the file, kubectl takes its time
     # (about 1 s measured), then writes. The empty file in between must not blank anything.
-    path = tmp_path / "snap.yaml"
-    shutil.copy(DEMO_SNAPSHOT, path)
-    port = free_port()
-    metadata = f"http://127.0.0.1:{port}"
-    node = daemon(
-        "--snapshot",
-        str(path),
-        "--metadata-listen",
-        f"127.0.0.1:{port}",
-        env={"NODE_SERVICES_SNAPSHOT_POLL_INTERVAL": "0.02"},
-    )
-    node.wait_for(lambda: node.get("/readyz")[0] == 200, what="readiness")
+    path, node, metadata = _demo_daemon(daemon, tmp_path, poll_interval="0.02")
     good = _serving(node, metadata)
     rejected = f'node_services_source_rejected_loads_total{{reason="empty",source="static:{path}"}}'
     with path.open("w") as out:  # truncates, as the shell does
