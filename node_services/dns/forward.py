@@ -290,15 +290,21 @@ class Forwarder:
             raise UpstreamError(f"upstream rcode {rcode}")
 
     async def _tcp(self, query: bytes, upstream: Upstream, question: Question) -> bytes:
-        async with asyncio.timeout(self.timeout):
-            reader, writer = await asyncio.open_connection(*upstream)
-            try:
-                writer.write(len(query).to_bytes(2, "big") + query)
-                await writer.drain()
-                size = int.from_bytes(await reader.readexactly(2), "big")
-                response = await reader.readexactly(size)
-            finally:
-                writer.close()
+        # marked as ours like the UDP try, so a TCP retry that loops back is known at once
+        marker = (int.from_bytes(query[0:2], "big"), question.lname, question.qtype)
+        self._ours.add(marker)
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_connection(*upstream)
+                try:
+                    writer.write(len(query).to_bytes(2, "big") + query)
+                    await writer.drain()
+                    size = int.from_bytes(await reader.readexactly(2), "big")
+                    response = await reader.readexactly(size)
+                finally:
+                    writer.close()
+        finally:
+            self._ours.discard(marker)
         if response[0:2] != query[0:2]:
             raise UpstreamError("TCP answer with another ID")
         if not question.asked_by(response):

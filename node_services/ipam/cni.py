@@ -38,7 +38,7 @@ from node_services.ipam.tables import Owner, Transaction
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs the plugin's start-up an import
-    from typing import Any, Final
+    from typing import Any, Final, TypeGuard
 
 SUPPORTED_VERSIONS: Final = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST: Final = "1.1.0"
@@ -83,6 +83,12 @@ def _valid_container_id(value: str) -> bool:
     r"""The spec's ``^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`` (whole string; no :mod:`re`, which costs the
     plugin's start-up several milliseconds)."""
     return bool(value) and value[0] in _ID_FIRST and all(c in _ID_REST for c in value)
+
+
+def _is_path(value: object) -> TypeGuard[str]:
+    """A usable path: text with no NUL (the OS call would fail with a bare ValueError) and
+    no lone surrogate (it would fail with UnicodeEncodeError)."""
+    return isinstance(value, str) and "\x00" not in value and _encodable(value)
 
 
 def _encodable(text: str) -> bool:
@@ -230,8 +236,7 @@ def parse_request(environ: dict[str, str] | os._Environ[str], stdin: bytes) -> R
 
 def data_dir(request: Request) -> str:
     value = request.config["ipam"].get("dataDir", DEFAULT_DATA_DIR)
-    # (a NUL byte cannot be in a path: the OS call would fail with a bare ValueError)
-    if not isinstance(value, str) or not value or "\x00" in value:
+    if not value or not _is_path(value):
         raise CNIError(
             INVALID_CONFIG, "ipam.dataDir must be a directory path", cnijson.brief(value)
         )
@@ -340,7 +345,7 @@ def dns(request: Request) -> dict[str, Any] | None:
     path = request.config["ipam"].get("resolvConf")
     if not path:
         return None
-    if not isinstance(path, str) or "\x00" in path:
+    if not _is_path(path):
         raise CNIError(INVALID_CONFIG, "ipam.resolvConf must be a file path", cnijson.brief(path))
     try:
         with open(path, encoding="utf-8") as file:

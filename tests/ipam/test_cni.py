@@ -341,7 +341,9 @@ CONFIG_ERRORS = [
     ({"routes": [{"gw": "10.0.0.1"}]}, 7, "ipam.routes[0]: needs dst (a CIDR)"),
     ({"dataDir": 5}, 7, "ipam.dataDir must be a directory path"),
     ({"dataDir": "/tmp/ipam\x00data"}, 7, "ipam.dataDir must be a directory path"),
+    ({"dataDir": "/tmp/ipam\ud800"}, 7, "ipam.dataDir must be a directory path"),
     ({"resolvConf": ["/etc/resolv.conf"]}, 7, "ipam.resolvConf must be a file path"),
+    ({"resolvConf": "/etc/\ud800"}, 7, "ipam.resolvConf must be a file path"),
     *(
         ({"lockTimeout": bad}, 7, "ipam.lockTimeout must be a number of seconds from 0 to 600")
         for bad in (float("nan"), float("inf"), float("-inf"), 1e308, 600.5, -1, "5", True)
