@@ -14,7 +14,6 @@ import gc
 import logging
 import socket
 import struct
-import sys
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
@@ -38,8 +37,6 @@ TCP_WRITE_TIMEOUT: Final = 2.0
 TCP_MAX_QUEUED: Final = 64 << 10
 """Bytes of answers queued for one TCP client (in our buffer; the kernel's send buffer is
 capped alike) beyond which we wait for it to read, at most TCP_WRITE_TIMEOUT."""
-SWITCH_INTERVAL: Final = 0.0005
-"""Seconds a worker thread may hold the GIL while the event loop waits for it."""
 LARGE_CHANGE: Final = 1000
 """Changed keys (or records, on a first read) beyond which the zone is built whole in a worker
 thread and swapped in, instead of rebuilt in place on the event loop."""
@@ -259,10 +256,6 @@ class DnsServer:
 
     async def start(self, host: str, port: int) -> None:
         """Bind UDP and TCP on ``host:port`` (port 0 picks one; see :attr:`sockname`)."""
-        # While a worker thread builds (a zone, a snapshot, a parsed file), the loop waits
-        # for the GIL up to the switch interval on every wake-up: 5 ms by default, too much
-        # of a DNS answer's budget. Switching costs nothing when no other thread runs.
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self.catch_up()
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -11,7 +11,6 @@ routes of a working node. Kernel work runs in a worker thread, never on the even
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import platform
 import time
@@ -46,7 +45,7 @@ from node_services.overlay.netlink import (
     OverlayError,
     describe,
 )
-from node_services.state.store import Snapshot, Store
+from node_services.state.store import Snapshot, Store, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +200,6 @@ class OverlayReconciler:
     """True once a pass has gone through (readiness waits for it)."""
     passes: int = 0
     last_problem: str = "not reconciled yet"
-    mtu: int = 0
-    """The overlay device's MTU after the last pass (0 before one / for host-gw: underlay's)."""
     announce: Announce | None = None
     """Called with (VTEP MAC, underlay address) once this node's device is set up and again
     whenever they change: the Kubernetes source writes them as this node's annotations."""
@@ -237,11 +234,27 @@ class OverlayReconciler:
         try:
             while True:
                 await self.reconcile_once()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(subscription.next(), timeout=self.config.interval)
+                await self._wait_for_hosts(subscription)
         finally:
             subscription.close()
             self.kernel.close()  # closes a socket: does not block
+
+    async def _wait_for_hosts(self, subscription: Subscription) -> None:
+        """Until a change the overlay reads (hosts, sync flags) or ``interval`` seconds: a pod
+        or endpoint event costs no pass (one pass dumps the kernel's links, routes and
+        neighbours). A host map left unchanged is the same object (FrozenMap.evolve)."""
+        seen = self.store.snapshot
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.interval
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                async with asyncio.timeout(remaining):
+                    await subscription.next()
+            except TimeoutError:
+                return
+            now = self.store.snapshot
+            if now.hosts is not seen.hosts or dict(now.synced) != dict(seen.synced):
+                return
 
     async def reconcile_once(self) -> bool:
         """One pass; True when it went through."""
@@ -269,7 +282,6 @@ class OverlayReconciler:
             self.metrics.seconds.observe(time.perf_counter() - started)
         self._report(result)
         self.passes += 1
-        self.mtu = result.mtu
         if not self.reconciled:
             log.info(
                 "overlay %s: first reconcile done: %d peer(s), %d change(s), MTU %d",

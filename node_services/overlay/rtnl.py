@@ -27,7 +27,6 @@ RTM_DELNEIGH: Final = 29
 RTM_GETNEIGH: Final = 30
 
 NLM_F_REQUEST: Final = 0x1
-NLM_F_MULTI: Final = 0x2
 NLM_F_ACK: Final = 0x4
 NLM_F_DUMP: Final = 0x300
 NLM_F_REPLACE: Final = 0x100
@@ -40,7 +39,6 @@ RTA_GATEWAY: Final = 5
 RTA_TABLE: Final = 15
 RTN_UNICAST: Final = 1
 RT_SCOPE_UNIVERSE: Final = 0
-RT_SCOPE_LINK: Final = 253
 RTNH_F_ONLINK: Final = 4
 
 NDA_DST: Final = 1

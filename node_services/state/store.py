@@ -13,7 +13,7 @@ shows again if the winner drops it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, TypeAlias
@@ -38,6 +38,8 @@ from node_services.state.records import (
 )
 
 _NO_KEYS: Final[tuple[str, ...]] = ()
+OFF_LOOP_REPLACE: Final = 1000
+"""Records below which :meth:`Store.replace_async` merges on the loop, as :meth:`replace`."""
 
 _Changed: TypeAlias = dict[str, tuple[Record | None, Record | None]]
 """Key -> (new record or None when gone, record in the current snapshot or None)."""
@@ -242,24 +244,29 @@ class Store:
         """
         self.register(source)
         old = self._by_source[source]
-        new: dict[str, Record] = {}
-        for record in records:
-            new[record.key] = record
+        new = _by_key(records)
         self._by_source[source] = new
-        touched = {key for key in old if key not in new}
-        touched.update(key for key, record in new.items() if old.get(key) is not record)
+        touched = _touched(old, new)
         synced_changed = self._synced[source] != synced
         self._synced[source] = synced
         return self._publish(self._merge(touched), synced_changed=synced_changed)
 
     async def replace_async(
-        self, source: str, records: Iterable[Record], *, synced: bool = True
+        self,
+        source: str,
+        records: Iterable[Record],
+        *,
+        synced: bool = True,
+        min_records: int = OFF_LOOP_REPLACE,
     ) -> int:
         """:meth:`replace` for a large content: the new snapshot is computed in a worker
         thread (a 68k-service file costs the loop ~1 s otherwise) and published here, on the
         loop, so readers never see a half-made one. Computed against the snapshot current
         when it starts; if another write lands meanwhile it is computed again (after three
         tries, here, as :meth:`replace` does)."""
+        records = records if isinstance(records, Collection) else tuple(records)
+        if len(records) < min_records:  # two thread hops would cost more than they save
+            return self.replace(source, records, synced=synced)
         self.register(source)
         new = await asyncio.to_thread(_by_key, records)
         for _ in range(3):
@@ -370,6 +377,13 @@ def _by_key(records: Iterable[Record]) -> dict[str, Record]:
     return {record.key: record for record in records}
 
 
+def _touched(old: Mapping[str, Record], new: Mapping[str, Record]) -> set[str]:
+    """Keys a source's content change may affect: gone, new or replaced records."""
+    touched = {key for key in old if key not in new}
+    touched.update(key for key, record in new.items() if old.get(key) is not record)
+    return touched
+
+
 def _plan_replace(
     base: Snapshot,
     old: Mapping[str, Record],
@@ -379,9 +393,7 @@ def _plan_replace(
 ) -> tuple[_Changed, Snapshot | None]:
     """What :meth:`Store.replace` computes, from arguments only (so a worker thread can):
     the merged changes and the snapshot to publish (None: nothing changed)."""
-    touched = {key for key in old if key not in new}
-    touched.update(key for key, record in new.items() if old.get(key) is not record)
-    changed = _merge(base, sources, touched)
+    changed = _merge(base, sources, _touched(old, new))
     if not changed and synced == dict(base.synced):
         return changed, None
     return changed, _evolve(base, changed, synced)

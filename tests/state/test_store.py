@@ -316,12 +316,14 @@ async def test_replace_async_publishes_what_replace_would() -> None:
     changes.poll()
     for records in (first, second, []):
         sync.replace("s", records)
-        version = await threaded.replace_async("s", records)
+        version = await threaded.replace_async("s", records, min_records=0)
         assert version == threaded.version == sync.version
         assert _content(threaded) == _content(sync)
         polled = changes.poll()
         assert polled is not None and "k8s:Service/default/web" in polled.keys
-    assert await threaded.replace_async("s", []) == threaded.version  # nothing changed
+    assert (
+        await threaded.replace_async("s", [], min_records=0) == threaded.version
+    )  # nothing changed
 
 
 async def test_replace_async_computes_again_when_a_write_lands_meanwhile() -> None:

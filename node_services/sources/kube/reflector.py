@@ -43,9 +43,6 @@ log = logging.getLogger(__name__)
 
 SOURCE_PREFIX: Final = "kubernetes:"
 MAX_BATCH_BYTES: Final = 4 << 20
-_OFF_LOOP_REPLACE: Final = 1000
-"""A relist of at least this many records is merged into the store in a worker thread
-(:meth:`Store.replace_async`), so DNS and metadata keep answering meanwhile."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,10 +256,7 @@ class Reflector:
             await asyncio.sleep(0)  # let the servers answer between pages
         if not resource_version:
             raise KubeAPIError(200, "BadBody", f"{self.resource.path}: no resourceVersion")
-        if len(records) >= _OFF_LOOP_REPLACE:
-            await self.store.replace_async(self.source, records)  # a big relist: off the loop
-        else:
-            self.store.replace(self.source, records)
+        await self.store.replace_async(self.source, records)  # a big relist merges off the loop
         self.resource_version = resource_version
         self.lists += 1
         seconds = time.perf_counter() - started
@@ -389,7 +383,10 @@ class Reflector:
             self.metrics.invalid(self.resource.name)
             self.rejections.rejected_object(self.source)
             log.error(
-                "%s: skipped invalid object %s: %s", self.source, self._ref(obj), outcome.reason
+                "%s: skipped invalid object %s: %s",
+                self.source,
+                translate.object_ref(obj),
+                outcome.reason,
             )
             return []
         return outcome
@@ -400,8 +397,3 @@ class Reflector:
         except UnsupportedObject as exc:
             log.debug("%s: skipped %s", self.source, exc)
             return []
-
-    def _ref(self, obj: dict[str, Any]) -> str:
-        """``Kind namespace/name`` of an object, as far as it can tell."""
-        outcome = guarded(lambda: translate.object_ref(obj), what="")
-        return outcome if isinstance(outcome, str) else self.resource.kind

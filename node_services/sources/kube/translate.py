@@ -8,7 +8,6 @@ malformed object raises :class:`TranslateError` naming it; another kind raises
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -205,7 +204,7 @@ def _quantity(ref: str, path: str, value: Any, *, milli: bool = False) -> int:
                 units = float(raw)
     except ValueError:
         raise TranslateError(ref, f"{path}: {raw!r} is not a quantity") from None
-    if not math.isfinite(units) or not 0 <= units <= _QUANTITY_MAX:  # "nan", "inf", "-1", "1e400"
+    if not 0 <= units <= _QUANTITY_MAX:  # also false for "nan"; refuses "inf", "-1", "1e400"
         raise TranslateError(ref, f"{path}: {raw!r} is not a quantity between 0 and 2^63")
     return int(units * 1000) if milli else int(units)
 
