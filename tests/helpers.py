@@ -21,10 +21,31 @@ FIXTURES = ROOT / "tests" / "fixtures"
 DEMO_SNAPSHOT = ROOT / "demo" / "snapshot.yaml"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A loopback port free for TCP and UDP, never one this test run handed out before.
+
+    The kernel may give the same ephemeral port to two binds in a row once the first socket is
+    closed, so a test asking for three ports could get one twice without the memory here.
+    """
+    for _ in range(1000):
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+        ):
+            tcp.bind((host, 0))
+            port = int(tcp.getsockname()[1])
+            if port in _HANDED_OUT:
+                continue
+            try:
+                udp.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port on {host} after 1000 tries")
 
 
 def http_get(url: str, timeout: float = 5) -> tuple[int, str]:
