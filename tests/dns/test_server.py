@@ -242,7 +242,7 @@ def test_a_fresh_tcp_query_is_answered_while_256_clients_never_read(
             attackers.append(sock)
         elapsed, out = _timed_dig_tcp(process.dns_port)
         assert out == ["10.43.0.20"]
-        assert elapsed < 1.0, f"dig +tcp took {elapsed:.2f} s"
+        assert elapsed < 1.5, f"dig +tcp took {elapsed:.2f} s"
         # The silent readers are cut off once their queue is full and 2 s pass.
         process.wait_for(
             lambda: (
@@ -279,7 +279,7 @@ def test_a_fresh_tcp_query_is_answered_while_256_clients_sit_idle(
         )
         elapsed, out = _timed_dig_tcp(process.dns_port)
         assert out == ["10.43.0.20"]
-        assert elapsed < 1.0, f"dig +tcp took {elapsed:.2f} s"
+        assert elapsed < 1.5, f"dig +tcp took {elapsed:.2f} s"
         evicted = process.metric('node_services_dns_tcp_closed_total{reason="evicted"}')
         assert evicted == "1.0"  # the oldest idle one made room; dig's own left with dig
         # The oldest idle connection was the one closed; the newest still works.

@@ -212,8 +212,9 @@ async def test_wait_for_change_wakes_within_milliseconds() -> None:
     await changer
     assert snapshot.version == since + 1
     assert snapshot.service("default", "web") is not None
-    # From the change, however late the loop ran the changer: within milliseconds.
-    assert 0 <= woke_at - changed_at[0] < 0.02
+    # From the change, however late the loop ran the changer: at once, not at a poll (the
+    # bound leaves room for the scheduler of a loaded CI machine, not for any timer).
+    assert 0 <= woke_at - changed_at[0] < 0.2
 
 
 async def test_wait_for_change_times_out_with_the_same_version() -> None:
@@ -223,7 +224,7 @@ async def test_wait_for_change_times_out_with_the_same_version() -> None:
     snapshot = await store.wait_for_change(store.version, timeout=0.2)
     elapsed = time.monotonic() - started
     assert snapshot.version == store.version
-    assert 0.19 < elapsed < 0.35
+    assert 0.19 < elapsed < 1.0
 
 
 async def test_wait_for_change_returns_at_once_when_already_changed() -> None:
