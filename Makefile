@@ -21,7 +21,7 @@ DEBIAN_BENCH_PACKAGES ?= iperf3
 # (installed only when no kubectl is on PATH: other kubectl packages own the same file).
 KUBECTL_PACKAGE ?= kubernetes-client
 
-.PHONY: run test test-deps bench-deps lint format bench clean
+.PHONY: run test test-deps bench-deps lint format bench clean docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format node_services tests bench
 	$(BIN)/ruff check --fix node_services tests bench
+
+# docs/configuration.md is generated from the Settings field docstrings (tests fail when stale).
+docs: $(STAMP)
+	$(BIN)/node-services check-config --keys --markdown > docs/configuration.md
 
 bench-deps:
 	@bash .ci/apt-install $(DEBIAN_BENCH_PACKAGES)

@@ -104,9 +104,10 @@ class Settings:
     on the entry count; memory is capped by dns_answer_cache_bytes. 0 disables it."""
 
     dns_answer_cache_bytes: int = 32 << 20
-    """Bytes the in-zone UDP answer cache may cost (query keys, answers and per-entry
-    overhead, ~300 bytes an entry for ordinary queries); started over when full. 32 MiB by
-    default; 0 disables the cache."""
+    """Bytes the in-zone UDP answer cache may cost: query keys (a client chooses their size,
+    up to 4 KB with EDNS options), answers and per-entry overhead (~300 bytes an entry for
+    ordinary queries); started over when full. 32 MiB by default (room for the 65,536 entries
+    of ordinary queries the entry cap allows); 0 disables the cache."""
 
     dns_negative_ttl_cap: int = 300
     """Longest time in seconds a negative upstream answer is cached (RFC 2308: the SOA
@@ -653,10 +654,15 @@ def reference_markdown(flags: Mapping[str, str] | None = None) -> str:
         "|---|---|---|---|---|",
     ]
     for f in fields(Settings):
-        flag = f"`{flags[f.name]}`" if f.name in flags else "—"
+        flag = "—"
+        if f.name in flags:
+            name, _, note = flags[f.name].partition(" ")
+            flag = f"`{name}` {note}".strip()
         meaning = docs.get(f.name, "").replace("|", "\\|")
         default = format_default(f.name).replace("|", "\\|")
-        rows.append(f"| `{f.name}` | `{env_name(f.name)}` | {flag} | `{default}` | {meaning} |")
+        if f.name not in _DEFAULT_TEXT and default != "(none)":
+            default = f"`{default}`"
+        rows.append(f"| `{f.name}` | `{env_name(f.name)}` | {flag} | {default} | {meaning} |")
     return REFERENCE_HEADER + "\n".join(rows) + "\n"
 
 
