@@ -234,11 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flag_names=_flag_labels(),
                 warnings=warnings,
             )
-            problems = warnings + unsupported(settings)
-            if problems:
+            problems = unsupported(settings)
+            if problems or warnings:
                 raise ConfigError(problems)
         except ConfigError as exc:
-            print(f"node-services: {exc}", file=sys.stderr)
+            # an unknown variable is a problem here: a checker says what run would ignore
+            print(f"node-services: {ConfigError(exc.problems + warnings)}", file=sys.stderr)
             return 1
         print(f"{config_file or 'environment and flags'}: ok")
         _print_settings(settings)

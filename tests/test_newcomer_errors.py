@@ -190,3 +190,42 @@ def test_ipam_plugin_help_is_on_stdout_and_succeeds() -> None:
 def test_readme_documents_the_exit_codes() -> None:
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert "exit status: 0 stopped cleanly (SIGTERM, SIGINT); 1 could not start" in readme
+
+
+def test_check_config_lists_unknown_variables_with_the_other_problems() -> None:
+    result = cli("check-config", "--dns-ttl", "soon", env={"NODE_SERVICES_COLOUR": "blue"})
+    assert result.returncode == 1
+    assert result.stderr == (
+        "node-services: invalid configuration:\n"
+        "  flags: --dns-ttl: 'soon' is not a whole number of seconds\n"
+        "  environment: unknown variable NODE_SERVICES_COLOUR; ignored\n"
+    )
+
+
+def test_readyz_says_why_a_kubernetes_source_has_not_synced(
+    daemon: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    # An API server address on loopback where nothing listens: every list fails to connect.
+    port = free_port()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        f"clusters: [{{name: k, cluster: {{server: 'http://127.0.0.1:{port}'}}}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\n"
+    )
+    node = daemon("--kubeconfig", str(kubeconfig))
+    node.wait_for(lambda: "last error" in node.get("/readyz")[1], what="a list error", timeout=30)
+    status, body = node.get("/readyz")
+    assert status == 503
+    lines = body.splitlines()
+    assert lines[0] == "not ready:"
+    resources = ["namespaces", "nodes", "services", "endpointslices", "pods"]
+    assert [line.split(" has not synced")[0] for line in lines[1:]] == [
+        f"  source kubernetes:{resource}" for resource in resources
+    ]
+    for line in lines[1:]:
+        assert (
+            f" has not synced: last error: ClientConnectorError: Cannot connect to host "
+            f"127.0.0.1:{port} "
+        ) in line, body
