@@ -229,3 +229,23 @@ def test_readyz_says_why_a_kubernetes_source_has_not_synced(
             f" has not synced: last error: ClientConnectorError: Cannot connect to host "
             f"127.0.0.1:{port} "
         ) in line, body
+
+
+def test_check_config_checks_the_daemonsets_arguments() -> None:
+    import yaml
+
+    documents = yaml.safe_load_all((ROOT / "deploy" / "daemonset.yaml").read_text())
+    (daemonset,) = [d for d in documents if d and d.get("kind") == "DaemonSet"]
+    (main,) = [
+        c
+        for c in daemonset["spec"]["template"]["spec"]["containers"]
+        if c["name"] == "node-services"
+    ]
+    assert main["args"][0] == "run"
+    result = cli("check-config", *main["args"][1:])
+    assert result.returncode == 0, result.stderr
+    assert "  dns_listen: 169.254.169.250:53\n" in result.stdout
+    broken = [*main["args"][1:], "--dns-listen", "169.254.169.250"]
+    result = cli("check-config", *broken)
+    assert result.returncode == 1
+    assert "flags: --dns-listen: '169.254.169.250': expected HOST:PORT" in result.stderr
