@@ -179,6 +179,11 @@ class Daemon:
         await self._start_metadata()
         for snapshot in self.snapshots:
             self.supervisor.start(snapshot.name, snapshot.run)
+        if not self.snapshots and self.kube is None and not self.settings.cattle_url:
+            log.warning(
+                "no sources (no snapshot file, no kubeconfig, not in a pod): the cache stays "
+                "empty and every cluster name answers NXDOMAIN"
+            )
         if self.kube is not None:
             self.supervisor.start("kubernetes", self.kube.run)
         self._start_ipam()

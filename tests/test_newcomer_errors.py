@@ -249,3 +249,13 @@ def test_check_config_checks_the_daemonsets_arguments() -> None:
     result = cli("check-config", *broken)
     assert result.returncode == 1
     assert "flags: --dns-listen: '169.254.169.250': expected HOST:PORT" in result.stderr
+
+
+def test_a_daemon_with_no_source_says_so(daemon: Callable[..., DaemonProcess]) -> None:
+    node = daemon()
+    node.wait_for(lambda: node.get("/readyz")[0] == 200, what="readiness")
+    node.wait_for(lambda: "no sources" in node.output(), what="the warning")
+    assert (
+        "WARNING node_services.app: no sources (no snapshot file, no kubeconfig, not in a pod): "
+        "the cache stays empty and every cluster name answers NXDOMAIN"
+    ) in node.output()
