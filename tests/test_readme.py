@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,7 +55,27 @@ def make_dry_run(**variables: str) -> list[str]:
 @pytest.fixture(scope="module")
 def make_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """The daemon of `make run` on free loopback ports: its addresses by service."""
-    addresses = {name: f"127.0.0.1:{free_port()}" for name in DEFAULTS}
+    tmp = tmp_path_factory.mktemp("make-run")
+    # Another process on this shared machine may take a port between free_port() and the
+    # daemon's bind (it then exits 1 naming the listener): start again on new ports.
+    for attempt in range(3):
+        addresses = {name: f"127.0.0.1:{free_port()}" for name in DEFAULTS}
+        log_path = tmp / f"daemon-{attempt}.log"
+        proc = _start(addresses, log_path)
+        if _wait_ready(proc, f"http://{addresses['admin']}/readyz", log_path):
+            break
+        assert "cannot start: " in log_path.read_text(), log_path.read_text()
+    else:
+        raise AssertionError(f"make run's daemon never started:\n{log_path.read_text()}")
+    try:
+        yield addresses
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def _start(addresses: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """The Makefile's own run command (from `make -n run`), on these addresses."""
     (command,) = [
         line
         for line in make_dry_run(
@@ -71,36 +92,31 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         name, _, value = words.pop(0).partition("=")
         env[name] = value
     assert words[0].endswith("/node-services"), words
-    log_path = tmp_path_factory.mktemp("make-run") / "daemon.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "node_services", *words[1:]],
             cwd=ROOT,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    try:
-        _wait_ready(proc, f"http://{addresses['admin']}/readyz", log_path)
-        yield addresses
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
-    import time
-
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> bool:
+    """True once /readyz says ok; False if the daemon exited first."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        assert proc.poll() is None, log_path.read_text()
+        if proc.poll() is not None:
+            return False
         try:
             if http_get(url, timeout=1)[0] == 200:
-                return
+                return True
         except OSError:
             pass
         time.sleep(0.05)
-    raise AssertionError(f"make run's daemon not ready:\n{log_path.read_text()}")
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"make run's daemon not ready in 30 s:\n{log_path.read_text()}")
 
 
 def on_ports(command: str, addresses: dict[str, str]) -> str:
