@@ -21,7 +21,7 @@ DEBIAN_BENCH_PACKAGES ?= iperf3
 # (installed only when no kubectl is on PATH: other kubectl packages own the same file).
 KUBECTL_PACKAGE ?= kubernetes-client
 
-.PHONY: run test test-deps bench-deps lint format bench clean
+.PHONY: run test test-deps bench-deps lint format bench clean docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,14 +29,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,lint]'
 	touch $(STAMP)
 
+RUN_DIG := dig @$(firstword $(subst :, ,$(RUN_DNS))) -p $(lastword $(subst :, ,$(RUN_DNS))) +short
+
+# The demo as node-a, quietly: no IPAM reconcile (nothing to manage on a laptop), no echo.
 run: $(STAMP)
-	@echo "node-services on loopback with $(RUN_SNAPSHOT). Try, in another shell:"
-	@echo "  curl -s http://$(RUN_ADMIN)/readyz"
-	@echo "  curl -s http://$(RUN_ADMIN)/metrics | grep ^node_services_"
-	@echo "  dig @$(firstword $(subst :, ,$(RUN_DNS))) -p $(lastword $(subst :, ,$(RUN_DNS))) frontend.shop.svc.cluster.local"
-	@echo "  curl -s http://$(RUN_METADATA)/latest/services ; curl -s http://$(RUN_METADATA)/latest/self/host/name"
-	@echo "  kill -HUP <pid> reloads the snapshot; Ctrl-C stops."
-	$(BIN)/node-services run --snapshot $(RUN_SNAPSHOT) --node-name node-a \
+	@echo "node-services: demo/snapshot.yaml as node-a on loopback. In another shell, try"
+	@echo "  $(RUN_DIG) frontend.shop.svc.cluster.local"
+	@echo "  curl -s --interface 127.0.0.2 http://$(RUN_METADATA)/latest/self/service/name"
+	@echo "  curl -s http://$(RUN_ADMIN)/metrics | grep ^node_services_store_records"
+	@echo "and the rest of README.md's \"Try it\". Ctrl-C stops."
+	@NODE_SERVICES_IPAM=off $(BIN)/node-services run --snapshot $(RUN_SNAPSHOT) --node-name node-a \
 		--dns-listen $(RUN_DNS) --metadata-listen $(RUN_METADATA) --admin-listen $(RUN_ADMIN) \
 		--upstream $(RUN_UPSTREAM)
 
@@ -60,6 +62,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format node_services tests bench
 	$(BIN)/ruff check --fix node_services tests bench
+
+# docs/configuration.md is generated from the Settings field docstrings (tests fail when stale).
+docs: $(STAMP)
+	$(BIN)/node-services check-config --keys --markdown > docs/configuration.md
 
 bench-deps:
 	@bash .ci/apt-install $(DEBIAN_BENCH_PACKAGES)

@@ -6,7 +6,7 @@ the services or sources beyond the narrow protocols below.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from aiohttp import web
@@ -31,6 +31,10 @@ class LoadStatus(Protocol):
 
 TaskProblems = Callable[[], list[str]]
 """Returns one line per supervised task that ended unexpectedly."""
+
+LastErrors = Callable[[], Mapping[str, str]]
+"""Returns source name -> why its last load failed (file unreadable, parse error, API
+unreachable ...), for the sources whose last attempt failed."""
 
 
 class _StoreCollector(Collector):
@@ -80,10 +84,15 @@ class _StoreCollector(Collector):
         yield info
 
 
-def readiness_problems(store: Store, task_problems: TaskProblems) -> list[str]:
-    """Why the daemon is not ready; empty when it is."""
+def readiness_problems(
+    store: Store, task_problems: TaskProblems, last_errors: LastErrors = dict
+) -> list[str]:
+    """Why the daemon is not ready; empty when it is. A source not synced says its last
+    error when it has one."""
+    errors = last_errors()
     problems = [
         f"source {name} has not synced"
+        + (f": last error: {errors[name]}" if name in errors else "")
         for name, synced in store.snapshot.synced.items()
         if not synced
     ]
@@ -97,6 +106,7 @@ def make_admin_app(
     loaders: Sequence[LoadStatus] = (),
     task_problems: TaskProblems = list,
     registry: CollectorRegistry | None = None,
+    last_errors: LastErrors = dict,
 ) -> web.Application:
     """The admin aiohttp application. ``registry`` holds the services' own metrics too; the
     store's gauges are added to it here."""
@@ -107,7 +117,7 @@ def make_admin_app(
         return web.Response(text="ok\n")
 
     async def readyz(request: web.Request) -> web.Response:
-        problems = readiness_problems(store, task_problems)
+        problems = readiness_problems(store, task_problems, last_errors)
         if problems:
             return web.Response(
                 status=503, text="not ready:\n" + "".join(f"  {p}\n" for p in problems)

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from node_services.admin import make_admin_app
-from node_services.config import ConfigError, Settings, unsupported
+from node_services.config import Address, ConfigError, Settings, unsupported
 from node_services.dns.server import DnsServer
 from node_services.dns.service import build_dns
 from node_services.ipam.reconcile import IPAMReconciler, wait_for_directory
@@ -106,6 +106,19 @@ def node_network_marker(kube: KubeSource) -> Callable[[], Awaitable[None]]:
     return mark_up
 
 
+class ListenError(OSError):
+    """A listener could not bind; the message names the setting and the address."""
+
+
+@contextlib.contextmanager
+def _naming_listener(key: str, address: Address) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ListenError(f"{key} {address}: cannot listen: {reason}") from exc
+
+
 def check_supported(settings: Settings) -> None:
     """Refuse settings that name a part this build does not have yet, clearly."""
     problems = unsupported(settings)
@@ -166,6 +179,11 @@ class Daemon:
         await self._start_metadata()
         for snapshot in self.snapshots:
             self.supervisor.start(snapshot.name, snapshot.run)
+        if not self.snapshots and self.kube is None and not self.settings.cattle_url:
+            log.warning(
+                "no sources (no snapshot file, no kubeconfig, not in a pod): the cache stays "
+                "empty and every cluster name answers NXDOMAIN"
+            )
         if self.kube is not None:
             self.supervisor.start("kubernetes", self.kube.run)
         self._start_ipam()
@@ -178,18 +196,27 @@ class Daemon:
             problems.extend(self.overlay.problems())
         return problems
 
+    def _last_errors(self) -> dict[str, str]:
+        """Source -> its last load error, for /readyz."""
+        errors = {s.name: s.last_error for s in self.snapshots if s.last_error}
+        if self.kube is not None:
+            errors.update(self.kube.last_errors())
+        return errors
+
     async def _start_admin(self) -> None:
         admin = make_admin_app(
             self.store,
             loaders=self.snapshots,
             task_problems=self._problems,
             registry=self.registry,
+            last_errors=self._last_errors,
         )
         self._runner = web.AppRunner(admin, access_log=None, handle_signals=False)
         await self._runner.setup()
         listen = self.settings.admin_listen
         site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
-        await site.start()
+        with _naming_listener("admin_listen", listen):
+            await site.start()
         log.info("admin listening on http://%s (/healthz /readyz /metrics)", listen)
 
     async def _start_dns(self) -> None:
@@ -197,7 +224,8 @@ class Daemon:
         follows the store's change sets."""
         self.dns = build_dns(self.settings, self.store, self.registry)
         listen = self.settings.dns_listen
-        await self.dns.start(listen.host, listen.port)
+        with _naming_listener("dns_listen", listen):
+            await self.dns.start(listen.host, listen.port)
         self.supervisor.start("dns", self.dns.follow_store)
         log.info("dns listening on %s (udp, tcp)", listen)
 
@@ -220,7 +248,8 @@ class Daemon:
             ),
             MetadataMetrics(self.registry),
         )
-        await self.metadata.start(settings.metadata_listen.host, settings.metadata_listen.port)
+        with _naming_listener("metadata_listen", settings.metadata_listen):
+            await self.metadata.start(settings.metadata_listen.host, settings.metadata_listen.port)
         log.info("metadata listening on http://%s", settings.metadata_listen)
 
     def _start_ipam(self) -> None:

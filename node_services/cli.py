@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from node_services import __version__
 from node_services.config import (
@@ -18,7 +18,9 @@ from node_services.config import (
     Settings,
     describe_settings,
     env_name,
+    format_default,
     load_settings,
+    reference_markdown,
     unsupported,
 )
 
@@ -46,9 +48,19 @@ _FLAG_FIELDS = {
 }
 
 
+EXIT_CODES: Final = """\
+exit status: 0 stopped cleanly (SIGTERM, SIGINT); 1 could not start (a listener cannot bind:
+the message names it and its address); 2 invalid settings (every problem listed)."""
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     def flag(*names: str, key: str, **kwargs: Any) -> None:
-        kwargs["help"] = f"{kwargs.get('help', '')} [config key {key}, env {env_name(key)}]"
+        shown = format_default(key)
+        plain = kwargs.get("action") == "store_const" or shown == "(none)"
+        default = "" if plain else f" (default: {shown})"
+        kwargs["help"] = (
+            f"{kwargs.get('help', '')}{default} [config key {key}, env {env_name(key)}]"
+        )
         parser.add_argument(*names, dest=key, default=None, **kwargs)
 
     parser.add_argument("--config", type=Path, metavar="FILE", help="YAML settings file")
@@ -132,19 +144,39 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run the daemon",
         description="Run the daemon. Settings: config file < environment < flags.",
-        epilog="Every key: `node-services check-config --keys`.",
+        epilog="Every key: `node-services check-config --keys`.\n" + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_run_flags(run)
     check = commands.add_parser(
         "check-config",
-        help="validate a settings file (and the environment), reporting every problem",
-        description="Validate a YAML settings file together with the environment; exit 1 and "
-        "list every problem when it is invalid.",
+        help="validate settings (file, environment, flags), reporting every problem",
+        description="Validate a YAML settings file together with the environment and the same "
+        "flags `run` takes (a DaemonSet's arguments, say); exit 1 and list every problem when "
+        "they are invalid (unknown NODE_SERVICES_* variables too).",
     )
-    check.add_argument("file", type=Path, nargs="?", help="YAML settings file")
+    check.add_argument("file", type=Path, nargs="?", help="YAML settings file (or --config)")
     check.add_argument("--keys", action="store_true", help="list every settings key and exit")
+    check.add_argument(
+        "--markdown",
+        action="store_true",
+        help="with --keys: print docs/configuration.md (what `make docs` writes)",
+    )
+    _add_run_flags(check)
     commands.add_parser("version", help="print the version")
     return parser
+
+
+def flag_names() -> dict[str, str]:
+    """Settings key -> the `run` flag that sets it (``--upstream (repeatable)``)."""
+    names: dict[str, str] = {}
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_run_flags(parser)
+    for action in parser._actions:  # the parser's own list: argparse has no public accessor
+        if action.dest in _FLAG_FIELDS and action.option_strings:
+            repeat = " (repeatable)" if isinstance(action, argparse._AppendAction) else ""
+            names[_FLAG_FIELDS[action.dest]] = action.option_strings[0] + repeat
+    return names
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -153,6 +185,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         for dest, key in _FLAG_FIELDS.items()
         if getattr(args, dest, None) is not None
     }
+
+
+def _flag_labels() -> dict[str, str]:
+    """Key -> flag, as a problem with a flag's value names it (``flags: --dns-listen: ...``)."""
+    return {key: name.split(" ")[0] for key, name in flag_names().items()}
 
 
 def _setup_logging(level: str) -> None:
@@ -184,26 +221,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "check-config":
         if args.keys:
-            print(describe_settings())
+            flags = flag_names()
+            text = reference_markdown(flags) if args.markdown else describe_settings(flags) + "\n"
+            sys.stdout.write(text)
             return 0
+        config_file = args.file or args.config
+        warnings: list[str] = []
         try:
-            settings = load_settings(config_file=args.file)
+            settings = load_settings(
+                config_file=config_file,
+                overrides=_overrides(args),
+                flag_names=_flag_labels(),
+                warnings=warnings,
+            )
             problems = unsupported(settings)
-            if problems:
+            if problems or warnings:
                 raise ConfigError(problems)
         except ConfigError as exc:
-            print(f"node-services: {exc}", file=sys.stderr)
+            # an unknown variable is a problem here: a checker says what run would ignore
+            print(f"node-services: {ConfigError(exc.problems + warnings)}", file=sys.stderr)
             return 1
-        print(f"{args.file or 'environment'}: ok")
+        print(f"{config_file or 'environment and flags'}: ok")
         _print_settings(settings)
         return 0
     if args.command == "run":
+        warnings = []
         try:
-            settings = load_settings(config_file=args.config, overrides=_overrides(args))
+            settings = load_settings(
+                config_file=args.config,
+                overrides=_overrides(args),
+                flag_names=_flag_labels(),
+                warnings=warnings,
+            )
         except ConfigError as exc:
             print(f"node-services: {exc}", file=sys.stderr)
             return 2
         _setup_logging(settings.log_level)
+        for warning in warnings:
+            logging.getLogger("node_services").warning("%s", warning)
         from node_services.app import run_daemon
 
         try:

@@ -8,11 +8,12 @@ every problem at once in a :class:`ConfigError`.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import itertools
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
@@ -103,9 +104,10 @@ class Settings:
     on the entry count; memory is capped by dns_answer_cache_bytes. 0 disables it."""
 
     dns_answer_cache_bytes: int = 32 << 20
-    """Bytes the in-zone UDP answer cache may cost (query keys, answers and per-entry
-    overhead, ~300 bytes an entry for ordinary queries); started over when full. 32 MiB by
-    default; 0 disables the cache."""
+    """Bytes the in-zone UDP answer cache may cost: query keys (a client chooses their size,
+    up to 4 KB with EDNS options), answers and per-entry overhead (~300 bytes an entry for
+    ordinary queries); started over when full. 32 MiB by default (room for the 65,536 entries
+    of ordinary queries the entry cap allows); 0 disables the cache."""
 
     dns_negative_ttl_cap: int = 300
     """Longest time in seconds a negative upstream answer is cached (RFC 2308: the SOA
@@ -289,6 +291,24 @@ def parse_address(text: str, *, default_port: int | None = None) -> Address:
     return Address(host, port)
 
 
+def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """The candidate ``name`` looks like a misspelling of, or ""."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.75)
+    return close[0] if close else ""
+
+
+def _listen_address(value: Any) -> Address:
+    """A listen address: HOST:PORT whose host is an IP address (a listener binds one)."""
+    if isinstance(value, Address):
+        return value
+    address = parse_address(str(value))
+    try:
+        ipaddress.ip_address(address.host)
+    except ValueError:
+        raise ValueError(f"{str(value).strip()!r}: {address.host!r} is not an IP address") from None
+    return address
+
+
 def _as_list(value: Any) -> list[Any]:
     if isinstance(value, str):
         return [v for v in re.split(r"[,\s]+", value) if v]
@@ -300,9 +320,7 @@ def _as_list(value: Any) -> list[Any]:
 def _convert(key: str, value: Any) -> Any:
     """Convert one raw value (YAML, env text or flag text) for field ``key``."""
     if key in ("dns_listen", "metadata_listen", "admin_listen"):
-        if isinstance(value, Address):
-            return value
-        return parse_address(str(value))
+        return _listen_address(value)
     if key == "upstreams":
         return tuple(
             v if isinstance(v, Address) else parse_address(str(v), default_port=53)
@@ -427,6 +445,11 @@ def _convert(key: str, value: Any) -> Any:
         "overlay_tx_checksum_offload": TX_CHECKSUM_OFFLOAD_MODES,
     }.get(key)
     if choices is not None:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare yes/no/on/off/true/false so
+            raise ValueError(
+                f"got the boolean {str(value).lower()} (YAML reads an unquoted yes/no/on/off "
+                f"so); expected one of {', '.join(choices)}"
+            )
         text = str(value).strip().lower()
         if text not in choices:
             raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
@@ -455,7 +478,9 @@ def read_config_file(path: Path, problems: list[str]) -> dict[str, Any]:
         return {}
     for key in data:
         if key not in FIELD_NAMES:
-            problems.append(f"{path}: unknown key {key!r}")
+            close = _did_you_mean(str(key), FIELD_NAMES)
+            hint = f" (did you mean {close!r}?)" if close else ""
+            problems.append(f"{path}: unknown key {key!r}{hint}")
     return {k: v for k, v in data.items() if k in FIELD_NAMES}
 
 
@@ -477,10 +502,14 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     check_files: bool = True,
+    flag_names: Mapping[str, str] | None = None,
+    warnings: list[str] | None = None,
 ) -> Settings:
     """Settings from the file, then the environment, then ``overrides`` (flags).
 
-    Raises ConfigError listing every problem found.
+    Raises ConfigError listing every problem found. ``flag_names`` (key -> ``--flag``) names
+    the flag in a problem with an override. Unknown ``NODE_SERVICES_*`` variables are not an
+    error (other tools may share the prefix): each is appended to ``warnings``.
     """
     environ = os.environ if environ is None else environ
     problems: list[str] = []
@@ -488,6 +517,8 @@ def load_settings(
     if config_file is not None:
         layers.append((str(config_file), read_config_file(config_file, problems)))
     env_values = {k: environ[env_name(k)] for k in FIELD_NAMES if env_name(k) in environ}
+    if warnings is not None:
+        warnings.extend(unknown_variables(environ))
     layers.append(("environment", env_values))
     layers.append(("flags", dict(overrides or {})))
 
@@ -495,6 +526,8 @@ def load_settings(
     for origin, layer in layers:
         for key, raw in layer.items():
             label = f"{env_name(key)}" if origin == "environment" else key
+            if origin == "flags" and flag_names and key in flag_names:
+                label = flag_names[key]
             try:
                 values[key] = _convert(key, raw)
             except ValueError as exc:
@@ -503,11 +536,13 @@ def load_settings(
         values["node_name"] = os.uname().nodename
     if check_files:
         for snapshot in values.get("snapshots", ()):
-            if not snapshot.is_file():
-                problems.append(f"snapshots: {snapshot}: no such file")
+            problem = _not_a_file(snapshot)
+            if problem:
+                problems.append(f"snapshots: {snapshot}: {problem}")
         kubeconfig = values.get("kubeconfig")
-        if kubeconfig is not None and not kubeconfig.is_file():
-            problems.append(f"kubeconfig: {kubeconfig}: no such file")
+        problem = _not_a_file(kubeconfig) if kubeconfig is not None else ""
+        if problem:
+            problems.append(f"kubeconfig: {kubeconfig}: {problem}")
     cattle = [values.get(k, "") for k in ("cattle_url", "cattle_access_key", "cattle_secret_key")]
     if cattle[0] and not re.match(r"^https?://", cattle[0]):
         problems.append(f"cattle_url: {cattle[0]!r} must start with http:// or https://")
@@ -518,18 +553,117 @@ def load_settings(
     return Settings(**values)
 
 
-def describe_settings() -> str:
-    """Reference text of every key: name, environment variable, default, meaning."""
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` cannot be read as a file ("" when it can be tried)."""
+    if path.is_dir():
+        return "is a directory, not a file"
+    if not path.exists():
+        return "no such file"
+    if not path.is_file():
+        return "not a regular file"
+    return ""
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``NODE_SERVICES_*`` variable that sets no key, with a suggestion."""
+    known = {env_name(k) for k in FIELD_NAMES}
+    lines = []
+    for name in sorted(environ):
+        if name.startswith("NODE_SERVICES_") and name not in known:
+            close = _did_you_mean(name.removeprefix("NODE_SERVICES_").lower(), FIELD_NAMES)
+            hint = f" (did you mean {env_name(close)}?)" if close else ""
+            lines.append(f"environment: unknown variable {name}{hint}; ignored")
+    return lines
+
+
+_DEFAULT_TEXT: Final = {
+    "node_name": "the machine's hostname",
+    "upstreams": "the nameservers of /etc/resolv.conf",
+}
+"""Defaults computed at start-up, described instead of shown."""
+
+
+def format_default(key: str) -> str:
+    """The default of ``key`` as the references show it (``--keys``, configuration.md)."""
+    if key in _DEFAULT_TEXT:
+        return _DEFAULT_TEXT[key]
+    value = getattr(Settings(), key)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        value = ", ".join(str(v) for v in value)
+    if value is None or value == "":
+        return "(none)"
+    return str(value)
+
+
+def describe_settings(flags: Mapping[str, str] | None = None) -> str:
+    """Reference text of every key: name, environment variable, flag, default, meaning.
+    ``flags`` maps a key to the command-line flag that sets it."""
     docs = _field_docs()
-    defaults = Settings()
+    flags = flags or {}
     lines = []
     for f in fields(Settings):
-        default = getattr(defaults, f.name)
-        if isinstance(default, tuple):
-            default = ", ".join(str(v) for v in default) or "(none)"
-        lines.append(f"{f.name}  (env {env_name(f.name)}, default: {default or '(none)'})")
+        flag = f", flag {flags[f.name]}" if f.name in flags else ""
+        lines.append(f"{f.name}  (env {env_name(f.name)}{flag}, default: {format_default(f.name)})")
         lines.extend("    " + line for line in docs.get(f.name, "").splitlines())
     return "\n".join(lines)
+
+
+REFERENCE_HEADER: Final = """\
+# Configuration
+
+<!-- Generated from the Settings field docstrings in node_services/config.py by `make docs`
+     (`node-services check-config --keys --markdown`); edit those, then regenerate.
+     tests/test_config_reference.py fails when this file is stale. -->
+
+Settings come from a YAML file (`--config FILE`), then the environment, then command-line
+flags; a later layer wins. `node-services check-config [FILE] [FLAGS]` validates a file, the
+environment and the same flags `run` takes, and lists every problem at once (exit 1);
+`node-services check-config --keys` prints this reference as text.
+
+Example (`/etc/node-services/config.yaml`):
+
+```yaml
+node_name: node-a
+snapshots: [/etc/node-services/snapshot.yaml]
+dns_listen: 169.254.20.10:53
+cluster_domain: cluster.local
+upstreams: [10.0.0.2, "10.0.0.3:53"]
+pod_records: verified
+metadata_listen: 169.254.169.250:80
+admin_listen: 0.0.0.0:9254
+```
+
+Addresses are `HOST:PORT` or `[IPv6]:PORT`; a listen address's host is an IP address; upstreams
+may omit the port (53). Lists in the environment are separated by commas or spaces
+(`NODE_SERVICES_UPSTREAMS="10.0.0.2 10.0.0.3:53"`). A snapshot path that is missing or a
+directory, an unknown key or a malformed value stops `run` with exit code 2 and the full list
+of problems; unknown keys and unknown `NODE_SERVICES_*` variables get a "did you mean"
+suggestion (an unknown variable is a warning for `run`, a problem for `check-config`).
+
+"""
+
+
+def reference_markdown(flags: Mapping[str, str] | None = None) -> str:
+    """docs/configuration.md: :data:`REFERENCE_HEADER` and a table of every key."""
+    docs = _field_docs()
+    flags = flags or {}
+    rows = [
+        "| key | environment | flag | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for f in fields(Settings):
+        flag = "—"
+        if f.name in flags:
+            name, _, note = flags[f.name].partition(" ")
+            flag = f"`{name}` {note}".strip()
+        meaning = docs.get(f.name, "").replace("|", "\\|")
+        default = format_default(f.name).replace("|", "\\|")
+        if f.name not in _DEFAULT_TEXT and default != "(none)":
+            default = f"`{default}`"
+        rows.append(f"| `{f.name}` | `{env_name(f.name)}` | {flag} | {default} | {meaning} |")
+    return REFERENCE_HEADER + "\n".join(rows) + "\n"
 
 
 def _field_docs() -> dict[str, str]:

@@ -194,7 +194,7 @@ def test_run_help_names_every_runtime_contract_flag() -> None:
 def test_run_with_a_bad_flag_value_exits_2_with_the_reason() -> None:
     result = cli("run", "--dns-ttl", "soon")
     assert result.returncode == 2
-    assert "flags: dns_ttl: 'soon' is not a whole number of seconds" in result.stderr
+    assert "flags: --dns-ttl: 'soon' is not a whole number of seconds" in result.stderr
 
 
 @pytest.mark.parametrize(

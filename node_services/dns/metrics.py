@@ -39,6 +39,10 @@ DURATION_BUCKETS: Final = (
 )
 
 
+_EXTENDED_RCODE_NAMES: Final = {16: "BADVERS"}
+"""Extended rcodes (RFC 6891) the server sends, by name like the others."""
+
+
 @dataclass(eq=False)
 class Histogram:
     """Cumulative-at-scrape histogram with fixed buckets."""
@@ -130,6 +134,7 @@ class DnsCollector(Collector):
             if not count:
                 continue
             name = wire.RCODE_NAMES[rcode] if rcode < len(wire.RCODE_NAMES) else str(rcode)
+            name = _EXTENDED_RCODE_NAMES.get(rcode, name)
             responses.add_metric([name], count)
         yield responses
         yield CounterMetricFamily(

@@ -648,12 +648,17 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "--version":
             print(f"{PLUGIN_NAME} CNI plugin, CNI spec versions {', '.join(SUPPORTED_VERSIONS)}")
             return 0
-        sys.stderr.write(
+        usage = (
             f"usage: {PLUGIN_NAME}  (a CNI plugin: run by the container runtime with CNI_COMMAND"
             " set)\n"
             f"       {PLUGIN_NAME} --install DIR [--python PATH] [--lib DIR] [--root DIR]\n"
             "           (write the launcher a runtime runs into DIR; --install --help)\n"
+            f"       {PLUGIN_NAME} --version | --help\n"
         )
+        if argv[0] in ("--help", "-h"):  # asked for: stdout, success
+            sys.stdout.write(usage)
+            return 0
+        sys.stderr.write(f"{PLUGIN_NAME}: unknown argument {argv[0]!r}\n{usage}")
         return 2
     text, status = respond(os.environ, sys.stdin.buffer.read())
     sys.stdout.write(text)

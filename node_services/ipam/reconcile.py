@@ -53,17 +53,15 @@ def is_owned(allocation: Allocation, snapshot: Snapshot, node_name: str) -> bool
     By pod identity from CNI_ARGS (namespace/name, and UID when both sides know it), by the
     container ID (Cattle containers' externalId), or by a workload holding the address.
     """
-    host = snapshot.host_named(node_name)
-    host_key = host.key if host is not None else ""
+    # every host of this name: a Kubernetes Node and a Cattle host may both be this node
+    host_keys = [host.key for host in snapshot.hosts_named(node_name)]
 
     def live_here(key: str) -> bool:
         workload = snapshot.workloads.get(key)
         return (
             workload is not None
             and workload.state not in TERMINAL_STATES
-            and (
-                workload.node_name == node_name or bool(host_key and workload.host_key == host_key)
-            )
+            and (workload.node_name == node_name or workload.host_key in host_keys)
         )
 
     if allocation.pod_name:
@@ -78,7 +76,7 @@ def is_owned(allocation: Allocation, snapshot: Snapshot, node_name: str) -> bool
     for key in snapshot.by_ip.get(allocation.ip, ()):
         if live_here(key):
             return True
-    if host_key:
+    for host_key in host_keys:
         for workload in snapshot.workloads_on(host_key):
             if workload.external_id == allocation.container_id and live_here(workload.key):
                 return True
@@ -88,11 +86,10 @@ def is_owned(allocation: Allocation, snapshot: Snapshot, node_name: str) -> bool
 def assigned_addresses(snapshot: Snapshot, node_name: str) -> set[tuple[str, str]]:
     """(container ID, address) of the Cattle containers on this node: Cattle assigns each its
     primaryIpAddress, and the plugin hands out exactly that one."""
-    host = snapshot.host_named(node_name)
-    workloads = snapshot.workloads_on(host.key) if host is not None else ()
     return {
         (workload.external_id, ip)
-        for workload in workloads
+        for host in snapshot.hosts_named(node_name)
+        for workload in snapshot.workloads_on(host.key)
         if workload.key.startswith("cattle:") and workload.external_id
         for ip in workload.ips
     }

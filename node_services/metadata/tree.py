@@ -22,6 +22,7 @@ Secrets: a service's ``token`` is ``null`` everywhere but under the owning workl
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from typing import Any, Final, TypeAlias
 
 from node_services.state.records import Host, Service, Stack, Workload
 from node_services.state.store import Snapshot
+
+log = logging.getLogger(__name__)
+_warned_same_name: set[tuple[str, ...]] = set()
 
 V1: Final = "2015-07-25"
 V2: Final = "2015-12-19"
@@ -103,6 +107,23 @@ class Tree:
             cached = {**self.root, "self": self.self_for(workload_key)}
             self._roots[workload_key] = cached
         return cached
+
+
+def _warn_same_name(snapshot: Snapshot, node_name: str) -> None:
+    """Say once (per set of hosts) that two sources name this node: which one ``self/host``
+    shows, and why (the rule of :meth:`~node_services.state.store.Snapshot.host_named`)."""
+    hosts = snapshot.hosts_named(node_name)
+    keys = tuple(h.key for h in hosts)
+    if len(hosts) > 1 and keys not in _warned_same_name:
+        _warned_same_name.add(keys)
+        log.warning(
+            "node %s is named by %d hosts (%s): self/host shows %s (hosts with pod CIDRs win, "
+            "then Kubernetes Nodes, then the lowest key); give each node one host",
+            node_name,
+            len(hosts),
+            ", ".join(keys),
+            keys[0],
+        )
 
 
 def build_tree(
@@ -228,6 +249,8 @@ class _Builder:
             )
 
         this_host = snapshot.host_named(self.node_name) if self.node_name else None
+        if this_host is not None:
+            _warn_same_name(snapshot, self.node_name)
         default_self: dict[str, Node] = {}
         if this_host is not None:
             default_self["host"] = host_objs[this_host.key]

@@ -83,8 +83,16 @@ class LoadResult:
     read: the content is not known, so the next check tries again."""
 
 
+class _NotJSON(yaml.YAMLError):
+    """A file that starts like JSON is neither JSON nor YAML: the JSON error is the one to
+    name (a truncated ``.json`` file is not "not valid YAML")."""
+
+
 def _documents(stream: IO[bytes]) -> Iterator[Any]:
-    """The documents of a file, streamed (JSON fast path when the file starts like JSON)."""
+    """The documents of a file, streamed (JSON fast path when the file starts like JSON).
+
+    A file that starts like JSON but is not is read as YAML (a flow mapping); when it is not
+    YAML either, :class:`_NotJSON` says why it is not JSON."""
     head = stream.read(64).lstrip()
     stream.seek(0)
     if head[:1] in (b"{", b"["):
@@ -92,8 +100,13 @@ def _documents(stream: IO[bytes]) -> Iterator[Any]:
             document = json.load(stream)
         except RecursionError:
             raise InputLimitError(f"JSON nested more than {MAX_DEPTH} levels deep") from None
-        except ValueError:
+        except ValueError as exc:
             stream.seek(0)  # not JSON after all (a YAML flow mapping): parse as YAML
+            try:
+                yield from yamlload.load_all(stream)
+            except yaml.YAMLError:
+                raise _NotJSON(str(exc)) from None
+            return
         else:
             _check_json_depth(document)
             yield document
@@ -214,6 +227,8 @@ def _load_file(path: Path, source: str) -> LoadResult:
                 for number, document in enumerate(_documents(stream), start=1):
                     for where, obj in _objects(document, f"document {number}"):
                         _translate_into(records, errors, skipped, obj, source, f"{path}: {where}")
+            except _NotJSON as exc:
+                errors.append(f"{path}: not valid JSON: {exc}")
             except yaml.YAMLError as exc:
                 errors.append(f"{path}: not valid YAML: {' '.join(str(exc).split())}")
             except InputLimitError as exc:
@@ -356,6 +371,13 @@ class SnapshotFile:
             self.loads += 1
             self.last_error = ""
             self.last_load_seconds = time.perf_counter() - started
+            if count == 0:
+                log.warning(
+                    "snapshot %s: loaded with 0 records (the file says %r): every cluster "
+                    "name it fed answers NXDOMAIN",
+                    self.path,
+                    EMPTY_MARKER,
+                )
             log.info(
                 "snapshot %s: %d records loaded in %.3fs (store version %d)",
                 self.path,

@@ -109,11 +109,19 @@ class Snapshot:
         return None
 
     def host_named(self, name: str) -> Host | None:
-        """A host by node name or hostname."""
-        for host in self.hosts.values():
-            if name in (host.name, host.hostname):
-                return host
-        return None
+        """A host by node name or hostname. When two sources name the same host (a
+        Kubernetes Node and a Cattle host both ``node-a``), one wins by a fixed rule: the one
+        with pod CIDRs (IPAM and the overlay need them), then the Kubernetes Node, then the
+        lowest key. :meth:`hosts_named` gives them all."""
+        found = self.hosts_named(name)
+        return found[0] if found else None
+
+    def hosts_named(self, name: str) -> tuple[Host, ...]:
+        """Every host by node name or hostname, the one :meth:`host_named` picks first."""
+        found = [host for host in self.hosts.values() if name in (host.name, host.hostname)]
+        if len(found) > 1:
+            found.sort(key=lambda h: (not h.pod_cidrs, not h.key.startswith("k8s:"), h.key))
+        return tuple(found)
 
 
 _FIELD_OF_KIND: Final = {

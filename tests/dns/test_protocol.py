@@ -209,3 +209,17 @@ async def test_pod_records_insecure_and_disabled() -> None:
     finally:
         await insecure.stop()
         await disabled.stop()
+
+
+async def test_badvers_is_counted_by_name(served: Served) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from node_services.dns.metrics import DnsCollector
+
+    response = await served.query(f"web.shop.svc.{Z}", "A", use_edns=1)
+    assert response.rcode() == dns.rcode.BADVERS
+    registry = CollectorRegistry()
+    registry.register(DnsCollector(served.stats))
+    text = generate_latest(registry).decode()
+    assert 'node_services_dns_responses_total{rcode="BADVERS"} 1.0' in text
+    assert 'rcode="16"' not in text

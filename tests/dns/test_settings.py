@@ -115,4 +115,7 @@ def test_busy_dns_address_stops_start_with_the_address_named() -> None:
             check=False,
         )
     assert result.returncode == 1
-    assert f"dns: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert (
+        f"cannot start: dns_listen 127.0.0.1:{port}: cannot listen: Address already in use"
+        in result.stderr
+    )

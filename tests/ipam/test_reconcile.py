@@ -327,3 +327,27 @@ def test_auto_turns_on_when_the_first_add_creates_the_ipam_dir(
     assert first.ips == ["10.42.1.2/24", "fd00:42:1::2/64"]
     assert f"ipam reconcile on {plugin.data_dir}" in node.output()
     assert node.get("/readyz")[0] == 200  # the waiting task did not fail readiness
+
+
+def test_a_cattle_container_on_the_cattle_host_of_this_node_is_owned_too() -> None:
+    # A Kubernetes Node and a Cattle host both named node-a: the Node is this node's host (it
+    # has the pod CIDRs), and a container on the Cattle host still counts as this node's.
+    store = Store()
+    store.replace(
+        "t",
+        [
+            Host(key="k8s:Node/node-a", source="t", name="node-a", pod_cidrs=("10.42.1.0/24",)),
+            Host(key="cattle:host/1h1", source="t", name="", hostname="node-a"),
+            workload(
+                "c1",
+                key="cattle:container/1i5",
+                node_name="",
+                host_key="cattle:host/1h1",
+                external_id="dockerid1",
+            ),
+        ],
+    )
+    snap = store.snapshot
+    assert snap.host_named("node-a").pod_cidrs == ("10.42.1.0/24",)  # type: ignore[union-attr]
+    assert is_owned(allocation(container_id="dockerid1"), snap, "node-a")
+    assert not is_owned(allocation(container_id="dockerid2"), snap, "node-a")

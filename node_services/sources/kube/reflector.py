@@ -151,6 +151,8 @@ class Reflector:
         self.resource_version = ""
         self.lists = 0
         self.watches = 0
+        self.last_error = ""
+        """Why the last list or watch failed ("" since one succeeded): /readyz says it."""
         store.register(self.source)
 
     # -- the loop -------------------------------------------------------------------------------
@@ -163,6 +165,7 @@ class Reflector:
                 if not self.resource_version:
                     await self._list()
                     self.backoff.reset()
+                    self.last_error = ""
                 received = await self._watch()
                 if received:
                     self.backoff.reset()
@@ -184,10 +187,12 @@ class Reflector:
                 delay = self.backoff.next_delay()
                 if exc.retry_after is not None:
                     delay = max(exc.retry_after, 0.0)
+                self.last_error = str(exc)
                 log.warning("%s: %s; retrying in %.1fs", self.source, exc, delay)
             except TimeoutError:
                 self.metrics.error(self.resource.name, "read_timeout")
                 delay = self.backoff.next_delay()
+                self.last_error = f"watch sent nothing for {self.read_timeout:g}s"
                 log.warning(
                     "%s: watch sent nothing for %gs; reconnecting in %.1fs from %s",
                     self.source,
@@ -198,6 +203,7 @@ class Reflector:
             except (aiohttp.ClientError, OSError) as exc:  # the stream broke mid-way
                 self.metrics.error(self.resource.name, "transport")
                 delay = self.backoff.next_delay()
+                self.last_error = f"connection lost: {str(exc) or type(exc).__name__}"
                 log.warning(
                     "%s: watch connection lost (%s); resuming from %s in %.1fs",
                     self.source,
@@ -210,6 +216,7 @@ class Reflector:
                 self.rejections.rejected_load(self.source, "error")
                 self.resource_version = ""  # whatever broke, a relist starts from the truth
                 delay = self.backoff.next_delay()
+                self.last_error = f"list/watch failed: {describe(exc)}"
                 log.error(
                     "%s: list/watch failed: %s; relisting in %.1fs",
                     self.source,

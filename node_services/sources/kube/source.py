@@ -119,8 +119,19 @@ class KubeSource:
         self._client: KubeClient | None = None
         self._ready = asyncio.Event()
         self.reflectors: dict[str, Reflector] = {}
+        self._config_error = ""
         for resource in self.resources:
             store.register(resource.source)
+
+    def last_errors(self) -> dict[str, str]:
+        """Source -> why its last list/watch (or loading the config) failed, where one did."""
+        errors = {}
+        for resource in self.resources:
+            reflector = self.reflectors.get(resource.name)
+            error = reflector.last_error if reflector is not None else self._config_error
+            if error:
+                errors[resource.source] = error
+        return errors
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -140,6 +151,7 @@ class KubeSource:
                 self._connection = await load_connection(self.kubeconfig)
             except KubeAPIError as exc:
                 delay = backoff.next_delay()
+                self._config_error = exc.message
                 log.error("kubernetes: %s; retrying in %.1fs", exc.message, delay)
                 await asyncio.sleep(delay)
         log.info("kubernetes: API server %s", self._connection.host)

@@ -270,14 +270,14 @@ def _service(obj: Mapping[str, Any], source: str) -> list[Record]:
     if service_type not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
         raise TranslateError(ref, f"spec.type: unknown type {service_type!r}")
     raw_ips = sequence(ref, "spec.clusterIPs", spec.get("clusterIPs"))
+    ips_field = "spec.clusterIPs[{}]"
     if not raw_ips and spec.get("clusterIP"):
         raw_ips = [spec.get("clusterIP")]
+        ips_field = "spec.clusterIP"  # name the field the file has (older objects)
     headless = service_type != "ExternalName" and raw_ips[:1] == ["None"]
     cluster_ips: tuple[str, ...] = ()
     if service_type != "ExternalName" and not headless:
-        cluster_ips = tuple(
-            ip(ref, f"spec.clusterIPs[{i}]", value) for i, value in enumerate(raw_ips)
-        )
+        cluster_ips = tuple(ip(ref, ips_field.format(i), value) for i, value in enumerate(raw_ips))
     external_name = ""
     if service_type == "ExternalName":
         external_name = text(ref, "spec.externalName", spec.get("externalName"), required=True)
