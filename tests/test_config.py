@@ -85,7 +85,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         f"{config}: dns_ttl: 'five' is not a whole number of seconds",
         f"{config}: pod_records: 'sometimes' is not one of disabled, insecure, verified",
         f"{config}: cluster_domain: '-bad-.local' is not a valid DNS domain",
-        "environment: NODE_SERVICES_OVERLAY: 'ipsec' is not one of none, vxlan, host-gw",
+        "environment: NODE_SERVICES_OVERLAY: 'ipsec' is not one of none, vxlan, host-gw, wireguard",
         "snapshots: /nonexistent/snap.yaml: no such file",
         "cattle_access_key/cattle_secret_key are set but cattle_url is not",
     ]

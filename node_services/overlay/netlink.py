@@ -83,7 +83,8 @@ def describe(change: Change) -> str:
     entry = change.entry
     if isinstance(entry, Route):
         onlink = " onlink" if entry.onlink else ""
-        what = f"route {entry.dst} via {entry.gateway} dev {entry.device}{onlink}"
+        via = f" via {entry.gateway}" if entry.gateway else ""
+        what = f"route {entry.dst}{via} dev {entry.device}{onlink}"
     elif isinstance(entry, Neighbour):
         what = f"neighbour {entry.ip} lladdr {entry.mac} dev {entry.device}"
     else:
