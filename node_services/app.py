@@ -79,10 +79,13 @@ class Supervisor:
 
 def node_annotator(kube: KubeSource) -> Announce:
     """Writes the overlay's VTEP MAC and underlay address as this node's annotations, where
-    peers read them (node-services.io/vtep-mac, node-services.io/public-ip)."""
+    peers read them (node-services.io/vtep-mac, node-services.io/public-ip), and with the
+    wireguard backend its public key (node-services.io/wireguard-public-key)."""
 
     async def annotate(mac: str, address: str, wireguard_key: str = "") -> None:
-        annotations = {VTEP_MAC_ANNOTATION: mac, PUBLIC_IP_ANNOTATION: address}
+        annotations = {PUBLIC_IP_ANNOTATION: address}
+        if mac:  # "" from the wireguard backend when the node's own annotation is malformed
+            annotations[VTEP_MAC_ANNOTATION] = mac
         if wireguard_key:  # the wireguard backend's public key (node-services.io/wireguard-...)
             annotations[WIREGUARD_KEY_ANNOTATION] = wireguard_key
         await kube.patch_node_annotations(annotations)
