@@ -529,3 +529,21 @@ def test_a_restarted_daemon_finds_its_wireguard_go_and_traffic_never_stops(
     for src, dst in ((1, 2), (3, 1)):
         ping = cluster.ping(src, dst)
         assert ping.returncode == 0, (src, dst, ping.stdout + ping.stderr)
+
+
+def test_drifted_and_foreign_peers_are_corrected_within_one_period(wg_cluster: Cluster) -> None:
+    cluster = wg_cluster
+    host = cluster.hosts[1]
+    keys = cluster.public_keys()
+    stranger = PrivateKey.generate().public
+    host.wg("set", DEVICE, "peer", keys[2], "endpoint", "10.78.0.99:51820",
+            "allowed-ips", "10.245.2.0/24,10.99.0.0/24")  # fmt: skip
+    host.wg("set", DEVICE, "peer", stranger, "allowed-ips", "10.98.0.0/24")
+    assert not cluster.converged(1, 2, 3)
+    took = wait_until(lambda: cluster.converged(1, 2, 3), "node-1's peers repaired", timeout=10)
+    assert took <= INTERVAL + 2.0, took
+    assert stranger not in host.wg("show", DEVICE)
+    assert f"replace wireguard peer node-2 (key {keys[2]}) endpoint 10.78.0.2:51820" in (
+        host.output()
+    )
+    assert f"remove wireguard peer (key {stranger})" in host.output()
