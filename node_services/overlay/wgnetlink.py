@@ -166,27 +166,32 @@ def _endpoint_text(endpoint: Any) -> str:
 
 def state_of(messages: Iterable[Any]) -> WgState:
     """The device as the (decoded) WG_CMD_GET_DEVICE answers describe it; a device with many
-    peers spans several messages, each listing some peers."""
+    peers spans several messages, and a peer with many AllowedIPs continues in the next one
+    (its key repeated): those parts are joined."""
     public, port = "", 0
-    peers: list[WgPeer] = []
+    peers: dict[str, WgPeer] = {}
     for msg in messages:
-        key = msg.get_attr("WGDEVICE_A_PUBLIC_KEY")
-        if key is not None:
-            public = _key_text(key)
+        device_key = msg.get_attr("WGDEVICE_A_PUBLIC_KEY")
+        if device_key is not None:
+            public = _key_text(device_key)
         port = msg.get_attr("WGDEVICE_A_LISTEN_PORT") or port
         for peer in msg.get_attr("WGDEVICE_A_PEERS") or ():
-            allowed = peer.get_attr("WGPEER_A_ALLOWEDIPS") or ()
-            peers.append(
-                WgPeer(
-                    public_key=_key_text(peer.get_attr("WGPEER_A_PUBLIC_KEY")),
-                    endpoint=_endpoint_text(peer.get_attr("WGPEER_A_ENDPOINT")),
-                    allowed_ips=tuple(sorted(str(ip["addr"]) for ip in allowed if "addr" in ip)),
-                    keepalive=int(peer.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0),
+            key = _key_text(peer.get_attr("WGPEER_A_PUBLIC_KEY"))
+            allowed = [str(ip["addr"]) for ip in peer.get_attr("WGPEER_A_ALLOWEDIPS") or ()
+                       if "addr" in ip]  # fmt: skip
+            first = peers.get(key)
+            if first is None:  # the first part carries the endpoint and keepalive
+                first = WgPeer(
+                    key,
+                    _endpoint_text(peer.get_attr("WGPEER_A_ENDPOINT")),
+                    (),
+                    int(peer.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0),
                 )
-            )
+            allowed_ips = tuple(sorted([*first.allowed_ips, *allowed]))
+            peers[key] = WgPeer(key, first.endpoint, allowed_ips, first.keepalive)
     if public and base64.b64decode(public) == bytes(32):
         public = ""  # no private key set
-    return WgState(public, int(port), frozenset(peers))
+    return WgState(public, int(port), frozenset(peers.values()))
 
 
 class KernelWireGuard:

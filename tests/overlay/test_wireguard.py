@@ -346,6 +346,20 @@ def test_ipv6_endpoint_is_a_sockaddr_in6() -> None:
     assert wgnetlink.state_of([wgnetlink.decode(data)]).peers == {up}
 
 
+def test_a_peer_continued_in_a_second_dump_message_is_read_as_one() -> None:
+    first = WgPeer(PUB_A, "192.168.7.2:51820", ("10.244.2.0/24",), keepalive=5)
+    rest = WgPeer(PUB_A, "", ("fd00:2::/64",))
+    other = WgPeer(PUB_B, "192.168.7.3:51820", ("10.244.3.0/24",))
+    messages = [
+        wgnetlink.decode(wgnetlink.encode(wgnetlink.set_message("wg0", changes=changes), 1, 1, 2))
+        for changes in ([PeerChange(ADD, first)], [PeerChange(ADD, rest), PeerChange(ADD, other)])
+    ]
+    assert wgnetlink.state_of(messages).peers == {
+        WgPeer(PUB_A, "192.168.7.2:51820", ("10.244.2.0/24", "fd00:2::/64"), keepalive=5),
+        other,
+    }
+
+
 # -- keys ----------------------------------------------------------------------------------
 
 
