@@ -192,7 +192,8 @@ class Settings:
 
     overlay_mtu: int = 0
     """MTU of the overlay device and of the pods (CNI conf); 0: the underlay interface's MTU
-    less 50 (VXLAN over IPv4; 70 over IPv6), or the underlay's for host-gw."""
+    less 50 (VXLAN over IPv4; 70 over IPv6), or the underlay's for host-gw; less 80 for
+    wireguard (both families)."""
 
     overlay_vxlan_device: str = "ns-vxlan.1"
     """Name of the VXLAN device (VXLAN only)."""
