@@ -29,7 +29,9 @@ from pyroute2.netlink.generic.wireguard import WGPEER_F_REMOVE_ME, WGPEER_F_REPL
 from node_services.app import node_annotator
 from node_services.overlay import uapi, wgkeys, wgnetlink, wireguard
 from node_services.overlay.model import Peer, Route, Underlay, peers_of
+from node_services.overlay.netlink import OverlayError
 from node_services.overlay.reconcile import OverlayConfig, OverlayReconciler
+from node_services.overlay.wgdriver import WireGuardDevice
 from node_services.overlay.wireguard import (
     ADD,
     REMOVE,
@@ -529,3 +531,125 @@ def test_public_keys_are_those_wg_pubkey_derives() -> None:
             ["wg", "pubkey"], input=key.b64(), capture_output=True, text=True, timeout=10
         )
         assert done.stdout.strip() == key.public
+
+
+# -- choosing the implementation -------------------------------------------------------------
+
+
+class _Link(dict):  # type: ignore[type-arg]
+    """What pyroute2 answers for a link: get_attr() on it and on its IFLA_LINKINFO."""
+
+    def __init__(self, kind: str | None) -> None:
+        super().__init__(flags=1)
+        self.kind = kind
+
+    def get_attr(self, name: str) -> object:
+        if name == "IFLA_LINKINFO":
+            return None if self.kind is None else _Info(self.kind)
+        return None
+
+
+@dataclass
+class _Info:
+    kind: str
+
+    def get_attr(self, name: str) -> str:
+        return self.kind
+
+
+@dataclass
+class FakeIPRoute:
+    """Links by name -> kind; ``wireguard_module``: whether kind=wireguard links can be made."""
+
+    links: dict[str, str | None] = field(default_factory=dict)
+    wireguard_module: bool = False
+    calls: list[tuple[str, dict[str, object]]] = field(default_factory=list)
+
+    def link_lookup(self, ifname: str) -> list[int]:
+        return [1] if ifname in self.links else []
+
+    def link(self, op: str, **kw: object) -> list[_Link]:
+        self.calls.append((op, kw))
+        if op == "add":
+            if kw.get("kind") == "wireguard" and not self.wireguard_module:
+                raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+            self.links[str(kw["ifname"])] = str(kw["kind"])
+        return [_Link(next(iter(self.links.values()), None))]
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class FakeUapi:
+    serving: set[str] = field(default_factory=set)
+    started: list[str] = field(default_factory=list)
+    installed: bool = True
+
+    def running(self, device: str) -> bool:
+        return device in self.serving
+
+    def socket_path(self, device: str) -> Path:
+        return Path("/nonexistent") / f"{device}.sock"
+
+    def start(self, device: str) -> int:
+        if not self.installed:
+            raise uapi.UapiError("wireguard-go is not installed (and no wireguard kernel module)")
+        self.started.append(device)
+        self.serving.add(device)
+        return 4242
+
+
+def _driver(implementation: str, ipr: FakeIPRoute, fake_uapi: FakeUapi) -> WireGuardDevice:
+    driver = WireGuardDevice(implementation, fake_uapi)  # type: ignore[arg-type]
+    driver._iproute = lambda: ipr  # type: ignore[method-assign]
+    return driver
+
+
+@pytest.mark.parametrize(
+    ("implementation", "links", "module", "serving", "using", "started", "made"),
+    [
+        ("auto", {}, True, set(), "kernel", [], ["added"]),
+        ("auto", {}, False, set(), "userspace", ["ns-wg"], ["added"]),
+        ("auto", {"ns-wg": "wireguard"}, True, set(), "kernel", [], []),
+        ("auto", {"ns-wg": "tun"}, False, {"ns-wg"}, "userspace", [], []),
+        ("userspace", {}, True, set(), "userspace", ["ns-wg"], ["added"]),
+        ("kernel", {}, True, set(), "kernel", [], ["added"]),
+    ],
+)
+def test_the_implementation_is_the_kernel_when_it_can_else_wireguard_go(
+    implementation: str,
+    links: dict[str, str | None],
+    module: bool,
+    serving: set[str],
+    using: str,
+    started: list[str],
+    made: list[str],
+) -> None:
+    ipr = FakeIPRoute(dict(links), module)
+    fake_uapi = FakeUapi(set(serving))
+    driver = _driver(implementation, ipr, fake_uapi)
+    assert driver._make_link(ipr, "ns-wg") == made
+    assert (driver.using, fake_uapi.started) == (using, started)
+    kernel_tried = ("add", {"ifname": "ns-wg", "kind": "wireguard"}) in ipr.calls
+    assert kernel_tried == (implementation != "userspace" and not links)
+
+
+def test_forced_kernel_without_the_module_and_foreign_devices_fail_the_pass() -> None:
+    ipr = FakeIPRoute({}, wireguard_module=False)
+    with pytest.raises(OverlayError) as error:
+        _driver("kernel", ipr, FakeUapi())._make_link(ipr, "ns-wg")
+    assert error.value.reason == "wireguard_unavailable"
+    assert "set overlay_wireguard_implementation" in str(error.value)
+    ipr = FakeIPRoute({"ns-wg": "vxlan"})
+    with pytest.raises(OverlayError) as error:
+        _driver("auto", ipr, FakeUapi())._make_link(ipr, "ns-wg")
+    assert error.value.reason == "device_conflict"
+    assert [op for op, _ in ipr.calls] == ["get"]  # read, not touched
+    ipr = FakeIPRoute({})
+    with pytest.raises(OverlayError) as error:
+        _driver("auto", ipr, FakeUapi(installed=False))._make_link(ipr, "ns-wg")
+    assert (error.value.reason, str(error.value)) == (
+        "wireguard_unavailable",
+        "wireguard-go is not installed (and no wireguard kernel module)",
+    )
