@@ -1,4 +1,4 @@
-"""Overlay: program 1,000 peers, converge after 100 changes, pod-to-pod TCP over VXLAN vs underlay.
+"""Overlay: program 1,000 peers, converge after 100 changes, pod-to-pod TCP over VXLAN/WireGuard.
 
     python -m bench.overlay [--quick] [--peers N]
 
@@ -14,7 +14,9 @@
    the default (``overlay_tx_checksum_offload: auto``, which keeps offload on kernels from
    5.7) and once with it off (what auto does on older kernels, shown, not judged): without
    offload the VXLAN device cannot hand 64 KB segments to the veth, and the kernel segments
-   and checksums every packet in software.
+   and checksums every packet in software. Then the same two hosts with ``--overlay
+   wireguard`` (wireguard-go, each daemon in a mount namespace of its own for its socket
+   directory): pod to pod over WireGuard next to the plain underlay, shown, not judged.
 
 Targets (issue 11): 1,000 peers < 2 s; 100 changes < 200 ms; VXLAN >= 0.7x the underlay.
 Needs root. All traffic stays inside namespaces created here; they are removed afterwards.
@@ -24,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -150,10 +154,15 @@ def program_bench(peers: int, rounds: int) -> dict[str, object]:
 # -- throughput: two hosts with the daemon, a pod on each ---------------------------------------
 
 
-def _node(n: int) -> str:
+def _node(n: int, wireguard_key: str = "") -> str:
+    annotations = (
+        f", annotations: {{node-services.io/wireguard-public-key: {json.dumps(wireguard_key)}}}"
+        if wireguard_key
+        else ""
+    )
     return f"""apiVersion: v1
 kind: Node
-metadata: {{name: node-{n}}}
+metadata: {{name: node-{n}{annotations}}}
 spec: {{podCIDR: 10.244.{n}.0/24, podCIDRs: [10.244.{n}.0/24]}}
 status:
   addresses: [{{address: 10.77.0.{n}, type: InternalIP}}]
@@ -183,14 +192,36 @@ def _iperf(client_ns: str, server_ns: str, server_ip: str, seconds: int) -> floa
         server.wait(timeout=10)
 
 
+# wireguard-go's socket directory is not per network namespace: one mount namespace each
+_PRIVATE_WG_RUN = (
+    "mkdir -p /var/run/wireguard && mount -t tmpfs -o mode=0700 nsbench /var/run/wireguard"
+    ' && exec "$@"'
+)
+
+
+def _wireguard_keys(tmp: str, deadline: float) -> dict[int, str]:
+    """Each host's public key, once its daemon has made its key file."""
+    from node_services.overlay import wgkeys
+
+    keys: dict[int, str] = {}
+    while len(keys) < 2 and time.monotonic() < deadline:
+        for n in (1, 2):
+            path = Path(tmp) / f"wg{n}" / "private.key"
+            if n not in keys and path.exists() and path.stat().st_size:
+                keys[n] = wgkeys.load_or_create(path)[0].public
+        time.sleep(0.1)
+    return keys
+
+
 def throughput_bench(
-    rounds: int, seconds: int, *, offload: bool = False
+    rounds: int, seconds: int, *, offload: bool = False, backend: str = "vxlan"
 ) -> tuple[float, float, int]:
     underlay = f"nsvc-bul-{PID}"
     hosts = {n: f"nsvc-bh{n}-{PID}" for n in (1, 2)}
     pods = {n: f"nsvc-bp{n}-{PID}" for n in (1, 2)}
     made: list[str] = []
     daemons: list[subprocess.Popen[bytes]] = []
+    mtu = "1420" if backend == "wireguard" else "1450"
     with tempfile.TemporaryDirectory(prefix="bench-overlay-") as tmp:
         snapshot = Path(tmp) / "snapshot.yaml"
         snapshot.write_text("---\n".join(_node(n) for n in (1, 2)))
@@ -212,8 +243,8 @@ def throughput_bench(
                 sh("ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
                 # the pod: a veth into the host, MTU of the overlay
                 sh(
-                    "ip", "-n", host, "link", "add", "pod0", "mtu", "1450", "type", "veth",
-                    "peer", "name", "eth0", "mtu", "1450", "netns", pods[n],
+                    "ip", "-n", host, "link", "add", "pod0", "mtu", mtu, "type", "veth",
+                    "peer", "name", "eth0", "mtu", mtu, "netns", pods[n],
                 )  # fmt: skip
                 sh("ip", "-n", host, "addr", "add", f"10.244.{n}.1/24", "dev", "pod0")
                 sh("ip", "-n", host, "link", "set", "pod0", "up")
@@ -224,9 +255,14 @@ def throughput_bench(
             env["NODE_SERVICES_OVERLAY_TX_CHECKSUM_OFFLOAD"] = "auto" if offload else "off"
             for n, host in hosts.items():
                 log = (Path(tmp) / f"daemon-{n}.log").open("wb")
+                private: list[str] = []
+                if backend == "wireguard":
+                    env["NODE_SERVICES_OVERLAY_WIREGUARD_KEY_FILE"] = f"{tmp}/wg{n}/private.key"
+                    private = ["unshare", "--mount", "--propagation", "private",
+                               "sh", "-c", _PRIVATE_WG_RUN, "sh"]  # fmt: skip
                 command = [
-                    "ip", "netns", "exec", host, sys.executable, "-m", "node_services",
-                    "run", "--node-name", f"node-{n}", "--overlay", "vxlan",
+                    "ip", "netns", "exec", host, *private, sys.executable, "-m", "node_services",
+                    "run", "--node-name", f"node-{n}", "--overlay", backend,
                     "--snapshot", str(snapshot), "--upstream", "127.0.0.1:1",
                     "--admin-listen", "127.0.0.1:9254", "--dns-listen", "127.0.0.1:5353",
                     "--metadata-listen", "127.0.0.1:8080", "--ipam-dir", f"{tmp}/ipam{n}",
@@ -236,6 +272,11 @@ def throughput_bench(
                 )
                 log.close()
             deadline = time.monotonic() + 30
+            if backend == "wireguard":  # publish the keys, as the Node annotations would
+                keys = _wireguard_keys(tmp, deadline)
+                tmp_snapshot = snapshot.with_suffix(".tmp")
+                tmp_snapshot.write_text("---\n".join(_node(n, keys.get(n, "")) for n in (1, 2)))
+                tmp_snapshot.replace(snapshot)
             while True:
                 ping = sh(
                     "ip", "netns", "exec", pods[1], "ping", "-c", "1", "-W", "1", "10.244.2.2",
@@ -257,6 +298,13 @@ def throughput_bench(
                 if daemon.poll() is None:
                     daemon.send_signal(signal.SIGTERM)
                     daemon.wait(timeout=10)
+            # the wireguard-go each daemon started (it outlives its daemon by design)
+            for n in hosts:
+                log_path = Path(tmp) / f"daemon-{n}.log"
+                text = log_path.read_text(errors="replace") if log_path.exists() else ""
+                for pid in re.findall(r"started wireguard-go for \S+ \(pid (\d+)", text):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGTERM)
             for ns in reversed(made):
                 sh("ip", "netns", "del", ns, check=False)
 
@@ -315,6 +363,18 @@ def main(argv: list[str] | None = None) -> int:
         label = "default" if offload else "offload off"
         record(f"VXLAN / underlay TCP ({label})", ratio, "x", f">= {TARGET_RATIO:g}x",
                (ratio >= TARGET_RATIO) if offload else None, shown=f"{ratio:.2f}x")  # fmt: skip
+    if shutil.which("wireguard-go") is None or not Path("/dev/net/tun").exists():
+        print("  wireguard-go or /dev/net/tun missing: WireGuard throughput skipped")
+    else:
+        overlay, plain, n = throughput_bench(rounds, seconds, backend="wireguard")
+        ratio = overlay / plain
+        print(
+            f"  iperf3 TCP, best of {n} x {seconds} s: pod->pod over WireGuard (wireguard-go, "
+            f"this kernel has no module) {overlay:.2f} Gbit/s, host->host over the underlay veth "
+            f"{plain:.2f} Gbit/s: {ratio:.2f}x"
+        )
+        record("WireGuard / underlay TCP (wireguard-go)", ratio, "x", "shown", None,
+               shown=f"{ratio:.2f}x ({overlay:.2f} Gbit/s)")  # fmt: skip
     print("(2 shared cores, other jobs running: numbers are noisy; compare within one run)")
     return 0
 

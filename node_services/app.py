@@ -27,11 +27,15 @@ from node_services.metadata.app import (
     parse_trusted_proxies,
 )
 from node_services.metadata.tree import Environment
-from node_services.overlay.reconcile import OverlayConfig, OverlayReconciler
+from node_services.overlay.reconcile import Announce, OverlayConfig, OverlayReconciler
 from node_services.sources.guard import Rejections
 from node_services.sources.kube.client import in_cluster
 from node_services.sources.kube.source import KubeSource
-from node_services.sources.kube.translate import PUBLIC_IP_ANNOTATION, VTEP_MAC_ANNOTATION
+from node_services.sources.kube.translate import (
+    PUBLIC_IP_ANNOTATION,
+    VTEP_MAC_ANNOTATION,
+    WIREGUARD_KEY_ANNOTATION,
+)
 from node_services.sources.static import SnapshotFile
 from node_services.state.store import Store
 
@@ -73,12 +77,18 @@ class Supervisor:
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
 
 
-def node_annotator(kube: KubeSource) -> Callable[[str, str], Awaitable[None]]:
+def node_annotator(kube: KubeSource) -> Announce:
     """Writes the overlay's VTEP MAC and underlay address as this node's annotations, where
-    peers read them (node-services.io/vtep-mac, node-services.io/public-ip)."""
+    peers read them (node-services.io/vtep-mac, node-services.io/public-ip), and with the
+    wireguard backend its public key (node-services.io/wireguard-public-key)."""
 
-    async def annotate(mac: str, address: str) -> None:
-        await kube.patch_node_annotations({VTEP_MAC_ANNOTATION: mac, PUBLIC_IP_ANNOTATION: address})
+    async def annotate(mac: str, address: str, wireguard_key: str = "") -> None:
+        annotations = {PUBLIC_IP_ANNOTATION: address}
+        if mac:  # "" from the wireguard backend when the node's own annotation is malformed
+            annotations[VTEP_MAC_ANNOTATION] = mac
+        if wireguard_key:  # the wireguard backend's public key (node-services.io/wireguard-...)
+            annotations[WIREGUARD_KEY_ANNOTATION] = wireguard_key
+        await kube.patch_node_annotations(annotations)
 
     return annotate
 

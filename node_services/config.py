@@ -21,9 +21,10 @@ from typing import Any, Final
 import yaml
 
 POD_RECORDS: Final = ("disabled", "insecure", "verified")
-OVERLAYS: Final = ("none", "vxlan", "host-gw")
+OVERLAYS: Final = ("none", "vxlan", "host-gw", "wireguard")
 IPAM_MODES: Final = ("auto", "on", "off")
 TX_CHECKSUM_OFFLOAD_MODES: Final = ("auto", "on", "off")
+WIREGUARD_IMPLEMENTATIONS: Final = ("auto", "kernel", "userspace")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
@@ -178,7 +179,9 @@ class Settings:
     overlay: str = "none"
     """Overlay between nodes: none, vxlan (one VXLAN device, a route + neighbour + FDB entry
     per peer) or host-gw (a route per peer via its underlay address; peers must be on a
-    directly connected network). Needs CAP_NET_ADMIN in the host's network namespace."""
+    directly connected network). Needs CAP_NET_ADMIN in the host's network namespace.
+    Also wireguard: one WireGuard device, a peer (public key, endpoint, AllowedIPs = its pod
+    CIDRs) and a route per pod CIDR per peer; pod traffic between nodes encrypted."""
 
     overlay_interface: str = ""
     """Interface whose address carries overlay traffic; default: the one holding this node's
@@ -191,7 +194,8 @@ class Settings:
 
     overlay_mtu: int = 0
     """MTU of the overlay device and of the pods (CNI conf); 0: the underlay interface's MTU
-    less 50 (VXLAN over IPv4; 70 over IPv6), or the underlay's for host-gw."""
+    less 50 (VXLAN over IPv4; 70 over IPv6), or the underlay's for host-gw; less 80 for
+    wireguard (both families)."""
 
     overlay_vxlan_device: str = "ns-vxlan.1"
     """Name of the VXLAN device (VXLAN only)."""
@@ -230,6 +234,29 @@ class Settings:
 
     log_level: str = "info"
     """debug, info, warning or error."""
+
+    overlay_wireguard_device: str = "ns-wg"
+    """Name of the WireGuard device (wireguard only)."""
+
+    overlay_wireguard_port: int = 51820
+    """WireGuard UDP listen port, the same on every node (peers' endpoints use it)."""
+
+    overlay_wireguard_keepalive: int = 0
+    """WireGuard PersistentKeepalive in seconds for every peer (keeps NAT mappings open);
+    0: off."""
+
+    overlay_wireguard_implementation: str = "auto"
+    """WireGuard implementation: auto (the kernel when a wireguard link can be made, else a
+    running wireguard-go serving the device, else wireguard-go started by the daemon), kernel
+    (generic netlink) or userspace (wireguard-go, configured over its UAPI socket
+    /var/run/wireguard/<device>.sock; it keeps running when the daemon stops, as a kernel
+    device stays)."""
+
+    overlay_wireguard_key_file: Path = Path("/var/lib/node-services/wireguard/private.key")
+    """This node's WireGuard private key (base64, as `wg genkey` writes it), generated on first
+    start, mode 0600; the public key is published as the node annotation
+    node-services.io/wireguard-public-key (Cattle: a host label of that name). Write a new key
+    into it to rotate: peers are re-keyed within one reconcile."""
 
 
 FIELD_NAMES: Final = tuple(f.name for f in fields(Settings))
@@ -349,7 +376,9 @@ def _convert(key: str, value: Any) -> Any:
         return tuple(Path(str(v)) for v in _as_list(value))
     if key in ("kubeconfig", "cni_conf_dir"):
         return Path(str(value)) if value not in (None, "") else None
-    if key == "ipam_dir":
+    if key in ("ipam_dir", "overlay_wireguard_key_file"):
+        if key == "overlay_wireguard_key_file" and not str(value).strip():
+            raise ValueError("must be a file path")
         return Path(str(value))
     if key in ("ipam_leak_grace", "ipam_reconcile_interval", "overlay_reconcile_interval"):
         try:
@@ -409,7 +438,15 @@ def _convert(key: str, value: Any) -> Any:
         if not low <= number <= high or (key == "overlay_mtu" and 0 < number < 576):
             raise ValueError(f"{number} is out of range")
         return number
-    if key == "overlay_vxlan_device":
+    if key in ("overlay_wireguard_port", "overlay_wireguard_keepalive"):
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise ValueError(f"{value!r} is not a whole number")
+        number = int(value)
+        low, high = (1, 65535) if key == "overlay_wireguard_port" else (0, 65535)
+        if not low <= number <= high:
+            raise ValueError(f"{number} is out of range")
+        return number
+    if key in ("overlay_vxlan_device", "overlay_wireguard_device"):
         name = str(value).strip()
         if not 0 < len(name) < 16 or "/" in name or any(c.isspace() for c in name):
             raise ValueError(f"{value!r} is not an interface name (1-15 characters)")
@@ -443,6 +480,7 @@ def _convert(key: str, value: Any) -> Any:
         "log_level": LOG_LEVELS,
         "ipam": IPAM_MODES,
         "overlay_tx_checksum_offload": TX_CHECKSUM_OFFLOAD_MODES,
+        "overlay_wireguard_implementation": WIREGUARD_IMPLEMENTATIONS,
     }.get(key)
     if choices is not None:
         if isinstance(value, bool):  # YAML 1.1 reads a bare yes/no/on/off/true/false so

@@ -85,7 +85,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         f"{config}: dns_ttl: 'five' is not a whole number of seconds",
         f"{config}: pod_records: 'sometimes' is not one of disabled, insecure, verified",
         f"{config}: cluster_domain: '-bad-.local' is not a valid DNS domain",
-        "environment: NODE_SERVICES_OVERLAY: 'ipsec' is not one of none, vxlan, host-gw",
+        "environment: NODE_SERVICES_OVERLAY: 'ipsec' is not one of none, vxlan, host-gw, wireguard",
         "snapshots: /nonexistent/snap.yaml: no such file",
         "cattle_access_key/cattle_secret_key are set but cattle_url is not",
     ]
@@ -144,13 +144,13 @@ def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
 
 def test_check_config_lists_every_error_and_fails(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text("dns_ttl: -1\noverlay: wireguard\n")
+    config.write_text("dns_ttl: -1\noverlay: ipsec\n")
     result = cli("check-config", str(config))
     assert result.returncode == 1
     assert result.stderr == (
         "node-services: invalid configuration:\n"
         f"  {config}: dns_ttl: -1 is not a whole number of seconds\n"
-        f"  {config}: overlay: 'wireguard' is not one of none, vxlan, host-gw\n"
+        f"  {config}: overlay: 'ipsec' is not one of none, vxlan, host-gw, wireguard\n"
     )
 
 

@@ -66,6 +66,7 @@ class Peer:
     pod_cidrs: tuple[str, ...]  # normalised, both families, in record order
     underlay_ip: str
     vtep_mac: str
+    wireguard_key: str = ""  # base64 public key (node-services.io/wireguard-public-key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,5 +255,7 @@ def peers_of(hosts: Iterable[Host], node_name: str) -> tuple[list[Peer], list[Re
             claims.claim(net, host.name)
             kept.append(cidr)
         if kept:
-            peers.append(Peer(host.name, host.key, tuple(kept), underlay, mac))
+            peers.append(
+                Peer(host.name, host.key, tuple(kept), underlay, mac, host.wireguard_public_key)
+            )
     return peers, refusals

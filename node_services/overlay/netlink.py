@@ -1,12 +1,12 @@
 """The overlay's kernel interface: reads and writes links, addresses, routes, neighbours, FDB.
 
-The only module of node_services that talks netlink (pyroute2 for the VXLAN link and its
-addresses, set up once; the fixed-size route/neighbour/FDB messages through :mod:`rtnl` in
-batches, for speed). Everything here blocks: the reconciler calls it from a worker thread
-(``asyncio.to_thread``), never on the event loop. What is ours: routes with
-:data:`~node_services.overlay.model.ROUTE_PROTOCOL` in the main table, and every neighbour
-and FDB entry on our VXLAN device; nothing else is read back as ours, so nothing else is ever
-changed or removed.
+The overlay's rtnetlink module (the WireGuard device's own API is in :mod:`wgdriver`):
+pyroute2 for the VXLAN link and its addresses, set up once; the fixed-size route/neighbour/FDB
+messages through :mod:`rtnl` in batches, for speed. Everything here blocks: the reconciler
+calls it from a worker thread (``asyncio.to_thread``), never on the event loop. What is
+ours: routes with :data:`~node_services.overlay.model.ROUTE_PROTOCOL` in the main table, and
+every neighbour and FDB entry on our VXLAN device; nothing else is read back as ours, so
+nothing else is ever changed or removed.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def describe(change: Change) -> str:
     entry = change.entry
     if isinstance(entry, Route):
         onlink = " onlink" if entry.onlink else ""
-        what = f"route {entry.dst} via {entry.gateway} dev {entry.device}{onlink}"
+        via = f" via {entry.gateway}" if entry.gateway else ""
+        what = f"route {entry.dst}{via} dev {entry.device}{onlink}"
     elif isinstance(entry, Neighbour):
         what = f"neighbour {entry.ip} lladdr {entry.mac} dev {entry.device}"
     else:

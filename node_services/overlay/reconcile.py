@@ -17,17 +17,19 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from node_services.config import Settings
-from node_services.overlay import cniconf, hostgw, vxlan
+from node_services.overlay import cniconf, hostgw, vxlan, wgkeys, wireguard
 from node_services.overlay.model import (
     Desired,
     Neighbour,
+    Peer,
     Refusal,
     Route,
+    Underlay,
     peers_of,
     underlay_ip_of,
     vtep_mac_of,
@@ -45,12 +47,19 @@ from node_services.overlay.netlink import (
     OverlayError,
     describe,
 )
+from node_services.overlay.wgdriver import WireGuard, WireGuardDevice
+from node_services.state.records import Host
 from node_services.state.store import Snapshot, Store, Subscription
 
 log = logging.getLogger(__name__)
 
-Announce = Callable[[str, str], Awaitable[None]]
-"""Publishes this node's (VTEP MAC, underlay address), e.g. as Kubernetes node annotations."""
+
+class Announce(Protocol):
+    """Publishes this node's VTEP MAC, underlay address and (wireguard backend) WireGuard
+    public key, e.g. as Kubernetes node annotations."""
+
+    def __call__(self, mac: str, address: str, wireguard_key: str = "") -> Awaitable[None]: ...
+
 
 NodeUp = Callable[[], Awaitable[None]]
 """Tells the cluster this node's routes are programmed, e.g. Kubernetes NetworkUnavailable=False."""
@@ -77,6 +86,11 @@ class OverlayConfig:
     interval: float = 10.0
     cni_conf_dir: Path | None = None
     ipam_dir: Path = Path("/var/lib/node-services/ipam")
+    wireguard_device: str = wireguard.DEFAULT_DEVICE
+    wireguard_port: int = wireguard.DEFAULT_PORT
+    wireguard_keepalive: int = 0
+    wireguard_implementation: str = "auto"
+    wireguard_key_file: Path = Path("/var/lib/node-services/wireguard/private.key")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OverlayConfig:
@@ -95,6 +109,11 @@ class OverlayConfig:
             interval=settings.overlay_reconcile_interval,
             cni_conf_dir=settings.cni_conf_dir,
             ipam_dir=settings.ipam_dir,
+            wireguard_device=settings.overlay_wireguard_device,
+            wireguard_port=settings.overlay_wireguard_port,
+            wireguard_keepalive=settings.overlay_wireguard_keepalive,
+            wireguard_implementation=settings.overlay_wireguard_implementation,
+            wireguard_key_file=settings.overlay_wireguard_key_file,
         )
 
 
@@ -146,7 +165,9 @@ class PassResult:
     device_repairs: tuple[str, ...]
     mtu: int
     cni_error: str = ""
-    own: tuple[str, str] | None = None  # (VTEP MAC, underlay address) of this node's device
+    own: tuple[str, str, str] | None = None
+    """(VTEP MAC, underlay address, WireGuard public key or "") of this node's device."""
+    peer_changes: tuple[wireguard.PeerChange, ...] = ()
 
 
 @dataclass(eq=False)
@@ -208,7 +229,9 @@ class OverlayReconciler:
     ``announce`` is set, this node's VTEP MAC and address are published (peers route to us
     only then). Retried on every pass until it succeeds, then never again. The Kubernetes
     source sets this node's NetworkUnavailable condition to False."""
-    _announced: tuple[str, str] | None = None
+    wireguard_device: WireGuard | None = None
+    """The WireGuard device (wireguard backend); made from the config when None."""
+    _announced: tuple[str, str, str] | None = None
     _node_up_done: bool = False
     _node_up_error: str = ""
     _refused: frozenset[Refusal] = frozenset()
@@ -238,6 +261,8 @@ class OverlayReconciler:
         finally:
             subscription.close()
             self.kernel.close()  # closes a socket: does not block
+            if self.wireguard_device is not None:
+                self.wireguard_device.close()
 
     async def _wait_for_hosts(self, subscription: Subscription) -> None:
         """Until a change the overlay reads (hosts, sync flags) or ``interval`` seconds: a pod
@@ -329,7 +354,7 @@ class OverlayReconciler:
             self.config.node_name,
         )
 
-    async def _announce(self, own: tuple[str, str]) -> None:
+    async def _announce(self, own: tuple[str, str, str]) -> None:
         assert self.announce is not None
         try:
             # bounded: an unreachable API server must not stall the reconcile loop
@@ -338,19 +363,23 @@ class OverlayReconciler:
         except Exception as exc:  # retried on the next pass
             self.metrics.errors.labels("announce").inc()
             log.warning(
-                "overlay %s: could not publish node %s's VTEP MAC %s / address %s: %s",
+                "overlay %s: could not publish node %s's VTEP MAC %s / address %s%s: %s",
                 self.config.backend,
                 self.config.node_name,
-                *own,
+                own[0],
+                own[1],
+                f" / WireGuard public key {own[2]}" if own[2] else "",
                 exc,
             )
             return
         self._announced = own
         log.info(
-            "overlay %s: published node %s's VTEP MAC %s and address %s",
+            "overlay %s: published node %s's VTEP MAC %s and address %s%s",
             self.config.backend,
             self.config.node_name,
-            *own,
+            own[0],
+            own[1],
+            f" and WireGuard public key {own[2]}" if own[2] else "",
         )
 
     def _pass(self, snapshot: Snapshot) -> PassResult:
@@ -363,6 +392,7 @@ class OverlayReconciler:
         peers, refusals = peers_of(snapshot.hosts.values(), config.node_name)
         underlay = self.kernel.underlay(config.interface, underlay_ip_of(me))
         device_repairs: list[str] = []
+        peer_changes: list[wireguard.PeerChange] = []
         if config.backend == "vxlan":
             mac = vtep_mac_of(me)
             if mac is None:
@@ -386,7 +416,11 @@ class OverlayReconciler:
             )
             actual = self.kernel.read(device.name)
             mtu = device.mtu
-            own: tuple[str, str] | None = (device.mac, device.local)
+            own: tuple[str, str, str] | None = (device.mac, device.local, "")
+        elif config.backend == "wireguard":
+            desired, actual, mtu, own, peer_changes, device_repairs = self._wireguard_pass(
+                me, peers, refusals, underlay
+            )
         else:
             own = None
             desired = hostgw.desired(peers, underlay, refusals=refusals)
@@ -411,7 +445,45 @@ class OverlayReconciler:
             mtu=mtu,
             cni_error=cni_error,
             own=own,
+            peer_changes=tuple(peer_changes),
         )
+
+    def _wireguard_pass(
+        self, me: Host, peers: list[Peer], refusals: list[Refusal], underlay: Underlay
+    ) -> tuple[Desired, Actual, int, tuple[str, str, str], list[wireguard.PeerChange], list[str]]:
+        """The wireguard backend's part of a pass: key, device, peers by diff, then routes."""
+        config = self.config
+        if self.wireguard_device is None:
+            self.wireguard_device = WireGuardDevice(config.wireguard_implementation)
+        wg = self.wireguard_device
+        try:
+            key, made = wgkeys.load_or_create(config.wireguard_key_file)
+        except wgkeys.KeyFileError as exc:
+            raise OverlayError("wireguard_key", str(exc)) from exc
+        if made:
+            log.info(
+                "overlay wireguard: generated this node's WireGuard key in %s (public key %s)",
+                config.wireguard_key_file,
+                key.public,
+            )
+        device = wireguard.device_for(
+            pod_cidrs=me.pod_cidrs,
+            underlay=underlay,
+            name=config.wireguard_device,
+            port=config.wireguard_port,
+            mtu=config.mtu,
+        )
+        device_repairs = wg.ensure(device, key)
+        desired, wanted = wireguard.desired(
+            peers, device, underlay, keepalive=config.wireguard_keepalive, refusals=refusals
+        )
+        # peers before routes: a route into the device is of use only with its peer in place
+        peer_changes = wireguard.plan_peers(wanted, wg.peers(device.name))
+        wg.apply(device.name, peer_changes)
+        actual = self.kernel.read(device.name)
+        mac = vtep_mac_of(me) or ""
+        own = (mac, underlay.address, key.public)
+        return desired, actual, device.mtu, own, peer_changes, device_repairs
 
     def _report(self, result: PassResult) -> None:
         metrics = self.metrics
@@ -428,6 +500,10 @@ class OverlayReconciler:
         failed = {failure.change for failure in result.failures}
         for kind in result.device_repairs:
             metrics.repairs.labels(kind).inc()
+        for peer_change in result.peer_changes:
+            metrics.repairs.labels(REPAIR_KINDS[peer_change.op]).inc()
+        for peer_change in result.peer_changes[:_LOGGED_CHANGES]:
+            log.info("overlay %s: %s", backend, wireguard.describe(peer_change))
         done = [change for change in result.changes if change not in failed]
         for change in done:
             metrics.repairs.labels(REPAIR_KINDS[change.op]).inc()

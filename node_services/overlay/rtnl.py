@@ -128,7 +128,7 @@ def route(
     )
     body += _attr(RTA_TABLE, _U32.pack(table))
     body += _attr(RTA_DST, net.network_address.packed)
-    if kind != RTM_DELROUTE or gateway:
+    if gateway:  # none: a route straight into the device (WireGuard is layer 3)
         body += _attr(RTA_GATEWAY, _packed(gateway))
     if oif:
         body += _attr(RTA_OIF, _U32.pack(oif))

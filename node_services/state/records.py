@@ -81,6 +81,7 @@ class Host:
     state: str = ""  # Cattle host state ("active"), Kubernetes Ready condition ("ready"/"notready")
     memory: int = 0  # bytes
     milli_cpu: int = 0
+    wireguard_public_key: str = ""  # node-services.io/wireguard-public-key (annotation / label)
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,7 @@ PREFIX: Final = "cattle:"
 STACK_NAME_LABEL: Final = "io.rancher.stack.name"
 LAUNCH_CONFIG_LABEL: Final = "io.rancher.service.launch.config"
 PRIMARY_LAUNCH_CONFIG: Final = "io.rancher.service.primary.launch.config"
+WIREGUARD_KEY_LABEL: Final = "node-services.io/wireguard-public-key"
 SERVICE_TYPES: Final = (
     "service",
     "externalService",
@@ -179,6 +180,7 @@ def _host(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
         raise TranslateError(ref, "name and hostname: missing")
     agent_ip = obj.get("agentIpAddress")
     memory_mb = integer(ref, "memory", obj.get("memory"))
+    labels = _labels(ref, "labels", obj.get("labels"))
     return [
         Host(
             key=key("host", str(obj["id"])),
@@ -188,10 +190,12 @@ def _host(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
             hostname=hostname or name,
             addresses=(ip(ref, "agentIpAddress", agent_ip),) if agent_ip else (),
             public_ip=ip(ref, "agentIpAddress", agent_ip) if agent_ip else "",
-            labels=_labels(ref, "labels", obj.get("labels")),
+            labels=labels,
             state=text(ref, "state", obj.get("state"), intern=True),
             memory=memory_mb * 1024 * 1024,
             milli_cpu=integer(ref, "milliCpu", obj.get("milliCpu")),
+            # a host label, as Cattle has no annotations (set with the agent's CATTLE_HOST_LABELS)
+            wireguard_public_key=label(labels, WIREGUARD_KEY_LABEL),
         )
     ]
 

@@ -39,6 +39,7 @@ from node_services.state.records import (
 PREFIX: Final = "k8s:"
 SERVICE_NAME_LABEL: Final = "kubernetes.io/service-name"
 VTEP_MAC_ANNOTATION: Final = "node-services.io/vtep-mac"
+WIREGUARD_KEY_ANNOTATION: Final = "node-services.io/wireguard-public-key"
 PUBLIC_IP_ANNOTATION: Final = "node-services.io/public-ip"
 
 
@@ -259,6 +260,7 @@ def _node(obj: Mapping[str, Any], source: str) -> list[Record]:
             state=state,
             memory=_quantity(ref, "status.capacity.memory", capacity.get("memory")),
             milli_cpu=_quantity(ref, "status.capacity.cpu", capacity.get("cpu"), milli=True),
+            wireguard_public_key=label(annotations, WIREGUARD_KEY_ANNOTATION),
         )
     ]
 
