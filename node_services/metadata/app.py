@@ -77,7 +77,15 @@ class MetadataConfig:
 
 
 _ROOT: Final = {v: f"/{v}" for v in (*API_VERSIONS, LATEST)}
-_ROOT_BODIES: Final = {fmt: render.body(_ROOT, fmt) for fmt in Format}
+_ROOT_BODIES: Final = {
+    **{fmt: render.body(_ROOT, fmt) for fmt in Format},
+    # yaml.v2 leaves these keys unquoted (PyYAML quotes them: they look like dates)
+    Format.YAML: "".join(f"{k}: {v}\n" for k, v in _ROOT.items()).encode(),
+}
+HEAD_LENGTH_BELOW: Final = 2048
+"""HEAD answers carry a Content-Length only for bodies shorter than this: Go's net/http
+knows the length of a HEAD answer only when the body fits its first buffer (2048 bytes)."""
+_DOUBLE_SLASH: Final = re.compile(r"//+")
 
 
 @dataclass(eq=False)
@@ -197,7 +205,9 @@ class MetadataServer:
         self, route: str, status: int, body: bytes, fmt: Format, version: int | None
     ) -> web.Response:
         self.metrics.count(route, status)
-        headers = {"Access-Control-Allow-Origin": "*", "Content-Type": fmt.value}
+        headers = {"Access-Control-Allow-Origin": "*"}
+        if body or fmt is not Format.TEXT:  # an empty text answer has no type (Go's)
+            headers["Content-Type"] = fmt.value
         if version is not None:
             headers["ETag"] = f'"{version}"'
         if status >= 400:
@@ -287,6 +297,8 @@ class MetadataServer:
             return self._error("forbidden", 403, f"{header} is not accepted", fmt)
 
         raw_path = request.raw_path.split("?", 1)[0]
+        if "//" in raw_path:
+            return self._redirect(request, _DOUBLE_SLASH.sub("/", raw_path))
         segments = raw_path[1:].rstrip("/").split("/")
         if segments == [""]:
             request[_ROUTE] = "root"
@@ -296,11 +308,20 @@ class MetadataServer:
                 headers={"Access-Control-Allow-Origin": "*", "Content-Type": fmt.value},
             )
         api_version = resolve_version(segments[0])
+        if api_version is None and segments == ["favicon.ico"]:
+            # Go's ServeMux: no route; every other first segment is a version to rancher-metadata
+            request[_ROUTE] = "other"
+            response = self._respond("other", 404, b"404 page not found\n", Format.TEXT, None)
+            response.headers["X-Content-Type-Options"] = "nosniff"
+            return response
         if api_version is None:
             request[_ROUTE] = "invalid_version"
             return self._error("invalid_version", 404, "Invalid version", fmt)
         if any(_BAD_ESCAPE.search(s) for s in segments[1:]):
-            return self._error("other", 400, "invalid URL escape in path", fmt)
+            # Go's server refuses the request line itself: the same body in every format
+            response = self._respond("other", 400, b"400 Bad Request", Format.TEXT, None)
+            response.force_close()
+            return response
         path = [unquote_plus(s) for s in segments[1:]]
         route = path[0].lower() if path and path[0].lower() in TOP_ROUTES else "other"
         if not path:
@@ -319,7 +340,23 @@ class MetadataServer:
             return self._respond(route, 304, b"", fmt, snapshot.version)
         caller = self._caller(snapshot, ip)
         status, body = await self.answer(snapshot, api_version, caller, path, fmt)
-        return self._respond(route, status, body, fmt, snapshot.version)
+        response = self._respond(route, status, body, fmt, snapshot.version)
+        if request.method == "HEAD" and len(body) >= HEAD_LENGTH_BELOW:
+            response.body = None  # no Content-Length, as Go's server sends a long HEAD answer
+        return response
+
+    def _redirect(self, request: web.BaseRequest, path: str) -> web.Response:
+        """301 to the path without repeated slashes (Go's ServeMux cleans paths so)."""
+        query = request.raw_path.partition("?")[2]
+        location = f"{path}?{query}" if query else path
+        request[_ROUTE] = "other"
+        self.metrics.count("other", 301)
+        body = f'<a href="{location}">Moved Permanently</a>.\n\n'.encode()
+        return web.Response(
+            status=301,
+            body=body if request.method == "GET" else None,
+            headers={"Location": location, "Content-Type": "text/html; charset=utf-8"},
+        )
 
     def _caller(self, snapshot: Snapshot, ip: str) -> str | None:
         workload = snapshot.workload_by_ip(ip)

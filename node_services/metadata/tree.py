@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
+from node_services.metadata.render import NIL_LIST
 from node_services.state.records import Host, Port, Service, Stack, Workload
 from node_services.state.store import Snapshot
 
@@ -251,7 +252,7 @@ class _Builder:
             "containers": list(containers.values()),
             "hosts": list(host_objs.values()),
             "name": env.name,
-            "networks": [],
+            "networks": self._networks(hosts),
             "region_name": env.region_name,
             "self": default_self,
             "services": list(service_objs.values()),
@@ -262,7 +263,7 @@ class _Builder:
         if self.lower:
             # rancher-metadata fills it only in its subscribe mode (2016-07-29 and latest);
             # the older versions have no such key
-            root["environments"] = None
+            root["environments"] = NIL_LIST
         return Tree(
             api_version=self.version,
             snapshot_version=snapshot.version,
@@ -297,6 +298,16 @@ class _Builder:
             if number is not None:
                 obj["hostId"] = number
         return obj
+
+    def _networks(self, hosts: list[Host]) -> list[Node]:
+        """The Cattle networks the hosts' containers use (each once, by uuid)."""
+        networks: dict[str, dict[str, Node]] = {}
+        for host in hosts:
+            if host.network_json and host.network_json not in networks:
+                network = json.loads(host.network_json)
+                network.update(environment_uuid=self.env.uuid, metadata_kind="network")
+                networks[host.network_json] = network
+        return list(networks.values())
 
     def _stack(self, stack: Stack, services: list[dict[str, Node]]) -> dict[str, Node]:
         return {
@@ -333,18 +344,47 @@ class _Builder:
         if not health:
             # Cattle leaves it null without a health check
             health = None if cattle else "healthy" if workload.ready else "unhealthy"
-        standalone = cattle and entry is None  # Cattle: null service fields
-        obj: dict[str, Node] = {
+        if not cattle:  # a pod: the fields Rancher 1.x showed for Kubernetes pods
+            obj: dict[str, Node] = {
+                "create_index": workload.create_index,
+                "dns": list(workload.dns),
+                "dns_search": list(workload.dns_search),
+                "environment_uuid": self.env.uuid,
+                "external_id": workload.external_id,
+                "health_state": health,
+                "host_uuid": host.uuid if host is not None else "",
+                "ips": list(workload.ips),
+                "labels": _labels(workload.labels),
+                "links": {},
+                "metadata_kind": "container",
+                "name": self._name(workload.name),
+                "network_uuid": "",
+                "ports": self._ports(workload, host),
+                "primary_ip": workload.ips[0] if workload.ips else "",
+                "service_index": workload.service_index,
+            }
+            if entry is not None:
+                obj["service_name"] = self._name(entry.name)
+                obj["service_uuid"] = entry.service.uuid
+            if stack is not None or workload.namespace:
+                name = stack.name if stack is not None else workload.namespace
+                obj["stack_name"] = self._name(name)
+                obj["stack_uuid"] = stack.uuid if stack is not None else ""
+            obj["state"] = workload.state
+            obj["uuid"] = workload.uuid
+            return obj
+        standalone = entry is None  # Cattle: null service fields
+        obj = {
             "create_index": None if standalone else workload.create_index,
             "dns": list(workload.dns),
             "dns_search": list(workload.dns_search),
             "environment_uuid": self.env.uuid,
             "external_id": workload.external_id,
             "health_check": _json(workload.health_check_json),
-            "health_check_hosts": [],
+            "health_check_hosts": [],  # not in the v2-beta resources
             "health_state": health,
             "host_uuid": host.uuid if host is not None else "",
-            "hostname": workload.hostname or None if cattle else workload.hostname,
+            "hostname": workload.hostname or None,
             "ips": list(workload.ips),
             "labels": _labels(workload.labels),
             "links": self._container_links(workload),
@@ -362,12 +402,12 @@ class _Builder:
         if entry is not None:
             obj["service_name"] = self._name(entry.name)
             obj["service_uuid"] = entry.service.uuid
-        elif cattle:
+        else:
             obj["service_name"] = None
         if stack is not None or workload.namespace:
             obj["stack_name"] = self._name(stack.name if stack is not None else workload.namespace)
             obj["stack_uuid"] = stack.uuid if stack is not None else ""
-        elif cattle:
+        else:
             obj["stack_name"] = obj["stack_uuid"] = None
         obj["start_count"] = workload.start_count
         obj["state"] = workload.state

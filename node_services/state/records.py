@@ -84,6 +84,9 @@ class Host:
     milli_cpu: int = 0
     agent_state: str = ""  # Cattle agentState ("active", "reconnecting")
     local_storage_mb: int | None = None  # Cattle localStorageMb (None: not reported)
+    # Cattle: the managed network its containers use, in rancher-metadata's shape (canonical
+    # JSON, "" = none); Cattle networks are no record kind of their own
+    network_json: str = ""
 
 
 @dataclass(frozen=True, slots=True)

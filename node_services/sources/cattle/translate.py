@@ -94,6 +94,7 @@ class CattleNetwork:
     subnets: tuple[CattleSubnet, ...] = ()  # embedded ``subnets``
     bridge_subnets: tuple[str, ...] = ()  # metadata.cniConfig.<file>.bridgeSubnet, by file name
     uuid: str = ""
+    shown_json: str = ""  # the network as rancher-metadata shows it, but is_default
 
 
 @dataclass(frozen=True, slots=True)
@@ -577,6 +578,16 @@ def _network(obj: Mapping[str, Any], source: str, ref: str) -> list[Translated]:
             subnets=tuple(subnets),
             bridge_subnets=tuple(bridge_subnets),
             uuid=text(ref, "uuid", obj.get("uuid")),
+            shown_json=_canonical(
+                {
+                    "default_policy_action": obj.get("defaultPolicyAction"),
+                    "host_ports": obj.get("hostPorts"),
+                    "metadata": metadata,
+                    "name": obj.get("name"),
+                    "policy": obj.get("policy"),
+                    "uuid": obj.get("uuid"),
+                }
+            ),
         )
     ]
 
@@ -689,6 +700,14 @@ def resolve_networks(items: Iterable[Translated]) -> list[Record]:
     network = _default_network(networks, projects)
     if network is None:
         return records
+    if network.shown_json:
+        shown = _canonical({**json.loads(network.shown_json), "is_default": True})
+        records = [
+            dataclasses.replace(record, network_json=shown)
+            if isinstance(record, Host) and record.key.startswith(PREFIX)
+            else record
+            for record in records
+        ]
     cidrs = network_cidrs(network, subnets.get(network.key, ()))
     if not cidrs:
         log.warning(
