@@ -182,10 +182,13 @@ def category(case: dict[str, Any], what: str) -> str:
     shape: list[str] = []
     for i, segment in enumerate(segments[1:], start=1):
         parent = segments[i - 1].lower()
-        if (i >= 2 and (
-            parent in ("services", "stacks", "containers", "hosts", "networks")
-            or _INDEX.match(segment)
-        )) or (parent in ("labels", "metadata", "links") and i >= 3):
+        if (
+            i >= 2
+            and (
+                parent in ("services", "stacks", "containers", "hosts", "networks")
+                or _INDEX.match(segment)
+            )
+        ) or (parent in ("labels", "metadata", "links") and i >= 3):
             shape.append("*")
         else:
             shape.append(segment)
