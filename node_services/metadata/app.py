@@ -13,6 +13,7 @@ publishes, nothing polls.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -27,6 +28,7 @@ from node_services.metadata import render
 from node_services.metadata.caches import DEFAULT_BUDGET, AnswerCaches
 from node_services.metadata.callers import CallerResolver, IPNetwork
 from node_services.metadata.callers import parse_trusted_proxies as parse_trusted_proxies
+from node_services.metadata.fastpath import FastPath
 from node_services.metadata.framing import BadRequests, ParseErrorLog, framing_error
 from node_services.metadata.longpoll import SentResponse, VersionWaiters
 from node_services.metadata.metrics import MetadataMetrics as MetadataMetrics
@@ -86,6 +88,7 @@ HEAD_LENGTH_BELOW: Final = 2048
 """HEAD answers carry a Content-Length only for bodies shorter than this: Go's net/http
 knows the length of a HEAD answer only when the body fits its first buffer (2048 bytes)."""
 _DOUBLE_SLASH: Final = re.compile(r"//+")
+_REASONS: Final = {200: "OK", 404: "Not Found"}
 
 
 @dataclass(eq=False)
@@ -100,6 +103,12 @@ class MetadataServer:
         field(default_factory=dict)
     )
     _fast_version: int = -1
+    _wire: dict[tuple[bytes, bytes | None, str], tuple[Counter, bytes, bytes]] = field(
+        default_factory=dict
+    )
+    """The fast path's answers as bytes, by (raw path, Accept, peer): see fastpath.py."""
+    _listener: asyncio.Server | None = None
+    _fastpath: FastPath | None = None
     _version_bodies: dict[tuple[int, Format], bytes] = field(default_factory=dict)
     _runner: web.ServerRunner | None = None
     _version_waiters: VersionWaiters | None = None
@@ -261,7 +270,48 @@ class MetadataServer:
             counter = self.metrics.child(route, response.status)
             entry = (counter, response.status, body, dict(response.headers))
             self.caches.remember(self._fast, fast_key, entry)
+            if request.version == (1, 1) and isinstance(body, bytes):
+                self._remember_wire(fast_key, counter, response.status, body, entry[3])
         return response
+
+    def _remember_wire(
+        self,
+        key: tuple[str, str | None, str | None],
+        counter: Counter,
+        status: int,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> None:
+        """Keep a fast-path answer as the bytes :mod:`fastpath` writes (ASCII paths and
+        Accept headers only: then the bytes on the wire are the key's exactly)."""
+        raw_path, accept, peer = key
+        if not raw_path.isascii() or (accept is not None and not accept.isascii()) or not peer:
+            return
+        lines = [f"HTTP/1.1 {status} {_REASONS[status]}"]
+        lines += [
+            f"{name}: {value}"
+            for name, value in headers.items()
+            if name.lower() not in ("content-length", "date", "server")
+        ]
+        lines.append(f"Content-Length: {len(body)}")
+        head = "\r\n".join(lines).encode("latin-1")
+        wire_key = (raw_path.encode(), accept.encode() if accept is not None else None, peer)
+        self.caches.remember(self._wire, wire_key, (counter, head, b"\r\n\r\n" + body))
+
+    def wire_answer(
+        self, path: bytes, accept: bytes | None, peer: str
+    ) -> tuple[bytes, bytes] | None:
+        """A prebuilt answer of the snapshot shown, for :mod:`fastpath` (counted here)."""
+        snapshot = self.view.snapshot
+        if snapshot.version != self._fast_version:
+            self._new_version(snapshot.version)
+            return None
+        hit = self._wire.get((path, accept, peer))
+        if hit is None:
+            return None
+        counter, head, rest = hit
+        counter.inc()
+        return head, rest
 
     def _new_version(self, version: int) -> None:
         """A new snapshot is shown: the caches start over with its trees'."""
@@ -269,6 +319,8 @@ class MetadataServer:
         self.caches.new_version()
         garbage: list[object] = [self._fast]
         self._fast = self.caches.track({})
+        garbage.append(self._wire)
+        self._wire = self.caches.track({})
         self.trees.dispose(garbage)
         for tree in self.trees.shown(version):
             self.caches.track(tree.responses)
@@ -513,17 +565,26 @@ class MetadataServer:
         )
 
     async def start(self, host: str, port: int) -> None:
-        """Listen on host:port until :meth:`stop`."""
+        """Listen on host:port until :meth:`stop`: each connection starts on the fast path
+        (:mod:`fastpath`), which hands it to aiohttp's server when it needs more."""
+        web_server = self.make_server()
         self._runner = web.ServerRunner(
-            self.make_server(),
+            web_server,
             handle_signals=False,
             shutdown_timeout=0.5,  # long-polls are cut short at shutdown
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, backlog=BACKLOG, reuse_address=True)
-        await site.start()
+        self._fastpath = FastPath(self, web_server, self.config.idle_timeout)
+        self._listener = await asyncio.get_running_loop().create_server(
+            self._fastpath, host, port, backlog=BACKLOG, reuse_address=True
+        )
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._fastpath is not None:
+            self._fastpath.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
