@@ -272,26 +272,24 @@ _STRANGERS = ("host", "127.0.1.250")  # callers that are no container
 class Quirks:
     """The reference's answers with its listed bugs taken out: what we are to answer."""
 
-    tokens: dict[str, str]  # service uuid -> token
     caller_tokens: dict[str, str]  # container address -> its service's token
     node_host_id: int  # worker-a's hostId (2015-* versions)
 
     @classmethod
     def load(cls) -> Quirks:
         resources = json.loads(RESOURCES.read_text())
-        services = {r["id"]: r for r in resources if "launchConfig" in r or "kind" in r}
-        tokens = {}
-        for resource in resources:
-            token = (resource.get("data") or {}).get("fields", {}).get("token")
-            if token and resource.get("uuid"):
-                tokens[resource["uuid"]] = token
-        caller_tokens = {}
-        for resource in resources:
-            if resource["type"] == "container" and resource.get("serviceIds"):
-                service = services[resource["serviceIds"][0]]
-                caller_tokens[resource["primaryIpAddress"]] = tokens[service["uuid"]]
+        tokens = {  # Cattle keeps a service's token in its data fields
+            r["id"]: r["data"]["fields"]["token"]
+            for r in resources
+            if r["type"] in ("service", "externalService", "dnsService", "loadBalancerService")
+        }
+        caller_tokens = {
+            r["primaryIpAddress"]: tokens[r["serviceIds"][0]]
+            for r in resources
+            if r["type"] == "container" and r.get("serviceIds")
+        }
         host = next(r for r in resources if r["type"] == "host" and r["name"] == NODE)
-        return cls(tokens, caller_tokens, int(host["id"][2:]))
+        return cls(caller_tokens, int(host["id"][2:]))
 
     def expected(
         self, case: dict[str, Any], by_path: dict[tuple[str, str, str, str | None], Any]
