@@ -393,7 +393,10 @@ class _Builder:
             "milli_cpu_reservation": workload.milli_cpu_reservation,
             "name": self._name(workload.name),
             "network_from_container_uuid": None,
-            "network_uuid": workload.network_uuid,
+            # a network key is left there by a translation not yet resolved: unknown
+            "network_uuid": ""
+            if workload.network_uuid.startswith(_CATTLE)
+            else workload.network_uuid,
             "ports": self._ports(workload, host),
             "primary_ip": workload.ips[0] if workload.ips else "",
             "primary_mac_address": workload.primary_mac_address or None,
