@@ -34,7 +34,12 @@ from bench._common import record
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "tests" / "fixtures" / "cattle" / "recorded-scenario.json"
 
-TARGET_RATIO = 0.8
+TARGET_RATIO = 1.5
+"""Our requests per server CPU-second over the floor's, on /latest/services (the Go
+rancher-metadata measured about 1.2-1.3x here)."""
+TARGET_LATENCY_P99 = 0.005
+"""p99 latency at 50 connections, seconds."""
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # With 2+ cores, servers on CPU 1 and wrk on CPU 0, so they do not trade places mid-run.
 _PIN = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
@@ -61,6 +66,10 @@ MINIMAL_SERVER = textwrap.dedent(
     """
 )
 """The floor: one route answering each path with the same bytes as the daemon, from a dict."""
+
+
+DEEP_LEAF = "/latest/stacks/web/services/nginx/containers/0/labels/io.rancher.stack.name"
+"""A leaf eight keys deep: a walk through a stack, its service and a container's labels."""
 
 
 def free_port() -> int:
@@ -152,19 +161,45 @@ def bump(path: Path, value: str) -> None:
     path.write_text(json.dumps(resources))
 
 
-def wrk(url: str, seconds: int, connections: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def wrk(url: str, seconds: int, connections: int, server_pid: int) -> tuple[float, float, float]:
+    """(requests/s, requests per server CPU-second, p99 latency in seconds) of one wrk run."""
+    before = cpu_seconds(server_pid)
     out = subprocess.run(
-        [*PIN_CLIENT, "wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", url],
+        [
+            *PIN_CLIENT,
+            "wrk",
+            "--latency",
+            "-t",
+            "1",
+            "-c",
+            str(connections),
+            "-d",
+            f"{seconds}s",
+            url,
+        ],
         capture_output=True,
         text=True,
         check=True,
         timeout=seconds + 30,
     ).stdout
+    used = cpu_seconds(server_pid) - before
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if match is None or errors is not None:
+    if match is None or total is None or p99 is None or errors is not None:
         raise RuntimeError(f"wrk failed against {url}:\n{out}")
-    return float(match.group(1))
+    per_cpu = int(total.group(1)) / used if used > 0 else 0.0
+    return float(match.group(1)), per_cpu, float(p99.group(1)) * _UNITS[p99.group(2)]
 
 
 def park(url: str, count: int) -> list[socket.socket]:
@@ -361,7 +396,11 @@ def main(argv: list[str] | None = None) -> int:
             base = f"http://127.0.0.1:{md_port}"
             admin = f"http://127.0.0.1:{admin_port}"
             wait_http(admin + "/readyz")
-            paths = ("/latest/self/container/name", "/latest/services")
+            paths = (
+                "/latest/self/container/name",
+                "/latest/services",
+                DEEP_LEAF,
+            )
             bodies = Path(tmp) / "bodies.json"
             bodies.write_text(json.dumps({p: get(base + p) for p in paths}))
             peer = subprocess.Popen(
@@ -378,25 +417,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"snapshot: {services} services in the tree")
             rounds = 3 if args.quick else 5
             print(
-                f"\nrequests/s, wrk -t1 -c50 -d{seconds}s, best of {rounds} interleaved rounds; "
-                "floor = a minimal aiohttp handler returning the same bytes from a dict:"
+                f"\nwrk -t1 -c50 -d{seconds}s, best of {rounds} interleaved rounds; requests per"
+                " server CPU-second (the server process's utime+stime from /proc), requests/s"
+                " and p99\nlatency; floor = a minimal aiohttp handler returning the same bytes "
+                "from a dict:"
             )
             for path in paths:
-                ours = floor = 0.0
+                ours = floor = (0.0, 0.0, float("inf"))
                 for _ in range(rounds):
-                    floor = max(floor, wrk(f"http://127.0.0.1:{peer_port}{path}", seconds, 50))
-                    ours = max(ours, wrk(base + path, seconds, 50))
-                verdict = "ok" if ours / floor >= TARGET_RATIO else "BELOW TARGET"
+                    theirs = wrk(f"http://127.0.0.1:{peer_port}{path}", seconds, 50, peer.pid)
+                    mine = wrk(base + path, seconds, 50, daemon.pid)
+                    floor = (
+                        max(floor[0], theirs[0]),
+                        max(floor[1], theirs[1]),
+                        min(floor[2], theirs[2]),
+                    )
+                    ours = (max(ours[0], mine[0]), max(ours[1], mine[1]), min(ours[2], mine[2]))
+                ratio = ours[1] / floor[1] if floor[1] else 0.0
+                judged = path == "/latest/services"
+                passed = ratio >= TARGET_RATIO and ours[2] < TARGET_LATENCY_P99
+                verdict = ("ok" if passed else "BELOW TARGET") if judged else "(not judged)"
                 record(
-                    f"{path} vs aiohttp floor",
-                    ours / floor,
+                    f"{path} per CPU-second vs aiohttp floor",
+                    ratio,
                     "x",
-                    f">= {TARGET_RATIO}x",
-                    ours / floor >= TARGET_RATIO,
+                    f">= {TARGET_RATIO}x, p99 < {TARGET_LATENCY_P99 * 1000:.0f} ms"
+                    if judged
+                    else "",
+                    passed if judged else None,
                 )
                 print(
-                    f"  {path:30s} ours {ours:8.0f}  floor {floor:8.0f}  = {ours / floor:.2f}x "
-                    f"(target >= {TARGET_RATIO}x) {verdict}"
+                    f"  {path}\n    ours  {ours[1]:8.0f} req/CPU-s {ours[0]:8.0f} req/s "
+                    f"p99 {ours[2] * 1000:5.2f} ms\n    floor {floor[1]:8.0f} req/CPU-s "
+                    f"{floor[0]:8.0f} req/s p99 {floor[2] * 1000:5.2f} ms\n    = {ratio:.2f}x "
+                    f"per CPU-second (target >= {TARGET_RATIO}x on /latest/services, p99 < "
+                    f"{TARGET_LATENCY_P99 * 1000:.0f} ms) {verdict}"
                 )
 
             print(

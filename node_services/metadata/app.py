@@ -13,6 +13,7 @@ publishes, nothing polls.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -27,6 +28,7 @@ from node_services.metadata import render
 from node_services.metadata.caches import DEFAULT_BUDGET, AnswerCaches
 from node_services.metadata.callers import CallerResolver, IPNetwork
 from node_services.metadata.callers import parse_trusted_proxies as parse_trusted_proxies
+from node_services.metadata.fastpath import FastPath
 from node_services.metadata.framing import BadRequests, ParseErrorLog, framing_error
 from node_services.metadata.longpoll import SentResponse, VersionWaiters
 from node_services.metadata.metrics import MetadataMetrics as MetadataMetrics
@@ -77,7 +79,16 @@ class MetadataConfig:
 
 
 _ROOT: Final = {v: f"/{v}" for v in (*API_VERSIONS, LATEST)}
-_ROOT_BODIES: Final = {fmt: render.body(_ROOT, fmt) for fmt in Format}
+_ROOT_BODIES: Final = {
+    **{fmt: render.body(_ROOT, fmt) for fmt in Format},
+    # yaml.v2 leaves these keys unquoted (PyYAML quotes them: they look like dates)
+    Format.YAML: "".join(f"{k}: {v}\n" for k, v in _ROOT.items()).encode(),
+}
+HEAD_LENGTH_BELOW: Final = 2048
+"""HEAD answers carry a Content-Length only for bodies shorter than this: Go's net/http
+knows the length of a HEAD answer only when the body fits its first buffer (2048 bytes)."""
+_DOUBLE_SLASH: Final = re.compile(r"//+")
+_REASONS: Final = {200: "OK", 404: "Not Found"}
 
 
 @dataclass(eq=False)
@@ -92,6 +103,12 @@ class MetadataServer:
         field(default_factory=dict)
     )
     _fast_version: int = -1
+    _wire: dict[tuple[bytes, bytes | None, str], tuple[Counter, bytes, bytes]] = field(
+        default_factory=dict
+    )
+    """The fast path's answers as bytes, by (raw path, Accept, peer): see fastpath.py."""
+    _listener: asyncio.Server | None = None
+    _fastpath: FastPath | None = None
     _version_bodies: dict[tuple[int, Format], bytes] = field(default_factory=dict)
     _runner: web.ServerRunner | None = None
     _version_waiters: VersionWaiters | None = None
@@ -197,7 +214,9 @@ class MetadataServer:
         self, route: str, status: int, body: bytes, fmt: Format, version: int | None
     ) -> web.Response:
         self.metrics.count(route, status)
-        headers = {"Access-Control-Allow-Origin": "*", "Content-Type": fmt.value}
+        headers = {"Access-Control-Allow-Origin": "*"}
+        if body or fmt is not Format.TEXT:  # an empty text answer has no type (Go's)
+            headers["Content-Type"] = fmt.value
         if version is not None:
             headers["ETag"] = f'"{version}"'
         if status >= 400:
@@ -251,7 +270,48 @@ class MetadataServer:
             counter = self.metrics.child(route, response.status)
             entry = (counter, response.status, body, dict(response.headers))
             self.caches.remember(self._fast, fast_key, entry)
+            if request.version == (1, 1) and isinstance(body, bytes):
+                self._remember_wire(fast_key, counter, response.status, body, entry[3])
         return response
+
+    def _remember_wire(
+        self,
+        key: tuple[str, str | None, str | None],
+        counter: Counter,
+        status: int,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> None:
+        """Keep a fast-path answer as the bytes :mod:`fastpath` writes (ASCII paths and
+        Accept headers only: then the bytes on the wire are the key's exactly)."""
+        raw_path, accept, peer = key
+        if not raw_path.isascii() or (accept is not None and not accept.isascii()) or not peer:
+            return
+        lines = [f"HTTP/1.1 {status} {_REASONS[status]}"]
+        lines += [
+            f"{name}: {value}"
+            for name, value in headers.items()
+            if name.lower() not in ("content-length", "date", "server")
+        ]
+        lines.append(f"Content-Length: {len(body)}")
+        head = "\r\n".join(lines).encode("latin-1")
+        wire_key = (raw_path.encode(), accept.encode() if accept is not None else None, peer)
+        self.caches.remember(self._wire, wire_key, (counter, head, b"\r\n\r\n" + body))
+
+    def wire_answer(
+        self, path: bytes, accept: bytes | None, peer: str
+    ) -> tuple[bytes, bytes] | None:
+        """A prebuilt answer of the snapshot shown, for :mod:`fastpath` (counted here)."""
+        snapshot = self.view.snapshot
+        if snapshot.version != self._fast_version:
+            self._new_version(snapshot.version)
+            return None
+        hit = self._wire.get((path, accept, peer))
+        if hit is None:
+            return None
+        counter, head, rest = hit
+        counter.inc()
+        return head, rest
 
     def _new_version(self, version: int) -> None:
         """A new snapshot is shown: the caches start over with its trees'."""
@@ -259,6 +319,8 @@ class MetadataServer:
         self.caches.new_version()
         garbage: list[object] = [self._fast]
         self._fast = self.caches.track({})
+        garbage.append(self._wire)
+        self._wire = self.caches.track({})
         self.trees.dispose(garbage)
         for tree in self.trees.shown(version):
             self.caches.track(tree.responses)
@@ -287,6 +349,8 @@ class MetadataServer:
             return self._error("forbidden", 403, f"{header} is not accepted", fmt)
 
         raw_path = request.raw_path.split("?", 1)[0]
+        if "//" in raw_path:
+            return self._redirect(request, _DOUBLE_SLASH.sub("/", raw_path))
         segments = raw_path[1:].rstrip("/").split("/")
         if segments == [""]:
             request[_ROUTE] = "root"
@@ -296,11 +360,20 @@ class MetadataServer:
                 headers={"Access-Control-Allow-Origin": "*", "Content-Type": fmt.value},
             )
         api_version = resolve_version(segments[0])
+        if api_version is None and segments == ["favicon.ico"]:
+            # Go's ServeMux: no route; every other first segment is a version to rancher-metadata
+            request[_ROUTE] = "other"
+            response = self._respond("other", 404, b"404 page not found\n", Format.TEXT, None)
+            response.headers["X-Content-Type-Options"] = "nosniff"
+            return response
         if api_version is None:
             request[_ROUTE] = "invalid_version"
             return self._error("invalid_version", 404, "Invalid version", fmt)
         if any(_BAD_ESCAPE.search(s) for s in segments[1:]):
-            return self._error("other", 400, "invalid URL escape in path", fmt)
+            # Go's server refuses the request line itself: the same body in every format
+            response = self._respond("other", 400, b"400 Bad Request", Format.TEXT, None)
+            response.force_close()
+            return response
         path = [unquote_plus(s) for s in segments[1:]]
         route = path[0].lower() if path and path[0].lower() in TOP_ROUTES else "other"
         if not path:
@@ -319,7 +392,23 @@ class MetadataServer:
             return self._respond(route, 304, b"", fmt, snapshot.version)
         caller = self._caller(snapshot, ip)
         status, body = await self.answer(snapshot, api_version, caller, path, fmt)
-        return self._respond(route, status, body, fmt, snapshot.version)
+        response = self._respond(route, status, body, fmt, snapshot.version)
+        if request.method == "HEAD" and len(body) >= HEAD_LENGTH_BELOW:
+            response.body = None  # no Content-Length, as Go's server sends a long HEAD answer
+        return response
+
+    def _redirect(self, request: web.BaseRequest, path: str) -> web.Response:
+        """301 to the path without repeated slashes (Go's ServeMux cleans paths so)."""
+        query = request.raw_path.partition("?")[2]
+        location = f"{path}?{query}" if query else path
+        request[_ROUTE] = "other"
+        self.metrics.count("other", 301)
+        body = f'<a href="{location}">Moved Permanently</a>.\n\n'.encode()
+        return web.Response(
+            status=301,
+            body=body if request.method == "GET" else None,
+            headers={"Location": location, "Content-Type": "text/html; charset=utf-8"},
+        )
 
     def _caller(self, snapshot: Snapshot, ip: str) -> str | None:
         workload = snapshot.workload_by_ip(ip)
@@ -476,17 +565,26 @@ class MetadataServer:
         )
 
     async def start(self, host: str, port: int) -> None:
-        """Listen on host:port until :meth:`stop`."""
+        """Listen on host:port until :meth:`stop`: each connection starts on the fast path
+        (:mod:`fastpath`), which hands it to aiohttp's server when it needs more."""
+        web_server = self.make_server()
         self._runner = web.ServerRunner(
-            self.make_server(),
+            web_server,
             handle_signals=False,
             shutdown_timeout=0.5,  # long-polls are cut short at shutdown
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, backlog=BACKLOG, reuse_address=True)
-        await site.start()
+        self._fastpath = FastPath(self, web_server, self.config.idle_timeout)
+        self._listener = await asyncio.get_running_loop().create_server(
+            self._fastpath, host, port, backlog=BACKLOG, reuse_address=True
+        )
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._fastpath is not None:
+            self._fastpath.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -21,6 +21,19 @@ from urllib.parse import quote_plus
 import yaml
 
 
+class NilList:
+    """A Go nil slice, as rancher-metadata shows ``environments`` outside its subscribe
+    mode: JSON ``null``, an empty text body, but listed as a branch (``environments/``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NIL_LIST"
+
+
+NIL_LIST: Final = NilList()
+
+
 class Format(enum.Enum):
     TEXT = "text/plain; charset=utf-8"
     JSON = "application/json"
@@ -85,11 +98,11 @@ def _escape(key: str) -> str:
 
 
 def _is_branch(value: Any) -> bool:
-    return isinstance(value, dict | list)
+    return isinstance(value, dict | list | NilList)
 
 
 def _scalar_text(value: Any) -> str:
-    if value is None:
+    if value is None or value is NIL_LIST:
         return ""
     if value is True:
         return "true"
@@ -130,9 +143,17 @@ _JSON_ESCAPES: Final = str.maketrans(
 )
 
 
+def _json_default(value: Any) -> Any:
+    if value is NIL_LIST:
+        return None
+    raise TypeError(f"{type(value).__name__} is not a tree value")
+
+
 def json_body(value: Any) -> bytes:
     """The JSON body of a value, as Go's json.Marshal writes it."""
-    encoded = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    encoded = json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
+    )
     return encoded.translate(_JSON_ESCAPES).encode()
 
 
@@ -145,7 +166,19 @@ class _Dumper(yaml.SafeDumper):
 
     def choose_scalar_style(self) -> str:
         style: str = super().choose_scalar_style()
+        event = self.event
+        if (
+            isinstance(event, yaml.ScalarEvent)
+            and "\n" in event.value
+            and style != ""
+            and self.analysis is not None
+            and self.analysis.allow_block
+        ):
+            return "|"  # yaml.v2 writes multi-line strings as literal blocks
         return '"' if style == "'" else style
+
+
+_Dumper.add_representer(NilList, lambda dumper, _: dumper.represent_list([]))
 
 
 def yaml_body(value: Any) -> bytes:
@@ -183,6 +216,8 @@ def go_sprint(value: Any) -> str:
     """Go's fmt.Sprint of a tree value: what a long-poll's ``value`` is compared with."""
     if value is None:
         return "<nil>"
+    if value is NIL_LIST:
+        return "[]"
     if isinstance(value, dict):
         inner = " ".join(f"{k}:{go_sprint(v)}" for k, v in sorted(value.items()))
         return f"map[{inner}]"

@@ -28,7 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
-from node_services.state.records import Host, Service, Stack, Workload
+from node_services.metadata.render import NIL_LIST
+from node_services.state.records import Host, Port, Service, Stack, Workload
 from node_services.state.store import Snapshot
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,21 @@ def _cattle_id_number(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _json(text: str) -> Node:
+    """A canonical JSON field of a record ("" = null)."""
+    return json.loads(text) if text else None
+
+
+def _port_spec(port: Port) -> str:
+    """A Cattle port as Cattle writes it: ``[bind ip:][public:]private/proto``."""
+    spec = f"{port.port}/{port.protocol.lower()}"
+    if port.public_port:
+        spec = f"{port.public_port}:{spec}"
+    if port.bind_ip:
+        spec = f"{port.bind_ip}:{spec}"
+    return spec
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
     """One service entry of the tree: a service, or one sidekick launch config of it."""
@@ -257,10 +273,9 @@ class _Builder:
         env = self.env
         root: dict[str, Node] = {
             "containers": list(containers.values()),
-            "environments": [{"name": env.name, "region_name": env.region_name, "uuid": env.uuid}],
             "hosts": list(host_objs.values()),
             "name": env.name,
-            "networks": [],
+            "networks": self._networks(hosts),
             "region_name": env.region_name,
             "self": default_self,
             "services": list(service_objs.values()),
@@ -268,6 +283,10 @@ class _Builder:
             "uuid": env.uuid,
             "version": str(snapshot.version),
         }
+        if self.lower:
+            # rancher-metadata fills it only in its subscribe mode (2016-07-29 and latest);
+            # the older versions have no such key
+            root["environments"] = NIL_LIST
         return Tree(
             api_version=self.version,
             snapshot_version=snapshot.version,
@@ -279,16 +298,20 @@ class _Builder:
     # -- objects ---------------------------------------------------------------------------
 
     def _host(self, host: Host) -> dict[str, Node]:
+        cattle = host.key.startswith(_CATTLE)
         obj: dict[str, Node] = {
             "agent_ip": host.addresses[0] if host.addresses else "",
             "environment_uuid": self.env.uuid,
             "hostname": host.hostname or host.name,
             "labels": _labels(host.labels),
         }
-        if host.memory:
+        if cattle:
+            obj["agent_state"] = host.agent_state or None
+            obj["local_storage_mb"] = host.local_storage_mb
+        if host.memory or cattle:
             obj["memory"] = host.memory // _MIB  # Rancher showed MiB
         obj["metadata_kind"] = "host"
-        if host.milli_cpu:
+        if host.milli_cpu or cattle:
             obj["milli_cpu"] = host.milli_cpu
         obj["name"] = host.name
         obj["state"] = host.state
@@ -298,6 +321,16 @@ class _Builder:
             if number is not None:
                 obj["hostId"] = number
         return obj
+
+    def _networks(self, hosts: list[Host]) -> list[Node]:
+        """The Cattle networks the hosts' containers use (each once, by uuid)."""
+        networks: dict[str, dict[str, Node]] = {}
+        for host in hosts:
+            if host.network_json and host.network_json not in networks:
+                network = json.loads(host.network_json)
+                network.update(environment_uuid=self.env.uuid, metadata_kind="network")
+                networks[host.network_json] = network
+        return list(networks.values())
 
     def _stack(self, stack: Stack, services: list[dict[str, Node]]) -> dict[str, Node]:
         return {
@@ -311,19 +344,17 @@ class _Builder:
         }
 
     def _ports(self, workload: Workload, host: Host | None) -> list[Node]:
-        ports: list[str] = []
-        for port in workload.ports:
-            proto = port.protocol.lower()
-            spec = f"{port.port}/{proto}"
-            if port.public_port:
-                spec = f"{port.public_port}:{spec}"
-            ports.append(spec)
+        ports = [_port_spec(port) for port in workload.ports]
         if not workload.key.startswith(_CATTLE):
             return list(ports)  # pod container ports are not published on the host
-        if self.lower:
-            return [p if p.count(":") == 2 else f"0.0.0.0:{p}" for p in ports]
+        # ports bound to an address stay as they are; the others get the host's address
+        # (2015-*) or 0.0.0.0 (2016-07-29)
         host_ip = host.addresses[0] if host is not None and host.addresses else ""
-        return [f"{host_ip}:{p}" for p in ports]
+        any_ip = "0.0.0.0" if self.lower else host_ip
+        return [
+            spec if port.bind_ip else f"{any_ip}:{spec}"
+            for port, spec in zip(workload.ports, ports, strict=True)
+        ]
 
     def _container(
         self, workload: Workload, entry: _Entry | None, host: Host | None
@@ -331,36 +362,93 @@ class _Builder:
         stack = self.snapshot.stacks.get(
             entry.service.stack_key if entry is not None else workload.stack_key
         )
-        health = workload.health_state
-        if not health and not workload.key.startswith(_CATTLE):
-            health = "healthy" if workload.ready else "unhealthy"
-        obj: dict[str, Node] = {
-            "create_index": workload.create_index,
+        cattle = workload.key.startswith(_CATTLE)
+        health: str | None = workload.health_state
+        if not health:
+            # Cattle leaves it null without a health check
+            health = None if cattle else "healthy" if workload.ready else "unhealthy"
+        if not cattle:  # a pod: the fields Rancher 1.x showed for Kubernetes pods
+            obj: dict[str, Node] = {
+                "create_index": workload.create_index,
+                "dns": list(workload.dns),
+                "dns_search": list(workload.dns_search),
+                "environment_uuid": self.env.uuid,
+                "external_id": workload.external_id,
+                "health_state": health,
+                "host_uuid": host.uuid if host is not None else "",
+                "ips": list(workload.ips),
+                "labels": _labels(workload.labels),
+                "links": {},
+                "metadata_kind": "container",
+                "name": self._name(workload.name),
+                "network_uuid": "",
+                "ports": self._ports(workload, host),
+                "primary_ip": workload.ips[0] if workload.ips else "",
+                "service_index": workload.service_index,
+            }
+            if entry is not None:
+                obj["service_name"] = self._name(entry.name)
+                obj["service_uuid"] = entry.service.uuid
+            if stack is not None or workload.namespace:
+                name = stack.name if stack is not None else workload.namespace
+                obj["stack_name"] = self._name(name)
+                obj["stack_uuid"] = stack.uuid if stack is not None else ""
+            obj["state"] = workload.state
+            obj["uuid"] = workload.uuid
+            return obj
+        standalone = entry is None  # Cattle: null service fields
+        obj = {
+            "create_index": None if standalone else workload.create_index,
             "dns": list(workload.dns),
             "dns_search": list(workload.dns_search),
             "environment_uuid": self.env.uuid,
             "external_id": workload.external_id,
+            "health_check": _json(workload.health_check_json),
+            "health_check_hosts": [],  # not in the v2-beta resources
             "health_state": health,
             "host_uuid": host.uuid if host is not None else "",
+            "hostname": workload.hostname or None,
             "ips": list(workload.ips),
             "labels": _labels(workload.labels),
-            "links": {},
+            "links": self._container_links(workload),
+            "memory_reservation": workload.memory_reservation,
             "metadata_kind": "container",
+            "milli_cpu_reservation": workload.milli_cpu_reservation,
             "name": self._name(workload.name),
-            "network_uuid": "",
+            "network_from_container_uuid": None,
+            # a network key is left there by a translation not yet resolved: unknown
+            "network_uuid": ""
+            if workload.network_uuid.startswith(_CATTLE)
+            else workload.network_uuid,
             "ports": self._ports(workload, host),
             "primary_ip": workload.ips[0] if workload.ips else "",
-            "service_index": workload.service_index,
+            "primary_mac_address": workload.primary_mac_address or None,
+            "service_index": None if standalone else workload.service_index,
         }
         if entry is not None:
             obj["service_name"] = self._name(entry.name)
             obj["service_uuid"] = entry.service.uuid
+        else:
+            obj["service_name"] = None
         if stack is not None or workload.namespace:
             obj["stack_name"] = self._name(stack.name if stack is not None else workload.namespace)
             obj["stack_uuid"] = stack.uuid if stack is not None else ""
+        else:
+            obj["stack_name"] = obj["stack_uuid"] = None
+        obj["start_count"] = workload.start_count
         obj["state"] = workload.state
+        obj["system"] = workload.system
         obj["uuid"] = workload.uuid
         return obj
+
+    def _container_links(self, workload: Workload) -> dict[str, Node]:
+        """Container links: alias -> the target container's uuid (rancher-metadata's)."""
+        links: dict[str, Node] = {}
+        for link in workload.links:
+            target = self.snapshot.workloads.get(link.target_key)
+            if target is not None:
+                links[link.alias] = target.uuid
+        return links
 
     def _links(self, service: Service) -> dict[str, Node]:
         links: dict[str, Node] = {}
@@ -369,24 +457,69 @@ class _Builder:
             if target is None:
                 continue
             key = f"{target.namespace}/{target.name}"
-            links[key.lower() if self.lower else key] = link.alias or target.name
+            # an unaliased link to another stack is keyed "<stack>/<service>": its value is
+            # the target's name, as Cattle's serviceLink
+            value = link.alias if link.alias and "/" not in link.alias else target.name
+            links[key.lower() if self.lower else key] = value
         return links
 
     def _service(self, entry: _Entry, containers: list[dict[str, Node]]) -> dict[str, Node]:
         service = entry.service
         stack = self.snapshot.stacks.get(service.stack_key)
-        ports = []
-        for port in service.ports if not entry.launch_config else ():
-            target = port.target_port or str(port.port)
-            if service.kind == "kubernetesService":
-                spec = f"{port.port}:{target}/{port.protocol.lower()}"
-            elif port.public_port:
-                spec = f"{port.public_port}:{port.port}/{port.protocol.lower()}"
-            else:
-                spec = f"{port.port}/{port.protocol.lower()}"
-            ports.append(spec)
+        if service.kind == "kubernetesService":
+            return self._kubernetes_service(entry, containers, stack)
+        launch = next((c for c in service.launch_configs if c.name == entry.launch_config), None)
+        if entry.launch_config and launch is not None:
+            labels, ports, expose = launch.labels, launch.ports, launch.expose
+            health_check = launch.health_check_json
+        elif entry.launch_config:
+            labels, ports, expose, health_check = (), (), (), ""
+        else:
+            labels, ports, expose = service.labels, service.ports, service.expose
+            health_check = service.health_check_json
+        # external and alias services have no launch config: Cattle writes nulls
+        launched = service.kind not in ("externalService", "dnsService")
+        return {
+            "containers": [c["name"] for c in containers] if self.version == V1 else containers,
+            "create_index": service.create_index if launched else None,
+            "environment_uuid": self.env.uuid,
+            "expose": [_port_spec(p) for p in expose],
+            "external_ips": list(service.external_ips),
+            "fqdn": service.fqdn or None,
+            "health_check": _json(health_check),
+            "hostname": service.external_name or None
+            if service.kind == "externalService"
+            else None,
+            "kind": service.kind,
+            "labels": _labels(labels),
+            "lb_config": _json(service.lb_config_json),
+            "links": self._links(service),
+            "metadata": _json(service.metadata_json) or {},
+            "metadata_kind": "service",
+            "name": self._name(entry.name),
+            "ports": [_port_spec(p) for p in ports],
+            "primary_service_name": self._name(service.name),
+            "scale": service.scale if launched else None,
+            "sidekicks": [self._name(s) for s in service.sidekicks],
+            "stack_name": self._name(service.namespace),
+            "stack_uuid": stack.uuid if stack is not None else "",
+            "state": service.state,
+            "system": stack.system if stack is not None else False,
+            "token": None,
+            "uuid": service.uuid,
+            "vip": service.cluster_ips[0] if service.cluster_ips else None,
+        }
+
+    def _kubernetes_service(
+        self, entry: _Entry, containers: list[dict[str, Node]], stack: Stack | None
+    ) -> dict[str, Node]:
+        """A Kubernetes Service as Rancher 1.x showed it (``kind: kubernetesService``)."""
+        service = entry.service
+        ports = [
+            f"{port.port}:{port.target_port or port.port}/{port.protocol.lower()}"
+            for port in service.ports
+        ]
         metadata: Node = json.loads(service.metadata_json) if service.metadata_json else {}
-        primary = entry.launch_config == ""
         return {
             "containers": [c["name"] for c in containers] if self.version == V1 else containers,
             "environment_uuid": self.env.uuid,
@@ -395,15 +528,15 @@ class _Builder:
             "health_state": service.health_state,
             "hostname": service.external_name,
             "kind": service.kind,
-            "labels": _labels(service.labels) if primary else {},
-            "links": self._links(service) if primary else {},
-            "metadata": metadata if primary else {},
+            "labels": _labels(service.labels),
+            "links": self._links(service),
+            "metadata": metadata,
             "metadata_kind": "service",
             "name": self._name(entry.name),
             "ports": ports,
             "primary_service_name": self._name(service.name),
             "scale": service.scale,
-            "sidekicks": [self._name(s) for s in service.sidekicks] if primary else [],
+            "sidekicks": [],
             "stack_name": self._name(service.namespace),
             "stack_uuid": stack.uuid if stack is not None else "",
             "state": service.state,

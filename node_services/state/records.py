@@ -61,6 +61,7 @@ class Port:
     node_port: int = 0
     public_port: int = 0  # Cattle "8080:80/tcp" publishes 80 on the host as 8080
     app_protocol: str = ""
+    bind_ip: str = ""  # Cattle "127.0.0.1:9443:443/tcp" publishes on that host address only
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,11 @@ class Host:
     memory: int = 0  # bytes
     milli_cpu: int = 0
     wireguard_public_key: str = ""  # node-services.io/wireguard-public-key (annotation / label)
+    agent_state: str = ""  # Cattle agentState ("active", "reconnecting")
+    local_storage_mb: int | None = None  # Cattle localStorageMb (None: not reported)
+    # Cattle: the managed network its containers use, in rancher-metadata's shape (canonical
+    # JSON, "" = none); Cattle networks are no record kind of their own
+    network_json: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +109,17 @@ class ServiceLink:
 
     target_key: str  # key of the linked service
     alias: str = ""  # name the link is known by, "" for the target's own name
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchConfig:
+    """A Cattle secondary launch config (a sidekick): its own labels, ports and health check."""
+
+    name: str
+    labels: Labels = NO_LABELS
+    ports: tuple[Port, ...] = ()
+    expose: tuple[Port, ...] = ()
+    health_check_json: str = ""  # canonical JSON ("" = none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +154,11 @@ class Service:
     token: str = ""  # secret: shown only to the service's own workloads
     metadata_json: str = ""  # Cattle free-form service metadata, canonical JSON ("" = none)
     fqdn: str = ""
+    create_index: int | None = None  # Cattle createIndex (None: not set)
+    expose: tuple[Port, ...] = ()  # Cattle launchConfig.expose: ports open to the network only
+    health_check_json: str = ""  # Cattle launchConfig.healthCheck, canonical JSON ("" = none)
+    lb_config_json: str = ""  # Cattle lbConfig in rancher-metadata's shape, canonical JSON
+    launch_configs: tuple[LaunchConfig, ...] = ()  # Cattle secondaryLaunchConfigs (sidekicks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +190,14 @@ class Endpoints:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkloadLink:
+    """A Cattle container link: the linking container knows `target_key`'s workload as `alias`."""
+
+    alias: str
+    target_key: str
+
+
+@dataclass(frozen=True, slots=True)
 class Workload:
     """A Pod or a Cattle container."""
 
@@ -195,6 +225,14 @@ class Workload:
     dns: tuple[str, ...] = ()
     dns_search: tuple[str, ...] = ()
     launch_config: str = ""  # Cattle sidekick launch config name ("" = primary)
+    start_count: int | None = None  # Cattle startCount (None: not set)
+    system: bool = False  # Cattle system container
+    health_check_json: str = ""  # Cattle healthCheck, canonical JSON ("" = none)
+    primary_mac_address: str = ""
+    memory_reservation: int | None = None  # Cattle memoryReservation (None: not set)
+    milli_cpu_reservation: int | None = None
+    network_uuid: str = ""  # uuid of the Cattle network of its primary address
+    links: tuple[WorkloadLink, ...] = ()
 
 
 Record: TypeAlias = Host | Stack | Service | Endpoints | Workload

@@ -228,7 +228,7 @@ async def test_kubernetes_and_cattle_records_share_one_tree(
         ("cart", "kubernetesService", ""),
         ("frontend", "kubernetesService", "10.43.87.21"),
         ("payments", "kubernetesService", ""),
-        ("nginx", "service", ""),
+        ("nginx", "service", None),  # Cattle: null without a VIP
     ]
     assert await get(daemon, "/latest/services/payments/hostname", stranger) == (
         200,

@@ -51,16 +51,21 @@ LATEST_KEYS = (
     b"containers/\nenvironments/\nhosts/\nname\nnetworks/\nregion_name\nself/\nservices/\n"
     b"stacks/\nuuid\nversion\n"
 )
-CONTAINER_KEYS = (
-    b"create_index\ndns/\ndns_search/\nenvironment_uuid\nexternal_id\nhealth_state\nhost_uuid\n"
-    b"ips/\nlabels/\nlinks/\nmetadata_kind\nname\nnetwork_uuid\nports/\nprimary_ip\n"
-    b"service_index\nservice_name\nservice_uuid\nstack_name\nstack_uuid\nstate\nuuid\n"
+CONTAINER_KEYS = (  # the null fields too: the first recording left them out
+    b"create_index\ndns/\ndns_search/\nenvironment_uuid\nexternal_id\nhealth_check\n"
+    b"health_check_hosts/\nhealth_state\nhost_uuid\nhostname\nips/\nlabels/\nlinks/\n"
+    b"memory_reservation\nmetadata_kind\nmilli_cpu_reservation\nname\n"
+    b"network_from_container_uuid\nnetwork_uuid\nports/\nprimary_ip\n"
+    b"primary_mac_address\nservice_index\nservice_name\nservice_uuid\nstack_name\n"
+    b"stack_uuid\nstart_count\nstate\nsystem\nuuid\n"
 )
 HOST_YAML = b"""agent_ip: 192.168.1.10
+agent_state: active
 environment_uuid: env-1
 hostname: node1
 labels:
   zone: a
+local_storage_mb: null
 memory: 2048
 metadata_kind: host
 milli_cpu: 2000
@@ -178,7 +183,7 @@ def test_version_is_the_store_version_and_the_etag(recorded: MetadataDaemon, cur
             NOBODY,
             "/latest/services/alias/links",
             JSON,
-            b'{"db/mysql":"db/mysql","web/nginx":"nginx"}',
+            b'{"db/mysql":"mysql","web/nginx":"nginx"}',  # unaliased: the target's name
         ),
         (NOBODY, "/latest/services/nginx/sidekicks", JSON, b'["log"]'),
         (SIDEKICK, "/latest/self/service", YAML, None),
@@ -214,8 +219,11 @@ SIDEKICK_SERVICE_YAML = b"""containers:
   dns_search: []
   environment_uuid: env-1
   external_id: ""
-  health_state: ""
+  health_check: null
+  health_check_hosts: []
+  health_state: null
   host_uuid: host-1
+  hostname: null
   ips:
   - 127.0.0.4
   labels:
@@ -226,40 +234,54 @@ SIDEKICK_SERVICE_YAML = b"""containers:
     io.rancher.stack.name: Web
     io.rancher.stack_service.name: Web/nginx/log
   links: {}
+  memory_reservation: null
   metadata_kind: container
+  milli_cpu_reservation: null
   name: web-nginx-log-1
+  network_from_container_uuid: null
   network_uuid: ""
   ports: []
   primary_ip: 127.0.0.4
+  primary_mac_address: null
   service_index: "1"
   service_name: log
   service_uuid: svc-1
   stack_name: web
   stack_uuid: stack-1
+  start_count: 1
   state: running
+  system: false
   uuid: c-4
+create_index: 2
 environment_uuid: env-1
+expose: []
 external_ips: []
-fqdn: ""
-health_state: healthy
-hostname: ""
+fqdn: null
+health_check: null
+hostname: null
 kind: service
 labels: {}
-links: {}
-metadata: {}
+lb_config: null
+links:
+  db/mysql: database
+metadata:
+  example:
+    name: hello
+    value: world
 metadata_kind: service
 name: log
 ports: []
 primary_service_name: nginx
 scale: 2
-sidekicks: []
+sidekicks:
+- log
 stack_name: web
 stack_uuid: stack-1
 state: active
 system: false
 token: s3cret
 uuid: svc-1
-vip: ""
+vip: null
 """
 
 
@@ -340,7 +362,7 @@ def test_proxy_headers_are_refused_unless_the_peer_is_a_trusted_proxy(
 
 def test_bad_requests_get_clear_errors(recorded: MetadataDaemon, curl: Curl) -> None:
     bad_escape = curl(recorded.url + "/latest/services/%zz")
-    assert (bad_escape.status, bad_escape.body) == (400, b"invalid URL escape in path\n")
+    assert (bad_escape.status, bad_escape.body) == (400, b"400 Bad Request")
     too_long = curl(recorded.url + "/latest/" + "a" * 5000)
     assert too_long.status in (400, 414)
     huge_header = curl(recorded.url + "/latest", headers=("X-Big: " + "b" * 5000,))

@@ -3,6 +3,7 @@ pod CIDRs (Rancher 1.x's managed network is one flat subnet shared by every host
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -45,17 +46,25 @@ def network(**fields: Any) -> dict[str, Any]:
 
 
 def test_network_resource() -> None:
-    assert translate(fixture("network.json"), "c") == [
-        CattleNetwork(
-            key=NET,
-            source="c",
-            name="ipsec",
-            kind="cni",
-            state="active",
-            subnets=(CattleSubnet(key="", source="c", network_key=NET, cidr="10.42.0.0/16"),),
-            bridge_subnets=("10.42.0.0/16",),
-        )
-    ]
+    [translated_network] = translate(fixture("network.json"), "c")
+    assert isinstance(translated_network, CattleNetwork)
+    assert dataclasses.replace(translated_network, shown_json="") == CattleNetwork(
+        key=NET,
+        source="c",
+        name="ipsec",
+        kind="cni",
+        state="active",
+        subnets=(CattleSubnet(key="", source="c", network_key=NET, cidr="10.42.0.0/16"),),
+        bridge_subnets=("10.42.0.0/16",),
+        uuid="net-1",
+    )
+    shown = json.loads(translated_network.shown_json)
+    assert (shown["name"], shown["uuid"], shown["default_policy_action"]) == (
+        "ipsec",
+        "net-1",
+        "allow",
+    )
+    assert shown["metadata"] == fixture("network.json")["metadata"]
 
 
 def test_subnet_resource_with_address_and_cidr_size() -> None:
@@ -103,7 +112,10 @@ def test_every_cattle_host_gets_the_default_networks_subnet() -> None:
         state="active",
         memory=2048 * 1024 * 1024,
         milli_cpu=2000,
+        agent_state="active",
+        network_json=by_key["cattle:host/1h1"].network_json,  # rancher-metadata's network
     )
+    assert json.loads(by_key["cattle:host/1h1"].network_json)["is_default"] is True
     assert hosts(records) == {
         "cattle:host/1h1": ("10.42.0.0/16",),
         "cattle:host/1h2": ("10.42.0.0/16",),
@@ -212,7 +224,10 @@ def test_kubernetes_nodes_and_hosts_with_cidrs_are_left_alone() -> None:
     node = Host(key="k8s:Node/n1", source="c", name="n1")
     cattle_with = Host(key="cattle:host/1h9", source="c", name="x", pod_cidrs=("10.1.0.0/24",))
     items = [node, cattle_with, *translated(fixture("network.json"))]
-    assert resolve_networks(items) == [node, cattle_with]
+    resolved = resolve_networks(items)
+    assert resolved[0] == node
+    assert isinstance(resolved[1], Host) and resolved[1].pod_cidrs == ("10.1.0.0/24",)
+    assert dataclasses.replace(resolved[1], network_json="") == cattle_with
 
 
 @pytest.mark.parametrize(

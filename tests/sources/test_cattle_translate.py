@@ -20,6 +20,7 @@ from node_services.state import (
     Stack,
     Workload,
 )
+from node_services.state.records import WorkloadLink
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "cattle"
 
@@ -46,6 +47,8 @@ def test_host() -> None:
         state="active",
         memory=2048 * 1024 * 1024,
         milli_cpu=2000,
+        agent_state="active",
+        local_storage_mb=None,  # null in the resource: not reported
     )
 
 
@@ -183,3 +186,28 @@ def test_unsupported_type_and_bad_fields_name_the_resource() -> None:
         translate(dict(scenario()["1i10"], ports=["eighty"]), "c")
     with pytest.raises(TranslateError, match=r"externalService 1s7 \(extip\): an external service"):
         translate(dict(scenario()["1s7"], externalIpAddresses=None), "c")
+
+
+def test_container_links_ports_bound_to_an_address_and_sidekick_launch_configs() -> None:
+    resources = {r["name"]: r for r in fixture("recorded-2/cattle-resources.json") if r.get("name")}
+    [toolbox] = translate(resources["toolbox"], "c")
+    assert isinstance(toolbox, Workload)
+    assert toolbox.links == (
+        WorkloadLink(alias="alerts", target_key="cattle:container/1i114"),
+        WorkloadLink(alias="pg", target_key="cattle:container/1i109"),
+    )
+    assert (toolbox.create_index, toolbox.start_count, toolbox.hostname) == (0, 1, "toolbox")
+    [web] = translate(resources["web"], "c")
+    assert isinstance(web, Service)
+    assert [(p.bind_ip, p.public_port, p.port) for p in web.ports] == [
+        ("", 8080, 80),
+        ("127.0.0.1", 9443, 443),
+    ]
+    [metrics] = web.launch_configs
+    assert (metrics.name, metrics.labels, metrics.health_check_json) == (
+        "metrics",
+        (("component", "exporter"),),
+        "",
+    )
+    assert [(p.port, p.public_port) for p in metrics.ports] == [(9102, 0)]
+    assert json.loads(web.health_check_json)["request_line"] == "GET /healthz HTTP/1.0"

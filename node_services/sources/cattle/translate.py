@@ -31,12 +31,14 @@ from node_services.state.records import (
     Endpoint,
     Endpoints,
     Host,
+    LaunchConfig,
     Port,
     Record,
     Service,
     ServiceLink,
     Stack,
     Workload,
+    WorkloadLink,
     intern_str,
     label,
     make_labels,
@@ -92,6 +94,8 @@ class CattleNetwork:
     is_default: bool = False  # isDefault, when the snapshot says so (not a v2-beta field)
     subnets: tuple[CattleSubnet, ...] = ()  # embedded ``subnets``
     bridge_subnets: tuple[str, ...] = ()  # metadata.cniConfig.<file>.bridgeSubnet, by file name
+    uuid: str = ""
+    shown_json: str = ""  # the network as rancher-metadata shows it, but is_default
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +107,16 @@ class CattleProject:
     default_network_key: str
 
 
-Fact: TypeAlias = CattleNetwork | CattleSubnet | CattleProject
+@dataclass(frozen=True, slots=True)
+class CattleCertificate:
+    """A Cattle ``certificate``: only its name is used, by :func:`resolve_lb_configs`."""
+
+    key: str
+    source: str
+    name: str
+
+
+Fact: TypeAlias = CattleNetwork | CattleSubnet | CattleProject | CattleCertificate
 """What network, subnet and project resources become: input of :func:`resolve_networks`."""
 
 Translated: TypeAlias = Record | Fact
@@ -168,9 +181,92 @@ def _ports(ref: str, path: str, raw: Any) -> tuple[Port, ...]:
                 port=private,
                 protocol=intern_str((match["proto"] or "tcp").upper()),
                 public_port=public,
+                bind_ip=intern_str(match["ip"] or ""),
             )
         )
     return tuple(ports)
+
+
+def _optional_int(ref: str, path: str, value: Any) -> int | None:
+    """An integer Cattle may leave unset (null): None then."""
+    return None if value is None else integer(ref, path, value)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")) if value is not None else ""
+
+
+# healthCheck -> rancher-metadata's health_check: these fields, snake_case (the rest dropped)
+_HEALTH_CHECK_FIELDS: Final = (
+    ("healthyThreshold", "healthy_threshold"),
+    ("interval", "interval"),
+    ("port", "port"),
+    ("requestLine", "request_line"),
+    ("responseTimeout", "response_timeout"),
+    ("unhealthyThreshold", "unhealthy_threshold"),
+)
+
+
+def _health_check(ref: str, path: str, raw: Any) -> str:
+    """A health check as canonical JSON in rancher-metadata's shape ("" = none)."""
+    if raw is None:
+        return ""
+    check = mapping(ref, path, raw)
+    return _canonical({theirs: check.get(ours) for ours, theirs in _HEALTH_CHECK_FIELDS})
+
+
+CERTIFICATE_PREFIX: Final = f"{PREFIX}certificate/"
+_STICKINESS_FIELDS: Final = ("cookie", "domain", "indirect", "mode", "name", "nocache", "postonly")
+_PORT_RULE_FIELDS: Final = (
+    ("backendName", "backend_name"),
+    ("hostname", "hostname"),
+    ("path", "path"),
+    ("priority", "priority"),
+    ("protocol", "protocol"),
+    ("selector", "selector"),
+    ("sourcePort", "source_port"),
+    ("targetPort", "target_port"),
+)
+
+
+def _lb_config(ref: str, raw: Any) -> str:
+    """``lbConfig`` in rancher-metadata's shape, canonical JSON ("" = none). Certificates and
+    port rule services are given by key here (``cattle:certificate/<id>``,
+    ``cattle:service/<id>``): :func:`resolve_lb_configs` names them."""
+    if raw is None:
+        return ""
+    config = mapping(ref, "lbConfig", raw)
+    rules = []
+    for i, item in enumerate(sequence(ref, "lbConfig.portRules", config.get("portRules"))):
+        rule = mapping(ref, f"lbConfig.portRules[{i}]", item)
+        out: dict[str, Any] = {theirs: rule.get(ours) for ours, theirs in _PORT_RULE_FIELDS}
+        for field in ("environment", "region"):
+            value = rule.get(field)
+            out[field] = value.lower() if isinstance(value, str) else value
+        service_id = rule.get("serviceId")
+        out["service"] = key("service", str(service_id)) if service_id else None
+        weight = rule.get("weight")
+        out["weight"] = 1 if weight is None else weight
+        rules.append(out)
+    sticky = config.get("stickinessPolicy")
+    stickiness = (
+        {k: mapping(ref, "lbConfig.stickinessPolicy", sticky).get(k) for k in _STICKINESS_FIELDS}
+        if sticky is not None
+        else None
+    )
+    default_cert = config.get("defaultCertificateId")
+    return _canonical(
+        {
+            "certs": [
+                key("certificate", str(c))
+                for c in sequence(ref, "lbConfig.certificateIds", config.get("certificateIds"))
+            ],
+            "config": config.get("config"),
+            "default_cert": key("certificate", str(default_cert)) if default_cert else None,
+            "port_rules": rules,
+            "stickiness_policy": stickiness,
+        }
+    )
 
 
 def _host(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
@@ -196,6 +292,8 @@ def _host(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
             milli_cpu=integer(ref, "milliCpu", obj.get("milliCpu")),
             # a host label, as Cattle has no annotations (set with the agent's CATTLE_HOST_LABELS)
             wireguard_public_key=label(labels, WIREGUARD_KEY_LABEL),
+            agent_state=text(ref, "agentState", obj.get("agentState"), intern=True),
+            local_storage_mb=_optional_int(ref, "localStorageMb", obj.get("localStorageMb")),
         )
     ]
 
@@ -243,15 +341,22 @@ def _service(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
             mapping(ref, "linkedServices", obj.get("linkedServices")).items()
         )
     )
-    sidekicks = tuple(
-        intern_str(text(ref, f"secondaryLaunchConfigs[{i}].name", item.get("name"), required=True))
-        for i, item in enumerate(
-            mapping(ref, f"secondaryLaunchConfigs[{i}]", raw)
-            for i, raw in enumerate(
-                sequence(ref, "secondaryLaunchConfigs", obj.get("secondaryLaunchConfigs"))
+    launch_configs = []
+    for i, raw in enumerate(
+        sequence(ref, "secondaryLaunchConfigs", obj.get("secondaryLaunchConfigs"))
+    ):
+        item = mapping(ref, f"secondaryLaunchConfigs[{i}]", raw)
+        at = f"secondaryLaunchConfigs[{i}]"
+        launch_configs.append(
+            LaunchConfig(
+                name=intern_str(text(ref, f"{at}.name", item.get("name"), required=True)),
+                labels=_labels(ref, f"{at}.labels", item.get("labels")),
+                ports=_ports(ref, f"{at}.ports", item.get("ports")),
+                expose=_ports(ref, f"{at}.expose", item.get("expose")),
+                health_check_json=_health_check(ref, f"{at}.healthCheck", item.get("healthCheck")),
             )
         )
-    )
+    sidekicks = tuple(config.name for config in launch_configs)
     metadata = mapping(ref, "metadata", obj.get("metadata"))
     token = obj.get("token")
     if token is None:  # Cattle keeps the service token in its data fields
@@ -285,6 +390,13 @@ def _service(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
             if metadata
             else "",
             fqdn=text(ref, "fqdn", obj.get("fqdn")),
+            create_index=_optional_int(ref, "createIndex", obj.get("createIndex")),
+            expose=_ports(ref, "launchConfig.expose", launch.get("expose")),
+            health_check_json=_health_check(
+                ref, "launchConfig.healthCheck", launch.get("healthCheck")
+            ),
+            lb_config_json=_lb_config(ref, obj.get("lbConfig")),
+            launch_configs=tuple(launch_configs),
         )
     ]
 
@@ -310,6 +422,16 @@ def _container(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
         launch_config = ""
     suffix = name.rsplit("-", 1)[-1] if "-" in name else ""
     ready = state == "running" and health in SERVING_HEALTH
+    network_id = text(ref, "primaryNetworkId", obj.get("primaryNetworkId"))
+    links = tuple(
+        WorkloadLink(
+            alias=intern_str(str(alias)),
+            target_key=key(
+                "container", text(ref, f"instanceLinks[{alias}]", target, required=True)
+            ),
+        )
+        for alias, target in sorted(mapping(ref, "instanceLinks", obj.get("instanceLinks")).items())
+    )
     workload = Workload(
         key=key("container", container_id),
         source=source,
@@ -334,6 +456,17 @@ def _container(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
             text(ref, "dnsSearch", v) for v in sequence(ref, "dnsSearch", obj.get("dnsSearch"))
         ),
         launch_config=intern_str(launch_config),
+        start_count=_optional_int(ref, "startCount", obj.get("startCount")),
+        system=flag(ref, "system", obj.get("system")),
+        health_check_json=_health_check(ref, "healthCheck", obj.get("healthCheck")),
+        primary_mac_address=text(ref, "primaryMacAddress", obj.get("primaryMacAddress")),
+        memory_reservation=_optional_int(ref, "memoryReservation", obj.get("memoryReservation")),
+        milli_cpu_reservation=_optional_int(
+            ref, "milliCpuReservation", obj.get("milliCpuReservation")
+        ),
+        # the network's key until resolve_networks puts its uuid here
+        network_uuid=intern_str(key("network", network_id)) if network_id else "",
+        links=links,
     )
     records: list[Record] = [workload]
     if ips:
@@ -448,6 +581,27 @@ def _network(obj: Mapping[str, Any], source: str, ref: str) -> list[Translated]:
             is_default=flag(ref, "isDefault", obj.get("isDefault")),
             subnets=tuple(subnets),
             bridge_subnets=tuple(bridge_subnets),
+            uuid=text(ref, "uuid", obj.get("uuid")),
+            shown_json=_canonical(
+                {
+                    "default_policy_action": obj.get("defaultPolicyAction"),
+                    "host_ports": obj.get("hostPorts"),
+                    "metadata": metadata,
+                    "name": obj.get("name"),
+                    "policy": obj.get("policy"),
+                    "uuid": obj.get("uuid"),
+                }
+            ),
+        )
+    ]
+
+
+def _certificate(obj: Mapping[str, Any], source: str, ref: str) -> list[Translated]:
+    return [
+        CattleCertificate(
+            key=key("certificate", str(obj["id"])),
+            source=source,
+            name=text(ref, "name", obj.get("name")),
         )
     ]
 
@@ -540,13 +694,24 @@ def resolve_networks(items: Iterable[Translated]) -> list[Record]:
             subnets.setdefault(item.network_key, []).append(item)
         elif isinstance(item, CattleProject):
             projects.append(item)
+        elif isinstance(item, CattleCertificate):
+            continue  # read by resolve_lb_configs
         else:
             records.append(item)
+    records = _resolve_network_uuids(records, networks)
     if not networks:
         return records
     network = _default_network(networks, projects)
     if network is None:
         return records
+    if network.shown_json:
+        shown = _canonical({**json.loads(network.shown_json), "is_default": True})
+        records = [
+            dataclasses.replace(record, network_json=shown)
+            if isinstance(record, Host) and record.key.startswith(PREFIX)
+            else record
+            for record in records
+        ]
     cidrs = network_cidrs(network, subnets.get(network.key, ()))
     if not cidrs:
         log.warning(
@@ -564,10 +729,67 @@ def resolve_networks(items: Iterable[Translated]) -> list[Record]:
     ]
 
 
+def _resolve_network_uuids(
+    records: list[Record], networks: Sequence[CattleNetwork]
+) -> list[Record]:
+    """Containers name their network by key until here: put its uuid instead ("" unknown)."""
+    uuids = {network.key: network.uuid for network in networks}
+    resolved: list[Record] = []
+    for record in records:
+        if (
+            isinstance(record, Workload)
+            and record.network_uuid.startswith(PREFIX)
+            and record.key.startswith(PREFIX)
+        ):
+            record = dataclasses.replace(record, network_uuid=uuids.get(record.network_uuid, ""))
+        resolved.append(record)
+    return resolved
+
+
 def resolve(items: Iterable[Translated]) -> list[Record]:
     """The post-pass over a whole set of translated Cattle resources (a snapshot file, a
-    relist): :func:`resolve_networks`, then :func:`resolve_stack_names`."""
-    return resolve_stack_names(resolve_networks(items))
+    relist): :func:`resolve_networks`, :func:`resolve_stack_names`, then
+    :func:`resolve_lb_configs`."""
+    items = list(items)
+    certificates = [item for item in items if isinstance(item, CattleCertificate)]
+    return resolve_lb_configs(resolve_stack_names(resolve_networks(items)), certificates)
+
+
+def _named(value: str, names: Mapping[str, str]) -> bool:
+    return not value.startswith(PREFIX) or value in names
+
+
+def _name(value: str, names: Mapping[str, str]) -> str | None:
+    """The name of a key (None when unknown); a name (resolved before) stays."""
+    return names.get(value) if value.startswith(PREFIX) else value
+
+
+def resolve_lb_configs(
+    records: Iterable[Record], certificates: Sequence[CattleCertificate]
+) -> list[Record]:
+    """Name the certificates (by their name) and port rule services (``<stack>/<service>``)
+    that a load balancer's ``lb_config`` gives by key; unknown ones become null."""
+    records = list(records)
+    names = {c.key: c.name for c in certificates}
+    stacks = {r.key: r.name for r in records if isinstance(r, Stack)}
+    services = {
+        r.key: f"{stacks.get(r.stack_key, r.namespace)}/{r.name}"
+        for r in records
+        if isinstance(r, Service)
+    }
+    resolved: list[Record] = []
+    for record in records:
+        if isinstance(record, Service) and record.lb_config_json:
+            config = json.loads(record.lb_config_json)
+            config["certs"] = [_name(c, names) for c in config["certs"] if _named(c, names)]
+            if config["default_cert"] is not None:
+                config["default_cert"] = _name(config["default_cert"], names)
+            for rule in config["port_rules"]:
+                if rule["service"] is not None:
+                    rule["service"] = _name(rule["service"], services)
+            record = dataclasses.replace(record, lb_config_json=_canonical(config))
+        resolved.append(record)
+    return resolved
 
 
 def resolve_stack_names(records: Iterable[Record]) -> list[Record]:
@@ -603,5 +825,6 @@ _TRANSLATORS: Final[dict[str, _Translator]] = {
     "network": _network,
     "subnet": _subnet_resource,
     "project": _project,
+    "certificate": _certificate,
     **dict.fromkeys(SERVICE_TYPES, _service),
 }
