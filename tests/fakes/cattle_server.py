@@ -250,7 +250,7 @@ class FakeCattle:
     # -- presentation ---------------------------------------------------------------------------
 
     def _present(self, obj: dict[str, Any], origin: str) -> dict[str, Any]:
-        out = copy.deepcopy(obj)
+        out = dict(obj)  # shallow: serialized at once, nested values are never mutated
         kind = str(out.get("type", ""))
         out.setdefault("baseType", BASE_TYPES.get(kind, kind))
         out.setdefault("kind", kind)
@@ -406,6 +406,35 @@ class FakeCattle:
                         return
                 await asyncio.sleep(self.ping_interval)
 
+    # -- control API (a server in another process: the benchmark) ------------------------------
+
+    async def _control_update(self, request: web.Request) -> web.Response:
+        """POST /fake/update {"id": ..., fields...}: update one resource, send its event;
+        answers the server's clock when the event was queued."""
+        body = await request.json()
+        resource_id = str(body.pop("id"))
+        self.update(resource_id, **body)
+        return web.json_response({"queued_at": time.time()})
+
+    async def _control_burst(self, request: web.Request) -> web.Response:
+        """POST /fake/burst {"ids": [...], "field": f, "values": [...]}: for each value in turn,
+        set ``field`` of the next id and send its event, all back to back."""
+        body = await request.json()
+        ids, name, values = body["ids"], body["field"], body["values"]
+        texts = []
+        for i, value in enumerate(values):
+            obj = self._objects[ids[i % len(ids)]]
+            obj[name] = value
+            texts.append(json.dumps(self.change_event(obj)))
+        started = time.time()
+        for ws in list(self._sockets):  # written back to back: the client reads a backlog
+            for text in texts:
+                await ws.send_str(text)
+        self.counters.events += len(texts)
+        return web.json_response(
+            {"sent": len(values), "queued_at": started, "written_at": time.time()}
+        )
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> FakeCattle:
@@ -414,6 +443,8 @@ class FakeCattle:
         app.router.add_get(self.prefix + "/", self._project)
         app.router.add_get(self.prefix + "/{collection}", self._collection)
         app.router.add_get(self.prefix + "/{collection}/{rid}", self._resource)
+        app.router.add_post("/fake/update", self._control_update)
+        app.router.add_post("/fake/burst", self._control_burst)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -484,6 +515,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--fixture", type=Path, help="a JSON list of Cattle resources to serve")
     parser.add_argument("--ping-interval", type=float, default=5.0)
+    parser.add_argument("--port-file", help="write the bound port here once listening")
     args = parser.parse_args(argv)
     if not args.host.startswith("127.") and args.host != "::1":
         parser.error("loopback addresses only")
@@ -493,6 +525,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.fixture:
             server.load(read_fixture(args.fixture))
         await server.start()
+        if args.port_file:
+            tmp = Path(args.port_file + ".tmp")
+            tmp.write_text(str(server.port))  # noqa: ASYNC240 - once, at startup
+            tmp.replace(args.port_file)  # noqa: ASYNC240
         print(f"fake Cattle on {server.url} (key {server.access_key})", flush=True)
         await asyncio.Event().wait()
 

@@ -141,11 +141,18 @@ class CattleClient:
                         f"{url}: HTTP {response.status}: {' '.join(body.split())}",
                         status=response.status,
                     )
-                raw = await response.content.read(MAX_MESSAGE_BYTES + 1)
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.content.iter_chunked(1 << 16):
+                    size += len(chunk)
+                    if size > MAX_MESSAGE_BYTES:
+                        raise CattleAPIError(
+                            "bad_body", f"{url}: body larger than {MAX_MESSAGE_BYTES} bytes"
+                        )
+                    chunks.append(chunk)
+                raw = b"".join(chunks)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise CattleAPIError("transport", f"{url}: {str(exc) or type(exc).__name__}") from exc
-        if len(raw) > MAX_MESSAGE_BYTES:
-            raise CattleAPIError("bad_body", f"{url}: body larger than {MAX_MESSAGE_BYTES} bytes")
         try:
             return json.loads(raw)
         except (ValueError, RecursionError) as exc:

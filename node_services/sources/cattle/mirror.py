@@ -39,6 +39,8 @@ from node_services.state.records import (
 )
 
 _FACTS = (CattleNetwork, CattleSubnet, CattleProject)
+_JOINED = (Stack, Service, *_FACTS)
+"""What other resources' records depend on (names, pod CIDRs)."""
 
 
 class Mirror:
@@ -98,7 +100,15 @@ class Mirror:
         for resource_key, translated in changes.items():
             old = self._items.get(resource_key, ())
             new = tuple(translated or ())
-            if old == new:
+            if not any(isinstance(item, _JOINED) for item in (*old, *new)):
+                # the common case (a container, a host): nothing else depends on it
+                self._unindex(resource_key, old)
+                if new:
+                    self._items[resource_key] = new
+                    self._index(resource_key, new)
+                else:
+                    self._items.pop(resource_key, None)
+                dirty.add(resource_key)
                 continue
             old_stacks = _stack_names(old)
             old_services = _service_ids(old)
