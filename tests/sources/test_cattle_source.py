@@ -365,3 +365,21 @@ async def test_hosts_get_the_default_network_pod_cidrs_live(cattle: Callable[...
     await wait_until(
         lambda: running.get("cattle:host/1h2").pod_cidrs == ("10.50.0.0/16",), what="new cidr"
     )
+
+
+async def test_a_large_page_is_read_whole(cattle: Callable[..., Any]) -> None:
+    # 600 containers in one page of ~1 MB: the body arrives in many chunks.
+    many = [
+        by_id("1i10")
+        | {
+            "id": f"1i{1000 + i}",
+            "name": f"Web-nginx-{1000 + i}",
+            "primaryIpAddress": f"127.0.{4 + i // 250}.{i % 250 + 1}",
+            "labels": {**by_id("1i10")["labels"], "filler": "x" * 1500},
+        }
+        for i in range(600)
+    ]
+    running = await cattle([*SCENARIO, *many])
+    await synced(running)
+    assert running.fake.counters.lists["containers"] == 1
+    assert running.get("cattle:container/1i1599").ips == ("127.0.6.100",)
