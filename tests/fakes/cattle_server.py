@@ -38,6 +38,7 @@ import base64
 import contextlib
 import copy
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -115,6 +116,7 @@ class FakeCattle:
         ping_interval: float = 5.0,
         max_limit: int = 3000,
         default_network_id: str = "",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not host.startswith("127.") and host != "::1":
             raise ValueError("loopback addresses only")
@@ -123,6 +125,7 @@ class FakeCattle:
         self.access_key, self.secret_key = access_key, secret_key
         self.ping_interval = ping_interval
         self.max_limit = max_limit
+        self.ssl_context = ssl_context
         self.faults = Faults()
         self.counters = Counters()
         self.project: dict[str, Any] = {
@@ -150,7 +153,8 @@ class FakeCattle:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}{self.prefix}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}{self.prefix}"
 
     def objects(self) -> list[dict[str, Any]]:
         return [copy.deepcopy(o) for o in self._objects.values()]
@@ -199,7 +203,7 @@ class FakeCattle:
         self.send_raw(self.change_event(obj))
 
     def change_event(self, obj: dict[str, Any]) -> dict[str, Any]:
-        resource = self._present(obj, f"http://{self.host}:{self.port}")
+        resource = self._present(obj, self.url.removesuffix(self.prefix))
         return {
             "id": str(uuid.uuid4()),
             "name": "resource.change",
@@ -447,7 +451,7 @@ class FakeCattle:
         app.router.add_post("/fake/burst", self._control_burst)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         if self.port == 0:
             self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

@@ -8,8 +8,10 @@ import asyncio
 import copy
 import json
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,6 +66,7 @@ async def cattle() -> AsyncIterator[Callable[..., Any]]:
         objects: list[dict[str, Any]] | None = None,
         *,
         secret: str | None = None,
+        ca_file: Path | None = None,
         run: bool = True,
         fake_options: dict[str, Any] | None = None,
         **options: Any,
@@ -76,7 +79,12 @@ async def cattle() -> AsyncIterator[Callable[..., Any]]:
         options.setdefault("backoff", (0.05, 0.2))
         source = CattleSource(
             Store(),
-            Connection(fake.url, fake.access_key, fake.secret_key if secret is None else secret),
+            Connection(
+                fake.url,
+                fake.access_key,
+                fake.secret_key if secret is None else secret,
+                ca_file=ca_file,
+            ),
             registry=registry,
             rejections=Rejections(registry),
             **options,
@@ -383,3 +391,29 @@ async def test_a_large_page_is_read_whole(cattle: Callable[..., Any]) -> None:
     await synced(running)
     assert running.fake.counters.lists["containers"] == 1
     assert running.get("cattle:container/1i1599").ips == ("127.0.6.100",)
+
+
+async def test_https_with_the_ca_file(cattle: Callable[..., Any], tmp_path: Path) -> None:
+    ca, key = tmp_path / "ca.pem", tmp_path / "server.key"
+    openssl = await asyncio.create_subprocess_exec(
+        *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+        *("-subj", "/CN=rancher", "-addext", "subjectAltName=IP:127.0.0.1"),
+        *("-keyout", str(key), "-out", str(ca)),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await openssl.wait() == 0
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(ca, key)
+    # without the CA file the certificate is refused (and retried), with it the source syncs
+    untrusted = await cattle(fake_options={"ssl_context": tls})
+    assert untrusted.fake.url.startswith("https://127.0.0.1:")
+    await wait_until(
+        lambda: untrusted.metric("node_services_cattle_errors_total", reason="transport") >= 2,
+        what="refused certificate",
+    )
+    assert not untrusted.source.synced.is_set()
+    running = await cattle(fake_options={"ssl_context": tls}, ca_file=ca)
+    await synced(running)
+    running.fake.update("1i11", primaryIpAddress="127.0.0.77")
+    await wait_until(lambda: running.get("cattle:container/1i11").ips == ("127.0.0.77",))

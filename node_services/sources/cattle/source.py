@@ -206,7 +206,7 @@ class CattleSource:
                 except _SilentSocket:
                     self.metrics.error("silent")
                     self.last_error = f"no ping for {self.ping_timeout:g}s"
-                    delay = self.backoff.next_delay() if not self.synced.is_set() else 0.0
+                    delay = self.backoff.next_delay()  # reset by each sync: short
                     log.warning(
                         "cattle: no ping for %gs: the websocket is dead; reconnecting",
                         self.ping_timeout,
