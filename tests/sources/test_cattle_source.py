@@ -271,6 +271,12 @@ async def test_a_list_failing_with_500_is_retried(cattle: Callable[..., Any]) ->
     try:
         await synced(running)
         assert running.metric("node_services_cattle_errors_total", reason="http_500") == 2
+        assert (
+            running.metric(
+                "node_services_source_rejected_loads_total", source="cattle", reason="unreadable"
+            )
+            == 2
+        )
         assert running.get("cattle:service/1s3") is not None
     finally:
         task.cancel()

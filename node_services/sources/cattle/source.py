@@ -138,6 +138,13 @@ def _ref(obj: Any, fallback_type: object = None, fallback_id: object = None) -> 
     return f"{fallback_type} {fallback_id}"
 
 
+def _load_reason(exc: CattleAPIError) -> str:
+    """The ``reason`` of ``node_services_source_rejected_loads_total`` for a failed list."""
+    if exc.reason == "bad_body":
+        return "limit" if "larger than" in exc.message else "invalid"
+    return "unreadable"
+
+
 class CattleSource:
     """Feeds the store source ``cattle`` from one Cattle project."""
 
@@ -172,6 +179,7 @@ class CattleSource:
         """Resources fetched by id after a list because a buffered event touched them."""
         self.last_error = ""
         self.synced = asyncio.Event()
+        self._loading = False
         store.register(self.source)
 
     # -- the loop -------------------------------------------------------------------------------
@@ -197,6 +205,8 @@ class CattleSource:
                     )
                 except CattleAPIError as exc:
                     self.metrics.error(exc.reason)
+                    if self._loading:  # the list failed: the last good state keeps serving
+                        self.rejections.rejected_load(self.source, _load_reason(exc))
                     self.last_error = exc.message
                     delay = self.backoff.next_delay()
                     log_call = (
@@ -238,6 +248,7 @@ class CattleSource:
 
     async def _session(self, client: CattleClient) -> None:
         """One websocket: subscribe, list + reconcile, then follow until it ends."""
+        self._loading = False
         async with client.subscribe() as ws:
             self.connects += 1
             pending: list[dict[str, Any]] = []
@@ -346,6 +357,11 @@ class CattleSource:
     # -- list and reconcile ---------------------------------------------------------------------
 
     async def _sync(self, client: CattleClient, pending: list[dict[str, Any]]) -> None:
+        self._loading = True  # until it succeeds: a failure is a rejected load
+        await self._list_and_replace(client, pending)
+        self._loading = False
+
+    async def _list_and_replace(self, client: CattleClient, pending: list[dict[str, Any]]) -> None:
         started = time.perf_counter()
         items: dict[str, tuple[translate.Translated, ...]] = {}
         count = 0
