@@ -57,6 +57,8 @@ FETCH_CONCURRENCY: Final = 8
 MAX_BATCH: Final = 5000
 """Events applied as one store batch at most (a burst beyond that is split)."""
 GATHER_SPINS: Final = 200
+GATHER_SECONDS: Final = 0.01
+"""A batch waits at most this long for more frames (the event-to-answer budget is 100 ms)."""
 
 
 class _SilentSocket(Exception):
@@ -261,8 +263,12 @@ class CattleSource:
                 while True:
                     if not pending:
                         waiter = asyncio.create_task(wake.wait())
-                        await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                        waiter.cancel()
+                        try:
+                            await asyncio.wait(
+                                {waiter, reader}, return_when=asyncio.FIRST_COMPLETED
+                            )
+                        finally:
+                            waiter.cancel()
                     wake.clear()
                     if pending:
                         await self._gather(pending)
@@ -283,12 +289,13 @@ class CattleSource:
     async def _gather(pending: list[dict[str, Any]]) -> None:
         """Let frames already on the socket join this batch: a store batch has a fixed cost,
         so a burst applied 40 events at a time is slow. Spins the loop (no timer) while the
-        buffer grows; a lone event waits only two loop iterations."""
+        buffer grows, for at most GATHER_SECONDS; a lone event waits two loop iterations."""
         still = 0
         size = len(pending)
+        deadline = time.monotonic() + GATHER_SECONDS
         for _ in range(GATHER_SPINS):
             await asyncio.sleep(0)
-            if len(pending) >= MAX_BATCH:
+            if len(pending) >= MAX_BATCH or time.monotonic() > deadline:
                 return
             if len(pending) == size:
                 still += 1
