@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from bench._common import BenchError, Result, results_table, section, take_recorded
 
-BENCHMARKS: tuple[str, ...] = ("store", "kube", "dns", "metadata", "ipam", "overlay")
+BENCHMARKS: tuple[str, ...] = ("store", "kube", "dns", "metadata", "ipam", "overlay", "cattle")
 """Benchmark modules in report order. A later issue adds its ``bench/<name>.py`` (``dns``,
 ``metadata``, ...) and appends the name here."""
 

@@ -28,6 +28,8 @@ from node_services.metadata.app import (
 )
 from node_services.metadata.tree import Environment
 from node_services.overlay.reconcile import Announce, OverlayConfig, OverlayReconciler
+from node_services.sources.cattle.client import Connection as CattleConnection
+from node_services.sources.cattle.source import CattleSource
 from node_services.sources.guard import Rejections
 from node_services.sources.kube.client import in_cluster
 from node_services.sources.kube.source import KubeSource
@@ -151,6 +153,8 @@ class Daemon:
     dns: DnsServer | None = None
     metadata: MetadataServer | None = None
     overlay: OverlayReconciler | None = None
+    cattle: CattleSource | None = None
+    """The Cattle list + resource.change source, when cattle_url is set."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
 
@@ -181,6 +185,19 @@ class Daemon:
                 registry=self.registry,
                 rejections=rejections,
             )
+        # -- Cattle source: one store source; /readyz waits for its first full list.
+        if self.settings.cattle_url:
+            self.cattle = CattleSource(
+                self.store,
+                CattleConnection(
+                    url=self.settings.cattle_url.rstrip("/"),
+                    access_key=self.settings.cattle_access_key,
+                    secret_key=self.settings.cattle_secret_key,
+                    ca_file=self.settings.cattle_ca_file,
+                ),
+                registry=self.registry,
+                rejections=rejections,
+            )
 
     async def start(self) -> None:
         """Bind every listener, then start the sources and background tasks."""
@@ -196,6 +213,8 @@ class Daemon:
             )
         if self.kube is not None:
             self.supervisor.start("kubernetes", self.kube.run)
+        if self.cattle is not None:
+            self.supervisor.start("cattle", self.cattle.run)
         self._start_ipam()
         self._start_overlay()
 

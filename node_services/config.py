@@ -258,6 +258,10 @@ class Settings:
     node-services.io/wireguard-public-key (Cattle: a host label of that name). Write a new key
     into it to rotate: peers are re-keyed within one reconcile."""
 
+    cattle_ca_file: Path | None = None
+    """PEM file of the CA(s) that sign the Cattle server's https certificate (an https
+    cattle_url only); unset: the system's trust store."""
+
 
 FIELD_NAMES: Final = tuple(f.name for f in fields(Settings))
 
@@ -374,7 +378,7 @@ def _convert(key: str, value: Any) -> Any:
         return _BOOLEANS[flag]
     if key == "snapshots":
         return tuple(Path(str(v)) for v in _as_list(value))
-    if key in ("kubeconfig", "cni_conf_dir"):
+    if key in ("kubeconfig", "cni_conf_dir", "cattle_ca_file"):
         return Path(str(value)) if value not in (None, "") else None
     if key in ("ipam_dir", "overlay_wireguard_key_file"):
         if key == "overlay_wireguard_key_file" and not str(value).strip():
@@ -525,12 +529,7 @@ def read_config_file(path: Path, problems: list[str]) -> dict[str, Any]:
 def unsupported(settings: Settings) -> list[str]:
     """Valid settings that name a part this build does not have yet: ``run`` refuses them
     (rather than run without it) and ``check-config`` reports them."""
-    problems = []
-    if settings.cattle_url:
-        problems.append(
-            "cattle_url: the Cattle event source is not in this build yet; "
-            "feed Cattle resources through snapshot files"
-        )
+    problems: list[str] = []
     return problems
 
 
@@ -586,9 +585,36 @@ def load_settings(
         problems.append(f"cattle_url: {cattle[0]!r} must start with http:// or https://")
     if any(cattle[1:]) and not cattle[0]:
         problems.append("cattle_access_key/cattle_secret_key are set but cattle_url is not")
+    problems.extend(_cattle_problems(values, check_files=check_files))
     if problems:
         raise ConfigError(problems)
     return Settings(**values)
+
+
+_CATTLE_PROJECT_RE: Final = re.compile(r"^https?://[^/?#\s]+/v2-beta/projects/[A-Za-z0-9]+/?$")
+
+
+def _cattle_problems(values: Mapping[str, Any], *, check_files: bool) -> list[str]:
+    """The Cattle source's settings: a project-scoped v2-beta URL, both keys or neither, a
+    readable CA file only for https. Never quotes the secret."""
+    url = str(values.get("cattle_url", ""))
+    access, secret = values.get("cattle_access_key", ""), values.get("cattle_secret_key", "")
+    ca_file = values.get("cattle_ca_file")
+    problems = []
+    if url and re.match(r"^https?://", url) and not _CATTLE_PROJECT_RE.match(url):
+        problems.append(
+            f"cattle_url: {url!r} is not a project-scoped v2-beta URL like "
+            "http://rancher:8080/v2-beta/projects/1a5 (as Rancher shows for environment API keys)"
+        )
+    if url and bool(access) != bool(secret):
+        missing = "cattle_secret_key" if access else "cattle_access_key"
+        problems.append(f"{missing}: missing (set both Cattle API keys, or neither)")
+    if ca_file is not None:
+        if not url.startswith("https://"):
+            problems.append("cattle_ca_file: set, but cattle_url is not an https:// URL")
+        elif check_files and not ca_file.is_file():
+            problems.append(f"cattle_ca_file: {ca_file}: no such file")
+    return problems
 
 
 def _not_a_file(path: Path) -> str:

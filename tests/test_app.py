@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -105,11 +104,15 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-def test_unimplemented_live_sources_are_refused_clearly(tmp_path: Path) -> None:
-    env = {**os.environ, "CATTLE_URL": "http://127.0.0.1:9/v2-beta/projects/1a5"}
-    result = run_cli("run", "--admin-listen", "127.0.0.1:0", env=env)
-    assert result.returncode == 2
-    assert "cattle_url: the Cattle event source is not in this build yet" in result.stderr
+def test_cattle_url_is_accepted_and_readyz_waits_for_the_first_list(daemon: Start) -> None:
+    # Nothing listens on 127.0.0.1:9: the source retries, /readyz names it, nothing crashes.
+    node = daemon(env={"CATTLE_URL": "http://127.0.0.1:9/v2-beta/projects/1a5"})
+    node.wait_for(lambda: "cattle" in node.get("/readyz")[1], what="readyz names cattle")
+    assert node.get("/readyz")[0] == 503
+    node.wait_for(
+        lambda: float(node.metric('node_services_cattle_errors_total{reason="transport"}')) >= 2,
+        what="retries",
+    )
 
 
 def test_readyz_names_the_overlay_until_its_first_reconcile(daemon: Start) -> None:

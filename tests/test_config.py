@@ -154,15 +154,20 @@ def test_check_config_lists_every_error_and_fails(tmp_path: Path) -> None:
     )
 
 
-def test_check_config_reports_parts_this_build_lacks(tmp_path: Path) -> None:
+def test_check_config_validates_the_cattle_settings(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text("overlay: host-gw\ncattle_url: http://127.0.0.1:9/v2-beta\n")
+    config.write_text(
+        "overlay: host-gw\ncattle_url: http://127.0.0.1:9/v2-beta\ncattle_access_key: ak\n"
+        f"cattle_ca_file: {tmp_path / 'ca.pem'}\n"
+    )
     result = cli("check-config", str(config))
     assert result.returncode == 1
     assert result.stderr == (
         "node-services: invalid configuration:\n"
-        "  cattle_url: the Cattle event source is not in this build yet; feed Cattle resources "
-        "through snapshot files\n"
+        "  cattle_url: 'http://127.0.0.1:9/v2-beta' is not a project-scoped v2-beta URL like "
+        "http://rancher:8080/v2-beta/projects/1a5 (as Rancher shows for environment API keys)\n"
+        "  cattle_secret_key: missing (set both Cattle API keys, or neither)\n"
+        "  cattle_ca_file: set, but cattle_url is not an https:// URL\n"
     )
 
 

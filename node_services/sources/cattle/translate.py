@@ -828,3 +828,23 @@ _TRANSLATORS: Final[dict[str, _Translator]] = {
     "certificate": _certificate,
     **dict.fromkeys(SERVICE_TYPES, _service),
 }
+
+
+def host_pod_cidrs(facts: Iterable[Translated]) -> tuple[str, ...]:
+    """The pod CIDRs :func:`resolve_networks` gives every Cattle host without any, from the
+    network, subnet and project facts among ``facts`` (other items are ignored); () when no
+    default network or subnet is known. For a live source that resolves hosts one by one."""
+    networks: list[CattleNetwork] = []
+    subnets: dict[str, list[CattleSubnet]] = {}
+    projects: list[CattleProject] = []
+    for item in facts:
+        if isinstance(item, CattleNetwork):
+            networks.append(item)
+        elif isinstance(item, CattleSubnet):
+            subnets.setdefault(item.network_key, []).append(item)
+        elif isinstance(item, CattleProject):
+            projects.append(item)
+    network = _default_network(networks, projects) if networks else None
+    if network is None:
+        return ()
+    return network_cidrs(network, subnets.get(network.key, ()))

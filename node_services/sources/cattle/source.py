@@ -1,0 +1,513 @@
+"""The live Cattle source: list the project, then follow ``resource.change`` on its websocket.
+
+On every (re)connect, with nothing lost in the gap (Cattle has no resume token):
+
+1. open the websocket first and buffer what it sends;
+2. list the project (the project itself, hosts, stacks, services of every kind, containers,
+   networks, subnets; ``limit=1000`` pages followed through ``pagination.next``);
+3. reconcile the buffered events: Cattle objects carry no resource version, so an event read
+   before the list may hold an older state than the list. Every resource a buffered event
+   touched is fetched by id after the list, and what the server holds *now* wins (a 404 means
+   removed);
+4. ``replace`` the source's records with the result (the first one makes ``/readyz`` ready);
+5. apply the events that follow, those that arrive together as one store batch. Each event's
+   ``data.resource`` is the full object (a snapshot, not a delta); a resource in state
+   ``removed``/``purged`` (or with ``removed`` set) is gone.
+
+Cattle sends ``{"name": "ping"}`` at once and every 5 s; no ping for ``ping_timeout`` (15 s:
+three intervals) means the socket is dead and is replaced. A socket the server closes (Cattle
+does after ~8,640 pings) is reopened at once. Failures back off (0.8 s doubling to 30 s, with
+jitter, reset after a sync); a 401/403 names the access key (never the secret) and keeps
+retrying. A bad event or object is logged by resource type and id, counted and skipped: it
+contributes no record. While the API is unreachable the store keeps the last state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from node_services.sources.cattle import translate
+from node_services.sources.cattle.client import CattleAPIError, CattleClient, Connection
+from node_services.sources.cattle.mirror import Mirror
+from node_services.sources.errors import UnsupportedObject
+from node_services.sources.guard import Rejected, Rejections, describe, guarded
+from node_services.sources.kube.reflector import Backoff
+from node_services.state.store import Store
+
+log = logging.getLogger(__name__)
+
+SOURCE: Final = "cattle"
+COLLECTIONS: Final = ("hosts", "stacks", "services", "containers", "networks", "subnets")
+"""What is listed under the project (``services`` holds every service kind)."""
+TRACKED_TYPES: Final = frozenset(
+    {"project", "host", "stack", "environment", "container", "network", "subnet"}
+    | set(translate.SERVICE_TYPES)
+)
+PING_INTERVAL: Final = 5.0
+FETCH_CONCURRENCY: Final = 8
+MAX_BATCH: Final = 5000
+"""Events applied as one store batch at most (a burst beyond that is split)."""
+GATHER_SPINS: Final = 200
+GATHER_SECONDS: Final = 0.01
+"""A batch waits at most this long for more frames (the event-to-answer budget is 100 ms)."""
+
+
+class _SilentSocket(Exception):
+    """No ping for ``ping_timeout`` seconds."""
+
+
+@dataclass(eq=False)
+class CattleMetrics:
+    """Callbacks wired to Prometheus; no-ops by default (tests, benches)."""
+
+    event: Callable[[str, int], None] = lambda resource_type, n: None
+    list_done: Callable[[int, float], None] = lambda count, seconds: None
+    error: Callable[[str], None] = lambda reason: None
+    invalid: Callable[[str], None] = lambda resource_type: None
+    connected: Callable[[bool], None] = lambda up: None
+    last_event: Callable[[float], None] = lambda when: None
+
+
+def prometheus_metrics(registry: CollectorRegistry) -> CattleMetrics:
+    events = Counter(
+        "node_services_cattle_events",
+        "Websocket events received, by resource type (ping for Cattle's pings).",
+        ["type"],
+        registry=registry,
+    )
+    lists = Counter(
+        "node_services_cattle_lists",
+        "Full lists of the project completed (initial sync and every reconnect).",
+        registry=registry,
+    )
+    list_seconds = Histogram(
+        "node_services_cattle_list_seconds",
+        "Time to list the project and reconcile the buffered events.",
+        buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        registry=registry,
+    )
+    errors = Counter(
+        "node_services_cattle_errors",
+        "List/subscribe failures by reason: unauthorized, forbidden, http_<status>, "
+        "bad_body, bad_event, transport, silent (no ping), closed (server closed the socket), "
+        "error (unexpected).",
+        ["reason"],
+        registry=registry,
+    )
+    invalid = Counter(
+        "node_services_cattle_invalid_objects",
+        "Cattle objects skipped because they failed translation (logged by type and id).",
+        ["type"],
+        registry=registry,
+    )
+    connected = Gauge(
+        "node_services_cattle_connected",
+        "1 while the resource.change websocket is open and synced, else 0.",
+        registry=registry,
+    )
+    last_event = Gauge(
+        "node_services_cattle_last_event_timestamp_seconds",
+        "Unix time of the last websocket message (event or ping).",
+        registry=registry,
+    )
+
+    def list_done(count: int, seconds: float) -> None:
+        lists.inc()
+        list_seconds.observe(seconds)
+
+    return CattleMetrics(
+        event=lambda resource_type, n: events.labels(resource_type).inc(n),
+        list_done=list_done,
+        error=lambda reason: errors.labels(reason).inc(),
+        invalid=lambda resource_type: invalid.labels(resource_type).inc(),
+        connected=lambda up: connected.set(1 if up else 0),
+        last_event=last_event.set,
+    )
+
+
+def _ref(obj: Any, fallback_type: object = None, fallback_id: object = None) -> str:
+    if isinstance(obj, dict):
+        return f"{obj.get('type', fallback_type)} {obj.get('id', fallback_id)}"
+    return f"{fallback_type} {fallback_id}"
+
+
+def _load_reason(exc: CattleAPIError) -> str:
+    """The ``reason`` of ``node_services_source_rejected_loads_total`` for a failed list."""
+    if exc.reason == "bad_body":
+        return "limit" if "larger than" in exc.message else "invalid"
+    return "unreadable"
+
+
+class CattleSource:
+    """Feeds the store source ``cattle`` from one Cattle project."""
+
+    def __init__(
+        self,
+        store: Store,
+        connection: Connection,
+        *,
+        page_limit: int = 1000,
+        ping_timeout: float = 3 * PING_INTERVAL,
+        request_timeout: float = 30.0,
+        backoff: tuple[float, float] = (0.8, 30.0),
+        registry: CollectorRegistry | None = None,
+        rejections: Rejections | None = None,
+        metrics: CattleMetrics | None = None,
+    ) -> None:
+        self.store = store
+        self.connection = connection
+        self.page_limit = page_limit
+        self.ping_timeout = ping_timeout
+        self.request_timeout = request_timeout
+        self.backoff = Backoff(initial=backoff[0], maximum=backoff[1])
+        if metrics is None:
+            metrics = prometheus_metrics(registry) if registry is not None else CattleMetrics()
+        self.metrics = metrics
+        self.rejections = rejections or Rejections()
+        self.mirror = Mirror()
+        self.source = SOURCE
+        self.lists = 0
+        self.connects = 0
+        self.reconciled = 0
+        """Resources fetched by id after a list because a buffered event touched them."""
+        self.last_error = ""
+        self.synced = asyncio.Event()
+        self._loading = False
+        store.register(self.source)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, sync and follow until cancelled; every failure is retried."""
+        log.info("cattle: project %s (access key %s)", self.connection.url, self._key())
+        async with CattleClient(
+            self.connection, timeout=self.request_timeout, page_limit=self.page_limit
+        ) as client:
+            while True:
+                delay = 0.0
+                opened = time.monotonic()
+                try:
+                    await self._session(client)
+                    # The server closed the socket (Cattle does every ~12 h): at once, again,
+                    # unless it closes them as soon as they open.
+                    self.metrics.error("closed")
+                    if time.monotonic() - opened < 1.0:
+                        delay = self.backoff.next_delay()
+                    log.info(
+                        "cattle: the server closed the websocket; reconnecting in %.1fs", delay
+                    )
+                except CattleAPIError as exc:
+                    self.metrics.error(exc.reason)
+                    if self._loading:  # the list failed: the last good state keeps serving
+                        self.rejections.rejected_load(self.source, _load_reason(exc))
+                    self.last_error = exc.message
+                    delay = self.backoff.next_delay()
+                    log_call = (
+                        log.error if exc.reason in ("unauthorized", "forbidden") else log.warning
+                    )
+                    log_call("cattle: %s; retrying in %.1fs", exc.message, delay)
+                except _SilentSocket:
+                    self.metrics.error("silent")
+                    self.last_error = f"no ping for {self.ping_timeout:g}s"
+                    delay = self.backoff.next_delay()  # reset by each sync: short
+                    log.warning(
+                        "cattle: no ping for %gs: the websocket is dead; reconnecting",
+                        self.ping_timeout,
+                    )
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    self.metrics.error("transport")
+                    self.last_error = str(exc) or type(exc).__name__
+                    delay = self.backoff.next_delay()
+                    log.warning(
+                        "cattle: websocket lost (%s); relisting in %.1fs", self.last_error, delay
+                    )
+                except Exception as exc:  # the guard's rule for the load step: never a dead task
+                    self.metrics.error("error")
+                    self.rejections.rejected_load(self.source, "error")
+                    self.last_error = describe(exc)
+                    delay = self.backoff.next_delay()
+                    log.error(
+                        "cattle: list/subscribe failed: %s; relisting in %.1fs",
+                        self.last_error,
+                        delay,
+                    )
+                finally:
+                    self.metrics.connected(False)
+                if delay:
+                    await asyncio.sleep(delay)
+
+    def _key(self) -> str:
+        return self.connection.access_key or "(none)"
+
+    async def _session(self, client: CattleClient) -> None:
+        """One websocket: subscribe, list + reconcile, then follow until it ends."""
+        self._loading = False
+        async with client.subscribe() as ws:
+            self.connects += 1
+            pending: list[dict[str, Any]] = []
+            wake = asyncio.Event()
+            reader = asyncio.create_task(self._read(ws, pending, wake), name="cattle-websocket")
+            try:
+                await self._sync(client, pending)
+                self.backoff.reset()
+                self.metrics.connected(True)
+                while True:
+                    if not pending:
+                        waiter = asyncio.create_task(wake.wait())
+                        try:
+                            await asyncio.wait(
+                                {waiter, reader}, return_when=asyncio.FIRST_COMPLETED
+                            )
+                        finally:
+                            waiter.cancel()
+                    wake.clear()
+                    if pending:
+                        await self._gather(pending)
+                        batch = pending[:MAX_BATCH]
+                        del pending[:MAX_BATCH]
+                        self._apply(batch)
+                        await asyncio.sleep(0)
+                    elif reader.done():
+                        reader.result()  # raises what ended it
+                        return
+            finally:
+                reader.cancel()
+                await asyncio.wait({reader})
+                if not reader.cancelled():
+                    reader.exception()  # retrieved: what ended the reader was handled above
+
+    @staticmethod
+    async def _gather(pending: list[dict[str, Any]]) -> None:
+        """Let frames already on the socket join this batch: a store batch has a fixed cost,
+        so a burst applied 40 events at a time is slow. Spins the loop (no timer) while the
+        buffer grows, for at most GATHER_SECONDS; a lone event waits two loop iterations."""
+        still = 0
+        size = len(pending)
+        deadline = time.monotonic() + GATHER_SECONDS
+        for _ in range(GATHER_SPINS):
+            await asyncio.sleep(0)
+            if len(pending) >= MAX_BATCH or time.monotonic() > deadline:
+                return
+            if len(pending) == size:
+                still += 1
+                if still >= 2:
+                    return
+            else:
+                still = 0
+                size = len(pending)
+
+    async def _read(
+        self,
+        ws: aiohttp.ClientWebSocketResponse,
+        pending: list[dict[str, Any]],
+        wake: asyncio.Event,
+    ) -> None:
+        """Reads the socket into ``pending``; returns when the server closes it, raises
+        :class:`_SilentSocket` when pings stop."""
+        last_ping = time.monotonic()
+        pings = 0
+        while True:
+            remaining = last_ping + self.ping_timeout - time.monotonic()
+            if remaining <= 0:
+                raise _SilentSocket()
+            try:
+                message = await ws.receive(timeout=remaining)
+            except TimeoutError:
+                raise _SilentSocket() from None
+            if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                event = self._decode(message.data)
+                if event is None:
+                    continue
+                self.metrics.last_event(time.time())
+                name = event.get("name")
+                if name == "ping":
+                    last_ping = time.monotonic()
+                    pings += 1
+                    self.metrics.event("ping", 1)
+                elif name == "resource.change":
+                    pending.append(event)
+                    wake.set()
+                else:
+                    log.debug("cattle: ignored event %r", name)
+            elif message.type == aiohttp.WSMsgType.ERROR:
+                raise CattleAPIError("transport", f"websocket error: {ws.exception()}")
+            elif message.type == aiohttp.WSMsgType.CLOSE:  # the server's close frame
+                log.debug("cattle: websocket closed after %d pings", pings)
+                return
+            else:  # CLOSED/CLOSING without a close frame: the connection was lost
+                raise CattleAPIError(
+                    "transport", f"websocket connection lost (close code {ws.close_code})"
+                )
+
+    def _decode(self, data: str | bytes) -> dict[str, Any] | None:
+        try:
+            event = json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            self.metrics.error("bad_event")
+            log.error("cattle: skipped an undecodable websocket message: %s", describe(exc))
+            return None
+        if not isinstance(event, dict):
+            self.metrics.error("bad_event")
+            log.error("cattle: skipped a websocket message that is not an event object")
+            return None
+        return event
+
+    # -- list and reconcile ---------------------------------------------------------------------
+
+    async def _sync(self, client: CattleClient, pending: list[dict[str, Any]]) -> None:
+        self._loading = True  # until it succeeds: a failure is a rejected load
+        await self._list_and_replace(client, pending)
+        self._loading = False
+
+    async def _list_and_replace(self, client: CattleClient, pending: list[dict[str, Any]]) -> None:
+        started = time.perf_counter()
+        items: dict[str, tuple[translate.Translated, ...]] = {}
+        count = 0
+        project = await client.get_json(self.connection.url)
+        if isinstance(project, dict) and project.get("type") == "project":
+            self._put(items, project)
+        for collection in COLLECTIONS:
+            async for page in client.list_pages(collection):
+                for obj in page:
+                    count += 1
+                    self._put(items, obj)
+                await asyncio.sleep(0)  # let the services answer between pages
+        # Every resource a buffered event touched: what the server holds now wins.
+        buffered = pending[:]
+        del pending[:]
+        touched: dict[str, tuple[str, str]] = {}
+        for event in buffered:
+            target = self._event_target(event)
+            if target is not None:
+                touched[translate.key(*target)] = target
+        semaphore = asyncio.Semaphore(FETCH_CONCURRENCY)
+
+        async def fetch(resource_type: str, resource_id: str) -> dict[str, Any] | None:
+            async with semaphore:
+                return await client.get_resource(resource_type, resource_id)
+
+        fetched = await asyncio.gather(*(fetch(t, i) for t, i in touched.values()))
+        for (resource_key, _), obj in zip(touched.items(), fetched, strict=True):
+            items.pop(resource_key, None)
+            if obj is not None:
+                self._put(items, obj)
+        self.reconciled += len(touched)
+        records = self.mirror.reset(items)
+        await self.store.replace_async(self.source, records)
+        self.lists += 1
+        seconds = time.perf_counter() - started
+        self.metrics.list_done(count, seconds)
+        self.synced.set()
+        log.info(
+            "cattle: listed %d objects (%d records) in %.2fs; %d buffered event(s) reconciled "
+            "by fetching %d resource(s)",
+            count,
+            len(records),
+            seconds,
+            len(buffered),
+            len(touched),
+        )
+
+    def _event_target(self, event: dict[str, Any]) -> tuple[str, str] | None:
+        """(type, id) of the resource an event is about, when it is one we follow."""
+        data = event.get("data")
+        resource = data.get("resource") if isinstance(data, dict) else None
+        if isinstance(resource, dict):
+            resource_type, resource_id = resource.get("type"), resource.get("id")
+        else:
+            resource_type, resource_id = event.get("resourceType"), event.get("resourceId")
+        if resource_type not in TRACKED_TYPES:
+            return None
+        if not isinstance(resource_id, str) or not resource_id:
+            return None
+        return str(resource_type), resource_id
+
+    def _put(self, items: dict[str, tuple[translate.Translated, ...]], obj: Any) -> None:
+        translated = self._translate(obj)
+        if translated is None:
+            return
+        resource_key, values = translated
+        if values:
+            items[resource_key] = values
+        else:
+            items.pop(resource_key, None)
+
+    def _translate(self, obj: Any) -> tuple[str, tuple[translate.Translated, ...]] | None:
+        """(resource key, its items; () when removed or invalid), or None for an object of a
+        type we do not follow or without an id (logged)."""
+        if not isinstance(obj, dict):
+            self.metrics.invalid("unknown")
+            self.rejections.rejected_object(self.source)
+            log.error("cattle: skipped an object that is not a JSON object")
+            return None
+        resource_type = obj.get("type")
+        if resource_type not in TRACKED_TYPES:
+            return None
+        resource_id = obj.get("id")
+        if not isinstance(resource_id, str) or not resource_id:
+            self.metrics.invalid(str(resource_type))
+            self.rejections.rejected_object(self.source)
+            log.error("cattle: skipped a %s without an id", resource_type)
+            return None
+        outcome = guarded(lambda: self._translate_supported(obj), what="")
+        if isinstance(outcome, Rejected):  # named only now: events are a hot path
+            self.metrics.invalid(str(resource_type))
+            self.rejections.rejected_object(self.source)
+            log.error(
+                "cattle: skipped invalid %s %s: %s", resource_type, resource_id, outcome.reason
+            )
+            return translate.key(str(resource_type), resource_id), ()
+        return translate.key(str(resource_type), resource_id), outcome
+
+    def _translate_supported(self, obj: dict[str, Any]) -> tuple[translate.Translated, ...]:
+        try:
+            return tuple(translate.translate(obj, self.source))
+        except UnsupportedObject as exc:
+            log.debug("cattle: skipped %s", exc)
+            return ()
+
+    # -- live events ----------------------------------------------------------------------------
+
+    def _apply(self, events: Sequence[dict[str, Any]]) -> None:
+        """One batch of resource.change events: the newest state of each resource wins."""
+        changes: dict[str, tuple[translate.Translated, ...]] = {}
+        counts: dict[str, int] = {}
+        seen: set[tuple[object, object]] = set()
+        for event in reversed(events):  # the last event of a resource is its newest state
+            data = event.get("data")
+            resource = data.get("resource") if isinstance(data, dict) else None
+            kind = resource.get("type") if isinstance(resource, dict) else None
+            label = kind if isinstance(kind, str) and kind in TRACKED_TYPES else "other"
+            counts[label] = counts.get(label, 0) + 1
+            if not isinstance(resource, dict):
+                self.metrics.error("bad_event")
+                log.error(
+                    "cattle: skipped a resource.change event for %s without data.resource",
+                    _ref(None, event.get("resourceType"), event.get("resourceId")),
+                )
+                continue
+            identity = (resource.get("type"), resource.get("id"))
+            if isinstance(identity[0], str) and isinstance(identity[1], str):
+                if identity in seen:
+                    continue
+                seen.add(identity)
+            translated = self._translate(resource)
+            if translated is not None:
+                changes.setdefault(translated[0], translated[1])
+        try:
+            if changes:
+                out = self.mirror.update(changes)
+                if out:
+                    self.store.apply(self.source, out)
+        finally:
+            for label, n in counts.items():
+                self.metrics.event(label, n)
