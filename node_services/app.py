@@ -7,19 +7,24 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from node_services.admin import make_admin_app
-from node_services.config import ConfigError, Settings, unsupported
+from node_services import handover, sdnotify
+from node_services.admin import make_admin_app, readiness_problems
+from node_services.config import Address, ConfigError, Settings, unsupported
 from node_services.dns.server import DnsServer
 from node_services.dns.service import build_dns
 from node_services.ipam.reconcile import IPAMReconciler, wait_for_directory
+from node_services.metadata.app import BACKLOG as METADATA_LISTEN_BACKLOG
 from node_services.metadata.app import (
     MetadataConfig,
     MetadataMetrics,
@@ -130,6 +135,16 @@ class Daemon:
     overlay: OverlayReconciler | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
+    listeners: handover.Listeners = field(default_factory=handover.Listeners)
+    """The listening sockets (originals; each server serves on a dup of its own)."""
+    notifier: sdnotify.Notifier = field(default_factory=sdnotify.Notifier.from_environ)
+    started_at: float = field(default_factory=time.time)
+    lame_duck: bool = False
+    """SIGTERM came and no successor took over: /readyz fails, serving goes on a while."""
+    successor: int = 0
+    """The pid of the instance that took over our sockets, once one has."""
+    _handover: handover.HandoverServer | None = None
+    _handed_over: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         check_supported(self.settings)
@@ -160,10 +175,79 @@ class Daemon:
             )
 
     async def start(self) -> None:
-        """Bind every listener, then start the sources and background tasks."""
-        await self._start_admin()
-        await self._start_dns()
-        await self._start_metadata()
+        """Bind every listener, then start the sources and background tasks. When an
+        instance runs at our hand-over socket, or systemd passes back the sockets it stored,
+        start the sources first, wait until ready, then serve on those sockets (handover.py)."""
+        inherited = {name: socket.socket(fileno=fd) for name, fd in sdnotify.listen_fds().items()}
+        predecessor = None
+        path = self._handover_path()
+        if not inherited and path is not None:
+            predecessor = await handover.find_predecessor(path)
+        if not inherited and predecessor is None:
+            await self._start_admin()
+            await self._start_dns()
+            await self._start_metadata()
+            self._start_tasks()
+        else:
+            self.listeners.origin = "systemd" if inherited else f"handed over ({path})"
+            self._build_dns()  # the zone follows the store from the first sync on
+            self._start_tasks()
+            await self.wait_ready(HANDOVER_READY_TIMEOUT)
+            if predecessor is not None:
+                inherited = await predecessor.take(self._addresses())
+                self.listeners.origin = f"handed over by pid {predecessor.pid}"
+            log.info("serving on %s from %s", sorted(inherited), self.listeners.origin)
+            await self._start_admin(inherited.pop(handover.ADMIN, None))
+            dns = (inherited.pop(handover.DNS_UDP, None), inherited.pop(handover.DNS_TCP, None))
+            await self._start_dns(dns)
+            await self._start_metadata(inherited.pop(handover.METADATA, None))
+            for sock in inherited.values():  # names we do not know (an older/newer build's)
+                sock.close()
+            if predecessor is not None:
+                await predecessor.release()
+        if path is not None:
+            self._handover = handover.HandoverServer(
+                path, self.listeners, self._addresses(), self._on_handed_over
+            )
+            self._handover.start()
+
+    def _handover_path(self) -> Path | None:
+        settings = self.settings
+        if settings.runtime_dir is None or settings.dns_listen.port == 0:
+            return None
+        return handover.socket_path(
+            settings.runtime_dir, settings.dns_listen.host, settings.dns_listen.port
+        )
+
+    def _addresses(self) -> dict[str, str]:
+        settings = self.settings
+        return {
+            handover.DNS_UDP: str(settings.dns_listen),
+            handover.DNS_TCP: str(settings.dns_listen),
+            handover.METADATA: str(settings.metadata_listen),
+            handover.ADMIN: str(settings.admin_listen),
+        }
+
+    def _on_handed_over(self, pid: int) -> None:
+        self.successor = pid
+        self._handed_over.set()
+        self.request_stop()
+
+    def readiness(self) -> list[str]:
+        """Why this instance is not ready (empty when it is), as /readyz says."""
+        return readiness_problems(self.store, self._problems)
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until every source synced and no task failed; False at ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.readiness():
+            if deadline is not None and time.monotonic() >= deadline:
+                log.warning("not ready after %gs: %s", timeout, "; ".join(self.readiness()))
+                return False
+            await self.store.wait_for_change(self.store.snapshot.version, timeout=0.2)
+        return True
+
+    def _start_tasks(self) -> None:
         for snapshot in self.snapshots:
             self.supervisor.start(snapshot.name, snapshot.run)
         if self.kube is not None:
@@ -174,11 +258,20 @@ class Daemon:
     def _problems(self) -> list[str]:
         """Readiness problems beyond the sources': failed tasks, an overlay not yet set up."""
         problems = self.supervisor.problems()
+        if self.lame_duck:
+            problems.append("shutting down (lame duck)")
         if self.overlay is not None:
             problems.extend(self.overlay.problems())
         return problems
 
-    async def _start_admin(self) -> None:
+    def _listen_tcp(self, name: str, listen: Address, backlog: int) -> socket.socket:
+        """Bind one TCP listener of ours; the error names it."""
+        try:
+            return handover.bind_tcp(listen.host, listen.port, backlog)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{name}: cannot listen on {listen}: {exc.strerror}") from exc
+
+    async def _start_admin(self, sock: socket.socket | None = None) -> None:
         admin = make_admin_app(
             self.store,
             loaders=self.snapshots,
@@ -188,20 +281,42 @@ class Daemon:
         self._runner = web.AppRunner(admin, access_log=None, handle_signals=False)
         await self._runner.setup()
         listen = self.settings.admin_listen
-        site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
+        if sock is None:
+            sock = self._listen_tcp("admin", listen, ADMIN_BACKLOG)
+        self.listeners.sockets[handover.ADMIN] = sock
+        site = web.SockSite(self._runner, sock.dup(), backlog=ADMIN_BACKLOG)
         await site.start()
         log.info("admin listening on http://%s (/healthz /readyz /metrics)", listen)
 
-    async def _start_dns(self) -> None:
-        """Answers from the store on dns_listen (UDP + TCP), forwards the rest; the zone
-        follows the store's change sets."""
+    def _build_dns(self) -> None:
         self.dns = build_dns(self.settings, self.store, self.registry)
-        listen = self.settings.dns_listen
-        await self.dns.start(listen.host, listen.port)
         self.supervisor.start("dns", self.dns.follow_store)
+
+    async def _start_dns(
+        self, sockets: tuple[socket.socket | None, socket.socket | None] = (None, None)
+    ) -> None:
+        """Answers from the store on dns_listen (UDP + TCP), forwards the rest; the zone
+        follows the store's change sets. ``sockets``: UDP and TCP listeners taken over."""
+        if self.dns is None:
+            self._build_dns()
+        assert self.dns is not None
+        listen = self.settings.dns_listen
+        udp, tcp = sockets
+        if udp is not None and tcp is not None:
+            await self.dns.start(listen.host, listen.port, sockets=(udp.dup(), tcp.dup()))
+        else:
+            for sock in sockets:
+                if sock is not None:
+                    sock.close()
+            await self.dns.start(listen.host, listen.port)
+            fds = self.dns.listening_fds()
+            assert fds is not None
+            udp, tcp = (socket.socket(fileno=os.dup(fd)) for fd in fds)
+        self.listeners.sockets[handover.DNS_UDP] = udp
+        self.listeners.sockets[handover.DNS_TCP] = tcp
         log.info("dns listening on %s (udp, tcp)", listen)
 
-    async def _start_metadata(self) -> None:
+    async def _start_metadata(self, sock: socket.socket | None = None) -> None:
         """rancher-metadata compatible HTTP on metadata_listen."""
         settings = self.settings
         self.metadata = MetadataServer(
@@ -220,7 +335,12 @@ class Daemon:
             ),
             MetadataMetrics(self.registry),
         )
-        await self.metadata.start(settings.metadata_listen.host, settings.metadata_listen.port)
+        if sock is None:
+            sock = self._listen_tcp("metadata", settings.metadata_listen, METADATA_BACKLOG)
+        self.listeners.sockets[handover.METADATA] = sock
+        await self.metadata.start(
+            settings.metadata_listen.host, settings.metadata_listen.port, sock=sock.dup()
+        )
         log.info("metadata listening on http://%s", settings.metadata_listen)
 
     def _start_ipam(self) -> None:
@@ -273,12 +393,80 @@ class Daemon:
     async def reload(self) -> None:
         """SIGHUP: re-read every snapshot file now."""
         log.info("reloading %d snapshot file(s)", len(self.snapshots))
-        await asyncio.gather(*(snapshot.reload() for snapshot in self.snapshots))
+        self.notifier.reloading()
+        try:
+            await asyncio.gather(*(snapshot.reload() for snapshot in self.snapshots))
+        finally:
+            self.notifier.ready(self.summary())
 
     def request_stop(self) -> None:
         self._stop.set()
 
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: readiness, records, where the listeners came from."""
+        snapshot = self.store.snapshot
+        problems = self.readiness()
+        state = "ready" if not problems else f"not ready ({problems[0]})"
+        records = sum(snapshot.counts().values())
+        return (
+            f"{state}; {records} records from {len(snapshot.synced)} source(s), "
+            f"store version {snapshot.version}; listeners {self.listeners.origin}"
+        )
+
+    def healthy(self) -> bool:
+        """The watchdog's test: no supervised task has died (the loop runs: it asks)."""
+        return not self.supervisor.failures
+
+    async def _announce(self) -> None:
+        """READY=1 once every source synced, the sockets into systemd's store, then the
+        watchdog pings (when the unit asks for them)."""
+        await self.wait_ready()
+        self.notifier.ready(self.summary())
+        if self.notifier.enabled:
+            self.notifier.store_fds(
+                {name: sock.fileno() for name, sock in self.listeners.sockets.items()}
+            )
+        log.info("ready: %s", self.summary())
+        interval = sdnotify.watchdog_interval()
+        if interval is None:
+            # Nothing more to send (STOPPING=1 comes from run): idle until cancelled.
+            await asyncio.get_running_loop().create_future()
+            return
+        log.info("watchdog: WATCHDOG=1 every %gs", interval)
+        await sdnotify.Watchdog(self.notifier, interval, self.healthy).run()
+
+    async def _lame_duck(self) -> None:
+        """SIGTERM without a successor: fail /readyz, keep serving ``shutdown_grace`` seconds
+        (a successor may still take over meanwhile)."""
+        grace = self.settings.shutdown_grace
+        if grace <= 0 or self._handed_over.is_set():
+            return
+        self.lame_duck = True
+        self.notifier.stopping(f"lame duck for {grace:g}s")
+        log.info("lame duck: /readyz fails, serving %gs more", grace)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._handed_over.wait()
+
+    async def _drain(self) -> None:
+        """Our sockets are served by the successor: stop reading, answer what came in."""
+        self.notifier.stopping(f"handed over to pid {self.successor}")
+        log.info("handed over to pid %d: draining", self.successor)
+        if self._handover is not None:
+            self._handover.close()
+        drains = []
+        if self.dns is not None:
+            drains.append(self.dns.drain(DRAIN_TIMEOUT))
+        if self.metadata is not None:
+            drains.append(self.metadata.drain(DRAIN_SETTLE))
+        if self._runner is not None:
+            drains.extend(site.stop() for site in list(self._runner.sites))
+        await asyncio.gather(*drains)
+        self.listeners.close()
+
     async def stop(self) -> None:
+        if self._handover is not None:
+            self._handover.close()
         await self.supervisor.stop()
         if self.metadata is not None:
             await self.metadata.stop()
@@ -286,6 +474,8 @@ class Daemon:
             await self.dns.stop()
         if self._runner is not None:
             await self._runner.cleanup()
+        self.listeners.close()
+        self.notifier.close()
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then shut down cleanly."""
@@ -297,16 +487,30 @@ class Daemon:
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
+        interrupted = False
+
+        def on_int() -> None:  # Ctrl-C: stop now, no lame duck
+            nonlocal interrupted
+            interrupted = True
+            self.request_stop()
+
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, on_int)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         try:
             await self.start()
             log.info(
                 "node-services running on node %s (pid %d)", self.settings.node_name, os.getpid()
             )
+            self.supervisor.start("sd-notify", self._announce)
             await self._stop.wait()
             log.info("stopping")
+            if not interrupted:
+                await self._lame_duck()
+            if self._handed_over.is_set():
+                await self._drain()
+            else:
+                self.notifier.stopping()
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
@@ -315,6 +519,16 @@ class Daemon:
             await self.stop()
         log.info("stopped")
 
+
+HANDOVER_READY_TIMEOUT: Final = 120.0
+"""Seconds a successor waits for its sources before it takes the sockets anyway (logged):
+an upgrade must not hang on a source that never syncs."""
+ADMIN_BACKLOG: Final = 128
+METADATA_BACKLOG: Final = METADATA_LISTEN_BACKLOG
+DRAIN_SETTLE: Final = 0.5
+"""Seconds a drained HTTP listener waits for requests already on accepted connections."""
+DRAIN_TIMEOUT: Final = 10.0
+"""Seconds the old instance waits at most for forwarded queries and TCP clients."""
 
 SWITCH_INTERVAL: Final = 0.0005
 """Seconds a worker thread may hold the GIL while the event loop waits for it. Worker threads

@@ -13,8 +13,10 @@ publishes, nothing polls.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -101,6 +103,8 @@ class MetadataServer:
     view: ShownSnapshot = field(init=False)
     """The snapshot requests are answered from (a large one only once its trees are built)."""
     trees: Trees = field(init=False)
+    _drained: asyncio.Future[None] | None = None
+    """Resolved when the server drains: parked long-polls answer at once."""
 
     def __post_init__(self) -> None:
         self.callers = CallerResolver(self.config.trusted_proxies)
@@ -308,7 +312,7 @@ class MetadataServer:
         request[_ROUTE] = route
 
         query = request.query if request.query_string else None
-        if query is not None and query.get("wait") == "true":
+        if query is not None and query.get("wait") == "true" and not self.draining:
             if "value" in query:
                 return await self._wait_for_value(request, api_version, ip, path, fmt, route)
             if "If-None-Match" in request.headers:
@@ -374,9 +378,9 @@ class MetadataServer:
                     if found and render.go_sprint(value) != old:
                         break
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self.draining:
                     break
-                changed = await self.view.wait_for_change(snapshot.version, remaining)
+                changed = await self._wait_for_change(snapshot.version, remaining)
                 if changed.version != snapshot.version:
                     woken_at = self._woken(changed)
         finally:
@@ -443,9 +447,9 @@ class MetadataServer:
                 if not _etag_matches(tags, snapshot.version):
                     break
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self.draining:
                     return self._respond(route, 304, b"", fmt, snapshot.version)
-                changed = await self.view.wait_for_change(snapshot.version, remaining)
+                changed = await self._wait_for_change(snapshot.version, remaining)
                 if changed.version != snapshot.version:
                     woken_at = self._woken(changed)
         finally:
@@ -475,16 +479,52 @@ class MetadataServer:
             logger=ParseErrorLog(self.bad_requests),
         )
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on host:port until :meth:`stop`."""
+    async def start(self, host: str, port: int, *, sock: socket.socket | None = None) -> None:
+        """Listen on host:port until :meth:`stop`; or serve on ``sock``, a listening socket
+        already bound (e.g. taken over from an instance before this one)."""
         self._runner = web.ServerRunner(
             self.make_server(),
             handle_signals=False,
             shutdown_timeout=0.5,  # long-polls are cut short at shutdown
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, backlog=BACKLOG, reuse_address=True)
+        site: web.BaseSite
+        if sock is not None:
+            site = web.SockSite(self._runner, sock, backlog=BACKLOG)
+        else:
+            site = web.TCPSite(self._runner, host, port, backlog=BACKLOG, reuse_address=True)
         await site.start()
+
+    @property
+    def draining(self) -> bool:
+        return self._drained is not None and self._drained.done()
+
+    async def _wait_for_change(self, version: int, timeout: float) -> Snapshot:  # noqa: ASYNC109
+        """The view's wait_for_change, cut short when the server drains."""
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        waiting = asyncio.ensure_future(self.view.wait_for_change(version, timeout))
+        await asyncio.wait((waiting, self._drained), return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            waiting.cancel()
+            return self.view.snapshot
+        return waiting.result()
+
+    async def drain(self, settle: float) -> None:
+        """Hand-over: stop accepting (our descriptor of the listener closes; a successor's
+        stays open), let requests already on their way arrive for ``settle`` seconds, then
+        answer every parked long-poll with the current version, as new ones are from now
+        on. :meth:`stop` still has to be called."""
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
+        await asyncio.sleep(settle)
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        if not self._drained.done():
+            self._drained.set_result(None)
+        if self._version_waiters is not None:
+            self._version_waiters.answer_all()
 
     async def stop(self) -> None:
         if self._runner is not None:
