@@ -145,6 +145,7 @@ class Daemon:
     """The pid of the instance that took over our sockets, once one has."""
     _handover: handover.HandoverServer | None = None
     _handed_over: asyncio.Event = field(default_factory=asyncio.Event)
+    _terminated: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         check_supported(self.settings)
@@ -492,9 +493,13 @@ class Daemon:
         def on_int() -> None:  # Ctrl-C: stop now, no lame duck
             nonlocal interrupted
             interrupted = True
+            on_term()
+
+        def on_term() -> None:
+            self._terminated.set()
             self.request_stop()
 
-        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGTERM, on_term)
         loop.add_signal_handler(signal.SIGINT, on_int)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         try:
@@ -509,6 +514,12 @@ class Daemon:
                 await self._lame_duck()
             if self._handed_over.is_set():
                 await self._drain()
+                if in_cluster() and not self._terminated.is_set():
+                    # A container that exits is restarted by the kubelet, and would take the
+                    # sockets back: the old pod waits for its deletion instead.
+                    log.info("handed over: waiting for SIGTERM (the old pod's deletion)")
+                    self.notifier.status(f"handed over to pid {self.successor}; idle")
+                    await self._terminated.wait()
             else:
                 self.notifier.stopping()
         finally:
