@@ -278,6 +278,7 @@ class Daemon:
             loaders=self.snapshots,
             task_problems=self._problems,
             registry=self.registry,
+            status_extra=self._status,
         )
         self._runner = web.AppRunner(admin, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -413,6 +414,16 @@ class Daemon:
             f"{state}; {records} records from {len(snapshot.synced)} source(s), "
             f"store version {snapshot.version}; listeners {self.listeners.origin}"
         )
+
+    def _status(self) -> dict[str, object]:
+        """This instance's part of /status."""
+        return {
+            "node": self.settings.node_name,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "listeners": self.listeners.origin,
+            "lame_duck": self.lame_duck,
+            "handed_over_to": self.successor or None,
+        }
 
     def healthy(self) -> bool:
         """The watchdog's test: no supervised task has died (the loop runs: it asks)."""
