@@ -10,13 +10,15 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from node_services import handover, sdnotify
 from node_services.admin import make_admin_app, readiness_problems
@@ -111,6 +113,58 @@ def node_network_marker(kube: KubeSource) -> Callable[[], Awaitable[None]]:
     return mark_up
 
 
+class LifecycleCollector(Collector):
+    """Readiness, restarts, hand-overs and the service manager's side, for the alerts of
+    deploy/monitoring/."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        daemon = self.daemon
+        yield GaugeMetricFamily(
+            "node_services_ready",
+            "1 when /readyz answers ok (every source synced, no task failed, no lame duck).",
+            value=0 if daemon.readiness() else 1,
+        )
+        yield GaugeMetricFamily(
+            "node_services_start_time_seconds",
+            "Unix time this process started (a change is a restart: crash, watchdog, upgrade).",
+            value=daemon.started_at,
+        )
+        yield GaugeMetricFamily(
+            "node_services_lame_duck",
+            "1 while shutting down without a successor: /readyz fails, serving goes on.",
+            value=1 if daemon.lame_duck else 0,
+        )
+        handovers = CounterMetricFamily(
+            "node_services_handovers",
+            "Listening-socket hand-overs: taken (from a predecessor or systemd's store), "
+            "given (to a successor), failed (an exchange that did not complete).",
+            labels=["result"],
+        )
+        for result in ("taken", "given", "failed"):
+            handovers.add_metric([result], daemon.handovers.get(result, 0))
+        yield handovers
+        notifier = daemon.notifier
+        yield CounterMetricFamily(
+            "node_services_sd_notify_errors",
+            "Notifications to systemd ($NOTIFY_SOCKET) that could not be sent.",
+            value=notifier.errors,
+        )
+        watchdog = daemon.watchdog
+        yield CounterMetricFamily(
+            "node_services_watchdog_pings",
+            "WATCHDOG=1 pings sent to systemd.",
+            value=watchdog.pings if watchdog else 0,
+        )
+        yield CounterMetricFamily(
+            "node_services_watchdog_withheld",
+            "Watchdog pings withheld because a supervised task died (systemd restarts us).",
+            value=watchdog.withheld if watchdog else 0,
+        )
+
+
 def check_supported(settings: Settings) -> None:
     """Refuse settings that name a part this build does not have yet, clearly."""
     problems = unsupported(settings)
@@ -146,6 +200,9 @@ class Daemon:
     _handover: handover.HandoverServer | None = None
     _handed_over: asyncio.Event = field(default_factory=asyncio.Event)
     _terminated: asyncio.Event = field(default_factory=asyncio.Event)
+    handovers: dict[str, int] = field(default_factory=dict)
+    """Hand-overs by result (taken, given, failed), for node_services_handovers_total."""
+    watchdog: sdnotify.Watchdog | None = None
 
     def __post_init__(self) -> None:
         check_supported(self.settings)
@@ -160,6 +217,7 @@ class Daemon:
             )
             for path in self.settings.snapshots
         ]
+        self.registry.register(LifecycleCollector(self))
         for snapshot in self.snapshots:
             self.store.register(snapshot.name)
         # -- Kubernetes source: one store source per resource; /readyz waits for every list.
@@ -179,7 +237,9 @@ class Daemon:
         """Bind every listener, then start the sources and background tasks. When an
         instance runs at our hand-over socket, or systemd passes back the sockets it stored,
         start the sources first, wait until ready, then serve on those sockets (handover.py)."""
-        inherited = {name: socket.socket(fileno=fd) for name, fd in sdnotify.listen_fds().items()}
+        inherited = self._matching(
+            {name: socket.socket(fileno=fd) for name, fd in sdnotify.listen_fds().items()}
+        )
         predecessor = None
         path = self._handover_path()
         if not inherited and path is not None:
@@ -195,8 +255,16 @@ class Daemon:
             self._start_tasks()
             await self.wait_ready(HANDOVER_READY_TIMEOUT)
             if predecessor is not None:
-                inherited = await predecessor.take(self._addresses())
-                self.listeners.origin = f"handed over by pid {predecessor.pid}"
+                try:
+                    inherited = await predecessor.take(self._addresses())
+                except handover.HandoverError as exc:
+                    self.handovers["failed"] = self.handovers.get("failed", 0) + 1
+                    log.error("%s: binding the listeners instead", exc)
+                    predecessor = None
+                    inherited = {}
+                    self.listeners.origin = "bound"
+                else:
+                    self.listeners.origin = f"handed over by pid {predecessor.pid}"
             log.info("serving on %s from %s", sorted(inherited), self.listeners.origin)
             await self._start_admin(inherited.pop(handover.ADMIN, None))
             dns = (inherited.pop(handover.DNS_UDP, None), inherited.pop(handover.DNS_TCP, None))
@@ -206,11 +274,51 @@ class Daemon:
                 sock.close()
             if predecessor is not None:
                 await predecessor.release()
+            if self.listeners.origin != "bound":
+                self.handovers["taken"] = 1
         if path is not None:
             self._handover = handover.HandoverServer(
                 path, self.listeners, self._addresses(), self._on_handed_over
             )
             self._handover.start()
+
+    def _matching(self, sockets: dict[str, socket.socket]) -> dict[str, socket.socket]:
+        """The sockets systemd passed back that still listen where the settings say (an
+        address changed since they were stored: bind the new one, close the old)."""
+        kinds = {
+            handover.DNS_UDP: socket.SOCK_DGRAM,
+            handover.DNS_TCP: socket.SOCK_STREAM,
+            handover.METADATA: socket.SOCK_STREAM,
+            handover.ADMIN: socket.SOCK_STREAM,
+        }
+        wanted = {
+            handover.DNS_UDP: self.settings.dns_listen,
+            handover.DNS_TCP: self.settings.dns_listen,
+            handover.METADATA: self.settings.metadata_listen,
+            handover.ADMIN: self.settings.admin_listen,
+        }
+        kept = {}
+        for name, sock in sockets.items():
+            listen = wanted.get(name)
+            try:
+                host, port = sock.getsockname()[:2]
+                same = (
+                    listen is not None
+                    and sock.type == kinds[name]
+                    and socket.inet_pton(sock.family, host)
+                    == socket.inet_pton(sock.family, listen.host)
+                    and listen.port in (0, port)
+                )
+            except (OSError, ValueError):
+                same = False
+            if same:
+                kept[name] = sock
+            else:
+                log.warning(
+                    "systemd passed %s socket %s: not what the settings say, closed", name, sock
+                )
+                sock.close()
+        return kept
 
     def _handover_path(self) -> Path | None:
         settings = self.settings
@@ -230,6 +338,7 @@ class Daemon:
         }
 
     def _on_handed_over(self, pid: int) -> None:
+        self.handovers["given"] = self.handovers.get("given", 0) + 1
         self.successor = pid
         self._handed_over.set()
         self.request_stop()
@@ -445,7 +554,8 @@ class Daemon:
             await asyncio.get_running_loop().create_future()
             return
         log.info("watchdog: WATCHDOG=1 every %gs", interval)
-        await sdnotify.Watchdog(self.notifier, interval, self.healthy).run()
+        self.watchdog = sdnotify.Watchdog(self.notifier, interval, self.healthy)
+        await self.watchdog.run()
 
     async def _lame_duck(self) -> None:
         """SIGTERM without a successor: fail /readyz, keep serving ``shutdown_grace`` seconds
