@@ -569,6 +569,13 @@ class Daemon:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 await self._handed_over.wait()
+        if self._handover is not None and self._handover.successor_waiting:
+            # A successor is syncing to take over (a DaemonSet update deletes the old pod as
+            # soon as the new one is up): serve on until it asks, not into a gap.
+            log.info("lame duck: a successor is preparing; serving until it takes over")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HANDOVER_READY_TIMEOUT + 30):
+                    await self._handed_over.wait()
 
     async def _drain(self) -> None:
         """Our sockets are served by the successor: stop reading, answer what came in."""

@@ -13,6 +13,8 @@ Wire format (one unix stream connection, lines of JSON):
     new -> old   {"pid": 123, "listeners": {"dns-udp": "127.0.0.1:53", ...}}
     old -> new   {"pid": 45, "listeners": ["dns-udp", ...]}  + the descriptors, in order
     new -> old   {"serving": true}
+    old -> new   {"released": true}     (the old one has removed its socket file: the new one
+                                         may put its own there)
 
 Only a peer of our own uid (or root) may connect (``SO_PEERCRED``); the directory is 0700.
 """
@@ -159,11 +161,16 @@ class Predecessor:
             sock.setblocking(False)
         return sockets
 
+    def _release(self) -> None:
+        self.conn.sendall(b'{"serving": true}\n')
+        _read_line(self.conn)  # it has removed its socket file
+
     async def release(self) -> None:
-        """Tell the predecessor we serve on its sockets: it stops reading and exits."""
+        """Tell the predecessor we serve on its sockets: it stops reading and exits. Returns
+        once it has given up the hand-over socket's path."""
         try:
-            await asyncio.to_thread(self.conn.sendall, b'{"serving": true}\n')
-        except OSError as exc:
+            await asyncio.to_thread(self._release)
+        except (OSError, ValueError, HandoverError) as exc:
             log.warning("hand-over: telling pid %d we serve failed: %s", self.pid, exc)
         finally:
             self.close()
@@ -282,6 +289,9 @@ class HandoverServer:
             if reply.get("serving") is True and not self.handed_over:
                 self.handed_over = True
                 log.info("hand-over: pid %d serves on our listeners", pid)
+                self._close_listener()  # before the successor puts its own socket there
+                with contextlib.suppress(OSError):
+                    conn.send(b'{"released": true}\n')  # a few bytes: never blocks
                 self.on_handed_over(pid)
 
     @staticmethod
@@ -304,13 +314,22 @@ class HandoverServer:
             raise HandoverError("message is not a JSON object")
         return message
 
+    @property
+    def successor_waiting(self) -> bool:
+        """A new instance is connected and preparing to take over."""
+        return bool(self._exchanges) and not self.handed_over
+
     def close(self) -> None:
         """Stop offering; remove the socket file unless a successor has replaced it."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
         for task in self._exchanges:
-            task.cancel()
+            if task is not asyncio.current_task():
+                task.cancel()
+        self._close_listener()
+
+    def _close_listener(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
