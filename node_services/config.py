@@ -230,10 +230,10 @@ class Settings:
     """debug, info, warning or error."""
 
     runtime_dir: Path | None = Path("/run/node-services")
-    """Directory of the hand-over socket (`handover-<dns host>-<dns port>.sock`): a new
-    instance started while one runs takes over its listening sockets through it, so a restart
-    or an upgrade loses no query. The unit's RuntimeDirectory=, a hostPath in the DaemonSet.
-    Empty: no hand-over."""
+    """Directory of the hand-over socket (`handover-<netns>-<dns host>-<dns port>.sock`): a
+    new instance started while one runs takes over its listening sockets through it, so a
+    restart or an upgrade loses no query. The unit's RuntimeDirectory=, a hostPath in the
+    DaemonSet. Empty: no hand-over."""
 
     shutdown_grace: float = 5.0
     """Seconds the daemon keeps serving after SIGTERM when no successor took over its sockets

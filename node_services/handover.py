@@ -1,12 +1,12 @@
 """Listening sockets passed from a running instance to its successor (SCM_RIGHTS).
 
 A new instance started with the same settings while an old one runs finds the old one's
-hand-over socket in the runtime directory (``handover-<dns host>-<dns port>.sock``). Once it is
-ready (sources synced, zone built) it asks for the listeners over that connection; the old one
-sends the descriptors of every listener whose address the new one names, the new one starts
-serving on them and says so, and only then does the old one stop reading, answer what it
-already received and exit. The sockets are never closed in between: a query queued in them is
-read by whichever process reads first, so none is lost.
+hand-over socket in the runtime directory (``handover-<netns>-<dns host>-<dns port>.sock``).
+Once it is ready (sources synced, zone built) it asks for the listeners over that connection;
+the old one sends the descriptors of every listener whose address the new one names, the new
+one starts serving on them and says so, and only then does the old one stop reading, answer
+what it already received and exit. The sockets are never closed in between: a query queued in
+them is read by whichever process reads first, so none is lost.
 
 Wire format (one unix stream connection, lines of JSON):
 
@@ -53,11 +53,20 @@ class HandoverError(Exception):
     """The hand-over exchange failed; the message names the socket and the step."""
 
 
+def network_namespace() -> int:
+    """The inode of this process's network namespace (0 when /proc does not say)."""
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return 0
+
+
 def socket_path(runtime_dir: Path, dns_host: str, dns_port: int) -> Path:
-    """The hand-over socket of the instance serving DNS on ``dns_host:dns_port``: one per
-    DNS address, so instances serving different addresses never meet."""
+    """The hand-over socket of the instance serving DNS on ``dns_host:dns_port`` in this
+    network namespace: instances serving different addresses, or the same address in other
+    namespaces (sharing the file system), never meet."""
     host = dns_host.replace(":", "_").replace("/", "_") or "any"
-    return runtime_dir / f"handover-{host}-{dns_port}.sock"
+    return runtime_dir / f"handover-{network_namespace()}-{host}-{dns_port}.sock"
 
 
 @dataclass(eq=False)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -188,6 +190,8 @@ class Pair:
     """Settings two instances share: the same ports, the same runtime directory."""
 
     tmp_path: Path
+    runtime_dir: Path
+    """Short: a unix socket path has at most 107 bytes, pytest's tmp_path is long."""
     dns_port: int = field(default_factory=free_port)
     metadata_port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
@@ -204,7 +208,7 @@ class Pair:
         ]
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {"NODE_SERVICES_RUNTIME_DIR": str(self.tmp_path / "run"), **extra}
+        return {"NODE_SERVICES_RUNTIME_DIR": str(self.runtime_dir), **extra}
 
     def instance(self, **env: str) -> DaemonProcess:
         process = DaemonProcess(
@@ -241,9 +245,11 @@ class Pair:
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[Pair]:
-    both = Pair(tmp_path)
+    runtime_dir = Path(tempfile.mkdtemp(prefix="ns-ho-", dir="/tmp"))
+    both = Pair(tmp_path, runtime_dir)
     yield both
     both.stop()
+    shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
 def readyz(port: int) -> tuple[int, str]:
