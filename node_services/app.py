@@ -143,8 +143,10 @@ class LifecycleCollector(Collector):
             "given (to a successor), failed (an exchange that did not complete).",
             labels=["result"],
         )
+        given_failed = daemon._handover.failures if daemon._handover is not None else 0
         for result in ("taken", "given", "failed"):
-            handovers.add_metric([result], daemon.handovers.get(result, 0))
+            count = daemon.handovers.get(result, 0) + (given_failed if result == "failed" else 0)
+            handovers.add_metric([result], count)
         yield handovers
         notifier = daemon.notifier
         yield CounterMetricFamily(

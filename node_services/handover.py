@@ -226,6 +226,8 @@ class HandoverServer:
     """Name -> configured address of each listener (what a successor must ask for)."""
     on_handed_over: Callable[[int], None]
     handed_over: bool = False
+    failures: int = 0
+    """Exchanges that did not complete (refused peer, protocol error, successor gone)."""
     _sock: socket.socket | None = None
     _inode: int = 0
     _task: asyncio.Task[None] | None = None
@@ -275,6 +277,7 @@ class HandoverServer:
             conn.setblocking(False)
             if not _peer_allowed(conn):
                 log.warning("hand-over: refused a peer of another uid on %s", self.path)
+                self.failures += 1
                 return
             try:
                 request = await self._receive(loop, conn, None)
@@ -294,6 +297,7 @@ class HandoverServer:
                 reply = await self._receive(loop, conn, EXCHANGE_TIMEOUT * 4)
             except (OSError, ValueError, HandoverError, TimeoutError) as exc:
                 log.warning("hand-over on %s failed, serving on: %s", self.path, exc)
+                self.failures += 1
                 return
             if reply.get("serving") is True and not self.handed_over:
                 self.handed_over = True

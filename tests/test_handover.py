@@ -8,6 +8,7 @@ assertion is zero lost, not latency (generous client timeouts: 2 shared cores)."
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -293,6 +294,7 @@ def test_a_second_instance_takes_over_the_sockets_without_losing_a_query(
     )
     assert second.proc.poll() is None, second.output()
     assert readyz(pair.admin_port) == (200, "ok\n")
+    assert second.metric('node_services_handovers_total{result="taken"}') == "1.0"
     log = first.output()
     assert f"hand-over: pid {second.proc.pid} serves on our listeners" in log, log
     assert "Traceback" not in log and "Traceback" not in second.output()
@@ -420,3 +422,51 @@ def test_systemd_restart_keeps_the_sockets_in_the_fd_store(
     assert "from systemd" in output, output
     assert second.returncode == 0, output
     assert "Traceback" not in output
+
+
+def test_a_successor_that_goes_away_before_serving_leaves_the_old_one_serving(
+    pair: Pair,
+) -> None:
+    first = pair.first()
+    first.wait_for(lambda: readyz(pair.admin_port)[0] == 200, what="instance 1 ready")
+    (path,) = pair.runtime_dir.glob("handover-*.sock")
+    assert path.name.endswith(f"-127.0.0.1-{pair.dns_port}.sock")
+    # The test speaks the protocol as a successor would, and leaves before saying it serves.
+    ask = {
+        "pid": os.getpid(),
+        "listeners": {
+            "dns-udp": f"127.0.0.1:{pair.dns_port}",
+            "dns-tcp": f"127.0.0.1:{pair.dns_port}",
+            "metadata": f"127.0.0.1:{pair.metadata_port}",
+            "admin": "127.0.0.1:1",  # not where it listens: not passed
+        },
+    }
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(path))
+        conn.sendall(json.dumps(ask).encode() + b"\n")
+        data, fds, _flags, _addr = socket.recv_fds(conn, 65536, 16)
+        reply = json.loads(data)
+        assert first.proc is not None
+        assert reply == {"pid": first.proc.pid, "listeners": ["dns-udp", "dns-tcp", "metadata"]}
+        got = [socket.socket(fileno=fd) for fd in fds]
+        try:
+            assert [(s.type, s.getsockname()) for s in got] == [
+                (socket.SOCK_DGRAM, ("127.0.0.1", pair.dns_port)),
+                (socket.SOCK_STREAM, ("127.0.0.1", pair.dns_port)),
+                (socket.SOCK_STREAM, ("127.0.0.1", pair.metadata_port)),
+            ]
+        finally:
+            for sock in got:
+                sock.close()
+    first.wait_for(
+        lambda: first.metric('node_services_handovers_total{result="failed"}') == "1.0",
+        what="the failed hand-over counted",
+    )
+    assert "failed, serving on: the peer closed the connection" in first.output()
+    response = dns.query.udp(
+        dns.message.make_query(NAME, dns.rdatatype.A), "127.0.0.1", port=pair.dns_port, timeout=30
+    )
+    assert [rr.to_text() for rrset in response.answer for rr in rrset] == [ADDRESS]
+    assert readyz(pair.admin_port) == (200, "ok\n")
+    assert path.exists()  # still offered to the next successor
