@@ -470,3 +470,49 @@ def test_a_successor_that_goes_away_before_serving_leaves_the_old_one_serving(
     assert [rr.to_text() for rrset in response.answer for rr in rrset] == [ADDRESS]
     assert readyz(pair.admin_port) == (200, "ok\n")
     assert path.exists()  # still offered to the next successor
+
+
+def test_a_stored_socket_at_an_address_the_settings_no_longer_name_is_not_used(
+    pair: Pair, tmp_path: Path
+) -> None:
+    # The settings changed the DNS port since systemd stored the sockets.
+    old = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    old.bind(("127.0.0.1", free_port()))
+    log_path = tmp_path / "started.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "LISTEN_"))}
+    env.update(pair.env(NODE_SERVICES_SHUTDOWN_GRACE="0", LISTEN_FDNAMES="dns-udp"))
+    command = [
+        *(sys.executable, "-c", WRAPPER, str(old.fileno()), "--", sys.executable),
+        *("-m", "node_services", "run", "--node-name", "node-a"),
+        *("--dns-listen", f"127.0.0.1:{pair.dns_port}"),
+        *("--admin-listen", f"127.0.0.1:{pair.admin_port}", *pair.args()),
+    ]
+    with log_path.open("wb") as log:
+        started = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=[old.fileno()]
+        )
+    old.close()
+    try:
+        deadline = time.monotonic() + 60
+        while readyz(pair.admin_port)[0] != 200:
+            assert started.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        response = dns.query.udp(
+            dns.message.make_query(NAME, dns.rdatatype.A),
+            "127.0.0.1",
+            port=pair.dns_port,
+            timeout=30,
+        )
+        assert [rr.to_text() for rrset in response.answer for rr in rrset] == [ADDRESS]
+    finally:
+        started.send_signal(signal.SIGTERM)
+        try:
+            started.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            started.kill()
+            started.wait()
+    output = log_path.read_text()
+    assert "systemd passed dns-udp socket" in output and "not what the settings say" in output
+    assert f"dns listening on 127.0.0.1:{pair.dns_port} (udp, tcp)" in output
+    assert started.returncode == 0, output
