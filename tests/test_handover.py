@@ -357,7 +357,8 @@ def test_systemd_restart_keeps_the_sockets_in_the_fd_store(
             (fd,) = got[1]
             stored[got[0]["FDNAME"]] = fd
     assert sorted(stored) == ["admin", "dns-tcp", "dns-udp", "metadata"]
-    assert socket.socket(fileno=os.dup(stored["dns-udp"])).type == socket.SOCK_DGRAM
+    with socket.socket(fileno=os.dup(stored["dns-udp"])) as probe:
+        assert probe.type == socket.SOCK_DGRAM
 
     load = Load(pair.dns_port, pair.metadata_port)
     load.start()
