@@ -14,7 +14,7 @@ RUN_SNAPSHOT ?= demo/snapshot.yaml
 RUN_UPSTREAM ?= 127.0.0.1:1
 
 # Debian tools the tests use (installed when root; tests skip with a reason without them).
-DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2 openssl wrk containernetworking-plugins iputils-ping dnsperf dnsmasq-base systemd ethtool wireguard-go wireguard-tools tcpdump
+DEBIAN_TEST_PACKAGES ?= curl bind9-dnsutils iproute2 openssl wrk containernetworking-plugins iputils-ping dnsperf dnsmasq-base systemd ethtool wireguard-go wireguard-tools tcpdump prometheus
 # Debian tools only the benchmarks use (make bench installs them when root).
 DEBIAN_BENCH_PACKAGES ?= iperf3
 # kubectl proves the test Kubernetes API server faithful; Debian ships it in kubernetes-client

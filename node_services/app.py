@@ -7,19 +7,26 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from node_services.admin import make_admin_app
+from node_services import handover, sdnotify
+from node_services.admin import make_admin_app, readiness_problems
 from node_services.config import Address, ConfigError, Settings, unsupported
 from node_services.dns.server import DnsServer
 from node_services.dns.service import build_dns
 from node_services.ipam.reconcile import IPAMReconciler, wait_for_directory
+from node_services.metadata.app import BACKLOG as METADATA_LISTEN_BACKLOG
 from node_services.metadata.app import (
     MetadataConfig,
     MetadataMetrics,
@@ -131,6 +138,60 @@ def _naming_listener(key: str, address: Address) -> Iterator[None]:
         raise ListenError(f"{key} {address}: cannot listen: {reason}") from exc
 
 
+class LifecycleCollector(Collector):
+    """Readiness, restarts, hand-overs and the service manager's side, for the alerts of
+    deploy/monitoring/."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        daemon = self.daemon
+        yield GaugeMetricFamily(
+            "node_services_ready",
+            "1 when /readyz answers ok (every source synced, no task failed, no lame duck).",
+            value=0 if daemon.readiness() else 1,
+        )
+        yield GaugeMetricFamily(
+            "node_services_start_time_seconds",
+            "Unix time this process started (a change is a restart: crash, watchdog, upgrade).",
+            value=daemon.started_at,
+        )
+        yield GaugeMetricFamily(
+            "node_services_lame_duck",
+            "1 while shutting down without a successor: /readyz fails, serving goes on.",
+            value=1 if daemon.lame_duck else 0,
+        )
+        handovers = CounterMetricFamily(
+            "node_services_handovers",
+            "Listening-socket hand-overs: taken (from a predecessor or systemd's store), "
+            "given (to a successor), failed (an exchange that did not complete).",
+            labels=["result"],
+        )
+        given_failed = daemon._handover.failures if daemon._handover is not None else 0
+        for result in ("taken", "given", "failed"):
+            count = daemon.handovers.get(result, 0) + (given_failed if result == "failed" else 0)
+            handovers.add_metric([result], count)
+        yield handovers
+        notifier = daemon.notifier
+        yield CounterMetricFamily(
+            "node_services_sd_notify_errors",
+            "Notifications to systemd ($NOTIFY_SOCKET) that could not be sent.",
+            value=notifier.errors,
+        )
+        watchdog = daemon.watchdog
+        yield CounterMetricFamily(
+            "node_services_watchdog_pings",
+            "WATCHDOG=1 pings sent to systemd.",
+            value=watchdog.pings if watchdog else 0,
+        )
+        yield CounterMetricFamily(
+            "node_services_watchdog_withheld",
+            "Watchdog pings withheld because a supervised task died (systemd restarts us).",
+            value=watchdog.withheld if watchdog else 0,
+        )
+
+
 def check_supported(settings: Settings) -> None:
     """Refuse settings that name a part this build does not have yet, clearly."""
     problems = unsupported(settings)
@@ -157,6 +218,20 @@ class Daemon:
     """The Cattle list + resource.change source, when cattle_url is set."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
+    listeners: handover.Listeners = field(default_factory=handover.Listeners)
+    """The listening sockets (originals; each server serves on a dup of its own)."""
+    notifier: sdnotify.Notifier = field(default_factory=sdnotify.Notifier.from_environ)
+    started_at: float = field(default_factory=time.time)
+    lame_duck: bool = False
+    """SIGTERM came and no successor took over: /readyz fails, serving goes on a while."""
+    successor: int = 0
+    """The pid of the instance that took over our sockets, once one has."""
+    _handover: handover.HandoverServer | None = None
+    _handed_over: asyncio.Event = field(default_factory=asyncio.Event)
+    _terminated: asyncio.Event = field(default_factory=asyncio.Event)
+    handovers: dict[str, int] = field(default_factory=dict)
+    """Hand-overs by result (taken, given, failed), for node_services_handovers_total."""
+    watchdog: sdnotify.Watchdog | None = None
 
     def __post_init__(self) -> None:
         check_supported(self.settings)
@@ -171,6 +246,7 @@ class Daemon:
             )
             for path in self.settings.snapshots
         ]
+        self.registry.register(LifecycleCollector(self))
         for snapshot in self.snapshots:
             self.store.register(snapshot.name)
         # -- Kubernetes source: one store source per resource; /readyz waits for every list.
@@ -200,10 +276,130 @@ class Daemon:
             )
 
     async def start(self) -> None:
-        """Bind every listener, then start the sources and background tasks."""
-        await self._start_admin()
-        await self._start_dns()
-        await self._start_metadata()
+        """Bind every listener, then start the sources and background tasks. When an
+        instance runs at our hand-over socket, or systemd passes back the sockets it stored,
+        start the sources first, wait until ready, then serve on those sockets (handover.py)."""
+        inherited = self._matching(
+            {name: socket.socket(fileno=fd) for name, fd in sdnotify.listen_fds().items()}
+        )
+        predecessor = None
+        path = self._handover_path()
+        if not inherited and path is not None:
+            predecessor = await handover.find_predecessor(path)
+        if not inherited and predecessor is None:
+            await self._start_admin()
+            await self._start_dns()
+            await self._start_metadata()
+            self._start_tasks()
+        else:
+            self.listeners.origin = "systemd" if inherited else f"handed over ({path})"
+            self._build_dns()  # the zone follows the store from the first sync on
+            self._start_tasks()
+            await self.wait_ready(HANDOVER_READY_TIMEOUT)
+            if predecessor is not None:
+                try:
+                    inherited = await predecessor.take(self._addresses())
+                except handover.HandoverError as exc:
+                    self.handovers["failed"] = self.handovers.get("failed", 0) + 1
+                    log.error("%s: binding the listeners instead", exc)
+                    predecessor = None
+                    inherited = {}
+                    self.listeners.origin = "bound"
+                else:
+                    self.listeners.origin = f"handed over by pid {predecessor.pid}"
+            log.info("serving on %s from %s", sorted(inherited), self.listeners.origin)
+            await self._start_admin(inherited.pop(handover.ADMIN, None))
+            dns = (inherited.pop(handover.DNS_UDP, None), inherited.pop(handover.DNS_TCP, None))
+            await self._start_dns(dns)
+            await self._start_metadata(inherited.pop(handover.METADATA, None))
+            for sock in inherited.values():  # names we do not know (an older/newer build's)
+                sock.close()
+            if predecessor is not None:
+                await predecessor.release()
+            if self.listeners.origin != "bound":
+                self.handovers["taken"] = 1
+        if path is not None:
+            self._handover = handover.HandoverServer(
+                path, self.listeners, self._addresses(), self._on_handed_over
+            )
+            self._handover.start()
+
+    def _matching(self, sockets: dict[str, socket.socket]) -> dict[str, socket.socket]:
+        """The sockets systemd passed back that still listen where the settings say (an
+        address changed since they were stored: bind the new one, close the old)."""
+        kinds = {
+            handover.DNS_UDP: socket.SOCK_DGRAM,
+            handover.DNS_TCP: socket.SOCK_STREAM,
+            handover.METADATA: socket.SOCK_STREAM,
+            handover.ADMIN: socket.SOCK_STREAM,
+        }
+        wanted = {
+            handover.DNS_UDP: self.settings.dns_listen,
+            handover.DNS_TCP: self.settings.dns_listen,
+            handover.METADATA: self.settings.metadata_listen,
+            handover.ADMIN: self.settings.admin_listen,
+        }
+        kept = {}
+        for name, sock in sockets.items():
+            listen = wanted.get(name)
+            try:
+                host, port = sock.getsockname()[:2]
+                same = (
+                    listen is not None
+                    and sock.type == kinds[name]
+                    and socket.inet_pton(sock.family, host)
+                    == socket.inet_pton(sock.family, listen.host)
+                    and listen.port in (0, port)
+                )
+            except (OSError, ValueError):
+                same = False
+            if same:
+                kept[name] = sock
+            else:
+                log.warning(
+                    "systemd passed %s socket %s: not what the settings say, closed", name, sock
+                )
+                sock.close()
+        return kept
+
+    def _handover_path(self) -> Path | None:
+        settings = self.settings
+        if settings.runtime_dir is None or settings.dns_listen.port == 0:
+            return None
+        return handover.socket_path(
+            settings.runtime_dir, settings.dns_listen.host, settings.dns_listen.port
+        )
+
+    def _addresses(self) -> dict[str, str]:
+        settings = self.settings
+        return {
+            handover.DNS_UDP: str(settings.dns_listen),
+            handover.DNS_TCP: str(settings.dns_listen),
+            handover.METADATA: str(settings.metadata_listen),
+            handover.ADMIN: str(settings.admin_listen),
+        }
+
+    def _on_handed_over(self, pid: int) -> None:
+        self.handovers["given"] = self.handovers.get("given", 0) + 1
+        self.successor = pid
+        self._handed_over.set()
+        self.request_stop()
+
+    def readiness(self) -> list[str]:
+        """Why this instance is not ready (empty when it is), as /readyz says."""
+        return readiness_problems(self.store, self._problems, self._last_errors)
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until every source synced and no task failed; False at ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.readiness():
+            if deadline is not None and time.monotonic() >= deadline:
+                log.warning("not ready after %gs: %s", timeout, "; ".join(self.readiness()))
+                return False
+            await self.store.wait_for_change(self.store.snapshot.version, timeout=0.2)
+        return True
+
+    def _start_tasks(self) -> None:
         for snapshot in self.snapshots:
             self.supervisor.start(snapshot.name, snapshot.run)
         if not self.snapshots and self.kube is None and not self.settings.cattle_url:
@@ -221,6 +417,8 @@ class Daemon:
     def _problems(self) -> list[str]:
         """Readiness problems beyond the sources': failed tasks, an overlay not yet set up."""
         problems = self.supervisor.problems()
+        if self.lame_duck:
+            problems.append("shutting down (lame duck)")
         if self.overlay is not None:
             problems.extend(self.overlay.problems())
         return problems
@@ -232,33 +430,60 @@ class Daemon:
             errors.update(self.kube.last_errors())
         return errors
 
-    async def _start_admin(self) -> None:
+    def _listen_tcp(self, key: str, listen: Address, backlog: int) -> socket.socket:
+        """Bind one TCP listener of ours; the error names its setting and address."""
+        with _naming_listener(key, listen):
+            return handover.bind_tcp(listen.host, listen.port, backlog)
+
+    async def _start_admin(self, sock: socket.socket | None = None) -> None:
         admin = make_admin_app(
             self.store,
             loaders=self.snapshots,
             task_problems=self._problems,
             registry=self.registry,
             last_errors=self._last_errors,
+            status_extra=self._status,
         )
         self._runner = web.AppRunner(admin, access_log=None, handle_signals=False)
         await self._runner.setup()
         listen = self.settings.admin_listen
-        site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
-        with _naming_listener("admin_listen", listen):
-            await site.start()
+        if sock is None:
+            sock = self._listen_tcp("admin_listen", listen, ADMIN_BACKLOG)
+        self.listeners.sockets[handover.ADMIN] = sock
+        site = web.SockSite(self._runner, sock.dup(), backlog=ADMIN_BACKLOG)
+        await site.start()
         log.info("admin listening on http://%s (/healthz /readyz /metrics)", listen)
 
-    async def _start_dns(self) -> None:
-        """Answers from the store on dns_listen (UDP + TCP), forwards the rest; the zone
-        follows the store's change sets."""
+    def _build_dns(self) -> None:
         self.dns = build_dns(self.settings, self.store, self.registry)
-        listen = self.settings.dns_listen
-        with _naming_listener("dns_listen", listen):
-            await self.dns.start(listen.host, listen.port)
         self.supervisor.start("dns", self.dns.follow_store)
+
+    async def _start_dns(
+        self, sockets: tuple[socket.socket | None, socket.socket | None] = (None, None)
+    ) -> None:
+        """Answers from the store on dns_listen (UDP + TCP), forwards the rest; the zone
+        follows the store's change sets. ``sockets``: UDP and TCP listeners taken over."""
+        if self.dns is None:
+            self._build_dns()
+        assert self.dns is not None
+        listen = self.settings.dns_listen
+        udp, tcp = sockets
+        if udp is not None and tcp is not None:
+            await self.dns.start(listen.host, listen.port, sockets=(udp.dup(), tcp.dup()))
+        else:
+            for sock in sockets:
+                if sock is not None:
+                    sock.close()
+            with _naming_listener("dns_listen", listen):
+                await self.dns.start(listen.host, listen.port)
+            fds = self.dns.listening_fds()
+            assert fds is not None
+            udp, tcp = (socket.socket(fileno=os.dup(fd)) for fd in fds)
+        self.listeners.sockets[handover.DNS_UDP] = udp
+        self.listeners.sockets[handover.DNS_TCP] = tcp
         log.info("dns listening on %s (udp, tcp)", listen)
 
-    async def _start_metadata(self) -> None:
+    async def _start_metadata(self, sock: socket.socket | None = None) -> None:
         """rancher-metadata compatible HTTP on metadata_listen."""
         settings = self.settings
         self.metadata = MetadataServer(
@@ -277,8 +502,12 @@ class Daemon:
             ),
             MetadataMetrics(self.registry),
         )
-        with _naming_listener("metadata_listen", settings.metadata_listen):
-            await self.metadata.start(settings.metadata_listen.host, settings.metadata_listen.port)
+        if sock is None:
+            sock = self._listen_tcp("metadata_listen", settings.metadata_listen, METADATA_BACKLOG)
+        self.listeners.sockets[handover.METADATA] = sock
+        await self.metadata.start(
+            settings.metadata_listen.host, settings.metadata_listen.port, sock=sock.dup()
+        )
         log.info("metadata listening on http://%s", settings.metadata_listen)
 
     def _start_ipam(self) -> None:
@@ -331,12 +560,98 @@ class Daemon:
     async def reload(self) -> None:
         """SIGHUP: re-read every snapshot file now."""
         log.info("reloading %d snapshot file(s)", len(self.snapshots))
-        await asyncio.gather(*(snapshot.reload() for snapshot in self.snapshots))
+        self.notifier.reloading()
+        try:
+            await asyncio.gather(*(snapshot.reload() for snapshot in self.snapshots))
+        finally:
+            self.notifier.ready(self.summary())
 
     def request_stop(self) -> None:
         self._stop.set()
 
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: readiness, records, where the listeners came from."""
+        snapshot = self.store.snapshot
+        problems = self.readiness()
+        state = "ready" if not problems else f"not ready ({problems[0]})"
+        records = sum(snapshot.counts().values())
+        return (
+            f"{state}; {records} records from {len(snapshot.synced)} source(s), "
+            f"store version {snapshot.version}; listeners {self.listeners.origin}"
+        )
+
+    def _status(self) -> dict[str, object]:
+        """This instance's part of /status."""
+        return {
+            "node": self.settings.node_name,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "listeners": self.listeners.origin,
+            "lame_duck": self.lame_duck,
+            "handed_over_to": self.successor or None,
+        }
+
+    def healthy(self) -> bool:
+        """The watchdog's test: no supervised task has died (the loop runs: it asks)."""
+        return not self.supervisor.failures
+
+    async def _announce(self) -> None:
+        """READY=1 once every source synced, the sockets into systemd's store, then the
+        watchdog pings (when the unit asks for them)."""
+        await self.wait_ready()
+        self.notifier.ready(self.summary())
+        if self.notifier.enabled:
+            self.notifier.store_fds(
+                {name: sock.fileno() for name, sock in self.listeners.sockets.items()}
+            )
+        log.info("ready: %s", self.summary())
+        interval = sdnotify.watchdog_interval()
+        if interval is None:
+            # Nothing more to send (STOPPING=1 comes from run): idle until cancelled.
+            await asyncio.get_running_loop().create_future()
+            return
+        log.info("watchdog: WATCHDOG=1 every %gs", interval)
+        self.watchdog = sdnotify.Watchdog(self.notifier, interval, self.healthy)
+        await self.watchdog.run()
+
+    async def _lame_duck(self) -> None:
+        """SIGTERM without a successor: fail /readyz, keep serving ``shutdown_grace`` seconds
+        (a successor may still take over meanwhile)."""
+        grace = self.settings.shutdown_grace
+        if grace <= 0 or self._handed_over.is_set():
+            return
+        self.lame_duck = True
+        self.notifier.stopping(f"lame duck for {grace:g}s")
+        log.info("lame duck: /readyz fails, serving %gs more", grace)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._handed_over.wait()
+        if self._handover is not None and self._handover.successor_waiting:
+            # A successor is syncing to take over (a DaemonSet update deletes the old pod as
+            # soon as the new one is up): serve on until it asks, not into a gap.
+            log.info("lame duck: a successor is preparing; serving until it takes over")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HANDOVER_READY_TIMEOUT + 30):
+                    await self._handed_over.wait()
+
+    async def _drain(self) -> None:
+        """Our sockets are served by the successor: stop reading, answer what came in."""
+        self.notifier.stopping(f"handed over to pid {self.successor}")
+        log.info("handed over to pid %d: draining", self.successor)
+        if self._handover is not None:
+            self._handover.close()
+        drains = []
+        if self.dns is not None:
+            drains.append(self.dns.drain(DRAIN_TIMEOUT))
+        if self.metadata is not None:
+            drains.append(self.metadata.drain(DRAIN_SETTLE))
+        if self._runner is not None:
+            drains.extend(site.stop() for site in list(self._runner.sites))
+        await asyncio.gather(*drains)
+        self.listeners.close()
+
     async def stop(self) -> None:
+        if self._handover is not None:
+            self._handover.close()
         await self.supervisor.stop()
         if self.metadata is not None:
             await self.metadata.stop()
@@ -344,6 +659,8 @@ class Daemon:
             await self.dns.stop()
         if self._runner is not None:
             await self._runner.cleanup()
+        self.listeners.close()
+        self.notifier.close()
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then shut down cleanly."""
@@ -355,16 +672,40 @@ class Daemon:
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
-        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        interrupted = False
+
+        def on_int() -> None:  # Ctrl-C: stop now, no lame duck
+            nonlocal interrupted
+            interrupted = True
+            on_term()
+
+        def on_term() -> None:
+            self._terminated.set()
+            self.request_stop()
+
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+        loop.add_signal_handler(signal.SIGINT, on_int)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         try:
             await self.start()
             log.info(
                 "node-services running on node %s (pid %d)", self.settings.node_name, os.getpid()
             )
+            self.supervisor.start("sd-notify", self._announce)
             await self._stop.wait()
             log.info("stopping")
+            if not interrupted:
+                await self._lame_duck()
+            if self._handed_over.is_set():
+                await self._drain()
+                if in_cluster() and not self._terminated.is_set():
+                    # A container that exits is restarted by the kubelet, and would take the
+                    # sockets back: the old pod waits for its deletion instead.
+                    log.info("handed over: waiting for SIGTERM (the old pod's deletion)")
+                    self.notifier.status(f"handed over to pid {self.successor}; idle")
+                    await self._terminated.wait()
+            else:
+                self.notifier.stopping()
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
@@ -373,6 +714,16 @@ class Daemon:
             await self.stop()
         log.info("stopped")
 
+
+HANDOVER_READY_TIMEOUT: Final = 120.0
+"""Seconds a successor waits for its sources before it takes the sockets anyway (logged):
+an upgrade must not hang on a source that never syncs."""
+ADMIN_BACKLOG: Final = 128
+METADATA_BACKLOG: Final = METADATA_LISTEN_BACKLOG
+DRAIN_SETTLE: Final = 0.5
+"""Seconds a drained HTTP listener waits for requests already on accepted connections."""
+DRAIN_TIMEOUT: Final = 10.0
+"""Seconds the old instance waits at most for forwarded queries and TCP clients."""
 
 SWITCH_INTERVAL: Final = 0.0005
 """Seconds a worker thread may hold the GIL while the event loop waits for it. Worker threads

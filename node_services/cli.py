@@ -1,4 +1,4 @@
-"""The ``node-services`` command: run, check-config, version."""
+"""The ``node-services`` command: run, check-config, version, status."""
 
 from __future__ import annotations
 
@@ -164,6 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_flags(check)
     commands.add_parser("version", help="print the version")
+    status = commands.add_parser(
+        "status",
+        help="summarise what the running daemon does (its admin /status)",
+        description="Read the running daemon's admin endpoint (/status) and print a summary: "
+        "version, uptime, sources, records, DNS, metadata, IPAM pools, overlay peers. Exit 0 "
+        "when it is ready, 1 when not, 2 when it cannot be reached.",
+    )
+    status.add_argument(
+        "--admin",
+        metavar="URL",
+        help="admin endpoint (default: the configured admin_listen, e.g. http://127.0.0.1:9254)",
+    )
+    status.add_argument("--config", type=Path, metavar="FILE", help="YAML settings file")
+    status.add_argument("--json", action="store_true", help="print the /status JSON as it is")
+    status.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
     return parser
 
 
@@ -244,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{config_file or 'environment and flags'}: ok")
         _print_settings(settings)
         return 0
+    if args.command == "status":
+        return _status(args)
     if args.command == "run":
         warnings = []
         try:
@@ -272,3 +289,101 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser.print_help()
     return 2
+
+
+def _admin_url(args: argparse.Namespace) -> str:
+    if args.admin:
+        return str(args.admin).rstrip("/")
+    listen = load_settings(config_file=args.config).admin_listen
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen.host, listen.host)
+    return f"http://[{host}]:{listen.port}" if ":" in host else f"http://{host}:{listen.port}"
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """The human summary of a /status document."""
+    lines = [
+        f"node-services {report['version']} on node {report.get('node', '?')} "
+        f"(pid {report['pid']}), up {_age(report.get('uptime_seconds', 0))}: "
+        + ("ready" if report["ready"] else "NOT READY")
+    ]
+    lines.extend(f"  problem: {problem}" for problem in report["problems"])
+    lines.append(f"listeners: {report.get('listeners', '?')}")
+    if report.get("lame_duck"):
+        lines.append("shutting down: lame duck (/readyz fails, still serving)")
+    lines.append(
+        f"store: version {report['store_version']}, "
+        f"changed {_age(report['store_last_change_age_seconds'])} ago"
+    )
+    lines.append("sources:")
+    for source in report["sources"]:
+        line = f"  {source['name']}: {'synced' if source['synced'] else 'NOT SYNCED'}"
+        line += f", changed {_age(source['last_change_age_seconds'])} ago"
+        if "loads" in source:
+            line += f", {source['loads']} loads, {source['errors']} errors"
+        lines.append(line)
+    if not report["sources"]:
+        lines.append("  (none)")
+    records = report["records"]
+    lines.append("records: " + ", ".join(f"{kind} {count}" for kind, count in records.items()))
+    dns = report["dns"]
+    ratio = dns["cache_hit_ratio"]
+    responses = dns["responses"]
+    lines.append(
+        f"dns: {dns['queries_per_second']:.1f} queries/s (last minute), "
+        f"{dns['queries_total']} in all; forward cache hit ratio "
+        + ("-" if ratio is None else f"{ratio:.1%}")
+        + f"; forward errors {dns['forward_errors']}; "
+        f"SERVFAIL {responses.get('SERVFAIL', 0)}, NXDOMAIN {responses.get('NXDOMAIN', 0)}"
+    )
+    metadata = report["metadata"]
+    lines.append(
+        f"metadata: {metadata['waiters']} waiting long-polls, {metadata['requests_total']} requests"
+    )
+    ipam = report.get("ipam")
+    if ipam is None:
+        lines.append("ipam: off (no pools)")
+    else:
+        for pool in ipam["pools"]:
+            lines.append(
+                f"ipam: {pool['network']} {pool['range']}: {pool['used']}/{pool['size']} "
+                f"used ({pool['usage']:.1%})"
+            )
+        if not ipam["pools"]:
+            lines.append("ipam: no pools yet")
+    overlay = report.get("overlay")
+    lines.append("overlay: off" if overlay is None else f"overlay: {overlay['peers']} peers")
+    return "\n".join(lines)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        url = _admin_url(args) + "/status"
+    except ConfigError as exc:
+        print(f"node-services: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            body = response.read()
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"node-services: cannot read {url}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = json.loads(body)
+    except ValueError as exc:
+        print(f"node-services: {url} did not answer JSON: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_status(report))
+    return 0 if report.get("ready") else 1

@@ -262,6 +262,16 @@ class Settings:
     """PEM file of the CA(s) that sign the Cattle server's https certificate (an https
     cattle_url only); unset: the system's trust store."""
 
+    runtime_dir: Path | None = Path("/run/node-services")
+    """Directory of the hand-over socket (`handover-<netns>-<dns host>-<dns port>.sock`): a
+    new instance started while one runs takes over its listening sockets through it, so a
+    restart or an upgrade loses no query. The unit's RuntimeDirectory=, a hostPath in the
+    DaemonSet. Empty: no hand-over."""
+
+    shutdown_grace: float = 5.0
+    """Seconds the daemon keeps serving after SIGTERM when no successor took over its sockets
+    (lame duck: /readyz fails at once so load balancers and kube-proxy drain it first)."""
+
 
 FIELD_NAMES: Final = tuple(f.name for f in fields(Settings))
 
@@ -378,6 +388,16 @@ def _convert(key: str, value: Any) -> Any:
         return _BOOLEANS[flag]
     if key == "snapshots":
         return tuple(Path(str(v)) for v in _as_list(value))
+    if key == "runtime_dir":
+        return Path(str(value)) if value not in (None, "") else None
+    if key == "shutdown_grace":
+        try:
+            grace = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a number of seconds") from None
+        if not 0 <= grace <= 3600:
+            raise ValueError("must be from 0 to 3600 seconds")
+        return grace
     if key in ("kubeconfig", "cni_conf_dir", "cattle_ca_file"):
         return Path(str(value)) if value not in (None, "") else None
     if key in ("ipam_dir", "overlay_wireguard_key_file"):

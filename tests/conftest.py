@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from helpers import DaemonProcess
+
+# Daemons the tests start by hand stop at SIGTERM without a lame duck (the tests of that set
+# shutdown_grace themselves).
+os.environ.setdefault("NODE_SERVICES_SHUTDOWN_GRACE", "0")
 
 
 @pytest.fixture

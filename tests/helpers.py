@@ -92,6 +92,10 @@ class DaemonProcess:
             for k, v in os.environ.items()
             if not k.startswith(("NODE_SERVICES_", "CATTLE_", "KUBERNETES_SERVICE_"))
         }
+        # No lame duck at SIGTERM (tests stop hundreds of daemons), and a hand-over socket of
+        # this daemon's own: a test that wants either sets it in self.env.
+        env["NODE_SERVICES_SHUTDOWN_GRACE"] = "0"
+        env["NODE_SERVICES_RUNTIME_DIR"] = str(self.log_path.with_suffix(".run"))
         env.update(self.env)
         self.log = self.log_path.open("wb")
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)

@@ -170,3 +170,23 @@ def test_the_dockerfile_installs_this_project_and_runs_its_command() -> None:
     images = {c["image"] for c in pod_spec()["containers"] + pod_spec()["initContainers"]}
     assert images == {f"node-services:{__version__}"}
     assert "iproute2" in text  # the metadata-address init container runs ip
+
+
+def test_an_update_starts_the_new_pod_beside_the_old_one_sharing_the_hand_over_dir() -> None:
+    strategy = daemonset()["spec"]["updateStrategy"]
+    assert strategy == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    main = container("node-services")
+    settings = load_settings(
+        environ={"NODE_NAME": "n"}, overrides=_overrides(build_parser().parse_args(main["args"]))
+    )
+    (mount,) = [m for m in main["volumeMounts"] if m["mountPath"] == str(settings.runtime_dir)]
+    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    assert volumes[mount["name"]]["hostPath"] == {
+        "path": "/run/node-services",
+        "type": "DirectoryOrCreate",
+    }
+    # The lame duck and the drain fit in the termination grace period.
+    assert pod_spec()["terminationGracePeriodSeconds"] > settings.shutdown_grace + 10

@@ -146,3 +146,15 @@ def test_the_units_commands_serve_dns_and_metadata_in_a_namespace(
             daemon.wait()
         log.close()
     assert "Traceback" not in (tmp_path / "daemon.log").read_text()
+
+
+def test_the_unit_is_type_notify_with_a_watchdog_and_keeps_its_sockets() -> None:
+    assert directives("Type") == ["notify"]  # READY=1 once listening and synced
+    assert directives("NotifyAccess") == ["main"]
+    (watchdog,) = directives("WatchdogSec")
+    assert int(watchdog) >= 10  # pinged at half of it
+    assert int(directives("FileDescriptorStoreMax")[0]) >= 4  # dns-udp, dns-tcp, metadata, admin
+    assert directives("RuntimeDirectory") == ["node-services"]  # the default runtime_dir
+    assert directives("RuntimeDirectoryPreserve") == ["restart"]
+    # The stop timeout leaves room for the lame duck (shutdown_grace, 5 s by default).
+    assert int(directives("TimeoutStopSec")[0]) > 5

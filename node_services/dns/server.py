@@ -254,10 +254,22 @@ class DnsServer:
 
     # -- transports ------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int) -> None:
-        """Bind UDP and TCP on ``host:port`` (port 0 picks one; see :attr:`sockname`)."""
+    async def start(
+        self, host: str, port: int, *, sockets: tuple[socket.socket, socket.socket] | None = None
+    ) -> None:
+        """Bind UDP and TCP on ``host:port`` (port 0 picks one; see :attr:`sockname`), or
+        serve on ``sockets`` (UDP, TCP; already bound, e.g. taken over from an instance
+        before this one), which this server then owns."""
         self.catch_up()
         loop = asyncio.get_running_loop()
+        if sockets is not None:
+            udp, tcp = sockets
+            udp.setblocking(False)
+            self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp)
+            self._udp = _UdpSocket(self, udp)
+            loop.add_reader(udp.fileno(), self._udp.on_readable)
+            self.sockname = udp.getsockname()
+            return
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for attempt in range(20 if port == 0 else 1):
             sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -280,6 +292,25 @@ class DnsServer:
             loop.add_reader(sock.fileno(), self._udp.on_readable)
             self.sockname = sockname
             return
+
+    def listening_fds(self) -> tuple[int, int] | None:
+        """The UDP and TCP listening descriptors while serving (to hand them over)."""
+        if self._udp is None or self._tcp is None or not self._tcp.sockets:
+            return None
+        return self._udp.sock.fileno(), self._tcp.sockets[0].fileno()
+
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Stop reading new queries (another process serves the same sockets now), then wait
+        up to ``timeout`` seconds for what was received: forwarded queries and open TCP
+        connections. :meth:`stop` still has to be called."""
+        if self._udp is not None:
+            asyncio.get_running_loop().remove_reader(self._udp.sock.fileno())
+            self._udp.on_readable()  # what is queued now is ours to answer: one last batch
+        if self._tcp is not None:
+            self._tcp.close()  # our descriptor of the listener; the successor's stays open
+        deadline = time.monotonic() + timeout
+        while (self._tasks or self._tcp_clients) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # a few polls, once per hand-over
 
     async def stop(self) -> None:
         if self._udp is not None:

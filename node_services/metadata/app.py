@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -118,6 +119,8 @@ class MetadataServer:
     view: ShownSnapshot = field(init=False)
     """The snapshot requests are answered from (a large one only once its trees are built)."""
     trees: Trees = field(init=False)
+    _drained: asyncio.Future[None] | None = None
+    """Resolved when the server drains: parked long-polls answer at once."""
 
     def __post_init__(self) -> None:
         self.callers = CallerResolver(self.config.trusted_proxies)
@@ -381,7 +384,7 @@ class MetadataServer:
         request[_ROUTE] = route
 
         query = request.query if request.query_string else None
-        if query is not None and query.get("wait") == "true":
+        if query is not None and query.get("wait") == "true" and not self.draining:
             if "value" in query:
                 return await self._wait_for_value(request, api_version, ip, path, fmt, route)
             if "If-None-Match" in request.headers:
@@ -463,9 +466,9 @@ class MetadataServer:
                     if found and render.go_sprint(value) != old:
                         break
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self.draining:
                     break
-                changed = await self.view.wait_for_change(snapshot.version, remaining)
+                changed = await self._wait_for_change(snapshot.version, remaining)
                 if changed.version != snapshot.version:
                     woken_at = self._woken(changed)
         finally:
@@ -532,9 +535,9 @@ class MetadataServer:
                 if not _etag_matches(tags, snapshot.version):
                     break
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self.draining:
                     return self._respond(route, 304, b"", fmt, snapshot.version)
-                changed = await self.view.wait_for_change(snapshot.version, remaining)
+                changed = await self._wait_for_change(snapshot.version, remaining)
                 if changed.version != snapshot.version:
                     woken_at = self._woken(changed)
         finally:
@@ -564,9 +567,11 @@ class MetadataServer:
             logger=ParseErrorLog(self.bad_requests),
         )
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on host:port until :meth:`stop`: each connection starts on the fast path
-        (:mod:`fastpath`), which hands it to aiohttp's server when it needs more."""
+    async def start(self, host: str, port: int, *, sock: socket.socket | None = None) -> None:
+        """Listen on host:port until :meth:`stop`, or serve on ``sock``, a listening socket
+        already bound (e.g. taken over from an instance before this one). Each connection
+        starts on the fast path (:mod:`fastpath`), which hands it to aiohttp's server when it
+        needs more."""
         web_server = self.make_server()
         self._runner = web.ServerRunner(
             web_server,
@@ -575,9 +580,44 @@ class MetadataServer:
         )
         await self._runner.setup()
         self._fastpath = FastPath(self, web_server, self.config.idle_timeout)
-        self._listener = await asyncio.get_running_loop().create_server(
-            self._fastpath, host, port, backlog=BACKLOG, reuse_address=True
-        )
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            self._listener = await loop.create_server(self._fastpath, sock=sock, backlog=BACKLOG)
+        else:
+            self._listener = await loop.create_server(
+                self._fastpath, host, port, backlog=BACKLOG, reuse_address=True
+            )
+
+    @property
+    def draining(self) -> bool:
+        return self._drained is not None and self._drained.done()
+
+    async def _wait_for_change(self, version: int, timeout: float) -> Snapshot:  # noqa: ASYNC109
+        """The view's wait_for_change, cut short when the server drains."""
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        waiting = asyncio.ensure_future(self.view.wait_for_change(version, timeout))
+        await asyncio.wait((waiting, self._drained), return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            waiting.cancel()
+            return self.view.snapshot
+        return waiting.result()
+
+    async def drain(self, settle: float) -> None:
+        """Hand-over: stop accepting (our descriptor of the listener closes; a successor's
+        stays open), let requests already on their way arrive for ``settle`` seconds, then
+        answer every parked long-poll with the current version, as new ones are from now
+        on. :meth:`stop` still has to be called."""
+        if self._listener is not None:
+            self._listener.close()  # our descriptor only: a successor's copy stays open
+            self._listener = None
+        await asyncio.sleep(settle)
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        if not self._drained.done():
+            self._drained.set_result(None)
+        if self._version_waiters is not None:
+            self._version_waiters.answer_all()
 
     async def stop(self) -> None:
         if self._listener is not None:

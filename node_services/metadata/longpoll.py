@@ -167,6 +167,13 @@ class VersionWaiters:
                 self._deadlines = [e for e in self._deadlines if not e[2].future.done()]
                 heapq.heapify(self._deadlines)
 
+    def answer_all(self) -> None:
+        """Answer every parked waiter now with the current version (the server drains)."""
+        waiters = [w for group in self._parked.values() for w in group]
+        self._parked.clear()
+        if waiters:
+            self._answer(waiters, self.store.snapshot, None)
+
     def close(self) -> None:
         """Stop the watcher and the timer; parked waiters are left to their handlers (aiohttp
         cancels those at shutdown)."""

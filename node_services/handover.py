@@ -1,0 +1,351 @@
+"""Listening sockets passed from a running instance to its successor (SCM_RIGHTS).
+
+A new instance started with the same settings while an old one runs finds the old one's
+hand-over socket in the runtime directory (``handover-<netns>-<dns host>-<dns port>.sock``).
+Once it is ready (sources synced, zone built) it asks for the listeners over that connection;
+the old one sends the descriptors of every listener whose address the new one names, the new
+one starts serving on them and says so, and only then does the old one stop reading, answer
+what it already received and exit. The sockets are never closed in between: a query queued in
+them is read by whichever process reads first, so none is lost.
+
+Wire format (one unix stream connection, lines of JSON):
+
+    new -> old   {"pid": 123, "listeners": {"dns-udp": "127.0.0.1:53", ...}}
+    old -> new   {"pid": 45, "listeners": ["dns-udp", ...]}  + the descriptors, in order
+    new -> old   {"serving": true}
+    old -> new   {"released": true}     (the old one has removed its socket file: the new one
+                                         may put its own there)
+
+Only a peer of our own uid (or root) may connect (``SO_PEERCRED``); the directory is 0700.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+log = logging.getLogger(__name__)
+
+DNS_UDP: Final = "dns-udp"
+DNS_TCP: Final = "dns-tcp"
+METADATA: Final = "metadata"
+ADMIN: Final = "admin"
+NAMES: Final = (DNS_UDP, DNS_TCP, METADATA, ADMIN)
+"""Every listener, in the order they are passed (also the FDNAME= of systemd's store)."""
+
+MAX_MESSAGE: Final = 64 * 1024
+CONNECT_TIMEOUT: Final = 5.0
+EXCHANGE_TIMEOUT: Final = 30.0
+"""Seconds each step of the exchange may take once the new instance asks (generous: the
+machine may be loaded; the old instance keeps serving meanwhile)."""
+
+
+class HandoverError(Exception):
+    """The hand-over exchange failed; the message names the socket and the step."""
+
+
+def network_namespace() -> int:
+    """The inode of this process's network namespace (0 when /proc does not say)."""
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return 0
+
+
+def socket_path(runtime_dir: Path, dns_host: str, dns_port: int) -> Path:
+    """The hand-over socket of the instance serving DNS on ``dns_host:dns_port`` in this
+    network namespace: instances serving different addresses, or the same address in other
+    namespaces (sharing the file system), never meet."""
+    host = dns_host.replace(":", "_").replace("/", "_") or "any"
+    return runtime_dir / f"handover-{network_namespace()}-{host}-{dns_port}.sock"
+
+
+@dataclass(eq=False)
+class Listeners:
+    """The listening sockets of this instance by name; the originals of what the servers
+    serve on (each server holds a ``dup`` of its own)."""
+
+    sockets: dict[str, socket.socket] = field(default_factory=dict)
+    origin: str = "bound"
+    """How they came: bound, handed over (pid N), systemd."""
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets.clear()
+
+
+def bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket as aiohttp's TCPSite makes one (SO_REUSEADDR, v6-only for an
+    IPv6 address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _peer_allowed(conn: socket.socket) -> bool:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid in (0, os.getuid())
+
+
+def _read_line(conn: socket.socket, fds: list[int] | None = None) -> dict[str, Any]:
+    """One JSON line from a blocking socket; descriptors that came with it into ``fds``."""
+    data = b""
+    while not data.endswith(b"\n"):
+        if fds is not None:
+            chunk, received, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, 16)
+            fds.extend(received)
+        else:
+            chunk = conn.recv(MAX_MESSAGE)
+        if not chunk:
+            raise HandoverError("the peer closed the connection")
+        data += chunk
+        if len(data) > MAX_MESSAGE:
+            raise HandoverError("message too long")
+    message = json.loads(data)
+    if not isinstance(message, dict):
+        raise HandoverError("message is not a JSON object")
+    return message
+
+
+# -- the new instance -------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Predecessor:
+    """A connection to the running instance we take over from."""
+
+    path: Path
+    conn: socket.socket
+    pid: int = 0
+
+    def _take(self, wanted: Mapping[str, str]) -> dict[str, socket.socket]:
+        conn = self.conn
+        conn.settimeout(EXCHANGE_TIMEOUT)
+        conn.sendall(json.dumps({"pid": os.getpid(), "listeners": dict(wanted)}).encode() + b"\n")
+        fds: list[int] = []
+        try:
+            reply = _read_line(conn, fds)
+            names = reply.get("listeners")
+            if not isinstance(names, list) or len(names) != len(fds):
+                raise HandoverError(f"{len(fds)} descriptors for listeners {names!r}")
+            self.pid = int(reply.get("pid", 0))
+            pairs = zip(names, fds, strict=True)
+            return {str(name): socket.socket(fileno=fd) for name, fd in pairs}
+        except BaseException:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+
+    async def take(self, wanted: Mapping[str, str]) -> dict[str, socket.socket]:
+        """Ask for the listeners named in ``wanted`` (name -> configured address); returns
+        those the predecessor holds at the same address."""
+        try:
+            sockets = await asyncio.to_thread(self._take, wanted)
+        except (OSError, ValueError, HandoverError) as exc:
+            self.close()
+            raise HandoverError(f"hand-over from {self.path}: {exc}") from exc
+        for sock in sockets.values():
+            sock.setblocking(False)
+        return sockets
+
+    def _release(self) -> None:
+        self.conn.sendall(b'{"serving": true}\n')
+        _read_line(self.conn)  # it has removed its socket file
+
+    async def release(self) -> None:
+        """Tell the predecessor we serve on its sockets: it stops reading and exits. Returns
+        once it has given up the hand-over socket's path."""
+        try:
+            await asyncio.to_thread(self._release)
+        except (OSError, ValueError, HandoverError) as exc:
+            log.warning("hand-over: telling pid %d we serve failed: %s", self.pid, exc)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _connect(path: Path) -> socket.socket | None:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(CONNECT_TIMEOUT)
+    try:
+        conn.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        conn.close()
+        return None  # no instance, or a stale socket file of one that died
+    except OSError:
+        conn.close()
+        raise
+    return conn
+
+
+async def find_predecessor(path: Path) -> Predecessor | None:
+    """A connection to the instance listening at ``path``, or None when none runs."""
+    try:
+        conn = await asyncio.to_thread(_connect, path)
+    except OSError as exc:
+        log.warning("hand-over: cannot reach %s (%s): binding the listeners", path, exc)
+        return None
+    return None if conn is None else Predecessor(path, conn)
+
+
+# -- the running instance ---------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class HandoverServer:
+    """Offers this instance's listeners at ``path`` until a successor takes them; then calls
+    ``on_handed_over(successor_pid)`` once (the daemon drains and exits)."""
+
+    path: Path
+    listeners: Listeners
+    addresses: Mapping[str, str]
+    """Name -> configured address of each listener (what a successor must ask for)."""
+    on_handed_over: Callable[[int], None]
+    handed_over: bool = False
+    failures: int = 0
+    """Exchanges that did not complete (refused peer, protocol error, successor gone)."""
+    _sock: socket.socket | None = None
+    _inode: int = 0
+    _task: asyncio.Task[None] | None = None
+    _exchanges: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def start(self) -> bool:
+        """Listen at :attr:`path`; False (logged) when the directory is not usable."""
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # a predecessor's (it handed over) or a dead one's
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(str(self.path))
+                os.chmod(self.path, 0o600)
+                sock.listen(4)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
+        except OSError as exc:
+            log.warning(
+                "hand-over: cannot listen on %s (%s): a successor will not take over these "
+                "sockets (set runtime_dir to a writable directory)",
+                self.path,
+                exc,
+            )
+            return False
+        self._sock = sock
+        self._inode = os.stat(self.path).st_ino
+        self._task = asyncio.get_running_loop().create_task(self._serve(), name="handover")
+        log.info("hand-over socket %s", self.path)
+        return True
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while not self.handed_over:
+            conn, _ = await loop.sock_accept(self._sock)
+            task = loop.create_task(self._exchange(conn), name="handover-exchange")
+            self._exchanges.add(task)
+            task.add_done_callback(self._exchanges.discard)
+
+    async def _exchange(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        with conn:
+            conn.setblocking(False)
+            if not _peer_allowed(conn):
+                log.warning("hand-over: refused a peer of another uid on %s", self.path)
+                self.failures += 1
+                return
+            try:
+                request = await self._receive(loop, conn, None)
+                wanted = request.get("listeners")
+                pid = int(request.get("pid", 0))
+                if not isinstance(wanted, dict):
+                    raise HandoverError("no listeners asked for")
+                names = [
+                    name
+                    for name in NAMES
+                    if name in self.listeners.sockets and wanted.get(name) == self.addresses[name]
+                ]
+                log.info("hand-over: pid %d asks for the listeners; passing %s", pid, names)
+                header = json.dumps({"pid": os.getpid(), "listeners": names}).encode() + b"\n"
+                fds = [self.listeners.sockets[name].fileno() for name in names]
+                socket.send_fds(conn, [header], fds)
+                reply = await self._receive(loop, conn, EXCHANGE_TIMEOUT * 4)
+            except (OSError, ValueError, HandoverError, TimeoutError) as exc:
+                log.warning("hand-over on %s failed, serving on: %s", self.path, exc)
+                self.failures += 1
+                return
+            if reply.get("serving") is True and not self.handed_over:
+                self.handed_over = True
+                log.info("hand-over: pid %d serves on our listeners", pid)
+                self._close_listener()  # before the successor puts its own socket there
+                with contextlib.suppress(OSError):
+                    conn.send(b'{"released": true}\n')  # a few bytes: never blocks
+                self.on_handed_over(pid)
+
+    @staticmethod
+    async def _receive(
+        loop: asyncio.AbstractEventLoop,
+        conn: socket.socket,
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> dict[str, Any]:
+        data = b""
+        async with asyncio.timeout(timeout):
+            while not data.endswith(b"\n"):
+                chunk = await loop.sock_recv(conn, MAX_MESSAGE)
+                if not chunk:
+                    raise HandoverError("the peer closed the connection")
+                data += chunk
+                if len(data) > MAX_MESSAGE:
+                    raise HandoverError("message too long")
+        message = json.loads(data)
+        if not isinstance(message, dict):
+            raise HandoverError("message is not a JSON object")
+        return message
+
+    @property
+    def successor_waiting(self) -> bool:
+        """A new instance is connected and preparing to take over."""
+        return bool(self._exchanges) and not self.handed_over
+
+    def close(self) -> None:
+        """Stop offering; remove the socket file unless a successor has replaced it."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        for task in self._exchanges:
+            if task is not asyncio.current_task():
+                task.cancel()
+        self._close_listener()
+
+    def _close_listener(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == self._inode:
+                    self.path.unlink()

@@ -1,0 +1,519 @@
+"""Zero-loss restarts: a second instance takes over the first one's listening sockets (the
+hand-over socket, SCM_RIGHTS), or systemd's fd store hands them to the next start, while a
+steady DNS (UDP + TCP) and metadata load runs; not one query or request may fail.
+
+Real daemon processes on loopback ports; the load is bounded in count and time; the
+assertion is zero lost, not latency (generous client timeouts: 2 shared cores)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rdatatype
+import pytest
+from helpers import DEMO_SNAPSHOT, ROOT, DaemonProcess, free_port
+
+NAME = "kubernetes.default.svc.cluster.local"
+ADDRESS = "10.43.0.1"
+CLIENT_TIMEOUT = 30.0
+"""Seconds a client waits for one answer: a lost query fails, a slow one does not."""
+MAX_SECONDS = 120.0
+"""Every load loop ends by then whatever happens (bounded)."""
+
+
+@dataclass
+class Load:
+    """Steady DNS (UDP and TCP) and metadata load against one address, in threads."""
+
+    dns_port: int
+    metadata_port: int
+    rate: float = 60.0
+    """Queries per second per DNS thread (two UDP + two TCP threads: 240 q/s)."""
+    stop: threading.Event = field(default_factory=threading.Event)
+    answered: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    last_answer: dict[str, float] = field(default_factory=dict)
+    started: float = 0.0
+    slowest: float = 0.0
+    """Seconds of the slowest answer (reported, not asserted: the machine is shared)."""
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _record(self, kind: str, error: str | None, seconds: float = 0.0) -> None:
+        with self._lock:
+            self.slowest = max(self.slowest, seconds)
+            if error is None:
+                self.answered[kind] = self.answered.get(kind, 0) + 1
+                self.last_answer[kind] = time.monotonic()
+            else:
+                self.failures.append(f"{kind}: {error}")
+
+    def _dns(self, kind: str) -> None:
+        interval = 1 / self.rate
+        deadline = self.started + MAX_SECONDS
+        next_at = time.monotonic()
+        for _ in range(int(self.rate * MAX_SECONDS)):
+            if self.stop.is_set() or time.monotonic() > deadline:
+                return
+            query = dns.message.make_query(NAME, dns.rdatatype.A)
+            sent = time.monotonic()
+            try:
+                if kind.startswith("udp"):
+                    response = dns.query.udp(
+                        query, "127.0.0.1", port=self.dns_port, timeout=CLIENT_TIMEOUT
+                    )
+                else:
+                    response = dns.query.tcp(
+                        query, "127.0.0.1", port=self.dns_port, timeout=CLIENT_TIMEOUT
+                    )
+                got = sorted(rr.to_text() for rrset in response.answer for rr in rrset)
+                error = None if got == [ADDRESS] else f"answer {got} rcode {response.rcode()}"
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            self._record(kind, error, time.monotonic() - sent)
+            next_at += interval
+            time.sleep(max(0.0, next_at - time.monotonic()))
+
+    def _metadata(self) -> None:
+        url = f"http://127.0.0.1:{self.metadata_port}/latest/self/host/hostname"
+        deadline = self.started + MAX_SECONDS
+        for _ in range(int(10 * MAX_SECONDS)):
+            if self.stop.is_set() or time.monotonic() > deadline:
+                return
+            result = subprocess.run(
+                ["curl", "-sS", "-m", str(CLIENT_TIMEOUT), url],
+                capture_output=True,
+                text=True,
+                timeout=CLIENT_TIMEOUT + 10,
+                check=False,
+            )
+            ok = result.returncode == 0 and result.stdout == "node-a"
+            self._record(
+                "metadata",
+                None
+                if ok
+                else f"curl {result.returncode} {result.stdout!r} {result.stderr.strip()}",
+            )
+            time.sleep(0.05)
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        for kind in ("udp-1", "udp-2", "tcp-1", "tcp-2"):
+            self._threads.append(threading.Thread(target=self._dns, args=(kind,), daemon=True))
+        self._threads.append(threading.Thread(target=self._metadata, daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def finish(self) -> float:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(timeout=CLIENT_TIMEOUT + 20)
+            assert not thread.is_alive(), "a load thread did not end"
+        return time.monotonic() - self.started
+
+
+def wait_answers(load: Load, count: int) -> None:
+    """Every load thread answers ``count`` more queries/requests from now on."""
+    deadline = time.monotonic() + 90
+    with load._lock:
+        before = dict(load.answered)
+    kinds = ("udp-1", "udp-2", "tcp-1", "tcp-2", "metadata")
+    while time.monotonic() < deadline:
+        with load._lock:
+            if all(load.answered.get(k, 0) >= before.get(k, 0) + count for k in kinds):
+                return
+            assert not load.failures, load.failures[:10]
+        time.sleep(0.05)
+    raise AssertionError(f"load not answered: {load.answered}, failures {load.failures[:5]}")
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's $NOTIFY_SOCKET: collects each message's
+    fields and the descriptors that came with it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[tuple[dict[str, str], list[int]]] = []
+
+    def receive(self, timeout: float) -> tuple[dict[str, str], list[int]] | None:
+        self.sock.settimeout(timeout)
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 16)
+        except TimeoutError:
+            return None
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+        self.messages.append((fields, fds))
+        return fields, fds
+
+    def wait_for(self, key: str, value: str, timeout: float = 60) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.receive(max(0.01, deadline - time.monotonic()))
+            if got is not None and got[0].get(key) == value:
+                return got[0]
+        raise AssertionError(f"no {key}={value} in {[m for m, _ in self.messages]}")
+
+    def close(self) -> None:
+        for _fields, fds in self.messages:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    receiver = NotifySocket(tmp_path / "notify.sock")
+    yield receiver
+    receiver.close()
+
+
+@dataclass
+class Pair:
+    """Settings two instances share: the same ports, the same runtime directory."""
+
+    tmp_path: Path
+    runtime_dir: Path
+    """Short: a unix socket path has at most 107 bytes, pytest's tmp_path is long."""
+    dns_port: int = field(default_factory=free_port)
+    metadata_port: int = field(default_factory=free_port)
+    admin_port: int = field(default_factory=free_port)
+    started: list[DaemonProcess] = field(default_factory=list)
+
+    def args(self) -> list[str]:
+        return [
+            "--snapshot",
+            str(DEMO_SNAPSHOT),
+            "--metadata-listen",
+            f"127.0.0.1:{self.metadata_port}",
+            "--upstream",
+            "127.0.0.1:1",
+        ]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {"NODE_SERVICES_RUNTIME_DIR": str(self.runtime_dir), **extra}
+
+    def instance(self, **env: str) -> DaemonProcess:
+        process = DaemonProcess(
+            self.args(),
+            self.tmp_path / f"instance-{len(self.started) + 1}.log",
+            env=self.env(**env),
+            admin_port=self.admin_port,
+            dns_port=self.dns_port,
+        )
+        self.started.append(process)
+        return process
+
+    def first(self, **env: str) -> DaemonProcess:
+        """Start instance 1, on new ports when a port free_port gave was taken meanwhile (an
+        ephemeral port of another test's client: this machine runs several suites)."""
+        for attempt in range(3):
+            process = self.instance(**env)
+            try:
+                return process.start()
+            except AssertionError as exc:
+                if "already in use" not in str(exc).lower() or attempt == 2:
+                    raise
+            process.stop()
+            self.started.remove(process)
+            self.dns_port, self.metadata_port, self.admin_port = (free_port() for _ in "dma")
+        raise AssertionError("unreachable")
+
+    def stop(self) -> None:
+        for process in self.started:
+            if process.proc is not None:
+                process.stop()
+                print(f"--- {process.log_path.name}\n{process.output()}")  # shown on failure
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    runtime_dir = Path(tempfile.mkdtemp(prefix="ns-ho-", dir="/tmp"))
+    both = Pair(tmp_path, runtime_dir)
+    yield both
+    both.stop()
+    shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def test_a_second_instance_takes_over_the_sockets_without_losing_a_query(
+    pair: Pair, notify_socket: NotifySocket
+) -> None:
+    first = pair.first()
+    first.wait_for(lambda: readyz(pair.admin_port)[0] == 200, what="instance 1 ready")
+    load = Load(pair.dns_port, pair.metadata_port)
+    load.start()
+    try:
+        wait_answers(load, 20)  # instance 1 answers the load
+        second = pair.instance(NOTIFY_SOCKET=str(notify_socket.path)).start()
+        assert second.proc is not None and first.proc is not None
+        ready = notify_socket.wait_for("READY", "1")
+        assert ready["MAINPID"] == str(second.proc.pid)
+        assert "handed over by pid" in ready["STATUS"], ready
+        with contextlib.suppress(ProcessLookupError):
+            first.proc.send_signal(signal.SIGTERM)  # it may be leaving already
+        assert first.proc.wait(timeout=60) == 0, first.output()
+        gone_at = time.monotonic()
+        wait_answers(load, 20)  # instance 2 alone answers the load
+        seconds = load.finish()
+    finally:
+        load.stop.set()
+    assert load.failures == [], load.failures[:20]
+    assert all(at > gone_at for at in load.last_answer.values())
+    dns_total = sum(v for k, v in load.answered.items() if k != "metadata")
+    print(
+        f"{dns_total} DNS queries in {seconds:.1f} s ({dns_total / seconds:.0f}/s), "
+        f"{load.answered['metadata']} metadata requests, 0 lost, slowest {load.slowest:.3f} s"
+    )
+    assert second.proc.poll() is None, second.output()
+    assert readyz(pair.admin_port) == (200, "ok\n")
+    assert second.metric('node_services_handovers_total{result="taken"}') == "1.0"
+    log = first.output()
+    assert f"hand-over: pid {second.proc.pid} serves on our listeners" in log, log
+    assert "Traceback" not in log and "Traceback" not in second.output()
+
+
+def test_a_long_poll_is_answered_with_the_current_version_at_hand_over(
+    pair: Pair, notify_socket: NotifySocket
+) -> None:
+    first = pair.first()
+    first.wait_for(lambda: readyz(pair.admin_port)[0] == 200, what="instance 1 ready")
+    base = f"http://127.0.0.1:{pair.metadata_port}/latest"
+    with urllib.request.urlopen(f"{base}/version", timeout=10) as response:
+        version = response.read().decode()
+    answers: list[tuple[int, str, float]] = []
+
+    def poll() -> None:
+        url = f"{base}/version?wait=true&value={version}&maxWait=120"
+        with urllib.request.urlopen(url, timeout=150) as response:
+            answers.append((response.status, response.read().decode(), time.monotonic()))
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    first.wait_for(
+        lambda: first.metric("node_services_metadata_waiters") == "1.0", what="a parked poll"
+    )
+    second = pair.instance(NOTIFY_SOCKET=str(notify_socket.path)).start()
+    notify_socket.wait_for("READY", "1")
+    assert first.proc is not None and first.proc.wait(timeout=60) == 0, first.output()
+    poller.join(timeout=60)
+    assert answers and answers[0][:2] == (200, version)  # answered, not cut off
+    assert second.proc is not None and second.proc.poll() is None
+
+
+WRAPPER = """
+import fcntl, os, sys
+# systemd's way: the stored descriptors from 3 on, LISTEN_PID our own pid.
+split = sys.argv.index("--")
+fds = [fcntl.fcntl(int(fd), fcntl.F_DUPFD, 100) for fd in sys.argv[1:split]]
+for i, fd in enumerate(fds):
+    os.dup2(fd, 3 + i)
+    os.close(fd)
+os.environ["LISTEN_FDS"] = str(len(fds))
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[split + 1], sys.argv[split + 1 :])
+"""
+
+
+def test_systemd_restart_keeps_the_sockets_in_the_fd_store(
+    pair: Pair, notify_socket: NotifySocket, tmp_path: Path
+) -> None:
+    # No systemd runs as PID 1 here: the test is the service manager. It keeps what
+    # FDSTORE=1 sends, stops the unit (SIGTERM, lame duck), starts it again with them.
+    first = pair.first(NOTIFY_SOCKET=str(notify_socket.path), NODE_SERVICES_SHUTDOWN_GRACE="1")
+    notify_socket.wait_for("READY", "1")
+    stored: dict[str, int] = {}
+    deadline = time.monotonic() + 30
+    while len(stored) < 4 and time.monotonic() < deadline:
+        got = notify_socket.receive(1)
+        if got is not None and got[0].get("FDSTORE") == "1":
+            (fd,) = got[1]
+            stored[got[0]["FDNAME"]] = fd
+    assert sorted(stored) == ["admin", "dns-tcp", "dns-udp", "metadata"]
+    with socket.socket(fileno=os.dup(stored["dns-udp"])) as probe:
+        assert probe.type == socket.SOCK_DGRAM
+
+    load = Load(pair.dns_port, pair.metadata_port)
+    load.start()
+    second: subprocess.Popen[bytes] | None = None
+    log_path = tmp_path / "restarted.log"
+    try:
+        wait_answers(load, 20)
+        assert first.proc is not None
+        first.proc.send_signal(signal.SIGTERM)  # systemctl restart: stop ...
+        assert first.proc.wait(timeout=60) == 0, first.output()
+        assert "lame duck" in first.output()
+        names = sorted(stored)
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "LISTEN_"))
+        }
+        env.update(pair.env(NODE_SERVICES_SHUTDOWN_GRACE="0", LISTEN_FDNAMES=":".join(names)))
+        command = [
+            sys.executable,
+            "-c",
+            WRAPPER,
+            *(str(stored[name]) for name in names),
+            "--",
+            sys.executable,
+            "-m",
+            "node_services",
+            "run",
+            "--node-name",
+            "node-a",
+            "--dns-listen",
+            f"127.0.0.1:{pair.dns_port}",
+            "--admin-listen",
+            f"127.0.0.1:{pair.admin_port}",
+            *pair.args(),
+        ]
+        with log_path.open("wb") as log:  # ... and start, with the stored sockets
+            second = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=[stored[name] for name in names],
+                cwd=ROOT,
+            )
+        wait_answers(load, 20)
+        seconds = load.finish()
+    finally:
+        load.stop.set()
+        if second is not None:
+            second.send_signal(signal.SIGTERM)
+            try:
+                second.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                second.kill()
+                second.wait()
+    output = log_path.read_text()
+    assert load.failures == [], load.failures[:20]
+    dns_total = sum(v for k, v in load.answered.items() if k != "metadata")
+    print(
+        f"restart: {dns_total} DNS queries in {seconds:.1f} s ({dns_total / seconds:.0f}/s), "
+        f"{load.answered['metadata']} metadata requests, 0 lost, slowest {load.slowest:.3f} s"
+    )
+    assert "from systemd" in output, output
+    assert second.returncode == 0, output
+    assert "Traceback" not in output
+
+
+def test_a_successor_that_goes_away_before_serving_leaves_the_old_one_serving(
+    pair: Pair,
+) -> None:
+    first = pair.first()
+    first.wait_for(lambda: readyz(pair.admin_port)[0] == 200, what="instance 1 ready")
+    (path,) = pair.runtime_dir.glob("handover-*.sock")
+    assert path.name.endswith(f"-127.0.0.1-{pair.dns_port}.sock")
+    # The test speaks the protocol as a successor would, and leaves before saying it serves.
+    ask = {
+        "pid": os.getpid(),
+        "listeners": {
+            "dns-udp": f"127.0.0.1:{pair.dns_port}",
+            "dns-tcp": f"127.0.0.1:{pair.dns_port}",
+            "metadata": f"127.0.0.1:{pair.metadata_port}",
+            "admin": "127.0.0.1:1",  # not where it listens: not passed
+        },
+    }
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(path))
+        conn.sendall(json.dumps(ask).encode() + b"\n")
+        data, fds, _flags, _addr = socket.recv_fds(conn, 65536, 16)
+        reply = json.loads(data)
+        assert first.proc is not None
+        assert reply == {"pid": first.proc.pid, "listeners": ["dns-udp", "dns-tcp", "metadata"]}
+        got = [socket.socket(fileno=fd) for fd in fds]
+        try:
+            assert [(s.type, s.getsockname()) for s in got] == [
+                (socket.SOCK_DGRAM, ("127.0.0.1", pair.dns_port)),
+                (socket.SOCK_STREAM, ("127.0.0.1", pair.dns_port)),
+                (socket.SOCK_STREAM, ("127.0.0.1", pair.metadata_port)),
+            ]
+        finally:
+            for sock in got:
+                sock.close()
+    first.wait_for(
+        lambda: first.metric('node_services_handovers_total{result="failed"}') == "1.0",
+        what="the failed hand-over counted",
+    )
+    assert "failed, serving on: the peer closed the connection" in first.output()
+    response = dns.query.udp(
+        dns.message.make_query(NAME, dns.rdatatype.A), "127.0.0.1", port=pair.dns_port, timeout=30
+    )
+    assert [rr.to_text() for rrset in response.answer for rr in rrset] == [ADDRESS]
+    assert readyz(pair.admin_port) == (200, "ok\n")
+    assert path.exists()  # still offered to the next successor
+
+
+def test_a_stored_socket_at_an_address_the_settings_no_longer_name_is_not_used(
+    pair: Pair, tmp_path: Path
+) -> None:
+    # The settings changed the DNS port since systemd stored the sockets.
+    old = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    old.bind(("127.0.0.1", free_port()))
+    log_path = tmp_path / "started.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "LISTEN_"))}
+    env.update(pair.env(NODE_SERVICES_SHUTDOWN_GRACE="0", LISTEN_FDNAMES="dns-udp"))
+    command = [
+        *(sys.executable, "-c", WRAPPER, str(old.fileno()), "--", sys.executable),
+        *("-m", "node_services", "run", "--node-name", "node-a"),
+        *("--dns-listen", f"127.0.0.1:{pair.dns_port}"),
+        *("--admin-listen", f"127.0.0.1:{pair.admin_port}", *pair.args()),
+    ]
+    with log_path.open("wb") as log:
+        started = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=[old.fileno()]
+        )
+    old.close()
+    try:
+        deadline = time.monotonic() + 60
+        while readyz(pair.admin_port)[0] != 200:
+            assert started.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        response = dns.query.udp(
+            dns.message.make_query(NAME, dns.rdatatype.A),
+            "127.0.0.1",
+            port=pair.dns_port,
+            timeout=30,
+        )
+        assert [rr.to_text() for rrset in response.answer for rr in rrset] == [ADDRESS]
+    finally:
+        started.send_signal(signal.SIGTERM)
+        try:
+            started.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            started.kill()
+            started.wait()
+    output = log_path.read_text()
+    assert "systemd passed dns-udp socket" in output and "not what the settings say" in output
+    assert f"dns listening on 127.0.0.1:{pair.dns_port} (udp, tcp)" in output
+    assert started.returncode == 0, output
