@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,24 +23,34 @@ DEMO_SNAPSHOT = ROOT / "demo" / "snapshot.yaml"
 
 
 _HANDED_OUT: set[int] = set()
+_PICK = random.Random(os.getpid() ^ time.monotonic_ns())
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_FREE_RANGE = (10000, max(10001, _ephemeral_floor() - 1))
+"""Ports for the daemons tests start: below the kernel's ephemeral range, so no client
+connection of any process (and no ``bind(0)``) can take one between our check and the
+daemon's bind; picked at random, so parallel test runs rarely meet."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A loopback port free for TCP and UDP, never one this test run handed out before.
-
-    The kernel may give the same ephemeral port to two binds in a row once the first socket is
-    closed, so a test asking for three ports could get one twice without the memory here.
-    """
+    """A loopback port free for TCP and UDP, never one this test run handed out before."""
     for _ in range(1000):
+        port = _PICK.randint(*_FREE_RANGE)
+        if port in _HANDED_OUT:
+            continue
         with (
             socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
         ):
-            tcp.bind((host, 0))
-            port = int(tcp.getsockname()[1])
-            if port in _HANDED_OUT:
-                continue
             try:
+                tcp.bind((host, port))
                 udp.bind((host, port))
             except OSError:
                 continue
