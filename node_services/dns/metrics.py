@@ -93,6 +93,11 @@ class DnsStats:
     zone_rebuilds: int = 0
     zone_units_rebuilt: int = 0
     zone_build_failures: int = 0
+    client_answers: dict[str, int] = field(default_factory=dict)
+    """Answers built for a caller's own view, by kind: alias, completion, autopath."""
+    autopath_fallbacks: dict[str, int] = field(default_factory=dict)
+    """Autopath-eligible queries answered plainly, by reason (see dns/views.py)."""
+    client_views: Sized = ()  # the callers with a view of their own (their number is a gauge)
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
@@ -276,6 +281,30 @@ class DnsCollector(Collector):
             "node_services_dns_zone_build_failures",
             "Zone builds in a worker thread that failed (the zone then rebuilds from scratch).",
             value=s.zone_build_failures,
+        )
+        client = CounterMetricFamily(
+            "node_services_dns_client_answers",
+            "Answers built from the caller's own view (link aliases, search completion, "
+            "autopath); repeats served from the whole-answer cache count as answer cache hits.",
+            labels=["kind"],
+        )
+        for kind, count in sorted(s.client_answers.items()):
+            client.add_metric([kind], count)
+        yield client
+        fallbacks = CounterMetricFamily(
+            "node_services_dns_autopath_fallbacks",
+            "Queries autopath could have served that got the plain answer, by reason: "
+            "host_network / shared_ip (the caller's IP is not exactly one live pod of this "
+            "node), not_found (no step of the walk exists), upstream_error, too_large.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(s.autopath_fallbacks.items()):
+            fallbacks.add_metric([reason], count)
+        yield fallbacks
+        yield GaugeMetricFamily(
+            "node_services_dns_client_views",
+            "Source IPs of this node's workloads that have a view of their own.",
+            value=len(s.client_views),
         )
 
 

@@ -25,6 +25,7 @@ import dnslib
 from node_services.dns import wire
 from node_services.dns.forward import Forwarder, UpstreamError
 from node_services.dns.metrics import DURATION_BUCKETS, DnsStats, Histogram
+from node_services.dns.views import MAX_COMPLETED, ClientViews, View
 from node_services.dns.zone import ANY_TYPE, Answer, Zone
 from node_services.state.store import ChangeSet, Snapshot, Store, Subscription
 
@@ -60,6 +61,8 @@ class _Pending:
     data: bytes
     tcp: bool
     chase: Answer | None = None
+    autopath: tuple[bytes, ...] = ()
+    """Names left to try of an autopath walk (the first of them outside our zones)."""
 
 
 class DnsServer:
@@ -75,9 +78,12 @@ class DnsServer:
         query_log: bool = False,
         answer_cache_size: int = 65536,
         answer_cache_bytes: int = 32 << 20,
+        views: ClientViews | None = None,
     ) -> None:
         self.store = store
         self.zone = zone
+        self.views = views
+        """Per-client views (None: every caller gets the same answers)."""
         self.stats = stats if stats is not None else DnsStats()
         self.forwarder = forwarder
         self.query_log = query_log
@@ -111,6 +117,8 @@ class DnsServer:
         """What the entries cost: key and value bytes plus their objects and dict slot (a
         client picks the key's size: a query may carry up to 4 KB of EDNS options)."""
         self.stats.answer_cache = self._replies
+        if views is not None:
+            self.stats.client_views = views.by_ip
 
     # -- keeping the zone current ----------------------------------------------------------
 
@@ -131,6 +139,8 @@ class DnsServer:
         if changes is not None:
             started = time.perf_counter()
             units = self.zone.apply(changes)
+            if self.views is not None:
+                self.views.apply(changes)
             self.stats.zone_rebuilds += 1
             self.stats.zone_units_rebuilt += units
             self.stats.zone_names = len(self.zone.nodes)
@@ -170,6 +180,7 @@ class DnsServer:
         except RuntimeError:
             return False
         zone = self.zone.empty_copy()
+        views = self.views.empty_copy() if self.views is not None else None
         # The build allocates ~a million long-lived containers: collections triggered by them
         # would traverse the heap holding the GIL (tens of ms the loop cannot run). The new
         # zone is frozen out of the collector's sight when it is swapped in.
@@ -177,7 +188,14 @@ class DnsServer:
         gc.disable()
         started = time.perf_counter()
         full = ChangeSet(snapshot, frozenset(), full=True)
-        future = loop.run_in_executor(None, zone.apply, full)
+
+        def build() -> int:
+            units = zone.apply(full)
+            if views is not None:
+                views.apply(full)
+            return units
+
+        future = loop.run_in_executor(None, build)
         self._building = future
         log.info(
             "dns: building the zone for store version %d in a worker thread (%d changes)",
@@ -186,7 +204,7 @@ class DnsServer:
         )
 
         def done(future: asyncio.Future[int]) -> None:
-            self._swap(future, zone, snapshot, started, collecting)
+            self._swap(future, zone, views, snapshot, started, collecting)
 
         future.add_done_callback(done)
         return True
@@ -195,6 +213,7 @@ class DnsServer:
         self,
         future: asyncio.Future[int],
         zone: Zone,
+        views: ClientViews | None,
         snapshot: Snapshot,
         started: float,
         collecting: bool,
@@ -218,6 +237,9 @@ class DnsServer:
                 self._subscription = None
                 return
             old, self.zone = self.zone, zone
+            if views is not None:
+                self.views = views
+                self.stats.client_views = views.by_ip
             self.stats.zone_rebuilds += 1
             self.stats.zone_units_rebuilt += units
             self.stats.zone_names = len(zone.nodes)
@@ -243,6 +265,8 @@ class DnsServer:
 
     def _clear_replies(self) -> None:
         self._replies.clear()
+        if self.views is not None:
+            self.views.clear_memos()
         self._replies_used = self.stats.answer_cache_bytes = 0
 
     async def follow_store(self) -> None:
@@ -337,7 +361,7 @@ class DnsServer:
                 del clients[writer]
                 clients[writer] = None  # the most recently active now
                 started = time.perf_counter()
-                result = self.answer(data, tcp=True)
+                result = self.answer(data, tcp=True, view=self.view_of(writer))
                 if isinstance(result, _Pending):
                     result = await self._resolve(result)
                 elif result is not None:
@@ -394,23 +418,35 @@ class DnsServer:
 
     # -- the answer function ---------------------------------------------------------------
 
-    def answer(self, data: bytes, *, tcp: bool = False) -> bytes | _Pending | None:
-        """The response to one packet, a pending slow-path query, or None to drop it."""
+    def view_of(self, writer: asyncio.StreamWriter) -> View | None:
+        """The view of a TCP client, by its source address."""
+        if self.views is None or not self.views.by_ip:
+            return None
+        peer = writer.get_extra_info("peername")
+        return self.views.by_ip.get(peer[0]) if isinstance(peer, tuple) else None
+
+    def answer(
+        self, data: bytes, *, tcp: bool = False, view: View | None = None
+    ) -> bytes | _Pending | None:
+        """The response to one packet (from a caller with this view), a pending slow-path
+        query, or None to drop it."""
         if self.store.snapshot is not self._seen:
             self.catch_up()
-        return self._answer_current(data, tcp)
+        return self._answer_current(data, tcp, view)
 
-    def _answer_current(self, data: bytes, tcp: bool) -> bytes | _Pending | None:
+    def _answer_current(
+        self, data: bytes, tcp: bool, view: View | None = None
+    ) -> bytes | _Pending | None:
         """:meth:`answer` for a caller that has just caught up with the store."""
         # Fast path: a standard query with one question (and at most an OPT record) for a
         # name we hold or an NXDOMAIN in our zones, that fits. Anything else: _answer.
         size = len(data)
         if size < 17 or data[2] & 0xF8 or data[4:11] != _ONE_QUESTION:
-            return self._answer(data, tcp)
+            return self._answer(data, tcp, view)
         end = data.find(0, 12)
         qend = end + 5
         if end < 13 or qend > size or data[end + 3 : qend] != b"\x00\x01":
-            return self._answer(data, tcp)
+            return self._answer(data, tcp, view)
         arcount = data[11]
         if arcount == 0 and size == qend:
             variant = 0
@@ -427,15 +463,39 @@ class DnsServer:
             limit = 65535 if tcp else max(512, data[qend + 3] << 8 | data[qend + 4])
             opt = _OPT
         else:
-            return self._answer(data, tcp)
+            return self._answer(data, tcp, view)
         zone = self.zone
         lname = data[12 : end + 1].lower()
-        node = zone.nodes.get(lname)
         qtype = data[end + 1] << 8 | data[end + 2]
+        if view is None:
+            node = zone.nodes.get(lname)
+            replies = self._replies
+        else:
+            replies = view.replies
+            target = view.aliases.get(lname)
+            if target is not None:
+                node = zone.nodes.get(target)
+                self.stats.count(self.stats.client_answers, "alias")
+            else:
+                node = zone.nodes.get(lname)
+                if node is None:
+                    target = view.completed.get(lname)
+                    if target is None:
+                        target = self._complete(view, lname)
+                    if target:
+                        node = zone.nodes.get(target)
+                        self.stats.count(self.stats.client_answers, "completion")
+            if node is None:
+                # Not a name of the view: NXDOMAIN, autopath or forwarding, on the general
+                # path; what it answers at once is as repeatable as the fast path's answers.
+                result = self._answer(data, tcp, view)
+                if type(result) is bytes and not tcp and self._replies_max:
+                    self._keep(replies, data, result)
+                return result
         if node is not None:
             answer = node.get(qtype) or node[ANY_TYPE]
             if answer.chase:
-                return self._answer(data, tcp)
+                return self._answer(data, tcp, view)
         else:
             found = zone.zone_for(lname) if end < 267 else None  # a name over 255 bytes: FORMERR
             if (
@@ -443,26 +503,51 @@ class DnsServer:
                 or not found.authoritative
                 or (found is zone.zones[0] and zone.pod_records == "insecure")
             ):
-                return self._answer(data, tcp)
+                return self._answer(data, tcp, view)
             answer = found.nxdomain
         if not zone.ready or qend + len(answer.body) + len(opt) > limit or qtype in _REFUSED_TYPES:
-            return self._answer(data, tcp)
+            return self._answer(data, tcp, view)
         self._requests[tcp][qtype] += 1
         self._responses[answer.flags & 0xF] += 1
         variant |= (data[2] & 1) | (data[3] >> 3 & 2)
         response = b"".join((data[:2], answer.heads[variant], data[12:qend], answer.body, opt))
         if not tcp and self._replies_max:
-            replies = self._replies
-            cost = size + len(response) + _ENTRY_OVERHEAD
-            used = self._replies_used + cost
-            if len(replies) >= self._replies_max or used > self._replies_budget:
-                replies.clear()
-                used = cost
-            replies[data[2:]] = response[2:]
-            self._replies_used = self.stats.answer_cache_bytes = used
+            self._keep(replies, data, response)
         return response
 
-    def _answer(self, data: bytes, tcp: bool) -> bytes | _Pending | None:
+    def _keep(self, replies: dict[bytes, bytes], data: bytes, response: bytes) -> None:
+        """Keep a whole UDP answer for the same query bytes (one budget for every view)."""
+        cost = len(data) + len(response) + _ENTRY_OVERHEAD
+        used = self._replies_used + cost
+        if len(replies) >= self._replies_max or used > self._replies_budget:
+            self._clear_replies()
+            used = cost
+        replies[data[2:]] = response[2:]
+        self._replies_used = self.stats.answer_cache_bytes = used
+
+    def _complete(self, view: View, lname: bytes) -> bytes:
+        """Search completion of a name outside our zones with the view's suffixes: the zone
+        name it completes to (b"" when none), remembered in the view."""
+        zone = self.zone
+        target = b""
+        if zone.zone_for(lname) is None:
+            stem = lname[:-1]
+            aliases = view.aliases
+            for suffix in view.search:
+                candidate = stem + suffix
+                if len(candidate) > 255:
+                    continue
+                candidate = aliases.get(candidate, candidate)
+                if zone.has_name(candidate):
+                    target = candidate
+                    break
+        completed = view.completed
+        if len(completed) >= MAX_COMPLETED:
+            completed.clear()
+        completed[lname] = target
+        return target
+
+    def _answer(self, data: bytes, tcp: bool, view: View | None = None) -> bytes | _Pending | None:
         """The general path: every check, every rcode."""
         try:
             q = wire.parse_query(data)
@@ -479,7 +564,17 @@ class DnsServer:
         if q.qclass != wire.CLASS_IN or q.qtype in _REFUSED_TYPES:
             return self._error(q, wire.NOTIMP if q.qtype in _REFUSED_TYPES else wire.REFUSED)
         zone = self.zone
-        node = zone.nodes.get(q.lname)
+        target = view.aliases.get(q.lname) if view is not None else None
+        node = zone.nodes.get(target or q.lname)
+        if node is None and self.views is not None and zone.zone_for(q.lname) is None:
+            own = view if view is not None else self.views.default
+            target = own.completed.get(q.lname)
+            if target is None:
+                target = self._complete(own, q.lname)
+            if target:
+                node = zone.nodes.get(target)
+                if view is None:
+                    self.stats.count(self.stats.client_answers, "completion")
         if node is not None:
             answer = node.get(q.qtype) or node[ANY_TYPE]
         else:
@@ -488,12 +583,144 @@ class DnsServer:
                 if self.forwarder is None:
                     return self._error(q, wire.REFUSED)
                 return _Pending(q, data, tcp)
+            autopath = view is not None and view.autopath and zone.ready
+            if autopath and view is not None and found is zone.zones[0].nxdomain:
+                walked = self._autopath(q, view, tcp)
+                if walked is not None:
+                    return walked
             answer = found
         if not zone.ready:
             return self._error(q, wire.SERVFAIL)
         if answer.chase and q.qtype != wire.CNAME:
             return _Pending(q, data, tcp, answer)
         return self._respond(q, answer, tcp)
+
+    # -- autopath --------------------------------------------------------------------------
+
+    def _autopath(self, q: wire.Query, view: View, tcp: bool) -> bytes | _Pending | None:
+        """A pod's search walk for a name under its first search domain that does not exist:
+        the answer (behind a CNAME) of the first step that exists here, a pending query for
+        the steps outside our zones, or None (the plain NXDOMAIN) when nothing can follow."""
+        first = view.autopath[0]
+        lname = q.lname
+        cut = len(lname) - len(first)
+        if cut <= 0 or not lname.endswith(first) or cut not in q.offsets:
+            return None
+        stem = lname[:cut]
+        steps = [stem + suffix for suffix in view.autopath[1:]]
+        steps.append(stem + b"\x00")
+        steps = [step for step in steps if len(step) <= 255]
+        for index, step in enumerate(steps):
+            found = self._autopath_local(q, step, tcp)
+            if found is False:  # outside our zones: ask the upstreams from here on
+                if self.forwarder is None:
+                    break
+                return _Pending(q, b"", tcp, autopath=tuple(steps[index:]))
+            if isinstance(found, bytes):
+                return found
+        self.stats.count(self.stats.autopath_fallbacks, "not_found")
+        return None
+
+    def _autopath_local(self, q: wire.Query, step: bytes, tcp: bool) -> bytes | bool | None:
+        """One walk step in our zones: the response, None (NXDOMAIN here: next step), or False
+        when the step is not ours."""
+        zone = self.zone
+        found = zone.zone_for(step)
+        if found is None or not found.authoritative:
+            return False
+        node = zone.nodes.get(step)
+        if node is None:
+            return None
+        answer = node.get(q.qtype) or node[ANY_TYPE]
+        if answer.flags & 0xF == wire.NXDOMAIN:
+            return None
+        if answer.chase:  # an ExternalName: the walk stops here, the client gets the plain answer
+            self.stats.count(self.stats.autopath_fallbacks, "external_name")
+            return None
+        response = self._cname_to(q, step, answer, tcp)
+        if response is None:
+            self.stats.count(self.stats.autopath_fallbacks, "too_large")
+        else:
+            self.stats.count(self.stats.client_answers, "autopath")
+            self._count_rcode(answer.flags & 0xF)
+        return response
+
+    def _cname_to(self, q: wire.Query, target: bytes, answer: Answer, tcp: bool) -> bytes | None:
+        """A CNAME from the asked name to ``target`` followed by ``target``'s prebuilt answer
+        (its owners, written as pointers to the question, re-pointed at the CNAME's target)."""
+        question = q.question
+        cname = wire.QNAME_POINTER + wire.RR_FIXED.pack(wire.CNAME, 1, self.zone.ttl, len(target))
+        pointer = (0xC000 | (12 + len(question) + len(cname))).to_bytes(2, "big")
+        body = answer.body
+        parts = [cname, target]
+        start = 0
+        for end in answer.ends:
+            parts.append(pointer + body[start + 2 : end])
+            start = end
+        parts.append(body[start:])
+        opt = wire.opt_record() if q.edns else b""
+        flags = (
+            wire.QR | wire.AA | (answer.flags & 0xF) | (q.flags & (wire.RD | wire.CD)) | self._ra
+        )
+        header = wire.HEADER.pack(
+            q.qid, flags, 1, answer.ancount + 1, answer.nscount, answer.arcount + bool(opt)
+        )
+        response = header + question + b"".join(parts) + opt
+        if len(response) > (65535 if tcp else q.udp_size):
+            return None
+        return response
+
+    async def _autopath_forward(self, q: wire.Query, steps: tuple[bytes, ...], tcp: bool) -> bytes:
+        """The rest of an autopath walk, asking the upstreams for steps outside our zones."""
+        forwarder = self.forwarder
+        assert forwarder is not None
+        for step in steps:
+            local = self._autopath_local(q, step, tcp)
+            if isinstance(local, bytes):
+                return local
+            if local is None:
+                continue
+            if forwarder.overloaded():
+                self.stats.count(self.stats.autopath_fallbacks, "upstream_error")
+                break
+            try:
+                raw = await forwarder.resolve_name(wire.decode_name(step), q.qtype)
+                upstream = dnslib.DNSRecord.parse(raw)
+            except (UpstreamError, dnslib.DNSError):
+                self.stats.count(self.stats.autopath_fallbacks, "upstream_error")
+                break
+            rcode = upstream.header.rcode
+            if rcode == wire.NXDOMAIN:
+                continue
+            if rcode != wire.NOERROR:
+                self.stats.count(self.stats.autopath_fallbacks, "upstream_error")
+                break
+            reply = dnslib.DNSRecord(
+                dnslib.DNSHeader(
+                    id=q.qid, qr=1, rd=int(bool(q.flags & wire.RD)), ra=int(bool(self._ra))
+                ),
+                q=dnslib.DNSQuestion(_qname(q), q.qtype),
+            )
+            target = wire.decode_name(step)
+            reply.add_answer(
+                dnslib.RR(_qname(q), wire.CNAME, rdata=dnslib.CNAME(target), ttl=self.zone.ttl)
+            )
+            for record in upstream.rr:
+                reply.add_answer(record)
+            for record in upstream.auth:
+                reply.add_auth(record)
+            if q.edns:
+                reply.add_ar(dnslib.EDNS0(udp_len=wire.EDNS_UDP_SIZE))
+            packed = bytes(reply.pack())
+            if len(packed) > (65535 if tcp else q.udp_size):
+                self.stats.count(self.stats.autopath_fallbacks, "too_large")
+                break
+            self.stats.count(self.stats.client_answers, "autopath")
+            self._count_rcode(wire.NOERROR)
+            return packed[:12] + q.question + packed[12 + len(q.question) :]
+        else:
+            self.stats.count(self.stats.autopath_fallbacks, "not_found")
+        return self._respond(q, self.zone.zones[0].nxdomain, tcp)
 
     def _respond(self, q: wire.Query, answer: Answer, tcp: bool) -> bytes:
         flags = wire.QR | answer.flags | (q.flags & (wire.RD | wire.CD)) | self._ra
@@ -551,6 +778,8 @@ class DnsServer:
         try:
             if pending.chase is not None:
                 response = await self._chase(q, pending.chase, pending.tcp)
+            elif pending.autopath:
+                response = await self._autopath_forward(q, pending.autopath, pending.tcp)
             else:
                 response = await self._forward(pending)
         except Exception:
@@ -686,6 +915,7 @@ class _UdpSocket:
             server.catch_up()
         answer = server._answer_current
         replies = server._replies
+        views = server.views.by_ip if server.views is not None else None
         requests = server._requests[False]
         responses = server._responses
         histogram = server._local
@@ -706,7 +936,8 @@ class _UdpSocket:
                 log.debug("dns: UDP receive error: %s", exc)
                 started = perf_counter()
                 continue
-            tail = replies.get(data[2:])
+            view = views.get(addr[0]) if views else None
+            tail = replies.get(data[2:]) if view is None else view.replies.get(data[2:])
             if tail is not None:  # asked before, same bytes but the ID: answered before
                 end = data.find(0, 12)  # the fast path checked this query's shape
                 requests[data[end + 1] << 8 | data[end + 2]] += 1
@@ -715,7 +946,7 @@ class _UdpSocket:
                 result: bytes | _Pending | None = data[:2] + tail
             else:
                 try:
-                    result = answer(data, False)
+                    result = answer(data, False, view)
                 except Exception:  # never let one packet stop the server
                     log.exception("dns: unexpected error answering a packet from %s", addr)
                     stats.count(stats.dropped, "internal_error")

@@ -167,6 +167,14 @@ class Endpoints:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkloadLink:
+    """A Cattle container link: the linking container knows `target_key`'s workload as `alias`."""
+
+    alias: str
+    target_key: str
+
+
+@dataclass(frozen=True, slots=True)
 class Workload:
     """A Pod or a Cattle container."""
 
@@ -194,6 +202,7 @@ class Workload:
     dns: tuple[str, ...] = ()
     dns_search: tuple[str, ...] = ()
     launch_config: str = ""  # Cattle sidekick launch config name ("" = primary)
+    links: tuple[WorkloadLink, ...] = ()
 
 
 Record: TypeAlias = Host | Stack | Service | Endpoints | Workload

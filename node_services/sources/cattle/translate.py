@@ -37,6 +37,7 @@ from node_services.state.records import (
     ServiceLink,
     Stack,
     Workload,
+    WorkloadLink,
     intern_str,
     label,
     make_labels,
@@ -330,6 +331,17 @@ def _container(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
             text(ref, "dnsSearch", v) for v in sequence(ref, "dnsSearch", obj.get("dnsSearch"))
         ),
         launch_config=intern_str(launch_config),
+        links=tuple(
+            WorkloadLink(
+                alias=intern_str(str(alias)),
+                target_key=key(
+                    "container", text(ref, f"instanceLinks[{alias}]", target, required=True)
+                ),
+            )
+            for alias, target in sorted(
+                mapping(ref, "instanceLinks", obj.get("instanceLinks")).items()
+            )
+        ),
     )
     records: list[Record] = [workload]
     if ips:
