@@ -119,6 +119,7 @@ class DnsServer:
         self.stats.answer_cache = self._replies
         if views is not None:
             self.stats.client_views = views.by_ip
+            self.stats.client_views_refused = views.refused
 
     # -- keeping the zone current ----------------------------------------------------------
 
@@ -240,6 +241,7 @@ class DnsServer:
             if views is not None:
                 self.views = views
                 self.stats.client_views = views.by_ip
+                self.stats.client_views_refused = views.refused
             self.stats.zone_rebuilds += 1
             self.stats.zone_units_rebuilt += units
             self.stats.zone_names = len(zone.nodes)

@@ -603,7 +603,7 @@ class Zone:
                 own = container.launch_config if container is not None else ""
                 if own != launch_config:
                     continue
-                if endpoint.ready:
+                if _serves(endpoint.ready, container):
                     addresses.extend(endpoint.addresses)
                 elif not addresses:
                     order = (container.create_index, container.name) if container else (0, "")
@@ -642,6 +642,18 @@ class Zone:
             out.address(host, ip)
             if live:
                 out.ptr(ip, host)
+
+
+_SERVING_STATES: Final = ("running", "starting")
+_SERVING_HEALTH: Final = ("", "healthy", "updating-healthy")
+
+
+def _serves(ready: bool, container: Workload | None) -> bool:
+    """rancher-dns's record selection: a container that is running or starting and healthy
+    (or has no health check); the endpoint's readiness when the container is unknown."""
+    if container is None:
+        return ready
+    return container.state in _SERVING_STATES and container.health_state in _SERVING_HEALTH
 
 
 def _label_offsets(name: bytes) -> tuple[int, ...]:
