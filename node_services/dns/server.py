@@ -23,9 +23,9 @@ from typing import Any, Final
 import dnslib
 
 from node_services.dns import wire
-from node_services.dns.forward import Forwarder, UpstreamError
+from node_services.dns.forward import Forwarder, UpstreamError, question_key
 from node_services.dns.metrics import DURATION_BUCKETS, DnsStats, Histogram
-from node_services.dns.views import MAX_COMPLETED, ClientViews, View
+from node_services.dns.views import ClientViews, View, cname_answer, complete
 from node_services.dns.zone import ANY_TYPE, Answer, Zone
 from node_services.state.store import ChangeSet, Snapshot, Store, Subscription
 
@@ -46,6 +46,8 @@ MAX_TCP_CLIENTS: Final = 256
 (RFC 7766 6.2.3: under pressure, close idle connections first, never refuse fresh clients)."""
 _REFUSED_TYPES: Final = frozenset({251, 252})  # IXFR, AXFR: no zone transfers
 _OPT: Final = wire.opt_record()
+_AUTOPATH_VARIANT: Final = 16
+"""Forward-cache key bit of a whole autopath answer (question_key's variants use bits 0-3)."""
 _ONE_QUESTION: Final = b"\x00\x01\x00\x00\x00\x00\x00"  # QD=1, AN=0, NS=0, AR<256
 _MAX_QUERY: Final = 4096  # bytes read per datagram: far above any sane query
 _ENTRY_OVERHEAD: Final = 160
@@ -483,7 +485,7 @@ class DnsServer:
                 if node is None:
                     target = view.completed.get(lname)
                     if target is None:
-                        target = self._complete(view, lname)
+                        target = complete(view, lname, self.zone)
                     if target:
                         node = zone.nodes.get(target)
                         self.stats.count(self.stats.client_answers, "completion")
@@ -527,28 +529,6 @@ class DnsServer:
         replies[data[2:]] = response[2:]
         self._replies_used = self.stats.answer_cache_bytes = used
 
-    def _complete(self, view: View, lname: bytes) -> bytes:
-        """Search completion of a name outside our zones with the view's suffixes: the zone
-        name it completes to (b"" when none), remembered in the view."""
-        zone = self.zone
-        target = b""
-        if zone.zone_for(lname) is None:
-            stem = lname[:-1]
-            aliases = view.aliases
-            for suffix in view.search:
-                candidate = stem + suffix
-                if len(candidate) > 255:
-                    continue
-                candidate = aliases.get(candidate, candidate)
-                if zone.has_name(candidate):
-                    target = candidate
-                    break
-        completed = view.completed
-        if len(completed) >= MAX_COMPLETED:
-            completed.clear()
-        completed[lname] = target
-        return target
-
     def _answer(self, data: bytes, tcp: bool, view: View | None = None) -> bytes | _Pending | None:
         """The general path: every check, every rcode."""
         try:
@@ -572,7 +552,7 @@ class DnsServer:
             own = view if view is not None else self.views.default
             target = own.completed.get(q.lname)
             if target is None:
-                target = self._complete(own, q.lname)
+                target = complete(own, q.lname, zone)
             if target:
                 node = zone.nodes.get(target)
                 if view is None:
@@ -639,7 +619,8 @@ class DnsServer:
         if answer.chase:  # an ExternalName: the walk stops here, the client gets the plain answer
             self.stats.count(self.stats.autopath_fallbacks, "external_name")
             return None
-        response = self._cname_to(q, step, answer, tcp)
+        limit = 65535 if tcp else q.udp_size
+        response = cname_answer(q, step, answer, ttl=self.zone.ttl, ra=self._ra, limit=limit)
         if response is None:
             self.stats.count(self.stats.autopath_fallbacks, "too_large")
         else:
@@ -647,35 +628,20 @@ class DnsServer:
             self._count_rcode(answer.flags & 0xF)
         return response
 
-    def _cname_to(self, q: wire.Query, target: bytes, answer: Answer, tcp: bool) -> bytes | None:
-        """A CNAME from the asked name to ``target`` followed by ``target``'s prebuilt answer
-        (its owners, written as pointers to the question, re-pointed at the CNAME's target)."""
-        question = q.question
-        cname = wire.QNAME_POINTER + wire.RR_FIXED.pack(wire.CNAME, 1, self.zone.ttl, len(target))
-        pointer = (0xC000 | (12 + len(question) + len(cname))).to_bytes(2, "big")
-        body = answer.body
-        parts = [cname, target]
-        start = 0
-        for end in answer.ends:
-            parts.append(pointer + body[start + 2 : end])
-            start = end
-        parts.append(body[start:])
-        opt = wire.opt_record() if q.edns else b""
-        flags = (
-            wire.QR | wire.AA | (answer.flags & 0xF) | (q.flags & (wire.RD | wire.CD)) | self._ra
-        )
-        header = wire.HEADER.pack(
-            q.qid, flags, 1, answer.ancount + 1, answer.nscount, answer.arcount + bool(opt)
-        )
-        response = header + question + b"".join(parts) + opt
-        if len(response) > (65535 if tcp else q.udp_size):
-            return None
-        return response
-
     async def _autopath_forward(self, q: wire.Query, steps: tuple[bytes, ...], tcp: bool) -> bytes:
-        """The rest of an autopath walk, asking the upstreams for steps outside our zones."""
+        """The rest of an autopath walk, asking the upstreams for steps outside our zones.
+
+        Its answer depends on the asked name only (the walk is the name's namespace's and the
+        host's), so it is kept in the forward cache under its own key for its TTL."""
         forwarder = self.forwarder
         assert forwarder is not None
+        name, qtype, qclass, variant = question_key(q)
+        key = (name, qtype, qclass, variant | _AUTOPATH_VARIANT)
+        cached = forwarder.cache.get(key, q.qid, q.question)
+        if cached is not None and len(cached) <= (65535 if tcp else q.udp_size):
+            self.stats.count(self.stats.client_answers, "autopath")
+            self._count_rcode(cached[3] & 0xF)
+            return cached
         for step in steps:
             local = self._autopath_local(q, step, tcp)
             if isinstance(local, bytes):
@@ -719,7 +685,9 @@ class DnsServer:
                 break
             self.stats.count(self.stats.client_answers, "autopath")
             self._count_rcode(wire.NOERROR)
-            return packed[:12] + q.question + packed[12 + len(q.question) :]
+            response = packed[:12] + q.question + packed[12 + len(q.question) :]
+            forwarder.cache.store(key, response)
+            return response
         else:
             self.stats.count(self.stats.autopath_fallbacks, "not_found")
         return self._respond(q, self.zone.zones[0].nxdomain, tcp)

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Final
 
 from node_services.dns import wire
+from node_services.dns.zone import Answer, Zone
 from node_services.state.records import Service, Workload
 from node_services.state.store import ChangeSet, Snapshot
 
@@ -272,3 +273,50 @@ class ClientViews:
             view.completed.clear()
             view.replies.clear()
         self.default.completed.clear()
+
+
+def complete(view: View, lname: bytes, zone: Zone) -> bytes:
+    """Search completion of a name outside our zones with the view's suffixes: the zone name
+    it completes to (b"" when none), remembered in the view."""
+    target = b""
+    if zone.zone_for(lname) is None:
+        stem = lname[:-1]
+        aliases = view.aliases
+        for suffix in view.search:
+            candidate = stem + suffix
+            if len(candidate) > 255:
+                continue
+            candidate = aliases.get(candidate, candidate)
+            if zone.has_name(candidate):
+                target = candidate
+                break
+    completed = view.completed
+    if len(completed) >= MAX_COMPLETED:
+        completed.clear()
+    completed[lname] = target
+    return target
+
+
+def cname_answer(
+    q: wire.Query, target: bytes, answer: Answer, *, ttl: int, ra: int, limit: int
+) -> bytes | None:
+    """Autopath's response: a CNAME from the asked name to ``target``, then ``target``'s
+    prebuilt answer with its owners (pointers to the question) re-pointed at the CNAME's
+    target; None when it would not fit in ``limit`` bytes."""
+    question = q.question
+    cname = wire.QNAME_POINTER + wire.RR_FIXED.pack(wire.CNAME, 1, ttl, len(target))
+    pointer = (0xC000 | (12 + len(question) + len(cname))).to_bytes(2, "big")
+    body = answer.body
+    parts = [cname, target]
+    start = 0
+    for end in answer.ends:
+        parts.append(pointer + body[start + 2 : end])
+        start = end
+    parts.append(body[start:])
+    opt = wire.opt_record() if q.edns else b""
+    flags = wire.QR | wire.AA | (answer.flags & 0xF) | (q.flags & (wire.RD | wire.CD)) | ra
+    header = wire.HEADER.pack(
+        q.qid, flags, 1, answer.ancount + 1, answer.nscount, answer.arcount + bool(opt)
+    )
+    response = header + question + b"".join(parts) + opt
+    return response if len(response) <= limit else None

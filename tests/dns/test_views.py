@@ -214,6 +214,10 @@ async def test_autopath_answers_the_walk_behind_a_cname(
     assert response.answer[0].rdtype == dns.rdatatype.CNAME  # the CNAME comes first
     assert upstream.asked[("api.example.com.corp.example", "A")] == 1
     assert upstream.asked[("api.example.com", "A")] == 1
+    # Asked again: the whole walk's answer comes from the forward cache.
+    again = await s.query("API.example.com.shop.svc.cluster.local", source=CLIENT)
+    assert answers(again)[0] == "API.example.com.shop.svc.cluster.local. 5 CNAME api.example.com."
+    assert sum(upstream.asked.values()) == 2
     # AAAA: the name exists upstream without one (NODATA), behind the CNAME all the same.
     response = await s.query("api.example.com.shop.svc.cluster.local", "AAAA", source=CLIENT)
     assert (rcode(response), answers(response)) == (
@@ -223,7 +227,7 @@ async def test_autopath_answers_the_walk_behind_a_cname(
     # A miss: the plain NXDOMAIN (the client walks on by itself).
     assert rcode(await s.query("nosuch.shop.svc.cluster.local", source=CLIENT)) == "NXDOMAIN"
     assert upstream.asked[("nosuch", "A")] == 1
-    assert s.stats.client_answers["autopath"] == 3
+    assert s.stats.client_answers["autopath"] == 4
     assert s.stats.autopath_fallbacks["not_found"] == 1
 
 
