@@ -22,10 +22,10 @@ from typing import Any, Final
 
 import dnslib
 
-from node_services.dns import wire
-from node_services.dns.forward import Forwarder, UpstreamError, question_key
+from node_services.dns import autopath, wire
+from node_services.dns.forward import Forwarder, UpstreamError
 from node_services.dns.metrics import DURATION_BUCKETS, DnsStats, Histogram
-from node_services.dns.views import ClientViews, View, cname_answer, complete
+from node_services.dns.views import ClientViews, View, complete
 from node_services.dns.zone import ANY_TYPE, Answer, Zone
 from node_services.state.store import ChangeSet, Snapshot, Store, Subscription
 
@@ -46,8 +46,6 @@ MAX_TCP_CLIENTS: Final = 256
 (RFC 7766 6.2.3: under pressure, close idle connections first, never refuse fresh clients)."""
 _REFUSED_TYPES: Final = frozenset({251, 252})  # IXFR, AXFR: no zone transfers
 _OPT: Final = wire.opt_record()
-_AUTOPATH_VARIANT: Final = 16
-"""Forward-cache key bit of a whole autopath answer (question_key's variants use bits 0-3)."""
 _ONE_QUESTION: Final = b"\x00\x01\x00\x00\x00\x00\x00"  # QD=1, AN=0, NS=0, AR<256
 _MAX_QUERY: Final = 4096  # bytes read per datagram: far above any sane query
 _ENTRY_OVERHEAD: Final = 160
@@ -577,120 +575,43 @@ class DnsServer:
             return _Pending(q, data, tcp, answer)
         return self._respond(q, answer, tcp)
 
-    # -- autopath --------------------------------------------------------------------------
+    # -- autopath (dns/autopath.py walks; here: who, and what is sent) --------------------
 
     def _autopath(self, q: wire.Query, view: View, tcp: bool) -> bytes | _Pending | None:
         """A pod's search walk for a name under its first search domain that does not exist:
         the answer (behind a CNAME) of the first step that exists here, a pending query for
-        the steps outside our zones, or None (the plain NXDOMAIN) when nothing can follow."""
-        first = view.autopath[0]
-        lname = q.lname
-        cut = len(lname) - len(first)
-        if cut <= 0 or not lname.endswith(first) or cut not in q.offsets:
+        the steps from the first one outside our zones, or None (the plain NXDOMAIN)."""
+        steps = autopath.steps_of(q, view)
+        if steps is None:
             return None
-        stem = lname[:cut]
-        steps = [stem + suffix for suffix in view.autopath[1:]]
-        steps.append(stem + b"\x00")
-        steps = [step for step in steps if len(step) <= 255]
+        limit = 65535 if tcp else q.udp_size
         for index, step in enumerate(steps):
-            found = self._autopath_local(q, step, tcp)
+            found = autopath.local_step(self.zone, self.stats, q, step, ra=self._ra, limit=limit)
             if found is False:  # outside our zones: ask the upstreams from here on
                 if self.forwarder is None:
                     break
-                return _Pending(q, b"", tcp, autopath=tuple(steps[index:]))
-            if isinstance(found, bytes):
+                return _Pending(q, b"", tcp, autopath=steps[index:])
+            if found is not None:
+                self._count_rcode(found[3] & 0xF)
                 return found
         self.stats.count(self.stats.autopath_fallbacks, "not_found")
         return None
 
-    def _autopath_local(self, q: wire.Query, step: bytes, tcp: bool) -> bytes | bool | None:
-        """One walk step in our zones: the response, None (NXDOMAIN here: next step), or False
-        when the step is not ours."""
-        zone = self.zone
-        found = zone.zone_for(step)
-        if found is None or not found.authoritative:
-            return False
-        node = zone.nodes.get(step)
-        if node is None:
-            return None
-        answer = node.get(q.qtype) or node[ANY_TYPE]
-        if answer.flags & 0xF == wire.NXDOMAIN:
-            return None
-        if answer.chase:  # an ExternalName: the walk stops here, the client gets the plain answer
-            self.stats.count(self.stats.autopath_fallbacks, "external_name")
-            return None
-        limit = 65535 if tcp else q.udp_size
-        response = cname_answer(q, step, answer, ttl=self.zone.ttl, ra=self._ra, limit=limit)
-        if response is None:
-            self.stats.count(self.stats.autopath_fallbacks, "too_large")
-        else:
-            self.stats.count(self.stats.client_answers, "autopath")
-            self._count_rcode(answer.flags & 0xF)
-        return response
-
     async def _autopath_forward(self, q: wire.Query, steps: tuple[bytes, ...], tcp: bool) -> bytes:
-        """The rest of an autopath walk, asking the upstreams for steps outside our zones.
-
-        Its answer depends on the asked name only (the walk is the name's namespace's and the
-        host's), so it is kept in the forward cache under its own key for its TTL."""
-        forwarder = self.forwarder
-        assert forwarder is not None
-        name, qtype, qclass, variant = question_key(q)
-        key = (name, qtype, qclass, variant | _AUTOPATH_VARIANT)
-        cached = forwarder.cache.get(key, q.qid, q.question)
-        if cached is not None and len(cached) <= (65535 if tcp else q.udp_size):
-            self.stats.count(self.stats.client_answers, "autopath")
-            self._count_rcode(cached[3] & 0xF)
-            return cached
-        for step in steps:
-            local = self._autopath_local(q, step, tcp)
-            if isinstance(local, bytes):
-                return local
-            if local is None:
-                continue
-            if forwarder.overloaded():
-                self.stats.count(self.stats.autopath_fallbacks, "upstream_error")
-                break
-            try:
-                raw = await forwarder.resolve_name(wire.decode_name(step), q.qtype)
-                upstream = dnslib.DNSRecord.parse(raw)
-            except (UpstreamError, dnslib.DNSError):
-                self.stats.count(self.stats.autopath_fallbacks, "upstream_error")
-                break
-            rcode = upstream.header.rcode
-            if rcode == wire.NXDOMAIN:
-                continue
-            if rcode != wire.NOERROR:
-                self.stats.count(self.stats.autopath_fallbacks, "upstream_error")
-                break
-            reply = dnslib.DNSRecord(
-                dnslib.DNSHeader(
-                    id=q.qid, qr=1, rd=int(bool(q.flags & wire.RD)), ra=int(bool(self._ra))
-                ),
-                q=dnslib.DNSQuestion(_qname(q), q.qtype),
-            )
-            target = wire.decode_name(step)
-            reply.add_answer(
-                dnslib.RR(_qname(q), wire.CNAME, rdata=dnslib.CNAME(target), ttl=self.zone.ttl)
-            )
-            for record in upstream.rr:
-                reply.add_answer(record)
-            for record in upstream.auth:
-                reply.add_auth(record)
-            if q.edns:
-                reply.add_ar(dnslib.EDNS0(udp_len=wire.EDNS_UDP_SIZE))
-            packed = bytes(reply.pack())
-            if len(packed) > (65535 if tcp else q.udp_size):
-                self.stats.count(self.stats.autopath_fallbacks, "too_large")
-                break
-            self.stats.count(self.stats.client_answers, "autopath")
-            self._count_rcode(wire.NOERROR)
-            response = packed[:12] + q.question + packed[12 + len(q.question) :]
-            forwarder.cache.store(key, response)
-            return response
-        else:
-            self.stats.count(self.stats.autopath_fallbacks, "not_found")
-        return self._respond(q, self.zone.zones[0].nxdomain, tcp)
+        assert self.forwarder is not None
+        response = await autopath.forward_walk(
+            self.zone,
+            self.forwarder,
+            self.stats,
+            q,
+            steps,
+            ra=self._ra,
+            limit=65535 if tcp else q.udp_size,
+        )
+        if response is None:
+            return self._respond(q, self.zone.zones[0].nxdomain, tcp)
+        self._count_rcode(response[3] & 0xF)
+        return response
 
     def _respond(self, q: wire.Query, answer: Answer, tcp: bool) -> bytes:
         flags = wire.QR | answer.flags | (q.flags & (wire.RD | wire.CD)) | self._ra

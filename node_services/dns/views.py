@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Final
 
 from node_services.dns import wire
-from node_services.dns.zone import Answer, Zone
+from node_services.dns.zone import Zone
 from node_services.state.records import Service, Workload
 from node_services.state.store import ChangeSet, Snapshot
 
@@ -35,6 +35,7 @@ HOST_NETWORK: Final = "host_network"
 SHARED_IP: Final = "shared_ip"
 
 CATTLE_SERVICE: Final = "cattle:service/"
+HOST_KEYS: Final = ("k8s:Node/", "cattle:host/")
 
 
 def _wire(name: str) -> bytes | None:
@@ -116,9 +117,11 @@ class ClientViews:
     def apply(self, changes: ChangeSet) -> None:
         """Update the index for a change set; rebuild the views it can have changed."""
         snapshot = changes.snapshot
-        host_keys = frozenset(
-            h.key for h in snapshot.hosts.values() if self.node_name in (h.name, h.hostname)
-        )
+        host_keys = self._host_keys
+        if changes.full or any(key.startswith(HOST_KEYS) for key in changes.keys):
+            host_keys = frozenset(
+                h.key for h in snapshot.hosts.values() if self.node_name in (h.name, h.hostname)
+            )
         # Views map names to names: only workloads and Cattle services (link sources and
         # targets) change them; endpoints (health) and the rest never do.
         everything = (
@@ -295,28 +298,3 @@ def complete(view: View, lname: bytes, zone: Zone) -> bytes:
         completed.clear()
     completed[lname] = target
     return target
-
-
-def cname_answer(
-    q: wire.Query, target: bytes, answer: Answer, *, ttl: int, ra: int, limit: int
-) -> bytes | None:
-    """Autopath's response: a CNAME from the asked name to ``target``, then ``target``'s
-    prebuilt answer with its owners (pointers to the question) re-pointed at the CNAME's
-    target; None when it would not fit in ``limit`` bytes."""
-    question = q.question
-    cname = wire.QNAME_POINTER + wire.RR_FIXED.pack(wire.CNAME, 1, ttl, len(target))
-    pointer = (0xC000 | (12 + len(question) + len(cname))).to_bytes(2, "big")
-    body = answer.body
-    parts = [cname, target]
-    start = 0
-    for end in answer.ends:
-        parts.append(pointer + body[start + 2 : end])
-        start = end
-    parts.append(body[start:])
-    opt = wire.opt_record() if q.edns else b""
-    flags = wire.QR | wire.AA | (answer.flags & 0xF) | (q.flags & (wire.RD | wire.CD)) | ra
-    header = wire.HEADER.pack(
-        q.qid, flags, 1, answer.ancount + 1, answer.nscount, answer.arcount + bool(opt)
-    )
-    response = header + question + b"".join(parts) + opt
-    return response if len(response) <= limit else None

@@ -169,6 +169,10 @@ def test_recorded_rancher_dns_answers_per_caller(daemon: DaemonProcess) -> None:
         else:
             reasons[reason] += 1
     assert not unexplained, f"{len(unexplained)} differences:\n" + "\n".join(unexplained[:60])
+    # Every container of worker-a has a view (the stopped Prometheus-1 too); none of worker-b.
+    assert daemon.metric("node_services_dns_client_views") == "10.0"
+    assert float(daemon.metric('node_services_dns_client_answers_total{kind="alias"}')) > 0
+    assert float(daemon.metric('node_services_dns_client_answers_total{kind="completion"}')) > 0
     assert reasons == {
         "same": 2884,
         "quirk 5: NODATA for an existing name": 1826,
