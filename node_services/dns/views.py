@@ -123,12 +123,10 @@ class ClientViews:
                 h.key for h in snapshot.hosts.values() if self.node_name in (h.name, h.hostname)
             )
         # Views map names to names: only workloads and Cattle services (link sources and
-        # targets) change them; endpoints (health) and the rest never do.
-        everything = (
-            changes.full
-            or host_keys != self._host_keys
-            or any(key.startswith(CATTLE_SERVICE) for key in changes.keys)
-        )
+        # targets) change them; endpoints (health) and the rest never do. Which workloads are
+        # this node's changes only with them or with this node's hosts.
+        everything = changes.full or host_keys != self._host_keys
+        relink = not everything and any(key.startswith(CATTLE_SERVICE) for key in changes.keys)
         self._host_keys = host_keys
         if everything:
             self._owners.clear()
@@ -163,6 +161,8 @@ class ClientViews:
             self.refused.clear()
             self._linked_by.clear()
             touched_ips = set(self._owners)
+        elif relink:
+            touched_ips.update(self._owners)
         else:
             for key in changes.keys:  # views that link to a changed container
                 for linking in self._linked_by.get(key, ()):
