@@ -256,3 +256,20 @@ async def test_autopath_off_gives_plain_answers() -> None:
         assert s.server.views is not None and not s.server.views.by_ip
     finally:
         await s.stop()
+
+
+async def test_container_link_follows_its_target(rancher: Served) -> None:
+    s = rancher
+    assert values(await s.query(f"pg.{R}", source=TOOLBOX)) == ["127.0.1.30"]
+    target = s.store.snapshot.workloads["cattle:container/1i109"]  # payments-postgres-1
+    assert isinstance(target, Workload)
+    renamed = dataclasses.replace(target, name="payments-postgres-9", ips=("127.0.1.39",))
+    s.store.apply("static:test", [renamed])
+    assert values(await s.query(f"pg.{R}", source=TOOLBOX)) == ["127.0.1.39"]
+    assert values(await s.query("pg", source=TOOLBOX)) == ["127.0.1.39"]
+    toolbox = s.store.snapshot.workloads["cattle:container/1i117"]
+    assert isinstance(toolbox, Workload)
+    s.store.apply("static:test", [dataclasses.replace(toolbox, links=toolbox.links[:1])])
+    assert [link.alias for link in toolbox.links[:1]] == ["alerts"]
+    assert rcode(await s.query(f"pg.{R}", source=TOOLBOX)) == "NXDOMAIN"
+    assert values(await s.query(f"alerts.{R}", source=TOOLBOX)) == ["127.0.1.41"]

@@ -20,6 +20,7 @@ from node_services.state import (
     Stack,
     Workload,
 )
+from node_services.state.records import WorkloadLink
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "cattle"
 
@@ -183,3 +184,18 @@ def test_unsupported_type_and_bad_fields_name_the_resource() -> None:
         translate(dict(scenario()["1i10"], ports=["eighty"]), "c")
     with pytest.raises(TranslateError, match=r"externalService 1s7 \(extip\): an external service"):
         translate(dict(scenario()["1s7"], externalIpAddresses=None), "c")
+
+
+def test_container_links_become_workload_links() -> None:
+    recorded = json.loads((FIXTURES / "recorded-2" / "cattle-resources.json").read_text())
+    toolbox = next(r for r in recorded if r.get("name") == "toolbox")
+    (workload,) = translate(toolbox, "c")
+    assert isinstance(workload, Workload)
+    assert workload.links == (
+        WorkloadLink(alias="alerts", target_key="cattle:container/1i114"),
+        WorkloadLink(alias="pg", target_key="cattle:container/1i109"),
+    )
+    (plain,) = translate({**toolbox, "instanceLinks": None}, "c")
+    assert isinstance(plain, Workload) and plain.links == ()
+    with pytest.raises(TranslateError, match="instanceLinks"):
+        translate({**toolbox, "instanceLinks": {"pg": ["1i109"]}}, "c")
