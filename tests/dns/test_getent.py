@@ -88,8 +88,10 @@ def namespaces(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
 class NodeDaemon:
     """The fake upstream and the daemon, started in the node namespace; ended by PID."""
 
-    def __init__(self, node: str, snapshot: Path, log: Path, autopath: str) -> None:
+    def __init__(self, node: str, pod_ns: str, snapshot: Path, log: Path, autopath: str) -> None:
         self.log_path = log
+        self.pod_ns = pod_ns
+        self.result: set[str] = set()
         self.upstream = subprocess.Popen(
             [
                 "ip",
@@ -142,6 +144,17 @@ class NodeDaemon:
     def queries(self) -> list[str]:
         return [line for line in self.log_path.read_text().splitlines() if " udp " in line]
 
+    def asked(self, name: str) -> set[tuple[str, str]]:
+        """The distinct questions (name, type) one lookup of ``name`` made the daemon answer
+        (distinct: a resolver's retry after a lost datagram is the same question)."""
+        before = len(self.queries())
+        self.result = ahosts(self.pod_ns, name)
+        questions = set()
+        for line in self.queries()[before:]:
+            fields = line.split(" udp ", 1)[1].split()
+            questions.add((fields[0].lower(), fields[1]))
+        return questions
+
     def stop(self) -> None:
         for process in (self.daemon, self.upstream):
             process.terminate()
@@ -173,19 +186,33 @@ def test_getent_ahosts_in_a_pod(
     namespaces: tuple[str, str, Path], tmp_path: Path, autopath: str
 ) -> None:
     node, pod_ns, snapshot = namespaces
-    daemon = NodeDaemon(node, snapshot, tmp_path / "daemon.log", autopath)
+    daemon = NodeDaemon(node, pod_ns, snapshot, tmp_path / "daemon.log", autopath)
+    search = ("shop.svc.cluster.local", "svc.cluster.local", "cluster.local")
     try:
         _wait_ready(daemon, pod_ns)
-        before = len(daemon.queries())
-        assert ahosts(pod_ns, "web") == {"10.96.0.20"}
-        assert ahosts(pod_ns, "web.shop") == {"10.96.0.20"}
-        short = len(daemon.queries())
-        assert ahosts(pod_ns, "api.example.com") == {"192.0.2.10"}
-        external = len(daemon.queries()) - short
-        assert ahosts(pod_ns, "nosuch.example.org") == set()
-        # A and AAAA for each name of the walk the resolver itself asks: without autopath,
-        # the three search domains and the name (8 queries); with it, the first one (2).
-        assert external == (2 if autopath == "on" else 8), daemon.queries()[short:]
-        assert short - before == (4 if autopath == "on" else 6), daemon.queries()[before:short]
+        # `web`: its first expansion exists, with or without autopath.
+        assert daemon.asked("web") == {
+            ("web.shop.svc.cluster.local", "A"),
+            ("web.shop.svc.cluster.local", "AAAA"),
+        }
+        assert daemon.result == {"10.96.0.20"}
+        # `web.shop`: autopath answers its first expansion (a CNAME to web.shop.svc...).
+        asked = daemon.asked("web.shop")
+        assert daemon.result == {"10.96.0.20"}
+        first = {("web.shop.shop.svc.cluster.local", t) for t in ("A", "AAAA")}
+        if autopath == "on":
+            assert asked == first
+        else:
+            assert asked == first | {("web.shop.svc.cluster.local", t) for t in ("A", "AAAA")}
+        # An external name: A and AAAA for each search expansion and the name itself
+        # without autopath (8 questions); only the first expansion with it (2).
+        asked = daemon.asked("api.example.com")
+        assert daemon.result == {"192.0.2.10"}
+        walk = [f"api.example.com.{domain}" for domain in search] + ["api.example.com"]
+        expected = walk[:1] if autopath == "on" else walk
+        assert asked == {(name, t) for name in expected for t in ("A", "AAAA")}
+        # A name that exists nowhere: the client walks everything either way.
+        assert daemon.asked("nosuch.example.org") >= {("nosuch.example.org", "A")}
+        assert daemon.result == set()
     finally:
         daemon.stop()
