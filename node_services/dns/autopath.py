@@ -63,6 +63,15 @@ def cname_answer(
     return response if len(response) <= limit else None
 
 
+def cached(forwarder: Forwarder, q: wire.Query, limit: int) -> bytes | None:
+    """A forwarded walk's whole answer to this question, from the forward cache while fresh."""
+    name, qtype, qclass, variant = question_key(q)
+    response = forwarder.cache.get(
+        (name, qtype, qclass, variant | AUTOPATH_VARIANT), q.qid, q.question
+    )
+    return response if response is not None and len(response) <= limit else None
+
+
 def local_step(
     zone: Zone, stats: DnsStats, q: wire.Query, step: bytes, *, ra: int, limit: int
 ) -> bytes | Literal[False] | None:
@@ -104,10 +113,10 @@ async def forward_walk(
     its TTL."""
     name, qtype, qclass, variant = question_key(q)
     key = (name, qtype, qclass, variant | AUTOPATH_VARIANT)
-    cached = forwarder.cache.get(key, q.qid, q.question)
-    if cached is not None and len(cached) <= limit:
+    kept = cached(forwarder, q, limit)
+    if kept is not None:
         stats.count(stats.client_answers, "autopath")
-        return cached
+        return kept
     for step in steps:
         local = local_step(zone, stats, q, step, ra=ra, limit=limit)
         if local is None:

@@ -117,6 +117,9 @@ class DnsServer:
         """What the entries cost: key and value bytes plus their objects and dict slot (a
         client picks the key's size: a query may carry up to 4 KB of EDNS options)."""
         self.stats.answer_cache = self._replies
+        self._volatile = False
+        """Set by the general path when the bytes it returns must not be kept (from the
+        forward cache: their TTLs run)."""
         if views is not None:
             self.stats.client_views = views.by_ip
             self.stats.client_views_refused = views.refused
@@ -490,8 +493,9 @@ class DnsServer:
             if node is None:
                 # Not a name of the view: NXDOMAIN, autopath or forwarding, on the general
                 # path; what it answers at once is as repeatable as the fast path's answers.
+                self._volatile = False
                 result = self._answer(data, tcp, view)
-                if type(result) is bytes and not tcp and self._replies_max:
+                if type(result) is bytes and not tcp and self._replies_max and not self._volatile:
                     self._keep(replies, data, result)
                 return result
         if node is not None:
@@ -590,6 +594,12 @@ class DnsServer:
             if found is False:  # outside our zones: ask the upstreams from here on
                 if self.forwarder is None:
                     break
+                kept = autopath.cached(self.forwarder, q, limit)
+                if kept is not None:  # answered before, and fresh: no need to wait
+                    self._volatile = True  # its TTLs run: not for the zone-long answer cache
+                    self.stats.count(self.stats.client_answers, "autopath")
+                    self._count_rcode(kept[3] & 0xF)
+                    return kept
                 return _Pending(q, b"", tcp, autopath=steps[index:])
             if found is not None:
                 self._count_rcode(found[3] & 0xF)

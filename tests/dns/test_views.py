@@ -218,6 +218,10 @@ async def test_autopath_answers_the_walk_behind_a_cname(
     again = await s.query("API.example.com.shop.svc.cluster.local", source=CLIENT)
     assert answers(again)[0] == "API.example.com.shop.svc.cluster.local. 5 CNAME api.example.com."
     assert sum(upstream.asked.values()) == 2
+    # ... but never into the view's whole-answer cache, which lives as long as the zone.
+    view = s.server.views.by_ip[CLIENT]  # type: ignore[union-attr]
+    assert not any(b"\x07example" in reply for reply in view.replies.values())
+    assert any(b"\x03web" in reply for reply in view.replies.values())  # local: kept
     # AAAA: the name exists upstream without one (NODATA), behind the CNAME all the same.
     response = await s.query("api.example.com.shop.svc.cluster.local", "AAAA", source=CLIENT)
     assert (rcode(response), answers(response)) == (
