@@ -34,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import record
+from bench.dns_lookups import run_lookups
 
 ZONE = "cluster.local"
+LOCAL_PODS = 250
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -110,6 +112,20 @@ def write_snapshot(path: Path, services: list[tuple[str, str, str]], endpoints: 
                     "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
                 }
             )
+    # A node's worth of pods on this node (node-a): with autopath on, each gets a per-client
+    # view, so the index the server consults per query is populated as in production.
+    for index in range(LOCAL_PODS):
+        ns = f"ns-{index % 100}"
+        ip = f"10.200.{index // 256}.{index % 256}"
+        items.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": f"pod-{index}", "namespace": ns, "uid": f"uid-{index}"},
+                "spec": {"nodeName": "node-a", "containers": [{"name": "c", "image": "x"}]},
+                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+            }
+        )
     path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
 
 
@@ -264,7 +280,17 @@ def start_daemon(
         ],
         stdout=subprocess.DEVNULL,
         stderr=log.open("wb"),
+        env={**os.environ, "NODE_SERVICES_DNS_AUTOPATH": "on"},
     )
+
+
+def client_views(admin_port: int) -> int:
+    """The per-client views the daemon holds (its node_services_dns_client_views gauge)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("node_services_dns_client_views "):
+                return int(float(line.split()[1]))
+    return 0
 
 
 def split_snapshot(snapshot: Path, count: int) -> list[Path]:
@@ -348,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             rss = rss_mb(ours.pid)
             with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=5) as r:
                 ready = r.status == 200
+            views = client_views(admin_port)
             rounds: dict[str, list[dict[str, float]]] = {"dnsmasq": [], "node-services": []}
             for _ in range(max(1, args.rounds)):
                 rounds["dnsmasq"].append(dnsperf(dnsmasq_port, queries, per_round, dnsmasq.pid))
@@ -372,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"DNS benchmark: {args.services} services, {args.endpoints} endpoints, "
         f"50% hits / 50% search-path NXDOMAIN, dnsperf -q 64, {args.rounds} alternating "
-        f"rounds of {per_round} s per server, loopback"
+        f"rounds of {per_round} s per server, loopback; node-services with autopath on and "
+        f"{views} per-client views (dnsperf's own address has none)"
     )
     print("(shared 2-core machine: numbers are noisy; dnsperf itself competes for the CPU)")
     header = f"{'server':<14}{'QPS':>10}{'q/CPU-s':>10}{'CPU s':>8}{'lat ms':>8}{'lost':>7}"
@@ -402,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({'meets' if rss_split < 150 else 'MISSES'}); "
         f"loaded and answering after {load_seconds:.1f} s; readyz {'200' if ready else 'not ready'}"
     )
+    run_lookups(args.quick)
     return 0
 
 

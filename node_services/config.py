@@ -25,6 +25,7 @@ OVERLAYS: Final = ("none", "vxlan", "host-gw", "wireguard")
 IPAM_MODES: Final = ("auto", "on", "off")
 TX_CHECKSUM_OFFLOAD_MODES: Final = ("auto", "on", "off")
 WIREGUARD_IMPLEMENTATIONS: Final = ("auto", "kernel", "userspace")
+DNS_AUTOPATH_MODES: Final = ("off", "on")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
@@ -272,6 +273,17 @@ class Settings:
     """Seconds the daemon keeps serving after SIGTERM when no successor took over its sockets
     (lame duck: /readyz fails at once so load balancers and kube-proxy drain it first)."""
 
+    dns_autopath: str = "off"
+    """Kubernetes autopath, on or off. On: a query from the IP of exactly one running,
+    non-hostNetwork pod of this node for a name ending in its first search domain
+    (`<ns>.svc.<zone>`) that does not exist is answered with the pod's whole search walk
+    done server-side (`<base>.<ns>.svc.<zone>`, `<base>.svc.<zone>`, `<base>.<zone>`, the
+    host's search domains, then `<base>` itself, forwarded): the first answer that is not
+    NXDOMAIN, behind a CNAME from the asked name. Saves a pod with `ndots:5` most of its
+    queries for external names; the cost is one upstream round trip per search domain of the
+    host for names that exist nowhere. Any other caller (an unknown IP, a host-network pod, an
+    IP two live pods share) gets the plain answer."""
+
 
 FIELD_NAMES: Final = tuple(f.name for f in fields(Settings))
 
@@ -492,7 +504,7 @@ def _convert(key: str, value: Any) -> Any:
         if not _DOMAIN_RE.match(domain):
             raise ValueError(f"{value!r} is not a valid DNS domain")
         return domain
-    if key in ("ipam", "overlay_tx_checksum_offload") and isinstance(value, bool):
+    if key in ("ipam", "overlay_tx_checksum_offload", "dns_autopath") and isinstance(value, bool):
         value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
     if key == "overlay_tx_checksum_offload":
         value = {"true": "on", "yes": "on", "false": "off", "no": "off"}.get(
@@ -505,6 +517,7 @@ def _convert(key: str, value: Any) -> Any:
         "ipam": IPAM_MODES,
         "overlay_tx_checksum_offload": TX_CHECKSUM_OFFLOAD_MODES,
         "overlay_wireguard_implementation": WIREGUARD_IMPLEMENTATIONS,
+        "dns_autopath": DNS_AUTOPATH_MODES,
     }.get(key)
     if choices is not None:
         if isinstance(value, bool):  # YAML 1.1 reads a bare yes/no/on/off/true/false so

@@ -14,6 +14,7 @@ import dns.message
 from node_services.dns.forward import Forwarder
 from node_services.dns.metrics import DnsStats
 from node_services.dns.server import DnsServer
+from node_services.dns.views import ClientViews
 from node_services.dns.zone import Zone
 from node_services.sources.static import translate_object
 from node_services.state.records import Record
@@ -35,12 +36,22 @@ class Served:
     stats: DnsStats
 
     async def query(
-        self, name: str, rdtype: str = "A", *, tcp: bool = False, **make: Any
+        self,
+        name: str,
+        rdtype: str = "A",
+        *,
+        tcp: bool = False,
+        source: str | None = None,
+        **make: Any,
     ) -> dns.message.Message:
         message = dns.message.make_query(name, rdtype, **make)
         if tcp:
-            return await dns.asyncquery.tcp(message, "127.0.0.1", port=self.port, timeout=3)
-        return await dns.asyncquery.udp(message, "127.0.0.1", port=self.port, timeout=3)
+            return await dns.asyncquery.tcp(
+                message, "127.0.0.1", port=self.port, timeout=3, source=source
+            )
+        return await dns.asyncquery.udp(
+            message, "127.0.0.1", port=self.port, timeout=3, source=source
+        )
 
     async def raw(self, data: bytes, wait: float = 1.0) -> bytes | None:
         loop = asyncio.get_running_loop()
@@ -75,10 +86,16 @@ async def serve(
     forward_timeout: float = 0.5,
     max_inflight: int = 100,
     query_log: bool = False,
+    views: ClientViews | None = None,
+    snapshot_records: list[Record] | None = None,
     **zone: Any,
 ) -> Served:
     store = Store()
-    store.replace("static:test", records(objects), synced=synced)
+    store.replace(
+        "static:test",
+        records(objects) if snapshot_records is None else snapshot_records,
+        synced=synced,
+    )
     stats = DnsStats()
     forwarder = (
         Forwarder(upstreams, stats=stats, timeout=forward_timeout, max_inflight=max_inflight)
@@ -91,6 +108,7 @@ async def serve(
         stats=stats,
         forwarder=forwarder,
         query_log=query_log,
+        views=views,
     )
     await server.start("127.0.0.1", 0)
     assert server.sockname is not None

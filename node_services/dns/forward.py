@@ -155,10 +155,17 @@ class Forwarder:
         return bytes(out)
 
     async def resolve_name(self, name: str, qtype: int) -> bytes:
-        """Resolve a name we need ourselves (an ExternalName target); the raw response."""
+        """Resolve a name we need ourselves (an ExternalName target, an autopath step); the
+        raw response, from the forward cache while it is fresh."""
         qname = wire.encode_name(name)
-        query = wire.HEADER.pack(0, wire.RD, 1, 0, 0, 0) + qname + struct.pack("!HH", qtype, 1)
-        return await self._ask((qname, qtype, wire.CLASS_IN, 8), query)
+        question = qname + struct.pack("!HH", qtype, 1)
+        key = (qname.lower(), qtype, wire.CLASS_IN, 8)
+        cached = self.cache.get(key, 0, question)
+        if cached is not None:
+            self.stats.cache_hits += 1
+            return cached
+        query = wire.HEADER.pack(0, wire.RD, 1, 0, 0, 0) + question
+        return await self._ask(key, query)
 
     def close(self) -> None:
         """Close the upstream sockets (queries still waiting fail) and stop the probes."""

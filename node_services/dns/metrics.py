@@ -5,7 +5,7 @@ query; a dict increment costs tens of nanoseconds)."""
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -97,6 +97,12 @@ class DnsStats:
     zone_rebuilds: int = 0
     zone_units_rebuilt: int = 0
     zone_build_failures: int = 0
+    client_answers: dict[str, int] = field(default_factory=dict)
+    """Answers built for a caller's own view, by kind: alias, completion, autopath."""
+    autopath_fallbacks: dict[str, int] = field(default_factory=dict)
+    """Autopath-eligible queries answered plainly, by reason (see dns/views.py)."""
+    client_views: Sized = ()  # the callers with a view of their own (their number is a gauge)
+    client_views_refused: Mapping[str, str] = field(default_factory=dict)  # IP -> reason
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
@@ -282,6 +288,43 @@ class DnsCollector(Collector):
             "Zone builds in a worker thread that failed (the zone then rebuilds from scratch).",
             value=s.zone_build_failures,
         )
+        client = CounterMetricFamily(
+            "node_services_dns_client_answers",
+            "Answers built from the caller's own view (link aliases, search completion, "
+            "autopath); repeats served from the whole-answer cache count as answer cache hits.",
+            labels=["kind"],
+        )
+        for kind, count in sorted(s.client_answers.items()):
+            client.add_metric([kind], count)
+        yield client
+        fallbacks = CounterMetricFamily(
+            "node_services_dns_autopath_fallbacks",
+            "Autopath walks that ended in the plain answer, by reason: not_found (no step "
+            "exists), upstream_error, too_large (the answer would not fit), external_name (a "
+            "step is an ExternalName).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(s.autopath_fallbacks.items()):
+            fallbacks.add_metric([reason], count)
+        yield fallbacks
+        yield GaugeMetricFamily(
+            "node_services_dns_client_views",
+            "Source IPs of this node's workloads that have a view of their own.",
+            value=len(s.client_views),
+        )
+        refused = GaugeMetricFamily(
+            "node_services_dns_client_views_refused",
+            "Source IPs of this node's workloads that get the plain answers, by reason: "
+            "host_network (a host-network pod's), shared_ip (held by two live workloads, "
+            "e.g. a terminating pod and its successor).",
+            labels=["reason"],
+        )
+        by_reason: dict[str, int] = {}
+        for reason in s.client_views_refused.values():
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+        for reason, number in sorted(by_reason.items()):
+            refused.add_metric([reason], number)
+        yield refused
 
 
 def register(registry: CollectorRegistry, stats: DnsStats) -> DnsCollector:

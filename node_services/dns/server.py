@@ -22,9 +22,10 @@ from typing import Any, Final
 
 import dnslib
 
-from node_services.dns import wire
+from node_services.dns import autopath, wire
 from node_services.dns.forward import Forwarder, UpstreamError
 from node_services.dns.metrics import DURATION_BUCKETS, DnsStats, Histogram
+from node_services.dns.views import ClientViews, View, complete
 from node_services.dns.zone import ANY_TYPE, Answer, Zone
 from node_services.state.store import ChangeSet, Snapshot, Store, Subscription
 
@@ -60,6 +61,8 @@ class _Pending:
     data: bytes
     tcp: bool
     chase: Answer | None = None
+    autopath: tuple[bytes, ...] = ()
+    """Names left to try of an autopath walk (the first of them outside our zones)."""
 
 
 class DnsServer:
@@ -75,9 +78,12 @@ class DnsServer:
         query_log: bool = False,
         answer_cache_size: int = 65536,
         answer_cache_bytes: int = 32 << 20,
+        views: ClientViews | None = None,
     ) -> None:
         self.store = store
         self.zone = zone
+        self.views = views
+        """Per-client views (None: every caller gets the same answers)."""
         self.stats = stats if stats is not None else DnsStats()
         self.forwarder = forwarder
         self.query_log = query_log
@@ -111,6 +117,12 @@ class DnsServer:
         """What the entries cost: key and value bytes plus their objects and dict slot (a
         client picks the key's size: a query may carry up to 4 KB of EDNS options)."""
         self.stats.answer_cache = self._replies
+        self._volatile = False
+        """Set by the general path when the bytes it returns must not be kept (from the
+        forward cache: their TTLs run)."""
+        if views is not None:
+            self.stats.client_views = views.by_ip
+            self.stats.client_views_refused = views.refused
 
     # -- keeping the zone current ----------------------------------------------------------
 
@@ -131,6 +143,8 @@ class DnsServer:
         if changes is not None:
             started = time.perf_counter()
             units = self.zone.apply(changes)
+            if self.views is not None:
+                self.views.apply(changes)
             self.stats.zone_rebuilds += 1
             self.stats.zone_units_rebuilt += units
             self.stats.zone_names = len(self.zone.nodes)
@@ -170,6 +184,7 @@ class DnsServer:
         except RuntimeError:
             return False
         zone = self.zone.empty_copy()
+        views = self.views.empty_copy() if self.views is not None else None
         # The build allocates ~a million long-lived containers: collections triggered by them
         # would traverse the heap holding the GIL (tens of ms the loop cannot run). The new
         # zone is frozen out of the collector's sight when it is swapped in.
@@ -177,7 +192,14 @@ class DnsServer:
         gc.disable()
         started = time.perf_counter()
         full = ChangeSet(snapshot, frozenset(), full=True)
-        future = loop.run_in_executor(None, zone.apply, full)
+
+        def build() -> int:
+            units = zone.apply(full)
+            if views is not None:
+                views.apply(full)
+            return units
+
+        future = loop.run_in_executor(None, build)
         self._building = future
         log.info(
             "dns: building the zone for store version %d in a worker thread (%d changes)",
@@ -186,7 +208,7 @@ class DnsServer:
         )
 
         def done(future: asyncio.Future[int]) -> None:
-            self._swap(future, zone, snapshot, started, collecting)
+            self._swap(future, zone, views, snapshot, started, collecting)
 
         future.add_done_callback(done)
         return True
@@ -195,6 +217,7 @@ class DnsServer:
         self,
         future: asyncio.Future[int],
         zone: Zone,
+        views: ClientViews | None,
         snapshot: Snapshot,
         started: float,
         collecting: bool,
@@ -218,6 +241,10 @@ class DnsServer:
                 self._subscription = None
                 return
             old, self.zone = self.zone, zone
+            if views is not None:
+                self.views = views
+                self.stats.client_views = views.by_ip
+                self.stats.client_views_refused = views.refused
             self.stats.zone_rebuilds += 1
             self.stats.zone_units_rebuilt += units
             self.stats.zone_names = len(zone.nodes)
@@ -243,6 +270,8 @@ class DnsServer:
 
     def _clear_replies(self) -> None:
         self._replies.clear()
+        if self.views is not None:
+            self.views.clear_memos()
         self._replies_used = self.stats.answer_cache_bytes = 0
 
     async def follow_store(self) -> None:
@@ -368,7 +397,7 @@ class DnsServer:
                 del clients[writer]
                 clients[writer] = None  # the most recently active now
                 started = time.perf_counter()
-                result = self.answer(data, tcp=True)
+                result = self.answer(data, tcp=True, view=self.view_of(writer))
                 if isinstance(result, _Pending):
                     result = await self._resolve(result)
                 elif result is not None:
@@ -425,23 +454,35 @@ class DnsServer:
 
     # -- the answer function ---------------------------------------------------------------
 
-    def answer(self, data: bytes, *, tcp: bool = False) -> bytes | _Pending | None:
-        """The response to one packet, a pending slow-path query, or None to drop it."""
+    def view_of(self, writer: asyncio.StreamWriter) -> View | None:
+        """The view of a TCP client, by its source address."""
+        if self.views is None or not self.views.by_ip:
+            return None
+        peer = writer.get_extra_info("peername")
+        return self.views.by_ip.get(peer[0]) if isinstance(peer, tuple) else None
+
+    def answer(
+        self, data: bytes, *, tcp: bool = False, view: View | None = None
+    ) -> bytes | _Pending | None:
+        """The response to one packet (from a caller with this view), a pending slow-path
+        query, or None to drop it."""
         if self.store.snapshot is not self._seen:
             self.catch_up()
-        return self._answer_current(data, tcp)
+        return self._answer_current(data, tcp, view)
 
-    def _answer_current(self, data: bytes, tcp: bool) -> bytes | _Pending | None:
+    def _answer_current(
+        self, data: bytes, tcp: bool, view: View | None = None
+    ) -> bytes | _Pending | None:
         """:meth:`answer` for a caller that has just caught up with the store."""
         # Fast path: a standard query with one question (and at most an OPT record) for a
         # name we hold or an NXDOMAIN in our zones, that fits. Anything else: _answer.
         size = len(data)
         if size < 17 or data[2] & 0xF8 or data[4:11] != _ONE_QUESTION:
-            return self._answer(data, tcp)
+            return self._answer(data, tcp, view)
         end = data.find(0, 12)
         qend = end + 5
         if end < 13 or qend > size or data[end + 3 : qend] != b"\x00\x01":
-            return self._answer(data, tcp)
+            return self._answer(data, tcp, view)
         arcount = data[11]
         if arcount == 0 and size == qend:
             variant = 0
@@ -458,15 +499,40 @@ class DnsServer:
             limit = 65535 if tcp else max(512, data[qend + 3] << 8 | data[qend + 4])
             opt = _OPT
         else:
-            return self._answer(data, tcp)
+            return self._answer(data, tcp, view)
         zone = self.zone
         lname = data[12 : end + 1].lower()
-        node = zone.nodes.get(lname)
         qtype = data[end + 1] << 8 | data[end + 2]
+        if view is None:
+            node = zone.nodes.get(lname)
+            replies = self._replies
+        else:
+            replies = view.replies
+            target = view.aliases.get(lname)
+            if target is not None:
+                node = zone.nodes.get(target)
+                self.stats.count(self.stats.client_answers, "alias")
+            else:
+                node = zone.nodes.get(lname)
+                if node is None:
+                    target = view.completed.get(lname)
+                    if target is None:
+                        target = complete(view, lname, self.zone)
+                    if target:
+                        node = zone.nodes.get(target)
+                        self.stats.count(self.stats.client_answers, "completion")
+            if node is None:
+                # Not a name of the view: NXDOMAIN, autopath or forwarding, on the general
+                # path; what it answers at once is as repeatable as the fast path's answers.
+                self._volatile = False
+                result = self._answer(data, tcp, view)
+                if type(result) is bytes and not tcp and self._replies_max and not self._volatile:
+                    self._keep(replies, data, result)
+                return result
         if node is not None:
             answer = node.get(qtype) or node[ANY_TYPE]
             if answer.chase:
-                return self._answer(data, tcp)
+                return self._answer(data, tcp, view)
         else:
             found = zone.zone_for(lname) if end < 267 else None  # a name over 255 bytes: FORMERR
             if (
@@ -474,26 +540,29 @@ class DnsServer:
                 or not found.authoritative
                 or (found is zone.zones[0] and zone.pod_records == "insecure")
             ):
-                return self._answer(data, tcp)
+                return self._answer(data, tcp, view)
             answer = found.nxdomain
         if not zone.ready or qend + len(answer.body) + len(opt) > limit or qtype in _REFUSED_TYPES:
-            return self._answer(data, tcp)
+            return self._answer(data, tcp, view)
         self._requests[tcp][qtype] += 1
         self._responses[answer.flags & 0xF] += 1
         variant |= (data[2] & 1) | (data[3] >> 3 & 2)
         response = b"".join((data[:2], answer.heads[variant], data[12:qend], answer.body, opt))
         if not tcp and self._replies_max:
-            replies = self._replies
-            cost = size + len(response) + _ENTRY_OVERHEAD
-            used = self._replies_used + cost
-            if len(replies) >= self._replies_max or used > self._replies_budget:
-                replies.clear()
-                used = cost
-            replies[data[2:]] = response[2:]
-            self._replies_used = self.stats.answer_cache_bytes = used
+            self._keep(replies, data, response)
         return response
 
-    def _answer(self, data: bytes, tcp: bool) -> bytes | _Pending | None:
+    def _keep(self, replies: dict[bytes, bytes], data: bytes, response: bytes) -> None:
+        """Keep a whole UDP answer for the same query bytes (one budget for every view)."""
+        cost = len(data) + len(response) + _ENTRY_OVERHEAD
+        used = self._replies_used + cost
+        if len(replies) >= self._replies_max or used > self._replies_budget:
+            self._clear_replies()
+            used = cost
+        replies[data[2:]] = response[2:]
+        self._replies_used = self.stats.answer_cache_bytes = used
+
+    def _answer(self, data: bytes, tcp: bool, view: View | None = None) -> bytes | _Pending | None:
         """The general path: every check, every rcode."""
         try:
             q = wire.parse_query(data)
@@ -510,7 +579,17 @@ class DnsServer:
         if q.qclass != wire.CLASS_IN or q.qtype in _REFUSED_TYPES:
             return self._error(q, wire.NOTIMP if q.qtype in _REFUSED_TYPES else wire.REFUSED)
         zone = self.zone
-        node = zone.nodes.get(q.lname)
+        target = view.aliases.get(q.lname) if view is not None else None
+        node = zone.nodes.get(target or q.lname)
+        if node is None and self.views is not None and zone.zone_for(q.lname) is None:
+            own = view if view is not None else self.views.default
+            target = own.completed.get(q.lname)
+            if target is None:
+                target = complete(own, q.lname, zone)
+            if target:
+                node = zone.nodes.get(target)
+                if view is None:
+                    self.stats.count(self.stats.client_answers, "completion")
         if node is not None:
             answer = node.get(q.qtype) or node[ANY_TYPE]
         else:
@@ -519,12 +598,61 @@ class DnsServer:
                 if self.forwarder is None:
                     return self._error(q, wire.REFUSED)
                 return _Pending(q, data, tcp)
+            autopath = view is not None and view.autopath and zone.ready
+            if autopath and view is not None and found is zone.zones[0].nxdomain:
+                walked = self._autopath(q, view, tcp)
+                if walked is not None:
+                    return walked
             answer = found
         if not zone.ready:
             return self._error(q, wire.SERVFAIL)
         if answer.chase and q.qtype != wire.CNAME:
             return _Pending(q, data, tcp, answer)
         return self._respond(q, answer, tcp)
+
+    # -- autopath (dns/autopath.py walks; here: who, and what is sent) --------------------
+
+    def _autopath(self, q: wire.Query, view: View, tcp: bool) -> bytes | _Pending | None:
+        """A pod's search walk for a name under its first search domain that does not exist:
+        the answer (behind a CNAME) of the first step that exists here, a pending query for
+        the steps from the first one outside our zones, or None (the plain NXDOMAIN)."""
+        steps = autopath.steps_of(q, view)
+        if steps is None:
+            return None
+        limit = 65535 if tcp else q.udp_size
+        for index, step in enumerate(steps):
+            found = autopath.local_step(self.zone, self.stats, q, step, ra=self._ra, limit=limit)
+            if found is False:  # outside our zones: ask the upstreams from here on
+                if self.forwarder is None:
+                    break
+                kept = autopath.cached(self.forwarder, q, limit)
+                if kept is not None:  # answered before, and fresh: no need to wait
+                    self._volatile = True  # its TTLs run: not for the zone-long answer cache
+                    self.stats.count(self.stats.client_answers, "autopath")
+                    self._count_rcode(kept[3] & 0xF)
+                    return kept
+                return _Pending(q, b"", tcp, autopath=steps[index:])
+            if found is not None:
+                self._count_rcode(found[3] & 0xF)
+                return found
+        self.stats.count(self.stats.autopath_fallbacks, "not_found")
+        return None
+
+    async def _autopath_forward(self, q: wire.Query, steps: tuple[bytes, ...], tcp: bool) -> bytes:
+        assert self.forwarder is not None
+        response = await autopath.forward_walk(
+            self.zone,
+            self.forwarder,
+            self.stats,
+            q,
+            steps,
+            ra=self._ra,
+            limit=65535 if tcp else q.udp_size,
+        )
+        if response is None:
+            return self._respond(q, self.zone.zones[0].nxdomain, tcp)
+        self._count_rcode(response[3] & 0xF)
+        return response
 
     def _respond(self, q: wire.Query, answer: Answer, tcp: bool) -> bytes:
         flags = wire.QR | answer.flags | (q.flags & (wire.RD | wire.CD)) | self._ra
@@ -582,6 +710,8 @@ class DnsServer:
         try:
             if pending.chase is not None:
                 response = await self._chase(q, pending.chase, pending.tcp)
+            elif pending.autopath:
+                response = await self._autopath_forward(q, pending.autopath, pending.tcp)
             else:
                 response = await self._forward(pending)
         except Exception:
@@ -717,6 +847,7 @@ class _UdpSocket:
             server.catch_up()
         answer = server._answer_current
         replies = server._replies
+        views = server.views.by_ip if server.views is not None else None
         requests = server._requests[False]
         responses = server._responses
         histogram = server._local
@@ -737,7 +868,8 @@ class _UdpSocket:
                 log.debug("dns: UDP receive error: %s", exc)
                 started = perf_counter()
                 continue
-            tail = replies.get(data[2:])
+            view = views.get(addr[0]) if views else None
+            tail = replies.get(data[2:]) if view is None else view.replies.get(data[2:])
             if tail is not None:  # asked before, same bytes but the ID: answered before
                 end = data.find(0, 12)  # the fast path checked this query's shape
                 requests[data[end + 1] << 8 | data[end + 2]] += 1
@@ -746,7 +878,7 @@ class _UdpSocket:
                 result: bytes | _Pending | None = data[:2] + tail
             else:
                 try:
-                    result = answer(data, False)
+                    result = answer(data, False, view)
                 except Exception:  # never let one packet stop the server
                     log.exception("dns: unexpected error answering a packet from %s", addr)
                     stats.count(stats.dropped, "internal_error")

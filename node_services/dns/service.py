@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -11,6 +12,7 @@ from node_services.config import Settings
 from node_services.dns.forward import LOOP_PROBE_INTERVAL, Forwarder, upstreams_from_resolv_conf
 from node_services.dns.metrics import DnsStats, register
 from node_services.dns.server import DnsServer
+from node_services.dns.views import ClientViews
 from node_services.dns.zone import DEFAULT_METADATA_IP, Zone
 from node_services.state.store import Store
 
@@ -48,6 +50,20 @@ def upstreams_of(settings: Settings) -> tuple[tuple[str, int], ...]:
     return chosen
 
 
+def search_domains_from_resolv_conf(path: Path = Path("/etc/resolv.conf")) -> tuple[str, ...]:
+    """The host's search domains (the last `search` or `domain` line wins, as in glibc)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ()
+    domains: tuple[str, ...] = ()
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] in ("search", "domain"):
+            domains = tuple(f.rstrip(".") for f in fields[1:] if f.rstrip("."))
+    return domains
+
+
 def build_dns(settings: Settings, store: Store, registry: CollectorRegistry) -> DnsServer:
     """A DnsServer for these settings, its metrics registered on ``registry``."""
     stats = DnsStats()
@@ -83,4 +99,10 @@ def build_dns(settings: Settings, store: Store, registry: CollectorRegistry) -> 
         query_log=settings.dns_query_log,
         answer_cache_size=settings.dns_answer_cache_size,
         answer_cache_bytes=settings.dns_answer_cache_bytes,
+        views=ClientViews(
+            node_name=settings.node_name,
+            cluster_domain=settings.cluster_domain,
+            autopath=settings.dns_autopath == "on",
+            host_search=search_domains_from_resolv_conf(),
+        ),
     )

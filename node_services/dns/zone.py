@@ -286,6 +286,11 @@ class Zone:
             return make_answer(wire.AA, 1, 0, 0, record, (len(record),), ra=self.ra)
         return self._cluster.nodata
 
+    def has_name(self, lname: bytes) -> bool:
+        """Whether a lowercased wire name is a name of the zone with records of its own (not
+        an empty non-terminal, not a name synthesized at query time)."""
+        return lname in self._exists
+
     def rdatas(self, name: str) -> RDatas:
         """The merged records of a name (for CNAME chasing and tests)."""
         try:
@@ -591,14 +596,23 @@ class Zone:
         if service.cluster_ips and not launch_config:
             return list(service.cluster_ips)
         addresses = []
+        last: tuple[int, str, tuple[str, ...]] | None = None
         for group in snapshot.endpoints_for(service.key):
             for endpoint in group.endpoints:
-                if not endpoint.ready:
-                    continue
                 container = snapshot.workloads.get(endpoint.target_key)
                 own = container.launch_config if container is not None else ""
-                if own == launch_config:
+                if own != launch_config:
+                    continue
+                if _serves(endpoint.ready, container):
                     addresses.extend(endpoint.addresses)
+                elif not addresses:
+                    order = (container.create_index, container.name) if container else (0, "")
+                    if last is None or order > last[:2]:
+                        last = (*order, endpoint.addresses)
+        if not addresses and last is not None:
+            # rancher-dns's fall-back: with no healthy running container, the service still
+            # names one, the last of its containers (whatever its state or health).
+            return list(last[2])
         return addresses
 
     def _cattle_service(self, out: _Builder, key: str, snapshot: Snapshot) -> None:
@@ -618,12 +632,28 @@ class Zone:
 
     def _cattle_container(self, out: _Builder, key: str, snapshot: Snapshot) -> None:
         container = snapshot.workloads.get(key)
-        if container is None or container.state not in ("running", "starting", ""):
+        if container is None:
             return
+        # Every container's name resolves whatever its state, as in rancher-dns (a stopped
+        # container keeps its address); only a live one claims its address's PTR.
+        live = container.state in ("running", "starting", "")
         host = f"{container.name}.{RANCHER_ZONE}"
         for ip in container.ips:
             out.address(host, ip)
-            out.ptr(ip, host)
+            if live:
+                out.ptr(ip, host)
+
+
+_SERVING_STATES: Final = ("running", "starting")
+_SERVING_HEALTH: Final = ("", "healthy", "updating-healthy")
+
+
+def _serves(ready: bool, container: Workload | None) -> bool:
+    """rancher-dns's record selection: a container that is running or starting and healthy
+    (or has no health check); the endpoint's readiness when the container is unknown."""
+    if container is None:
+        return ready
+    return container.state in _SERVING_STATES and container.health_state in _SERVING_HEALTH
 
 
 def _label_offsets(name: bytes) -> tuple[int, ...]:

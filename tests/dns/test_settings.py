@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from node_services.config import Address, ConfigError, load_settings
 from node_services.dns.forward import upstreams_from_resolv_conf
-from node_services.dns.service import build_dns, upstreams_of
+from node_services.dns.service import build_dns, search_domains_from_resolv_conf, upstreams_of
 
 
 def test_dns_flags_and_environment() -> None:
@@ -119,3 +119,22 @@ def test_busy_dns_address_stops_start_with_the_address_named() -> None:
         f"cannot start: dns_listen 127.0.0.1:{port}: cannot listen: Address already in use"
         in result.stderr
     )
+
+
+def test_dns_autopath_setting(tmp_path: Path) -> None:
+    assert load_settings(environ={"NODE_NAME": "n"}).dns_autopath == "off"
+    on = load_settings(environ={"NODE_NAME": "n", "NODE_SERVICES_DNS_AUTOPATH": "ON"})
+    assert on.dns_autopath == "on"
+    config = tmp_path / "config.yaml"
+    config.write_text("dns_autopath: on\n")  # YAML 1.1 reads a bare on as true
+    assert load_settings(config_file=config, environ={"NODE_NAME": "n"}).dns_autopath == "on"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"NODE_NAME": "n", "NODE_SERVICES_DNS_AUTOPATH": "maybe"})
+    assert "NODE_SERVICES_DNS_AUTOPATH: 'maybe' is not one of off, on" in str(caught.value)
+
+
+def test_host_search_domains_from_resolv_conf(tmp_path: Path) -> None:
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 10.0.0.1\ndomain old.example\nsearch corp.example. lab.example\n")
+    assert search_domains_from_resolv_conf(resolv) == ("corp.example", "lab.example")
+    assert search_domains_from_resolv_conf(tmp_path / "missing") == ()

@@ -211,3 +211,18 @@ def test_container_links_ports_bound_to_an_address_and_sidekick_launch_configs()
     )
     assert [(p.port, p.public_port) for p in metrics.ports] == [(9102, 0)]
     assert json.loads(web.health_check_json)["request_line"] == "GET /healthz HTTP/1.0"
+
+
+def test_container_links_become_workload_links() -> None:
+    recorded = json.loads((FIXTURES / "recorded-2" / "cattle-resources.json").read_text())
+    toolbox = next(r for r in recorded if r.get("name") == "toolbox")
+    (workload,) = translate(toolbox, "c")
+    assert isinstance(workload, Workload)
+    assert workload.links == (
+        WorkloadLink(alias="alerts", target_key="cattle:container/1i114"),
+        WorkloadLink(alias="pg", target_key="cattle:container/1i109"),
+    )
+    (plain,) = translate({**toolbox, "instanceLinks": None}, "c")
+    assert isinstance(plain, Workload) and plain.links == ()
+    with pytest.raises(TranslateError, match="instanceLinks"):
+        translate({**toolbox, "instanceLinks": {"pg": ["1i109"]}}, "c")

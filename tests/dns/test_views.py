@@ -1,0 +1,279 @@
+"""Per-client views: the caller's source IP selects its workload's names (Rancher link
+aliases, container links, search completion) and Kubernetes autopath; everyone else gets the
+plain answers. In-process server on loopback, callers posing by their source address."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+import dns.flags
+import dns.message
+import dns.rdatatype
+import pytest
+from dnshelpers import answers, pod, rcode, service
+from dnsserve import Served, serve
+from fakes.dns_table_upstream import TableUpstream
+from helpers import FIXTURES
+
+from node_services.dns.views import ClientViews
+from node_services.sources.static import load_file
+from node_services.state.records import Service, Workload
+
+R = "rancher.internal"
+RECORDED = FIXTURES / "cattle" / "recorded-2" / "cattle-resources.json"
+WEB_1, WEB_2, METRICS_1, CART_2 = "127.0.1.10", "127.0.1.11", "127.0.1.13", "127.0.1.21"
+LEDGER_2, PROMETHEUS, TOOLBOX, DEBUG_SHELL = "127.0.1.33", "127.0.1.40", "127.0.1.60", "127.0.1.62"
+
+
+def values(response: dns.message.Message) -> list[str]:
+    return sorted(line.split()[-1] for line in answers(response))
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[TableUpstream]:
+    fake = TableUpstream("127.0.0.2").start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+async def rancher(upstream: TableUpstream) -> AsyncIterator[Served]:
+    served = await serve(
+        snapshot_records=list(load_file(RECORDED, "static:test").records),
+        upstreams=(("127.0.0.2", upstream.port),),
+        views=ClientViews(node_name="worker-a"),
+    )
+    yield served
+    await served.stop()
+
+
+async def test_service_link_aliases_are_the_linking_containers_own(rancher: Served) -> None:
+    s = rancher
+    for name in (f"db.{R}", f"db.payments.{R}", "db"):
+        assert values(await s.query(name, source=WEB_1)) == ["127.0.1.30"], name
+    # Unaliased links are known by the target's name, in its own stack too.
+    assert values(await s.query(f"cart.{R}", source=WEB_1)) == ["10.43.7.21"]
+    assert values(await s.query(f"ledger.{R}", source=WEB_1)) == ["127.0.1.33"]
+    # A link to an external service: its CNAME (chased) or its addresses.
+    response = await s.query(f"assets.{R}", source=WEB_1)
+    assert answers(response)[0] == f"assets.{R}. 5 CNAME static.example.net."
+    assert values(await s.query(f"fraud.{R}", source=WEB_1)) == ["198.51.100.7", "198.51.100.8"]
+    # The sidekick sees its service's links; another service's container does not.
+    assert values(await s.query(f"db.{R}", source=METRICS_1)) == ["127.0.1.30"]
+    assert rcode(await s.query(f"db.{R}", source=CART_2)) == "NXDOMAIN"
+    assert values(await s.query(f"pgmain.{R}", source=LEDGER_2)) == ["127.0.1.30"]
+    # A stopped container is still the owner of its address: its links answer.
+    assert values(await s.query(f"am.infraops.{R}", source=PROMETHEUS)) == ["127.0.1.41"]
+    assert values(await s.query(f"storefront.{R}", source=PROMETHEUS)) == [
+        "127.0.1.10",
+        "127.0.1.11",
+        "127.0.1.30",
+    ]
+    # Containers of another node have their own node's DNS: nothing here.
+    assert rcode(await s.query(f"db.{R}", source=WEB_2)) == "NXDOMAIN"
+    assert rcode(await s.query(f"db.{R}")) == "NXDOMAIN"  # the host itself
+
+
+async def test_container_links_name_the_target_container(rancher: Served) -> None:
+    s = rancher
+    assert values(await s.query(f"pg.{R}", source=TOOLBOX)) == ["127.0.1.30"]
+    assert values(await s.query("alerts", source=TOOLBOX)) == ["127.0.1.41"]
+    assert rcode(await s.query(f"pg.{R}", source=WEB_1)) == "NXDOMAIN"
+    assert rcode(await s.query(f"ledger1.{R}", source=DEBUG_SHELL)) == "NXDOMAIN"  # worker-b
+
+
+async def test_search_completion_is_authoritative_and_keeps_the_asked_name(
+    rancher: Served, upstream: TableUpstream
+) -> None:
+    s = rancher
+    response = await s.query("Web", source=WEB_1)
+    assert response.flags & dns.flags.AA
+    assert answers(response) == ["Web. 5 A 127.0.1.10", "Web. 5 A 127.0.1.11"]
+    assert values(await s.query("metrics", source=WEB_1)) == [
+        "127.0.1.13",
+        "127.0.1.14",
+        "127.0.1.15",
+    ]
+    # rancher.internal completes for every caller, the host included.
+    assert values(await s.query("toolbox")) == ["127.0.1.60"]
+    assert values(await s.query("web.shop", source=WEB_2)) == ["127.0.1.10", "127.0.1.11"]
+    assert values(await s.query("rancher-metadata")) == ["169.254.169.250"]
+    # A name that completes to nothing is forwarded as asked.
+    assert rcode(await s.query("metrics", source=METRICS_1)) == "NXDOMAIN"
+    assert upstream.asked[("metrics", "A")] == 1
+    assert upstream.asked[("web", "A")] == 0
+    # An existing name without the asked type: NODATA (rancher-dns: forwarded; quirk 5).
+    response = await s.query("web", "TXT", source=WEB_1)
+    assert (rcode(response), answers(response)) == ("NOERROR", [])
+    assert s.stats.client_answers["completion"] >= 4
+
+
+async def test_stopped_and_unhealthy_fall_backs(rancher: Served) -> None:
+    s = rancher
+    assert values(await s.query(f"ledger.payments.{R}")) == ["127.0.1.33"]  # both unhealthy
+    assert values(await s.query(f"prometheus.infraops.{R}")) == ["127.0.1.40"]  # stopped
+    assert values(await s.query(f"oneoff-migrate.{R}")) == ["127.0.1.61"]  # stopped
+    assert rcode(await s.query(f"batch.payments.{R}")) == "NXDOMAIN"  # no containers
+    # web-3 is starting but initializing; the metrics sidekick has no health check.
+    assert values(await s.query(f"web.shop.{R}")) == ["127.0.1.10", "127.0.1.11"]
+
+
+async def test_whole_answer_cache_is_per_view(rancher: Served) -> None:
+    s = rancher
+    for _ in range(3):
+        assert values(await s.query("db", source=WEB_1)) == ["127.0.1.30"]
+        assert values(await s.query("db", source=LEDGER_2, use_edns=False)) != ["127.0.1.30"]
+        assert rcode(await s.query(f"db.{R}", source=CART_2)) == "NXDOMAIN"
+    assert s.stats.answer_cache_hits >= 4
+    # Over TCP too.
+    assert values(await s.query("db", source=WEB_1, tcp=True)) == ["127.0.1.30"]
+    assert rcode(await s.query(f"db.{R}", source=CART_2, tcp=True)) == "NXDOMAIN"
+
+
+async def test_views_follow_store_changes(rancher: Served) -> None:
+    s = rancher
+    assert values(await s.query(f"db.{R}", source=WEB_1)) == ["127.0.1.30"]
+    current = {r.key: r for r in s.store.snapshot.services.values()}
+    web = current["cattle:service/1s21"]
+    assert isinstance(web, Service)
+    s.store.apply("static:test", [dataclasses.replace(web, links=web.links[:1])])
+    assert rcode(await s.query(f"db.{R}", source=WEB_1)) == "NXDOMAIN"
+    assert values(await s.query(f"cart.{R}", source=WEB_1)) == ["10.43.7.21"]
+    # The container moves to worker-b: its IP has no view here any more.
+    container = s.store.snapshot.workloads["cattle:container/1i101"]
+    assert isinstance(container, Workload)
+    moved = dataclasses.replace(container, host_key="cattle:host/1h4")
+    s.store.apply("static:test", [moved])
+    assert rcode(await s.query(f"cart.{R}", source=WEB_1)) == "NXDOMAIN"
+    assert WEB_1 not in s.server.views.by_ip  # type: ignore[union-attr]
+    # A second live container with the same address: neither gets a view.
+    s.store.apply(
+        "static:test", [container, dataclasses.replace(container, key="cattle:container/x")]
+    )
+    assert rcode(await s.query(f"cart.{R}", source=WEB_1)) == "NXDOMAIN"
+    assert s.server.views.refused[WEB_1] == "shared_ip"  # type: ignore[union-attr]
+
+
+# -- Kubernetes autopath ---------------------------------------------------------------------
+
+CLIENT, HOSTNET, SHARED, OTHER_NODE = "127.0.2.5", "127.0.2.6", "127.0.2.7", "127.0.2.8"
+EXTERNAL = {"api.example.com": [("A", "192.0.2.10")]}
+
+
+def cluster() -> list[dict[str, Any]]:
+    elsewhere = pod("shop", "elsewhere", OTHER_NODE)
+    elsewhere["spec"]["nodeName"] = "node-b"
+    terminating = pod("shop", "old", SHARED)
+    terminating["metadata"]["deletionTimestamp"] = "2026-12-01T10:00:00Z"
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}},
+        service("shop", "web", cluster_ips=("10.96.0.20",)),
+        pod("shop", "client", CLIENT),
+        pod("shop", "agent", HOSTNET, host_network=True),
+        terminating,
+        pod("shop", "new", SHARED),
+        elsewhere,
+    ]
+
+
+@pytest.fixture
+async def kube() -> AsyncIterator[tuple[Served, TableUpstream]]:
+    fake = TableUpstream("127.0.0.3", EXTERNAL).start()
+    served = await serve(
+        cluster(),
+        upstreams=(("127.0.0.3", fake.port),),
+        views=ClientViews(node_name="node-a", autopath=True, host_search=["corp.example"]),
+    )
+    yield served, fake
+    await served.stop()
+    fake.stop()
+
+
+async def test_autopath_answers_the_walk_behind_a_cname(
+    kube: tuple[Served, TableUpstream],
+) -> None:
+    s, upstream = kube
+    # `web.shop` from a pod of shop: glibc asks web.shop.shop.svc.cluster.local first.
+    response = await s.query("web.shop.shop.svc.cluster.local", source=CLIENT)
+    assert answers(response) == [
+        "web.shop.shop.svc.cluster.local. 5 CNAME web.shop.svc.cluster.local.",
+        "web.shop.svc.cluster.local. 5 A 10.96.0.20",
+    ]
+    assert response.answer[0].rdtype == dns.rdatatype.CNAME
+    assert response.flags & dns.flags.AA
+    # `web` needs no walk: its first expansion exists.
+    assert values(await s.query("web.shop.svc.cluster.local", source=CLIENT)) == ["10.96.0.20"]
+    # An external name: the host's search domain is tried upstream, then the name itself.
+    response = await s.query("api.example.com.shop.svc.cluster.local", source=CLIENT)
+    assert answers(response) == [
+        "api.example.com. 300 A 192.0.2.10",
+        "api.example.com.shop.svc.cluster.local. 5 CNAME api.example.com.",
+    ]
+    assert response.answer[0].rdtype == dns.rdatatype.CNAME  # the CNAME comes first
+    assert upstream.asked[("api.example.com.corp.example", "A")] == 1
+    assert upstream.asked[("api.example.com", "A")] == 1
+    # Asked again: the whole walk's answer comes from the forward cache.
+    again = await s.query("API.example.com.shop.svc.cluster.local", source=CLIENT)
+    assert answers(again)[0] == "API.example.com.shop.svc.cluster.local. 5 CNAME api.example.com."
+    assert sum(upstream.asked.values()) == 2
+    # ... but never into the view's whole-answer cache, which lives as long as the zone.
+    view = s.server.views.by_ip[CLIENT]  # type: ignore[union-attr]
+    assert not any(b"\x07example" in reply for reply in view.replies.values())
+    assert any(b"\x03web" in reply for reply in view.replies.values())  # local: kept
+    # AAAA: the name exists upstream without one (NODATA), behind the CNAME all the same.
+    response = await s.query("api.example.com.shop.svc.cluster.local", "AAAA", source=CLIENT)
+    assert (rcode(response), answers(response)) == (
+        "NOERROR",
+        ["api.example.com.shop.svc.cluster.local. 5 CNAME api.example.com."],
+    )
+    # A miss: the plain NXDOMAIN (the client walks on by itself).
+    assert rcode(await s.query("nosuch.shop.svc.cluster.local", source=CLIENT)) == "NXDOMAIN"
+    assert upstream.asked[("nosuch", "A")] == 1
+    assert s.stats.client_answers["autopath"] == 4
+    assert s.stats.autopath_fallbacks["not_found"] == 1
+
+
+@pytest.mark.parametrize(
+    ("caller", "reason"),
+    [("127.0.0.1", None), (HOSTNET, "host_network"), (SHARED, "shared_ip"), (OTHER_NODE, None)],
+)
+async def test_no_autopath_for_callers_that_are_not_one_live_local_pod(
+    kube: tuple[Served, TableUpstream], caller: str, reason: str | None
+) -> None:
+    s, upstream = kube
+    response = await s.query("web.shop.shop.svc.cluster.local", source=caller)
+    assert (rcode(response), answers(response)) == ("NXDOMAIN", [])
+    response = await s.query("api.example.com.shop.svc.cluster.local", source=caller)
+    assert (rcode(response), answers(response)) == ("NXDOMAIN", [])
+    assert sum(upstream.asked.values()) == 0
+    assert s.server.views is not None
+    assert s.server.views.refused.get(caller) == reason
+
+
+async def test_autopath_off_gives_plain_answers() -> None:
+    s = await serve(cluster(), views=ClientViews(node_name="node-a", autopath=False))
+    try:
+        response = await s.query("web.shop.shop.svc.cluster.local", source=CLIENT)
+        assert rcode(response) == "NXDOMAIN"
+        assert s.server.views is not None and not s.server.views.by_ip
+    finally:
+        await s.stop()
+
+
+async def test_container_link_follows_its_target(rancher: Served) -> None:
+    s = rancher
+    assert values(await s.query(f"pg.{R}", source=TOOLBOX)) == ["127.0.1.30"]
+    target = s.store.snapshot.workloads["cattle:container/1i109"]  # payments-postgres-1
+    assert isinstance(target, Workload)
+    renamed = dataclasses.replace(target, name="payments-postgres-9", ips=("127.0.1.39",))
+    s.store.apply("static:test", [renamed])
+    assert values(await s.query(f"pg.{R}", source=TOOLBOX)) == ["127.0.1.39"]
+    assert values(await s.query("pg", source=TOOLBOX)) == ["127.0.1.39"]
+    toolbox = s.store.snapshot.workloads["cattle:container/1i117"]
+    assert isinstance(toolbox, Workload)
+    s.store.apply("static:test", [dataclasses.replace(toolbox, links=toolbox.links[:1])])
+    assert [link.alias for link in toolbox.links[:1]] == ["alerts"]
+    assert rcode(await s.query(f"pg.{R}", source=TOOLBOX)) == "NXDOMAIN"
+    assert values(await s.query(f"alerts.{R}", source=TOOLBOX)) == ["127.0.1.41"]
