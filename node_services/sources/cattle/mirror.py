@@ -2,15 +2,20 @@
 
 :func:`~node_services.sources.cattle.translate.resolve` is a post-pass over a whole set (a
 snapshot file, a relist). A change event touches one resource, so the mirror keeps every
-resource's translated items (records and network facts) with the indexes the post-pass needs,
-and on a change re-resolves only what depends on it:
+resource's translated items (records and facts) with the indexes the post-pass needs, and on a
+change re-resolves only what depends on it:
 
 - the resource's own records;
-- a stack whose name changed: its services and containers, and the endpoint groups of its
-  services (their namespace is the stack's name);
-- a service whose name or stack changed: the endpoint groups naming it;
-- a network, subnet or project fact: every Cattle host, when the default pod CIDRs changed.
+- a stack whose name changed: its services and containers, the endpoint groups of its services
+  (their namespace is the stack's name) and the load balancers whose port rules name them;
+- a service whose name or stack changed (or that came or went): the endpoint groups naming it
+  and the load balancers whose port rules name it (``<stack>/<service>``);
+- a network, subnet or project fact: every Cattle host when what the default network gives a
+  host (``network_json``, pod CIDRs) changed, and the containers on a network whose uuid changed;
+- a certificate fact: the load balancers whose ``lbConfig`` names it.
 
+Each record is resolved in :func:`translate.resolve`'s order (networks, stack names, lb
+configs), by translate's own functions where they work on a part of the set.
 :meth:`Mirror.reset` and :meth:`Mirror.update` give exactly the records ``resolve`` would give
 for the same set (tests/sources/test_cattle_mirror.py checks it).
 """
@@ -18,10 +23,12 @@ for the same set (tests/sources/test_cattle_mirror.py checks it).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Mapping, Sequence
 
 from node_services.sources.cattle import translate
 from node_services.sources.cattle.translate import (
+    CattleCertificate,
     CattleNetwork,
     CattleProject,
     CattleSubnet,
@@ -38,9 +45,14 @@ from node_services.state.records import (
     Workload,
 )
 
-_FACTS = (CattleNetwork, CattleSubnet, CattleProject)
+_NETWORK_FACTS = (CattleNetwork, CattleSubnet, CattleProject)
+_FACTS = (*_NETWORK_FACTS, CattleCertificate)
 _JOINED = (Stack, Service, *_FACTS)
-"""What other resources' records depend on (names, pod CIDRs)."""
+"""What other resources' records depend on (names, the default network, network uuids)."""
+
+_PROBE = Host(key=f"{translate.PREFIX}host/mirror-probe", source="", name="mirror-probe")
+"""A Cattle host without pod CIDRs or network: what resolve_networks makes of it is what it
+gives every Cattle host."""
 
 
 class Mirror:
@@ -55,11 +67,17 @@ class Mirror:
         self._records: dict[str, tuple[Record, ...]] = {}
         self._stack_names: dict[str, str] = {}
         self._services: dict[str, Service] = {}  # unresolved, by key
+        self._certificates: dict[str, CattleCertificate] = {}
         self._in_stack: dict[str, set[str]] = {}  # stack key -> service/container resources
         self._of_service: dict[str, set[str]] = {}  # service key -> containers with endpoints
+        self._lb_service: dict[str, set[str]] = {}  # service key -> lb naming it in a port rule
+        self._lb_cert: dict[str, set[str]] = {}  # certificate key -> lb naming it
+        self._on_network: dict[str, set[str]] = {}  # network key -> containers on it
         self._hosts: set[str] = set()
-        self._fact_resources: set[str] = set()
-        self._cidrs: tuple[str, ...] = ()
+        self._network_resources: set[str] = set()  # resources with network/subnet/project facts
+        self._networks: tuple[CattleNetwork, ...] = ()
+        self._uuids: dict[str, str] = {}  # network key -> uuid
+        self._default: Host = _PROBE  # _PROBE as resolve_networks leaves it
 
     def __len__(self) -> int:
         return len(self._items)
@@ -69,7 +87,13 @@ class Mirror:
 
     @property
     def pod_cidrs(self) -> tuple[str, ...]:
-        return self._cidrs
+        """The pod CIDRs every Cattle host without any gets (() = none)."""
+        return self._default.pod_cidrs
+
+    @property
+    def network_json(self) -> str:
+        """The default network every Cattle host shows ("" = none)."""
+        return self._default.network_json
 
     def records(self) -> list[Record]:
         return [record for records in self._records.values() for record in records]
@@ -83,9 +107,9 @@ class Mirror:
             if translated:
                 self._items[resource_key] = tuple(translated)
                 self._index(resource_key, self._items[resource_key])
-        self._cidrs = self._compute_cidrs()
+        self._compute_networks()
         for resource_key, translated in self._items.items():
-            resolved = tuple(self._resolve(item) for item in translated if not _is_fact(item))
+            resolved = self._resolve(translated)
             if resolved:
                 self._records[resource_key] = resolved
         return self.records()
@@ -96,57 +120,47 @@ class Mirror:
         """Apply new items per resource (empty or None: the resource is gone); the store
         changes (upserts and deletions) that follow, as one batch."""
         dirty: set[str] = set()
-        facts_changed = False
+        networks_changed = False
         for resource_key, translated in changes.items():
             old = self._items.get(resource_key, ())
             new = tuple(translated or ())
             if not any(isinstance(item, _JOINED) for item in (*old, *new)):
                 # the common case (a container, a host): nothing else depends on it
-                self._unindex(resource_key, old)
-                if new:
-                    self._items[resource_key] = new
-                    self._index(resource_key, new)
-                else:
-                    self._items.pop(resource_key, None)
+                self._replace(resource_key, old, new)
                 dirty.add(resource_key)
                 continue
             old_stacks = _stack_names(old)
             old_services = _service_ids(old)
-            self._unindex(resource_key, old)
-            if new:
-                self._items[resource_key] = new
-                self._index(resource_key, new)
-            else:
-                self._items.pop(resource_key, None)
+            old_certificates = _certificate_names(old)
+            self._replace(resource_key, old, new)
             dirty.add(resource_key)
             new_stacks = _stack_names(new)
-            for stack_key in old_stacks.keys() | new_stacks.keys():
-                if old_stacks.get(stack_key) != new_stacks.get(stack_key):
-                    members = self._in_stack.get(stack_key, set())
-                    dirty |= members
-                    for member in members:
-                        for item in self._items.get(member, ()):
-                            if isinstance(item, Service):
-                                dirty |= self._of_service.get(item.key, set())
-            new_services = _service_ids(new)
-            for service_key in old_services.keys() | new_services.keys():
-                if old_services.get(service_key) != new_services.get(service_key):
-                    dirty |= self._of_service.get(service_key, set())
-            if any(_is_fact(item) for item in (*old, *new)):
-                facts_changed = True
-        if facts_changed:
-            cidrs = self._compute_cidrs()
-            if cidrs != self._cidrs:
-                self._cidrs = cidrs
+            for stack_key in _differing(old_stacks, new_stacks):
+                members = self._in_stack.get(stack_key, set())
+                dirty |= members
+                for member in members:
+                    for item in self._items.get(member, ()):
+                        if isinstance(item, Service):
+                            dirty |= self._of_service.get(item.key, set())
+                            dirty |= self._lb_service.get(item.key, set())
+            for service_key in _differing(old_services, _service_ids(new)):
+                dirty |= self._of_service.get(service_key, set())
+                dirty |= self._lb_service.get(service_key, set())
+            for certificate_key in _differing(old_certificates, _certificate_names(new)):
+                dirty |= self._lb_cert.get(certificate_key, set())
+            if any(isinstance(item, _NETWORK_FACTS) for item in (*old, *new)):
+                networks_changed = True
+        if networks_changed:
+            default, uuids = self._default, self._uuids
+            self._compute_networks()
+            if self._default != default:
                 dirty |= self._hosts
+            for network_key in _differing(uuids, self._uuids):
+                dirty |= self._on_network.get(network_key, set())
         out: list[Change] = []
         for resource_key in dirty:
             old_records = self._records.get(resource_key, ())
-            new_records = tuple(
-                self._resolve(item)
-                for item in self._items.get(resource_key, ())
-                if not _is_fact(item)
-            )
+            new_records = self._resolve(self._items.get(resource_key, ()))
             if new_records:
                 self._records[resource_key] = new_records
             else:
@@ -157,6 +171,16 @@ class Mirror:
             out.extend(record for record in new_records if before.get(record.key) != record)
         return out
 
+    def _replace(
+        self, resource_key: str, old: Sequence[Translated], new: tuple[Translated, ...]
+    ) -> None:
+        self._unindex(resource_key, old)
+        if new:
+            self._items[resource_key] = new
+            self._index(resource_key, new)
+        else:
+            self._items.pop(resource_key, None)
+
     # -- indexes --------------------------------------------------------------------------------
 
     def _index(self, resource_key: str, items: Iterable[Translated]) -> None:
@@ -166,15 +190,24 @@ class Mirror:
             elif isinstance(item, Service):
                 self._services[item.key] = item
                 self._in_stack.setdefault(item.stack_key, set()).add(resource_key)
+                services, certificates = _lb_references(item)
+                for target in services:
+                    self._lb_service.setdefault(target, set()).add(resource_key)
+                for certificate in certificates:
+                    self._lb_cert.setdefault(certificate, set()).add(resource_key)
             elif isinstance(item, Workload):
                 if item.stack_key:
                     self._in_stack.setdefault(item.stack_key, set()).add(resource_key)
+                if item.network_uuid.startswith(translate.PREFIX):
+                    self._on_network.setdefault(item.network_uuid, set()).add(resource_key)
             elif isinstance(item, Endpoints):
                 self._of_service.setdefault(item.service_key, set()).add(resource_key)
             elif isinstance(item, Host):
                 self._hosts.add(resource_key)
-            elif _is_fact(item):
-                self._fact_resources.add(resource_key)
+            elif isinstance(item, CattleCertificate):
+                self._certificates[item.key] = item
+            elif isinstance(item, _NETWORK_FACTS):
+                self._network_resources.add(resource_key)
 
     def _unindex(self, resource_key: str, items: Iterable[Translated]) -> None:
         for item in items:
@@ -183,28 +216,62 @@ class Mirror:
             elif isinstance(item, Service):
                 self._services.pop(item.key, None)
                 _discard(self._in_stack, item.stack_key, resource_key)
+                services, certificates = _lb_references(item)
+                for target in services:
+                    _discard(self._lb_service, target, resource_key)
+                for certificate in certificates:
+                    _discard(self._lb_cert, certificate, resource_key)
             elif isinstance(item, Workload):
                 _discard(self._in_stack, item.stack_key, resource_key)
+                _discard(self._on_network, item.network_uuid, resource_key)
             elif isinstance(item, Endpoints):
                 _discard(self._of_service, item.service_key, resource_key)
             elif isinstance(item, Host):
                 self._hosts.discard(resource_key)
-            elif _is_fact(item):
-                self._fact_resources.discard(resource_key)
+            elif isinstance(item, CattleCertificate):
+                self._certificates.pop(item.key, None)
+            elif isinstance(item, _NETWORK_FACTS):
+                self._network_resources.discard(resource_key)
 
-    def _compute_cidrs(self) -> tuple[str, ...]:
-        return translate.host_pod_cidrs(
-            item for key in sorted(self._fact_resources) for item in self._items.get(key, ())
+    def _compute_networks(self) -> None:
+        """What the network facts give: the default network's part of every Cattle host (by
+        ``resolve_networks`` on the facts and :data:`_PROBE`) and the network uuids."""
+        facts = [
+            item
+            for key in sorted(self._network_resources)
+            for item in self._items.get(key, ())
+            if isinstance(item, _NETWORK_FACTS)
+        ]
+        (probe,) = translate.resolve_networks([*facts, _PROBE])
+        assert isinstance(probe, Host)
+        self._default = probe
+        self._networks = tuple(item for item in facts if isinstance(item, CattleNetwork))
+        self._uuids = {network.key: network.uuid for network in self._networks}
+
+    # -- resolution (as translate.resolve does it: networks, stack names, lb configs) -----------
+
+    def _resolve(self, items: Iterable[Translated]) -> tuple[Record, ...]:
+        records: list[Record] = [item for item in items if not isinstance(item, _FACTS)]
+        if not records:
+            return ()
+        if any(isinstance(record, Workload) for record in records):
+            records = translate._resolve_network_uuids(records, self._networks)
+        return tuple(
+            self._resolve_lb_config(self._resolve_names(self._resolve_host(r))) for r in records
         )
 
-    # -- resolution (as translate.resolve_networks and resolve_stack_names do it) ---------------
-
-    def _resolve(self, record: Translated) -> Record:
-        assert not _is_fact(record)
-        if isinstance(record, Host):
-            if record.key.startswith(translate.PREFIX) and not record.pod_cidrs and self._cidrs:
-                return dataclasses.replace(record, pod_cidrs=self._cidrs)
+    def _resolve_host(self, record: Record) -> Record:
+        """What resolve_networks does to a Cattle host, as it did to :data:`_PROBE`."""
+        if not isinstance(record, Host) or not record.key.startswith(translate.PREFIX):
             return record
+        if self._default.network_json:
+            record = dataclasses.replace(record, network_json=self._default.network_json)
+        if self._default.pod_cidrs and not record.pod_cidrs:
+            record = dataclasses.replace(record, pod_cidrs=self._default.pod_cidrs)
+        return record
+
+    def _resolve_names(self, record: Record) -> Record:
+        """What resolve_stack_names does to one record."""
         if isinstance(record, Service | Workload):
             name = self._stack_names.get(record.stack_key)
             if name is not None and record.namespace != name:
@@ -216,11 +283,43 @@ class Mirror:
                 name = self._stack_names.get(service.stack_key, record.namespace)
                 if (record.namespace, record.service) != (name, service.name):
                     return dataclasses.replace(record, namespace=name, service=service.name)
-        return record  # type: ignore[return-value]
+        return record
+
+    def _resolve_lb_config(self, record: Record) -> Record:
+        """resolve_lb_configs on a load balancer with the services (their names resolved) and
+        certificates its lbConfig names: all it reads of the whole set."""
+        if not isinstance(record, Service) or not record.lb_config_json:
+            return record
+        services, certificates = _lb_references(record)
+        (resolved,) = [
+            r
+            for r in translate.resolve_lb_configs(
+                [
+                    record,
+                    *(
+                        self._resolve_names(self._services[k])
+                        for k in sorted(services)
+                        if k in self._services and k != record.key
+                    ),
+                ],
+                [self._certificates[k] for k in sorted(certificates) if k in self._certificates],
+            )
+            if r.key == record.key
+        ]
+        return resolved
 
 
-def _is_fact(item: Translated) -> bool:
-    return isinstance(item, _FACTS)
+def _lb_references(service: Service) -> tuple[set[str], set[str]]:
+    """The service keys (port rules) and certificate keys an unresolved ``lb_config_json``
+    names."""
+    if not service.lb_config_json:
+        return set(), set()
+    config = json.loads(service.lb_config_json)
+    services = {rule["service"] for rule in config["port_rules"] if rule["service"] is not None}
+    certificates = set(config["certs"])
+    if config["default_cert"] is not None:
+        certificates.add(config["default_cert"])
+    return services, certificates
 
 
 def _stack_names(items: Iterable[Translated]) -> dict[str, str]:
@@ -229,6 +328,15 @@ def _stack_names(items: Iterable[Translated]) -> dict[str, str]:
 
 def _service_ids(items: Iterable[Translated]) -> dict[str, tuple[str, str]]:
     return {item.key: (item.name, item.stack_key) for item in items if isinstance(item, Service)}
+
+
+def _certificate_names(items: Iterable[Translated]) -> dict[str, str]:
+    return {item.key: item.name for item in items if isinstance(item, CattleCertificate)}
+
+
+def _differing(old: Mapping[str, object], new: Mapping[str, object]) -> set[str]:
+    """The keys whose value came, went or changed."""
+    return {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
 
 
 def _discard(index: dict[str, set[str]], key: str, member: str) -> None:
