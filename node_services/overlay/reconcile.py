@@ -236,6 +236,9 @@ class OverlayReconciler:
     _node_up_error: str = ""
     _refused: frozenset[Refusal] = frozenset()
     _metrics: OverlayMetrics | None = None
+    _wg_endpoints: dict[str, str] = field(default_factory=dict)
+    """WireGuard peer endpoints as we last set them (key -> endpoint): a live endpoint that
+    differs from it roamed, and is left alone."""
 
     @property
     def metrics(self) -> OverlayMetrics:
@@ -478,8 +481,9 @@ class OverlayReconciler:
             peers, device, underlay, keepalive=config.wireguard_keepalive, refusals=refusals
         )
         # peers before routes: a route into the device is of use only with its peer in place
-        peer_changes = wireguard.plan_peers(wanted, wg.peers(device.name))
+        peer_changes = wireguard.plan_peers(wanted, wg.peers(device.name), self._wg_endpoints)
         wg.apply(device.name, peer_changes)
+        self._wg_endpoints = wireguard.endpoints_after(wanted)
         actual = self.kernel.read(device.name)
         mac = vtep_mac_of(me) or ""
         own = (mac, underlay.address, key.public)

@@ -156,10 +156,10 @@ class WireGuardDevice:
     ) -> None:
         try:
             if self.using == "kernel":
-                msg = wgnetlink.set_message(
+                for msg in wgnetlink.set_messages(
                     name, private_key=key, listen_port=port, changes=changes
-                )
-                self.kernel.set(name, msg)
+                ):
+                    self.kernel.set(name, msg)
             else:
                 request = uapi.set_request(private_key=key, listen_port=port, changes=changes)
                 self.uapi.set(name, request)

@@ -1,11 +1,12 @@
 """Kernel WireGuard: the ``wireguard`` generic-netlink family (WG_CMD_GET/SET_DEVICE).
 
 Messages are built and read with pyroute2's ``wgmsg`` (its WireGuard API's message class):
-:func:`set_message` makes one WG_CMD_SET_DEVICE carrying the device's key and port and every
-peer change of a pass, :func:`state_of` reads WG_CMD_GET_DEVICE answers back. Both are pure
-and unit-tested by the bytes they make, since the kernel this project is tested on has no
-wireguard module. :class:`KernelWireGuard` sends them on a NETLINK_GENERIC socket (blocking:
-called from the reconciler's worker thread). Private keys go into the message only.
+:func:`set_messages` makes the WG_CMD_SET_DEVICE messages carrying the device's key and port
+and every peer change of a pass (split by size as ``wg`` splits them), :func:`state_of` reads
+WG_CMD_GET_DEVICE answers back. Both are pure and unit-tested by the bytes they make, since
+the kernel this project is tested on has no wireguard module. :class:`KernelWireGuard` sends
+them on a NETLINK_GENERIC socket (blocking: called from the reconciler's worker thread).
+Private keys go into the message only.
 """
 
 from __future__ import annotations
@@ -94,6 +95,105 @@ def _allowed_ips(cidrs: Iterable[str]) -> list[dict[str, Any]]:
     return out
 
 
+MESSAGE_BUDGET: Final = 32 * 1024
+"""Most bytes of one WG_CMD_SET_DEVICE: the changes of a pass are split over several messages
+as ``wg`` does (one message for ~1,200 peers exceeds the socket's send buffer, EMSGSIZE, and
+the 16-bit length of the WGDEVICE_A_PEERS attribute)."""
+
+
+def _nla(payload: int) -> int:
+    """Bytes of a netlink attribute with ``payload`` bytes (header and padding)."""
+    return 4 + ((payload + 3) & ~3)
+
+
+def _allowed_ip_size(cidr: str) -> int:
+    return _nla(_nla(2) + _nla(16 if ":" in cidr else 4) + _nla(1))
+
+
+def _message(ifname: str, attrs: list[list[Any]], peers: list[dict[str, Any]]) -> Any:
+    msg = wgmsg()
+    msg["cmd"] = WG_CMD_SET_DEVICE
+    msg["version"] = WG_GENL_VERSION
+    msg["attrs"] = [["WGDEVICE_A_IFNAME", ifname], *attrs]
+    if peers:
+        msg["attrs"].append(["WGDEVICE_A_PEERS", peers])
+    return msg
+
+
+def set_messages(
+    ifname: str,
+    *,
+    private_key: wgkeys.PrivateKey | None = None,
+    listen_port: int | None = None,
+    changes: Sequence[PeerChange] = (),
+    budget: int = MESSAGE_BUDGET,
+) -> list[Any]:
+    """WG_CMD_SET_DEVICE messages (pyroute2 ``wgmsg``, not yet encoded), to be sent in order,
+    each at most ``budget`` bytes encoded. An upsert replaces the peer's AllowedIPs
+    (WGPEER_F_REPLACE_ALLOWEDIPS) and sets its endpoint (when given) and keepalive, a remove
+    carries WGPEER_F_REMOVE_ME; other peers are left as they are. The key and port go in
+    the first message; a peer whose AllowedIPs do not fit continues in the next message with
+    its key and the rest of them only (no flags: they are added to the first part's)."""
+    device_attrs: list[list[Any]] = []
+    if private_key is not None:
+        device_attrs.append(["WGDEVICE_A_PRIVATE_KEY", private_key.b64()])
+    if listen_port is not None:
+        device_attrs.append(["WGDEVICE_A_LISTEN_PORT", listen_port])
+    base = _HEADER.size + _GENL.size + _nla(len(ifname.encode()) + 1) + _nla(0)
+    first_extra = (_nla(32) if private_key is not None else 0) + (
+        _nla(2) if listen_port is not None else 0
+    )
+    if budget < base + first_extra + 3 * _nla(0) + _nla(32) + 2 * _nla(4) + _nla(28) + 40:
+        raise ValueError(f"a netlink message budget of {budget} bytes holds no peer")
+    batches: list[list[dict[str, Any]]] = [[]]
+    used = base + first_extra
+
+    def new_message() -> None:
+        nonlocal used
+        batches.append([])
+        used = base
+
+    for change in changes:
+        peer = change.peer
+        attrs: list[list[Any]] = [["WGPEER_A_PUBLIC_KEY", peer.public_key]]
+        size = _nla(0) + _nla(32) + _nla(4)
+        ips: list[str] = []
+        if change.op == REMOVE:
+            attrs.append(["WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME])
+        else:
+            attrs.append(["WGPEER_A_FLAGS", WGPEER_F_REPLACE_ALLOWEDIPS])
+            if peer.endpoint:
+                attrs.append(["WGPEER_A_ENDPOINT", _endpoint(peer.endpoint)])
+                size += _nla(28 if peer.endpoint.startswith("[") else 16)
+            attrs.append(["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", peer.keepalive])
+            size += _nla(2) + _nla(0)  # keepalive, the AllowedIPs nest
+            ips = list(peer.allowed_ips)
+        while True:
+            need = size + (_allowed_ip_size(ips[0]) if ips else 0)
+            if used + need > budget and batches[-1]:
+                new_message()
+            taken = 0
+            size_taken = size
+            while taken < len(ips) and used + size_taken + _allowed_ip_size(ips[taken]) <= budget:
+                size_taken += _allowed_ip_size(ips[taken])
+                taken += 1
+            part = [*attrs]
+            if change.op != REMOVE:
+                part.append(["WGPEER_A_ALLOWEDIPS", _allowed_ips(ips[:taken])])
+            batches[-1].append({"attrs": part})
+            used += size_taken
+            ips = ips[taken:]
+            if not ips:
+                break
+            # the rest of this peer's AllowedIPs: its key and them, in the next message
+            attrs = [["WGPEER_A_PUBLIC_KEY", peer.public_key]]
+            size = _nla(0) + _nla(32) + _nla(0)
+            new_message()
+    return [
+        _message(ifname, device_attrs if n == 0 else [], peers) for n, peers in enumerate(batches)
+    ]
+
+
 def set_message(
     ifname: str,
     *,
@@ -101,34 +201,14 @@ def set_message(
     listen_port: int | None = None,
     changes: Sequence[PeerChange] = (),
 ) -> Any:
-    """One WG_CMD_SET_DEVICE (a pyroute2 ``wgmsg``, not yet encoded): an upsert replaces the
-    peer's AllowedIPs (WGPEER_F_REPLACE_ALLOWEDIPS) and sets its endpoint and keepalive, a
-    remove carries WGPEER_F_REMOVE_ME; other peers are left as they are."""
-    msg = wgmsg()
-    msg["cmd"] = WG_CMD_SET_DEVICE
-    msg["version"] = WG_GENL_VERSION
-    attrs: list[list[Any]] = [["WGDEVICE_A_IFNAME", ifname]]
-    if private_key is not None:
-        attrs.append(["WGDEVICE_A_PRIVATE_KEY", private_key.b64()])
-    if listen_port is not None:
-        attrs.append(["WGDEVICE_A_LISTEN_PORT", listen_port])
-    peers = []
-    for change in changes:
-        peer = change.peer
-        peer_attrs: list[list[Any]] = [["WGPEER_A_PUBLIC_KEY", peer.public_key]]
-        if change.op == REMOVE:
-            peer_attrs.append(["WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME])
-        else:
-            peer_attrs.append(["WGPEER_A_FLAGS", WGPEER_F_REPLACE_ALLOWEDIPS])
-            if peer.endpoint:
-                peer_attrs.append(["WGPEER_A_ENDPOINT", _endpoint(peer.endpoint)])
-            peer_attrs.append(["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", peer.keepalive])
-            peer_attrs.append(["WGPEER_A_ALLOWEDIPS", _allowed_ips(peer.allowed_ips)])
-        peers.append({"attrs": peer_attrs})
-    if peers:
-        attrs.append(["WGDEVICE_A_PEERS", peers])
-    msg["attrs"] = attrs
-    return msg
+    """One WG_CMD_SET_DEVICE with everything (:func:`set_messages` without a size limit)."""
+    return set_messages(
+        ifname,
+        private_key=private_key,
+        listen_port=listen_port,
+        changes=changes,
+        budget=1 << 62,
+    )[0]
 
 
 def get_message(ifname: str) -> Any:

@@ -9,8 +9,10 @@ CIDRs on it as a host-length address, and per peer
 - ``peerCIDR dev <wg>`` for each of its pod CIDRs (no gateway: the device is layer 3).
 
 Peers are reconciled by diff like every other overlay object (:func:`plan_peers`): peers that
-match no current node are removed, drifted ones (endpoint, AllowedIPs, keepalive) corrected,
-a node whose key changed is a new peer (and its old key's peer is removed). Pure: no I/O.
+match no current node are removed, drifted ones (AllowedIPs, keepalive) corrected, a node
+whose key changed is a new peer (and its old key's peer is removed). A peer's endpoint is set
+when it is added or its announced address changes, never reset from a roamed one (WireGuard
+follows the peer's packets). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import base64
 import binascii
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from node_services.overlay.model import Desired, Peer, Refusal, Route, Underlay
@@ -176,18 +178,42 @@ def desired(
     )
 
 
-def plan_peers(wanted: Iterable[WgPeer], actual: Iterable[WgPeer]) -> list[PeerChange]:
+def plan_peers(
+    wanted: Iterable[WgPeer],
+    actual: Iterable[WgPeer],
+    endpoints_set: Mapping[str, str] | None = None,
+) -> list[PeerChange]:
     """Removes first (a rotated key's old peer may hold the AllowedIPs its new one needs: an
-    allowed IP belongs to one peer only), then corrections and additions, each by key."""
+    allowed IP belongs to one peer only), then corrections and additions, each by key.
+
+    The endpoint is not drift: WireGuard moves a peer's endpoint to the source of its
+    authenticated packets (NAT, a multi-homed peer), and setting it back on every pass would
+    flap the path. It is set when the peer is added, and when the announced address is not
+    the one we last set (``endpoints_set``: key -> endpoint, what the caller remembers of
+    earlier passes) while the device holds another one. A correction of AllowedIPs or
+    keepalive alone carries no endpoint ("": left as the device has it)."""
     want: Mapping[str, WgPeer] = {peer.public_key: peer for peer in wanted}
     have: Mapping[str, WgPeer] = {peer.public_key: peer for peer in actual}
+    remembered = endpoints_set or {}
     changes = [PeerChange(REMOVE, have[key]) for key in sorted(have.keys() - want.keys())]
     for key in sorted(want):
+        peer = want[key]
         if key not in have:
-            changes.append(PeerChange(ADD, want[key]))
-        elif have[key] != want[key]:
-            changes.append(PeerChange(REPLACE, want[key]))
+            changes.append(PeerChange(ADD, peer))
+            continue
+        live = have[key]
+        moved = peer.endpoint != remembered.get(key) and peer.endpoint != live.endpoint
+        if moved:
+            changes.append(PeerChange(REPLACE, peer))
+        elif (live.allowed_ips, live.keepalive) != (peer.allowed_ips, peer.keepalive):
+            changes.append(PeerChange(REPLACE, replace(peer, endpoint="")))
     return changes
+
+
+def endpoints_after(wanted: Iterable[WgPeer]) -> dict[str, str]:
+    """What to remember once :func:`plan_peers`' changes are applied: every wanted peer's
+    endpoint was either set now, set by an earlier pass, or already the device's."""
+    return {peer.public_key: peer.endpoint for peer in wanted}
 
 
 def describe(change: PeerChange) -> str:
@@ -198,4 +224,5 @@ def describe(change: PeerChange) -> str:
     if change.op == REMOVE:
         return what
     keepalive = f" keepalive {peer.keepalive}s" if peer.keepalive else ""
-    return f"{what} endpoint {peer.endpoint} allowed-ips {','.join(peer.allowed_ips)}{keepalive}"
+    where = f" endpoint {peer.endpoint}" if peer.endpoint else ""
+    return f"{what}{where} allowed-ips {','.join(peer.allowed_ips)}{keepalive}"

@@ -14,7 +14,7 @@ import stat
 import struct
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -163,6 +163,67 @@ def test_a_rotated_key_is_one_remove_and_one_add_in_that_order() -> None:
         "allowed-ips 10.244.2.0/24"
     )
     assert wireguard.describe(PeerChange(REMOVE, old)) == f"remove wireguard peer (key {PUB_A})"
+
+
+def test_a_roamed_endpoint_is_left_alone_and_an_announced_move_is_set() -> None:
+    wanted = WgPeer(PUB_A, "192.168.7.2:51820", ("10.244.2.0/24",), node="node-2")
+    roamed = WgPeer(PUB_A, "203.0.113.9:40001", ("10.244.2.0/24",))
+    set_before = {PUB_A: "192.168.7.2:51820"}
+    # the peer's packets came from elsewhere (NAT): no change, pass after pass
+    assert wireguard.plan_peers([wanted], [roamed], set_before) == []
+    # other drift is corrected without touching the roamed endpoint
+    widened = replace(wanted, allowed_ips=("10.244.2.0/24", "fd00:2::/64"), keepalive=25)
+    assert wireguard.plan_peers([widened], [roamed], set_before) == [
+        PeerChange(REPLACE, replace(widened, endpoint=""))
+    ]
+    assert wireguard.describe(PeerChange(REPLACE, replace(widened, endpoint=""))) == (
+        f"replace wireguard peer node-2 (key {PUB_A}) allowed-ips 10.244.2.0/24,fd00:2::/64 "
+        "keepalive 25s"
+    )
+    # the node announces a new underlay address: set it, once
+    moved = replace(wanted, endpoint="192.168.7.22:51820")
+    assert wireguard.plan_peers([moved], [roamed], set_before) == [PeerChange(REPLACE, moved)]
+    assert wireguard.plan_peers([moved], [roamed], wireguard.endpoints_after([moved])) == []
+    # nothing remembered (a restarted daemon): a differing endpoint is set once; an equal one
+    # or one the device already holds needs nothing
+    assert wireguard.plan_peers([wanted], [roamed]) == [PeerChange(REPLACE, wanted)]
+    assert wireguard.plan_peers([moved], [replace(roamed, endpoint=moved.endpoint)]) == []
+
+
+async def test_a_pass_leaves_a_roamed_endpoint_and_sets_a_new_announced_one(
+    tmp_path: Path,
+) -> None:
+    store = Store()
+    store.replace("s", _node_records(PUB_A))
+    wg = FakeWireGuard()
+    config = OverlayConfig("wireguard", "node-1", wireguard_key_file=tmp_path / "private.key")
+    overlay = OverlayReconciler(
+        store, config, CollectorRegistry(), FakeKernel(), wireguard_device=wg
+    )
+    assert await overlay.reconcile_once() is True
+    assert [c.op for c in wg.applied] == [ADD]
+    # WireGuard follows the peer's authenticated packets to another source address
+    wg.state = WgState(
+        wg.state.public_key,
+        wg.state.listen_port,
+        frozenset({WgPeer(PUB_A, "203.0.113.9:40001", ("10.244.2.0/24",))}),
+    )
+    for _ in range(3):
+        assert await overlay.reconcile_once() is True
+    assert [c.op for c in wg.applied] == [ADD]
+    replaced = overlay.registry.get_sample_value(
+        "node_services_overlay_repairs_total", {"kind": "replaced"}
+    )
+    assert not replaced
+    # node-2 announces another underlay address: the endpoint follows it
+    records = _node_records(PUB_A)
+    records[1] = replace(records[1], addresses=("192.168.7.22",))
+    store.replace("s", records)
+    assert await overlay.reconcile_once() is True
+    assert wg.state.peers == {WgPeer(PUB_A, "192.168.7.22:51820", ("10.244.2.0/24",))}
+    assert [c.op for c in wg.applied] == [ADD, REPLACE]
+    assert await overlay.reconcile_once() is True
+    assert [c.op for c in wg.applied] == [ADD, REPLACE]
 
 
 # -- UAPI ----------------------------------------------------------------------------------
@@ -362,6 +423,62 @@ def test_a_peer_continued_in_a_second_dump_message_is_read_as_one() -> None:
     }
 
 
+def _peer_key(n: int) -> str:
+    return base64.b64encode(n.to_bytes(4, "big") + bytes(28)).decode()
+
+
+def test_many_peer_changes_are_split_into_messages_the_kernel_accepts() -> None:
+    # 1,500 peers (one of them with 3,000 AllowedIPs): one message would be far over the
+    # socket's send buffer and the 16-bit WGDEVICE_A_PEERS length
+    gone = [WgPeer(_peer_key(n), "", ()) for n in range(1, 101)]
+    up = [
+        WgPeer(_peer_key(n), f"192.168.{n >> 8}.{n & 255}:51820", (f"10.{n >> 8}.{n & 255}.0/24",),
+               keepalive=25)
+        for n in range(1000, 2400)
+    ]  # fmt: skip
+    wide = WgPeer(
+        _peer_key(5000),
+        "[fd00::5]:51820",
+        tuple(sorted(f"fd00:{n:x}::/64" for n in range(1, 3001))),
+    )
+    changes = [
+        *(PeerChange(REMOVE, p) for p in gone),
+        *(PeerChange(ADD, p) for p in up[:700]),
+        PeerChange(ADD, wide),
+        *(PeerChange(REPLACE, p) for p in up[700:]),
+    ]
+    msgs = wgnetlink.set_messages("ns-wg", private_key=KEY_C, listen_port=51820, changes=changes)
+    datas = [wgnetlink.encode(m, 0x1F, 9 + i, 0x5) for i, m in enumerate(msgs)]
+    assert len(datas) > 4
+    assert max(len(d) for d in datas) <= wgnetlink.MESSAGE_BUDGET
+    assert min(len(d) for d in datas[:-1]) > wgnetlink.MESSAGE_BUDGET - 200  # filled up
+    # key and port in the first message only
+    attrs = [_attrs(d[20:]) for d in datas]
+    assert all(a[2] == [b"ns-wg\0"] for a in attrs)
+    assert 3 in attrs[0] and 6 in attrs[0]
+    assert all(3 not in a and 6 not in a for a in attrs[1:])
+    # every change in order, once; the wide peer in parts: flags only on the first
+    parts = [_attrs(p) for a in attrs for ps in _attrs(a[8][0]).values() for p in ps]
+    keys = [base64.b64encode(p[1][0]).decode() for p in parts]
+    deduped = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
+    assert deduped == [c.peer.public_key for c in changes]
+    wide_parts = [p for p, k in zip(parts, keys, strict=True) if k == wide.public_key]
+    assert len(wide_parts) > 1
+    assert wide_parts[0][3] == [struct.pack("=I", WGPEER_F_REPLACE_ALLOWEDIPS)]
+    assert all(set(p) == {1, 9} for p in wide_parts[1:])
+    # read back as the kernel would hold it
+    state = wgnetlink.state_of(wgnetlink.decode(d) for d in datas)
+    assert state.peers == {*gone, *up, wide}
+    assert state.listen_port == 51820
+
+
+def test_a_small_pass_is_one_message() -> None:
+    up = WgPeer(PUB_A, "192.168.7.2:51820", ("10.244.2.0/24",))
+    msgs = wgnetlink.set_messages("ns-wg", changes=[PeerChange(ADD, up)])
+    assert len(msgs) == 1
+    assert wgnetlink.set_messages("ns-wg") and len(wgnetlink.set_messages("ns-wg")) == 1
+
+
 # -- keys ----------------------------------------------------------------------------------
 
 
@@ -422,8 +539,10 @@ class FakeWireGuard:
             self.applied.append(change)
             if change.op == REMOVE:
                 del peers[change.peer.public_key]
-            else:
-                peers[change.peer.public_key] = change.peer
+            else:  # as the device does: an upsert without an endpoint keeps the one it has
+                old = peers.get(change.peer.public_key)
+                endpoint = change.peer.endpoint or (old.endpoint if old else "")
+                peers[change.peer.public_key] = replace(change.peer, endpoint=endpoint)
         self.state = WgState(
             self.state.public_key, self.state.listen_port, frozenset(peers.values())
         )
