@@ -190,3 +190,15 @@ def test_an_update_starts_the_new_pod_beside_the_old_one_sharing_the_hand_over_d
     }
     # The lame duck and the drain fit in the termination grace period.
     assert pod_spec()["terminationGracePeriodSeconds"] > settings.shutdown_grace + 10
+
+
+def test_both_pods_of_an_update_share_wireguard_gos_sockets_and_get_the_tun_device() -> None:
+    from node_services.overlay import uapi
+
+    main = container("node-services")
+    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    mounted = {m["mountPath"]: volumes[m["name"]]["hostPath"] for m in main["volumeMounts"]}
+    # the directory the daemon looks for a running wireguard-go in, the host's
+    assert mounted[str(uapi.SOCKET_DIR)] == {"path": "/run/wireguard", "type": "DirectoryOrCreate"}
+    assert mounted["/dev/net/tun"] == {"path": "/dev/net/tun", "type": "CharDevice"}
+    assert "NET_ADMIN" in main["securityContext"]["capabilities"]["add"]

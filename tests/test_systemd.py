@@ -158,3 +158,13 @@ def test_the_unit_is_type_notify_with_a_watchdog_and_keeps_its_sockets() -> None
     assert directives("RuntimeDirectoryPreserve") == ["restart"]
     # The stop timeout leaves room for the lame duck (shutdown_grace, 5 s by default).
     assert int(directives("TimeoutStopSec")[0]) > 5
+
+
+def test_wireguard_gos_socket_directory_is_made_and_writable() -> None:
+    # ProtectSystem=strict leaves /run read-only: wireguard-go could not make its socket
+    assert directives("ProtectSystem") == ["strict"]
+    assert "/run/wireguard" in directives("ReadWritePaths")
+    made = [command(value) for value in directives("ExecStartPre")]
+    assert ("+", ["/bin/mkdir", "-p", "/run/wireguard"]) in made
+    # before the daemon runs, and never removed on stop (not a RuntimeDirectory)
+    assert "wireguard" not in " ".join(directives("RuntimeDirectory"))
