@@ -260,14 +260,20 @@ async def test_a_wrong_key_is_a_clear_error_and_retried(
     running = await cattle(secret="wrong-secret")
     fake = running.fake
     await wait_until(lambda: fake.counters.unauthorized >= 3, what="retries")
+    # the server counts a 401 before the source has read it: wait for the source's count
+    await wait_until(
+        lambda: running.metric("node_services_cattle_errors_total", reason="unauthorized") >= 3,
+        what="counted retries",
+    )
     assert not running.source.synced.is_set()
     assert not running.store.snapshot.all_synced
-    assert running.metric("node_services_cattle_errors_total", reason="unauthorized") >= 3
     assert "401 Unauthorized: the API key AK0123 was refused" in caplog.text
     assert "wrong-secret" not in caplog.text
     assert "wrong-secret" not in repr(running.source.connection)
+    assert "401 Unauthorized" in running.source.last_error
     fake.secret_key = "wrong-secret"  # the operator fixes the server side: it syncs
     await synced(running)
+    assert running.source.last_error == ""  # /readyz and /status no longer quote it
 
 
 async def test_a_list_failing_with_500_is_retried(cattle: Callable[..., Any]) -> None:
