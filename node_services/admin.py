@@ -164,6 +164,7 @@ def status_report(
     sampler: StatusSampler,
     task_problems: TaskProblems,
     extra: Callable[[], dict[str, Any]],
+    last_errors: LastErrors = dict,
 ) -> dict[str, Any]:
     """The /status document: what `node-services status` prints."""
     store = sampler.store
@@ -204,7 +205,7 @@ def status_report(
         }
         for labels, size in samples.get("node_services_ipam_pool_size", ())
     ]
-    problems = readiness_problems(store, task_problems)
+    problems = readiness_problems(store, task_problems, last_errors)
     report: dict[str, Any] = {
         "version": __version__,
         "pid": os.getpid(),
@@ -222,7 +223,7 @@ def status_report(
                 for rcode, v in labelled("node_services_dns_responses_total", "rcode").items()
             },
             "cache_hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
-            "answer_cache_hits": int(_total(samples, "node_services_dns_answer_cache_hits")),
+            "answer_cache_hits": int(_total(samples, "node_services_dns_answer_cache_hits_total")),
             "forward_errors": int(_total(samples, "node_services_dns_forward_errors_total")),
         },
         "metadata": {
@@ -271,7 +272,7 @@ def make_admin_app(
     sampler = StatusSampler(store, loaders, registry)
 
     async def status(request: web.Request) -> web.Response:
-        return web.json_response(status_report(sampler, task_problems, status_extra))
+        return web.json_response(status_report(sampler, task_problems, status_extra, last_errors))
 
     async def sampling(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(sampler.run(), name="status-sampler")

@@ -428,6 +428,8 @@ class Daemon:
         errors = {s.name: s.last_error for s in self.snapshots if s.last_error}
         if self.kube is not None:
             errors.update(self.kube.last_errors())
+        if self.cattle is not None and self.cattle.last_error:
+            errors[self.cattle.source] = self.cattle.last_error
         return errors
 
     def _listen_tcp(self, key: str, listen: Address, backlog: int) -> socket.socket:

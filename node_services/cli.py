@@ -293,7 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _admin_url(args: argparse.Namespace) -> str:
     if args.admin:
-        return str(args.admin).rstrip("/")
+        admin = str(args.admin).rstrip("/")
+        # "127.0.0.1:9254" (no scheme): the admin endpoint is plain http
+        return admin if "://" in admin else f"http://{admin}"
     listen = load_settings(config_file=args.config).admin_listen
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen.host, listen.host)
     return f"http://[{host}]:{listen.port}" if ":" in host else f"http://{host}:{listen.port}"
@@ -364,6 +366,10 @@ def format_status(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+STATUS_KEYS: Final = frozenset({"version", "pid", "ready", "problems", "sources"})
+"""Keys every /status document of ours has (anything else answering is not our daemon)."""
+
+
 def _status(args: argparse.Namespace) -> int:
     import json
     import urllib.error
@@ -377,7 +383,7 @@ def _status(args: argparse.Namespace) -> int:
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:
             body = response.read()
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, ValueError) as exc:  # ValueError: a bad URL
         print(f"node-services: cannot read {url}: {exc}", file=sys.stderr)
         return 2
     try:
@@ -385,5 +391,16 @@ def _status(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"node-services: {url} did not answer JSON: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_status(report))
+    try:
+        if not isinstance(report, dict) or not report.keys() >= STATUS_KEYS:
+            raise KeyError(", ".join(sorted(STATUS_KEYS)))
+        text = json.dumps(report, indent=2, sort_keys=True) if args.json else format_status(report)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        print(
+            f"node-services: {url} is not a node-services /status "
+            f"(unexpected document: {type(exc).__name__}: {exc})",
+            file=sys.stderr,
+        )
+        return 2
+    print(text)
     return 0 if report.get("ready") else 1

@@ -13,10 +13,12 @@ import ipaddress
 import itertools
 import os
 import re
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -536,6 +538,17 @@ def _convert(key: str, value: Any) -> Any:
     return str(value)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The problem and its line/column, never the offending text (it may hold a secret)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        what = exc.problem or exc.context or "syntax error"
+        if mark is not None:
+            return f"{what} at line {mark.line + 1}, column {mark.column + 1}"
+        return what
+    return type(exc).__name__
+
+
 def read_config_file(path: Path, problems: list[str]) -> dict[str, Any]:
     """The raw mapping of a YAML config file; problems are appended, not raised."""
     try:
@@ -544,7 +557,7 @@ def read_config_file(path: Path, problems: list[str]) -> dict[str, Any]:
         problems.append(f"{path}: cannot read: {exc.strerror or exc}")
         return {}
     except yaml.YAMLError as exc:
-        problems.append(f"{path}: not valid YAML: {exc}")
+        problems.append(f"{path}: not valid YAML: {_yaml_problem(exc)}")
         return {}
     if data is None:
         return {}
@@ -634,7 +647,19 @@ def _cattle_problems(values: Mapping[str, Any], *, check_files: bool) -> list[st
     access, secret = values.get("cattle_access_key", ""), values.get("cattle_secret_key", "")
     ca_file = values.get("cattle_ca_file")
     problems = []
-    if url and re.match(r"^https?://", url) and not _CATTLE_PROJECT_RE.match(url):
+    userinfo = "@" in urlsplit(url).netloc if re.match(r"^https?://", url) else False
+    if userinfo:  # never quote it: the password would reach logs and /readyz
+        problems.append(
+            "cattle_url: holds credentials (user:password@host): remove them and set the API "
+            "key pair with CATTLE_ACCESS_KEY / CATTLE_SECRET_KEY"
+        )
+    elif url and re.match(r"^https?://[^/?#\s]+/v1/?$", url):
+        problems.append(
+            f"cattle_url: {url!r} is the /v1 URL Rancher injects into agent.role=environment "
+            "containers; use the project URL <server>/v2-beta/projects/<id>, like "
+            "http://rancher:8080/v2-beta/projects/1a5"
+        )
+    elif url and re.match(r"^https?://", url) and not _CATTLE_PROJECT_RE.match(url):
         problems.append(
             f"cattle_url: {url!r} is not a project-scoped v2-beta URL like "
             "http://rancher:8080/v2-beta/projects/1a5 (as Rancher shows for environment API keys)"
@@ -647,6 +672,16 @@ def _cattle_problems(values: Mapping[str, Any], *, check_files: bool) -> list[st
             problems.append("cattle_ca_file: set, but cattle_url is not an https:// URL")
         elif check_files and not ca_file.is_file():
             problems.append(f"cattle_ca_file: {ca_file}: no such file")
+        elif check_files:
+            try:
+                ssl.create_default_context(cafile=str(ca_file))
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                reason = (
+                    f"not a usable PEM CA bundle ({exc.reason or exc})"
+                    if isinstance(exc, ssl.SSLError)
+                    else (getattr(exc, "strerror", None) or str(exc))
+                )
+                problems.append(f"cattle_ca_file: {ca_file}: {reason}")
     return problems
 
 
@@ -661,12 +696,25 @@ def _not_a_file(path: Path) -> str:
     return ""
 
 
+_SERVICE_LINK_RE: Final = re.compile(
+    r"^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
+    r"|PORT_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)$"
+)
+_SERVICE_LINK_URL_RE: Final = re.compile(r"^(tcp|udp|sctp)://\S+$")
+"""What Kubernetes injects for a Service (``node-services``: ``NODE_SERVICES_SERVICE_HOST``,
+``NODE_SERVICES_PORT_9254_TCP_ADDR``...); not settings."""
+
+
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """One line per ``NODE_SERVICES_*`` variable that sets no key, with a suggestion."""
     known = {env_name(k) for k in FIELD_NAMES}
     lines = []
     for name in sorted(environ):
         if name.startswith("NODE_SERVICES_") and name not in known:
+            if _SERVICE_LINK_RE.match(name) or (
+                name.endswith("_PORT") and _SERVICE_LINK_URL_RE.match(environ[name])
+            ):  # Kubernetes' variables for a Service, not settings
+                continue
             close = _did_you_mean(name.removeprefix("NODE_SERVICES_").lower(), FIELD_NAMES)
             hint = f" (did you mean {env_name(close)}?)" if close else ""
             lines.append(f"environment: unknown variable {name}{hint}; ignored")

@@ -259,3 +259,40 @@ def test_a_daemon_with_no_source_says_so(daemon: Callable[..., DaemonProcess]) -
         "WARNING node_services.app: no sources (no snapshot file, no kubeconfig, not in a pod): "
         "the cache stays empty and every cluster name answers NXDOMAIN"
     ) in node.output()
+
+
+def test_a_yaml_syntax_error_names_line_and_column_but_not_the_text(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text('dns_ttl: 30\ncattle_secret_key: "s3cret-value\n')
+    [problem] = problems_of(config)
+    assert problem.startswith(f"{config}: not valid YAML: ")
+    assert " at line 3, column 1" in problem or " at line 2, column " in problem, problem
+    assert "s3cret" not in problem
+    config.write_text("dns_ttl: 30\ncattle_secret_key: [s3cret-value\n")
+    [problem] = problems_of(config)
+    assert "s3cret" not in problem and "line " in problem, problem
+
+
+def test_kubernetes_service_link_variables_are_not_unknown_settings() -> None:
+    environ = {
+        "NODE_SERVICES_SERVICE_HOST": "10.43.0.10",
+        "NODE_SERVICES_SERVICE_PORT": "9254",
+        "NODE_SERVICES_SERVICE_PORT_ADMIN": "9254",
+        "NODE_SERVICES_PORT": "tcp://10.43.0.10:9254",
+        "NODE_SERVICES_PORT_9254_TCP": "tcp://10.43.0.10:9254",
+        "NODE_SERVICES_PORT_9254_TCP_PROTO": "tcp",
+        "NODE_SERVICES_PORT_9254_TCP_PORT": "9254",
+        "NODE_SERVICES_PORT_9254_TCP_ADDR": "10.43.0.10",
+        "NODE_SERVICES_PORT_53_UDP_ADDR": "10.43.0.10",
+        "NODE_SERVICES_DNS_TLL": "30",
+        "NODE_SERVICES_OVERLAY_VXLN_PORT": "8472",
+    }
+    assert unknown_variables(environ) == [
+        "environment: unknown variable NODE_SERVICES_DNS_TLL "
+        "(did you mean NODE_SERVICES_DNS_TTL?); ignored",
+        "environment: unknown variable NODE_SERVICES_OVERLAY_VXLN_PORT "
+        "(did you mean NODE_SERVICES_OVERLAY_VXLAN_PORT?); ignored",
+    ]
+    service_links = {k: v for k, v in environ.items() if "TLL" not in k and "VXLN" not in k}
+    result = cli("check-config", env=service_links)
+    assert result.returncode == 0, result.stderr

@@ -3,14 +3,17 @@ and --json, the default admin address from the settings, exit codes."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from dnshelpers import dig
+from fakes.cattle_server import serve_in_thread
 from helpers import DEMO_SNAPSHOT, DaemonProcess, free_port, http_get
 
 Start = Callable[..., DaemonProcess]
@@ -117,3 +120,83 @@ def test_status_of_an_unreachable_daemon_exits_2() -> None:
     result = status("--admin", f"http://127.0.0.1:{port}", "--timeout", "5")
     assert result.returncode == 2
     assert f"cannot read http://127.0.0.1:{port}/status" in result.stderr
+
+
+def test_status_counts_answer_cache_hits(daemon: Start) -> None:
+    node = daemon("--snapshot", str(DEMO_SNAPSHOT), "--upstream", "127.0.0.1:1")
+    node.wait_for(lambda: node.get("/readyz")[0] == 200, what="ready")
+    name = "kubernetes.default.svc.cluster.local"
+    for _ in range(3):  # the same query bytes but the ID: answered from the cache twice
+        assert "status: NOERROR" in dig(node.dns_port, "+nocookie", name)
+
+    def hits() -> int:
+        result = status("--admin", node.admin, "--json")
+        assert result.returncode == 0, result.stderr
+        return int(json.loads(result.stdout)["dns"]["answer_cache_hits"])
+
+    node.wait_for(lambda: hits() == 2, what="two answer cache hits in /status")
+
+
+def test_status_and_readyz_say_the_cattle_sources_last_error(daemon: Start) -> None:
+    with serve_in_thread() as fake:
+        server = fake.server
+        node = daemon(
+            "--upstream",
+            "127.0.0.1:1",
+            env={
+                "CATTLE_URL": server.url,
+                "CATTLE_ACCESS_KEY": server.access_key,
+                "CATTLE_SECRET_KEY": "wrong-s3cret",
+            },
+        )
+        refused = f"401 Unauthorized: the API key {server.access_key} was refused"
+        node.wait_for(lambda: refused in node.get("/readyz")[1], what="the 401 in /readyz")
+        status_code, body = node.get("/readyz")
+        assert status_code == 503
+        assert "  source cattle has not synced: last error: " in body
+        result = status("--admin", node.admin, "--json")
+        assert result.returncode == 1, result.stderr
+        (problem,) = json.loads(result.stdout)["problems"]
+        assert problem.startswith("source cattle has not synced: last error: ")
+        assert refused in problem
+        assert "wrong-s3cret" not in body + result.stdout + node.output()
+
+
+def test_status_takes_an_admin_address_without_scheme(daemon: Start) -> None:
+    node = daemon("--snapshot", str(DEMO_SNAPSHOT), "--upstream", "127.0.0.1:1")
+    node.wait_for(lambda: node.get("/readyz")[0] == 200, what="ready")
+    result = status("--admin", f"127.0.0.1:{node.admin_port}", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["records"] == DEMO_RECORDS
+
+
+class _OtherJSON(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = json.dumps({"status": "ok", "version": 3} if self.path == "/status" else [1])
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_status_of_an_endpoint_that_is_not_ours_exits_2() -> None:
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _OtherJSON)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for admin in (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/elsewhere"):
+            result = status("--admin", admin, "--timeout", "10")
+            assert result.returncode == 2, (result.stdout, result.stderr)
+            assert f"node-services: {admin}/status is not a node-services /status" in result.stderr
+            assert "Traceback" not in result.stderr
+        result = status("--admin", f"http://127.0.0.1:{port}/elsewhere", "--json")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

@@ -15,12 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from fakes.cattle_server import FakeCattle, read_fixture
-from helpers import FIXTURES
+from helpers import FIXTURES, free_port
 from prometheus_client import CollectorRegistry
 
 from node_services.sources.cattle import translate
-from node_services.sources.cattle.client import Connection
+from node_services.sources.cattle.client import (
+    CattleAPIError,
+    CattleClient,
+    Connection,
+    origin_of,
+)
 from node_services.sources.cattle.source import CattleSource
 from node_services.sources.guard import Rejections
 from node_services.state.records import Endpoints, Host, Service, Workload
@@ -254,14 +260,20 @@ async def test_a_wrong_key_is_a_clear_error_and_retried(
     running = await cattle(secret="wrong-secret")
     fake = running.fake
     await wait_until(lambda: fake.counters.unauthorized >= 3, what="retries")
+    # the server counts a 401 before the source has read it: wait for the source's count
+    await wait_until(
+        lambda: running.metric("node_services_cattle_errors_total", reason="unauthorized") >= 3,
+        what="counted retries",
+    )
     assert not running.source.synced.is_set()
     assert not running.store.snapshot.all_synced
-    assert running.metric("node_services_cattle_errors_total", reason="unauthorized") >= 3
     assert "401 Unauthorized: the API key AK0123 was refused" in caplog.text
     assert "wrong-secret" not in caplog.text
     assert "wrong-secret" not in repr(running.source.connection)
+    assert "401 Unauthorized" in running.source.last_error
     fake.secret_key = "wrong-secret"  # the operator fixes the server side: it syncs
     await synced(running)
+    assert running.source.last_error == ""  # /readyz and /status no longer quote it
 
 
 async def test_a_list_failing_with_500_is_retried(cattle: Callable[..., Any]) -> None:
@@ -399,7 +411,8 @@ async def test_a_large_page_is_read_whole(cattle: Callable[..., Any]) -> None:
     assert running.get("cattle:container/1i1599").ips == ("127.0.6.100",)
 
 
-async def test_https_with_the_ca_file(cattle: Callable[..., Any], tmp_path: Path) -> None:
+async def self_signed(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
+    """A self-signed certificate for 127.0.0.1: (its PEM file, a server context)."""
     ca, key = tmp_path / "ca.pem", tmp_path / "server.key"
     openssl = await asyncio.create_subprocess_exec(
         *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
@@ -411,6 +424,11 @@ async def test_https_with_the_ca_file(cattle: Callable[..., Any], tmp_path: Path
     assert await openssl.wait() == 0
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(ca, key)
+    return ca, tls
+
+
+async def test_https_with_the_ca_file(cattle: Callable[..., Any], tmp_path: Path) -> None:
+    ca, tls = await self_signed(tmp_path)
     # without the CA file the certificate is refused (and retried), with it the source syncs
     untrusted = await cattle(fake_options={"ssl_context": tls})
     assert untrusted.fake.url.startswith("https://127.0.0.1:")
@@ -423,3 +441,209 @@ async def test_https_with_the_ca_file(cattle: Callable[..., Any], tmp_path: Path
     await synced(running)
     running.fake.update("1i11", primaryIpAddress="127.0.0.77")
     await wait_until(lambda: running.get("cattle:container/1i11").ips == ("127.0.0.77",))
+
+
+RECORDED_2 = read_fixture(FIXTURES / "cattle" / "recorded-2" / "cattle-resources.json")
+
+
+def lb_config(record: Any) -> dict[str, Any]:
+    assert isinstance(record, Service) and record.lb_config_json
+    config: dict[str, Any] = json.loads(record.lb_config_json)
+    return config
+
+
+async def test_a_load_balancer_names_its_certificate_after_sync_and_a_rename(
+    cattle: Callable[..., Any],
+) -> None:
+    running = await cattle(RECORDED_2)
+    await synced(running)
+    assert running.fake.counters.lists["certificates"] == 1
+
+    def expected_lb() -> Service:
+        resolved = translate.resolve(
+            item for obj in running.fake.objects() for item in translate.translate(obj, "cattle")
+        )
+        found = next(r for r in resolved if r.key == "cattle:service/1s31")
+        assert isinstance(found, Service)
+        return found
+
+    lb = running.get("cattle:service/1s31")
+    assert lb == expected_lb()
+    assert lb_config(lb)["default_cert"] == "shop-example-test"
+    assert lb_config(lb)["certs"] == ["shop-example-test"]
+    running.fake.update("1c3", name="shop-renamed")
+    await wait_until(
+        lambda: lb_config(running.get("cattle:service/1s31"))["default_cert"] == "shop-renamed",
+        what="certificate rename",
+    )
+    assert running.get("cattle:service/1s31") == expected_lb()
+    assert lb_config(running.get("cattle:service/1s31"))["certs"] == ["shop-renamed"]
+    assert running.source.lists == 1
+
+
+async def test_an_object_whose_type_is_not_a_string_is_skipped_by_id(
+    cattle: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, "node_services.sources.cattle")
+    running = await cattle([*SCENARIO, by_id("1i10") | {"id": "1i42", "name": "x-42"}], run=False)
+    present = running.fake._present
+
+    def malformed(obj: dict[str, Any], origin: str) -> dict[str, Any]:
+        out = present(obj, origin)
+        return out | {"type": ["container"]} if out.get("id") == "1i42" else out
+
+    running.fake._present = malformed  # type: ignore[method-assign]
+    task = asyncio.create_task(running.source.run())
+    try:
+        await synced(running)
+        # live: events whose resource type is a list or a dict are skipped, the source goes on
+        for weird in (["container"], {"a": 1}):
+            event = running.fake.change_event(by_id("1i10"))
+            event["resourceType"] = weird
+            event["data"]["resource"]["type"] = weird
+            running.fake.send_raw(event)
+            bare = {"name": "resource.change", "resourceType": weird, "resourceId": "1i10"}
+            running.fake.send_raw(bare | {"data": {}})
+        running.fake.update("1i11", primaryIpAddress="127.0.0.56")
+        await wait_until(lambda: running.get("cattle:container/1i11").ips == ("127.0.0.56",))
+        assert running.get("cattle:container/1i10") is not None
+        assert "skipped object 1i42: its type is not a string" in caplog.text
+        assert "skipped object 1i10: its type is not a string" in caplog.text
+        assert running.get("cattle:container/1i42") is None
+        assert running.get("cattle:service/1s3") is not None
+        assert running.source.lists == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_socket_closed_right_after_the_handshake_backs_off(
+    cattle: Callable[..., Any],
+) -> None:
+    # Each socket closes after its first ping (sent at once), while the list (7 collections,
+    # 0.2 s each) is still running: every sync succeeds, but the socket never stays up.
+    running = await cattle(
+        fake_options={"ping_interval": 0.05}, backoff=(0.05, 0.2), min_stable=5.0, run=False
+    )
+    running.fake.faults.close_after_pings = 1
+    running.fake.faults.list_delay = 0.2
+    task = asyncio.create_task(running.source.run())
+    try:
+        await wait_until(lambda: running.source.lists >= 3, within=60, what="three lists")
+        # not reset by the syncs: the delays keep growing (0.05, 0.1, 0.2...), never 0
+        assert running.source.backoff.failures >= 2
+        assert len(running.source.backoff.history) >= 2
+        assert all(delay > 0 for delay in running.source.backoff.history)
+        assert running.metric("node_services_cattle_errors_total", reason="closed") >= 2
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_stable_socket_restarts_the_backoff(cattle: Callable[..., Any]) -> None:
+    running = await cattle(min_stable=0.0)
+    await synced(running)
+    running.source.backoff.failures = 5  # as after a run of failures
+    await wait_until(lambda: running.fake.open_sockets == 1, what="socket")
+    running.fake.drop_sockets()
+    await wait_until(lambda: running.source.lists >= 2, what="relist")
+    assert running.source.backoff.history[-1] < 0.05 * 1.5 + 1e-9
+
+
+async def test_an_event_without_data_resource_is_fetched_by_id(
+    cattle: Callable[..., Any],
+) -> None:
+    running = await cattle()
+    await synced(running)
+    fake = running.fake
+    gets = len(fake.counters.gets)
+    fake.load([by_id("1i12") | {"primaryIpAddress": "127.0.0.77"}])  # no event
+    fake.send_raw(
+        {"name": "resource.change", "resourceType": "container", "resourceId": "1i12", "data": {}}
+    )
+    await wait_until(
+        lambda: running.get("cattle:container/1i12").ips == ("127.0.0.77",), what="fetched"
+    )
+    assert fake.counters.gets[gets:] == ["1i12"]
+    fake._objects.pop("1i12")  # purged, no event: the fetch is a 404
+    fake.send_raw({"name": "resource.change", "resourceType": "container", "resourceId": "1i12"})
+    await wait_until(lambda: running.get("cattle:container/1i12") is None, what="404 removal")
+    assert running.metric("node_services_cattle_errors_total", reason="bad_event") == 0
+    assert running.metric("node_services_cattle_events_total", type="container") == 2
+    assert running.source.lists == 1
+
+
+async def test_a_ca_file_that_is_not_pem_is_retried_until_it_is_fixed(
+    cattle: Callable[..., Any], tmp_path: Path
+) -> None:
+    good, tls = await self_signed(tmp_path)
+    ca = tmp_path / "rotated-ca.pem"
+    ca.write_text("this is not a PEM certificate\n")
+    running = await cattle(fake_options={"ssl_context": tls}, ca_file=ca)
+    await wait_until(
+        lambda: running.metric("node_services_cattle_errors_total", reason="ca_file") >= 2,
+        what="retried CA file errors",
+    )
+    assert "not a usable PEM CA bundle" in running.source.last_error
+    assert str(ca) in running.source.last_error
+    assert not running.source.synced.is_set()
+    ca.write_bytes(good.read_bytes())  # the operator fixes (rotates) the file: reread, syncs
+    await synced(running)
+    assert running.source.last_error == ""
+
+
+async def test_next_links_on_another_scheme_behind_a_tls_proxy_are_rebuilt(
+    cattle: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Cattle behind a TLS-terminating proxy writes its links as http:// while we talk https.
+    ca, tls = await self_signed(tmp_path)
+    running = await cattle(fake_options={"ssl_context": tls, "max_limit": 2}, ca_file=ca, run=False)
+    fake = running.fake
+    fake._origin = lambda request: f"http://{request.host}"  # type: ignore[method-assign]
+    task = asyncio.create_task(running.source.run())
+    try:
+        await synced(running)
+        assert fake.counters.lists["containers"] == 2  # the second page was followed
+        assert running.get("cattle:container/1i12") is not None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_origins_normalise_default_ports_and_refuse_other_hosts() -> None:
+    client = CattleClient(Connection("http://rancher/v2-beta/projects/1a5"))
+    client._check_origin("http://rancher:80/v2-beta/projects/1a5/containers?marker=m2")
+    client._check_origin("HTTP://Rancher/v2-beta/projects/1a5/containers")
+    with pytest.raises(CattleAPIError, match="refusing to follow"):
+        client._check_origin("http://rancher:8080/v2-beta/projects/1a5/containers")
+    with pytest.raises(CattleAPIError, match="refusing to follow"):
+        client._check_origin("http://elsewhere/v2-beta/projects/1a5/containers")
+    assert origin_of("https://rancher/x") == origin_of("https://rancher:443/y")
+    tls = CattleClient(Connection("https://rancher/v2-beta/projects/1a5"))
+    assert (
+        tls._on_origin("http://rancher:8080/v2-beta/projects/1a5/containers?limit=2&marker=m2")
+        == "https://rancher/v2-beta/projects/1a5/containers?limit=2&marker=m2"
+    )
+    assert tls._on_origin("http://evil/v2-beta/x") == "http://evil/v2-beta/x"  # then refused
+
+
+async def test_an_error_body_is_read_only_in_part_and_decoded_leniently() -> None:
+    async def huge(request: web.Request) -> web.Response:
+        return web.Response(status=502, body=b"\xff\xfe bad gateway " + b"x" * (4 << 20))
+
+    app = web.Application()
+    app.router.add_get("/v2-beta/projects/1a5", huge)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        url = f"http://127.0.0.1:{port}/v2-beta/projects/1a5"
+        async with CattleClient(Connection(url)) as client:
+            with pytest.raises(CattleAPIError) as caught:
+                await client.get_json(url)
+        assert caught.value.reason == "http_502"
+        assert caught.value.message.startswith(f"{url}: HTTP 502: \ufffd\ufffd bad gateway xxx")
+        assert len(caught.value.message) < len(url) + 220
+    finally:
+        await runner.cleanup()

@@ -3,7 +3,9 @@
 One project-scoped endpoint (``http://rancher:8080/v2-beta/projects/1a5``, as Rancher shows it
 for environment API keys), HTTP Basic auth with the environment's API key pair, an optional CA
 file for https. A collection is followed through ``pagination.next`` (only while it stays on
-the configured origin: a server cannot send us elsewhere). Errors are :class:`CattleAPIError`
+the configured origin, default ports normalised: a server cannot send us elsewhere; a link to
+the same host under another scheme, as Cattle writes behind a TLS-terminating proxy, is rebuilt
+on the configured origin). Errors are :class:`CattleAPIError`
 with a ``reason`` for the metrics label; a 401/403 names the access key, never the secret.
 """
 
@@ -17,11 +19,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
 PAGE_LIMIT: Final = 1000
+ERROR_BODY_BYTES: Final = 1024
+"""The most of an error answer's body read (to quote its start in the error)."""
+DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 SUBSCRIBE_QUERY: Final = "eventNames=resource.change"
 MAX_MESSAGE_BYTES: Final = 64 << 20
 """Largest websocket frame or list page accepted (a full container object is a few KiB)."""
@@ -29,7 +34,7 @@ MAX_MESSAGE_BYTES: Final = 64 << 20
 
 class CattleAPIError(Exception):
     """A failed request. ``reason``: unauthorized, forbidden, not_found, http_<status>,
-    bad_body, transport."""
+    bad_body, transport, ca_file (the CA file cannot be read or is not PEM)."""
 
     def __init__(self, reason: str, message: str, *, status: int = 0) -> None:
         super().__init__(message)
@@ -50,8 +55,7 @@ class Connection:
 
     @property
     def origin(self) -> tuple[str, str, int | None]:
-        parts = urlsplit(self.url)
-        return parts.scheme, parts.hostname or "", parts.port
+        return origin_of(self.url)
 
     @property
     def subscribe_url(self) -> str:
@@ -70,6 +74,26 @@ class Connection:
         if self.ca_file is None:
             return True
         return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+def origin_of(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a URL, the port made explicit for the scheme's default one."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1  # not a port: matches no origin
+    return scheme, (parts.hostname or "").lower(), port or DEFAULT_PORTS.get(scheme)
+
+
+def describe_ca_error(exc: BaseException) -> str:
+    """Why a CA file cannot be used, in a few words."""
+    if isinstance(exc, ssl.SSLError):
+        return f"not a usable PEM CA bundle ({exc.reason or exc})"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
 
 
 def collection_of(resource_type: str) -> str:
@@ -91,7 +115,13 @@ class CattleClient:
         self.requests = 0
 
     async def __aenter__(self) -> CattleClient:
-        connector = aiohttp.TCPConnector(ssl=self.connection.ssl_context(), limit=16)
+        try:
+            context = self.connection.ssl_context()
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise CattleAPIError(
+                "ca_file", f"CA file {self.connection.ca_file}: {describe_ca_error(exc)}"
+            ) from None
+        connector = aiohttp.TCPConnector(ssl=context, limit=16)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
@@ -135,7 +165,8 @@ class CattleClient:
                 if response.status == 404:
                     raise CattleAPIError("not_found", f"{url}: 404 Not Found", status=404)
                 if response.status >= 300:
-                    body = (await response.text())[:200]
+                    head = await response.content.read(ERROR_BODY_BYTES)
+                    body = head.decode("utf-8", errors="replace")[:200]
                     raise CattleAPIError(
                         f"http_{response.status}",
                         f"{url}: HTTP {response.status}: {' '.join(body.split())}",
@@ -159,11 +190,23 @@ class CattleClient:
             raise CattleAPIError("bad_body", f"{url}: not JSON: {exc}") from None
 
     def _check_origin(self, url: str) -> None:
-        parts = urlsplit(url)
-        if (parts.scheme, parts.hostname or "", parts.port) != self.connection.origin:
+        if origin_of(url) != self.connection.origin:
             raise CattleAPIError(
                 "bad_body", f"refusing to follow {url}: not on {self.connection.url}"
             )
+
+    def _on_origin(self, url: str) -> str:
+        """``pagination.next`` as a URL on the configured origin. Behind a TLS-terminating
+        proxy Cattle builds its links as http:// (or on its own port) while we talk https://
+        to the proxy: a link to the same host under another scheme is rebuilt on the
+        configured origin from its path and query. Another host is refused."""
+        origin = self.connection.origin
+        target = origin_of(url)
+        if target[0] == origin[0] or target[1] != origin[1]:
+            return url  # the same scheme, or another host: get_json checks it
+        parts = urlsplit(url)
+        base = urlsplit(self.connection.url)
+        return urlunsplit((base.scheme, base.netloc, parts.path, parts.query, ""))
 
     async def list_pages(self, collection: str) -> AsyncIterator[list[Any]]:
         """Each page's ``data`` of a collection under the project, following
@@ -183,7 +226,7 @@ class CattleClient:
             if isinstance(pagination, dict):
                 next_url = pagination.get("next")
                 if isinstance(next_url, str) and next_url:
-                    url = next_url
+                    url = self._on_origin(next_url)
 
     async def get_resource(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """The resource as the server holds it now; None when it is gone (404)."""

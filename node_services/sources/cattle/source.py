@@ -4,21 +4,23 @@ On every (re)connect, with nothing lost in the gap (Cattle has no resume token):
 
 1. open the websocket first and buffer what it sends;
 2. list the project (the project itself, hosts, stacks, services of every kind, containers,
-   networks, subnets; ``limit=1000`` pages followed through ``pagination.next``);
+   networks, subnets, certificates; ``limit=1000`` pages followed through ``pagination.next``);
 3. reconcile the buffered events: Cattle objects carry no resource version, so an event read
    before the list may hold an older state than the list. Every resource a buffered event
    touched is fetched by id after the list, and what the server holds *now* wins (a 404 means
    removed);
 4. ``replace`` the source's records with the result (the first one makes ``/readyz`` ready);
 5. apply the events that follow, those that arrive together as one store batch. Each event's
-   ``data.resource`` is the full object (a snapshot, not a delta); a resource in state
+   ``data.resource`` is the full object (a snapshot, not a delta; an event without one is
+   fetched by id, as the reconcile does); a resource in state
    ``removed``/``purged`` (or with ``removed`` set) is gone.
 
 Cattle sends ``{"name": "ping"}`` at once and every 5 s; no ping for ``ping_timeout`` (15 s:
 three intervals) means the socket is dead and is replaced. A socket the server closes (Cattle
-does after ~8,640 pings) is reopened at once. Failures back off (0.8 s doubling to 30 s, with
-jitter, reset after a sync); a 401/403 names the access key (never the secret) and keeps
-retrying. A bad event or object is logged by resource type and id, counted and skipped: it
+does after ~8,640 pings) is reopened at once, unless it did not stay up ``min_stable`` (5 s)
+after its sync. Failures back off (0.8 s doubling to 30 s, with jitter, reset once a socket
+stayed up ``min_stable`` after its sync); a 401/403 names the access key (never the secret)
+and keeps retrying. A bad event or object is logged by resource type and id, counted and skipped: it
 contributes no record. While the API is unreachable the store keeps the last state.
 """
 
@@ -46,10 +48,18 @@ from node_services.state.store import Store
 log = logging.getLogger(__name__)
 
 SOURCE: Final = "cattle"
-COLLECTIONS: Final = ("hosts", "stacks", "services", "containers", "networks", "subnets")
+COLLECTIONS: Final = (
+    "hosts",
+    "stacks",
+    "services",
+    "containers",
+    "networks",
+    "subnets",
+    "certificates",
+)
 """What is listed under the project (``services`` holds every service kind)."""
 TRACKED_TYPES: Final = frozenset(
-    {"project", "host", "stack", "environment", "container", "network", "subnet"}
+    {"project", "host", "stack", "environment", "container", "network", "subnet", "certificate"}
     | set(translate.SERVICE_TYPES)
 )
 PING_INTERVAL: Final = 5.0
@@ -57,6 +67,9 @@ FETCH_CONCURRENCY: Final = 8
 MAX_BATCH: Final = 5000
 """Events applied as one store batch at most (a burst beyond that is split)."""
 GATHER_SPINS: Final = 200
+MIN_STABLE_SECONDS: Final = 5.0
+"""A socket must stay up this long after a sync for the backoff to be reset: a server that
+closes each socket soon after the handshake must not cause a relist in a tight loop."""
 GATHER_SECONDS: Final = 0.01
 """A batch waits at most this long for more frames (the event-to-answer budget is 100 ms)."""
 
@@ -99,7 +112,7 @@ def prometheus_metrics(registry: CollectorRegistry) -> CattleMetrics:
         "node_services_cattle_errors",
         "List/subscribe failures by reason: unauthorized, forbidden, http_<status>, "
         "bad_body, bad_event, transport, silent (no ping), closed (server closed the socket), "
-        "error (unexpected).",
+        "ca_file (CA file unreadable or not PEM), error (unexpected).",
         ["reason"],
         registry=registry,
     )
@@ -159,6 +172,7 @@ class CattleSource:
         ping_timeout: float = 3 * PING_INTERVAL,
         request_timeout: float = 30.0,
         backoff: tuple[float, float] = (0.8, 30.0),
+        min_stable: float = MIN_STABLE_SECONDS,
         registry: CollectorRegistry | None = None,
         rejections: Rejections | None = None,
         metrics: CattleMetrics | None = None,
@@ -169,6 +183,8 @@ class CattleSource:
         self.ping_timeout = ping_timeout
         self.request_timeout = request_timeout
         self.backoff = Backoff(initial=backoff[0], maximum=backoff[1])
+        self.min_stable = min_stable
+        self._synced_at: float | None = None
         if metrics is None:
             metrics = prometheus_metrics(registry) if registry is not None else CattleMetrics()
         self.metrics = metrics
@@ -189,61 +205,71 @@ class CattleSource:
     async def run(self) -> None:
         """Connect, sync and follow until cancelled; every failure is retried."""
         log.info("cattle: project %s (access key %s)", self.connection.url, self._key())
-        async with CattleClient(
-            self.connection, timeout=self.request_timeout, page_limit=self.page_limit
-        ) as client:
-            while True:
-                delay = 0.0
-                opened = time.monotonic()
-                try:
+        while True:
+            delay = 0.0
+            self._synced_at = None
+            try:
+                # A new client for each session: the CA file is read again (rotated, or fixed
+                # after an unreadable one: an SSL error here is retried like any other).
+                async with CattleClient(
+                    self.connection, timeout=self.request_timeout, page_limit=self.page_limit
+                ) as client:
                     await self._session(client)
-                    # The server closed the socket (Cattle does every ~12 h): at once, again,
-                    # unless it closes them as soon as they open.
-                    self.metrics.error("closed")
-                    if time.monotonic() - opened < 1.0:
-                        delay = self.backoff.next_delay()
-                    log.info(
-                        "cattle: the server closed the websocket; reconnecting in %.1fs", delay
-                    )
-                except CattleAPIError as exc:
-                    self.metrics.error(exc.reason)
-                    if self._loading:  # the list failed: the last good state keeps serving
-                        self.rejections.rejected_load(self.source, _load_reason(exc))
-                    self.last_error = exc.message
-                    delay = self.backoff.next_delay()
-                    log_call = (
-                        log.error if exc.reason in ("unauthorized", "forbidden") else log.warning
-                    )
-                    log_call("cattle: %s; retrying in %.1fs", exc.message, delay)
-                except _SilentSocket:
-                    self.metrics.error("silent")
-                    self.last_error = f"no ping for {self.ping_timeout:g}s"
-                    delay = self.backoff.next_delay()  # reset by each sync: short
-                    log.warning(
-                        "cattle: no ping for %gs: the websocket is dead; reconnecting",
-                        self.ping_timeout,
-                    )
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    self.metrics.error("transport")
-                    self.last_error = str(exc) or type(exc).__name__
-                    delay = self.backoff.next_delay()
-                    log.warning(
-                        "cattle: websocket lost (%s); relisting in %.1fs", self.last_error, delay
-                    )
-                except Exception as exc:  # the guard's rule for the load step: never a dead task
-                    self.metrics.error("error")
-                    self.rejections.rejected_load(self.source, "error")
-                    self.last_error = describe(exc)
-                    delay = self.backoff.next_delay()
-                    log.error(
-                        "cattle: list/subscribe failed: %s; relisting in %.1fs",
-                        self.last_error,
-                        delay,
-                    )
-                finally:
-                    self.metrics.connected(False)
-                if delay:
-                    await asyncio.sleep(delay)
+                # The server closed the socket (Cattle does every ~12 h): at once, again,
+                # unless it closes them soon after the sync.
+                self.metrics.error("closed")
+                if self._stable():
+                    self.backoff.reset()
+                else:
+                    delay = self._next_delay()
+                log.info("cattle: the server closed the websocket; reconnecting in %.1fs", delay)
+            except CattleAPIError as exc:
+                self.metrics.error(exc.reason)
+                if self._loading:  # the list failed: the last good state keeps serving
+                    self.rejections.rejected_load(self.source, _load_reason(exc))
+                self.last_error = exc.message
+                delay = self._next_delay()
+                log_call = log.error if exc.reason in ("unauthorized", "forbidden") else log.warning
+                log_call("cattle: %s; retrying in %.1fs", exc.message, delay)
+            except _SilentSocket:
+                self.metrics.error("silent")
+                self.last_error = f"no ping for {self.ping_timeout:g}s"
+                delay = self._next_delay()
+                log.warning(
+                    "cattle: no ping for %gs: the websocket is dead; reconnecting",
+                    self.ping_timeout,
+                )
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                self.metrics.error("transport")
+                self.last_error = str(exc) or type(exc).__name__
+                delay = self._next_delay()
+                log.warning(
+                    "cattle: websocket lost (%s); relisting in %.1fs", self.last_error, delay
+                )
+            except Exception as exc:  # the guard's rule for the load step: never a dead task
+                self.metrics.error("error")
+                self.rejections.rejected_load(self.source, "error")
+                self.last_error = describe(exc)
+                delay = self._next_delay()
+                log.error(
+                    "cattle: list/subscribe failed: %s; relisting in %.1fs",
+                    self.last_error,
+                    delay,
+                )
+            finally:
+                self.metrics.connected(False)
+            if delay:
+                await asyncio.sleep(delay)
+
+    def _stable(self) -> bool:
+        """The last session synced and its socket then stayed up for ``min_stable`` s."""
+        return self._synced_at is not None and time.monotonic() - self._synced_at >= self.min_stable
+
+    def _next_delay(self) -> float:
+        """The backoff delay, restarted from the initial one after a stable session."""
+        if self._stable():
+            self.backoff.reset()
+        return self.backoff.next_delay()
 
     def _key(self) -> str:
         return self.connection.access_key or "(none)"
@@ -258,7 +284,8 @@ class CattleSource:
             reader = asyncio.create_task(self._read(ws, pending, wake), name="cattle-websocket")
             try:
                 await self._sync(client, pending)
-                self.backoff.reset()
+                self._synced_at = time.monotonic()
+                self.last_error = ""
                 self.metrics.connected(True)
                 while True:
                     if not pending:
@@ -274,7 +301,7 @@ class CattleSource:
                         await self._gather(pending)
                         batch = pending[:MAX_BATCH]
                         del pending[:MAX_BATCH]
-                        self._apply(batch)
+                        self._apply(batch, await self._fetch_bare(client, batch))
                         await asyncio.sleep(0)
                     elif reader.done():
                         reader.result()  # raises what ended it
@@ -425,11 +452,11 @@ class CattleSource:
             resource_type, resource_id = resource.get("type"), resource.get("id")
         else:
             resource_type, resource_id = event.get("resourceType"), event.get("resourceId")
-        if resource_type not in TRACKED_TYPES:
+        if not isinstance(resource_type, str) or resource_type not in TRACKED_TYPES:
             return None
         if not isinstance(resource_id, str) or not resource_id:
             return None
-        return str(resource_type), resource_id
+        return resource_type, resource_id
 
     def _put(self, items: dict[str, tuple[translate.Translated, ...]], obj: Any) -> None:
         translated = self._translate(obj)
@@ -450,6 +477,11 @@ class CattleSource:
             log.error("cattle: skipped an object that is not a JSON object")
             return None
         resource_type = obj.get("type")
+        if not isinstance(resource_type, str):
+            self.metrics.invalid("unknown")
+            self.rejections.rejected_object(self.source)
+            log.error("cattle: skipped object %s: its type is not a string", obj.get("id"))
+            return None
         if resource_type not in TRACKED_TYPES:
             return None
         resource_id = obj.get("id")
@@ -477,8 +509,40 @@ class CattleSource:
 
     # -- live events ----------------------------------------------------------------------------
 
-    def _apply(self, events: Sequence[dict[str, Any]]) -> None:
-        """One batch of resource.change events: the newest state of each resource wins."""
+    async def _fetch_bare(
+        self, client: CattleClient, events: Sequence[dict[str, Any]]
+    ) -> dict[tuple[str, str], dict[str, Any] | None]:
+        """The resources of the events without ``data.resource``, fetched by id as the
+        reconcile does (None: gone, 404)."""
+        targets: set[tuple[str, str]] = set()
+        for event in events:
+            data = event.get("data")
+            if isinstance(data, dict) and isinstance(data.get("resource"), dict):
+                continue
+            target = self._event_target(event)
+            if target is not None:
+                targets.add(target)
+        if not targets:
+            return {}
+        semaphore = asyncio.Semaphore(FETCH_CONCURRENCY)
+
+        async def fetch(target: tuple[str, str]) -> dict[str, Any] | None:
+            async with semaphore:
+                return await client.get_resource(*target)
+
+        ordered = sorted(targets)
+        fetched = await asyncio.gather(*(fetch(t) for t in ordered))
+        self.reconciled += len(ordered)
+        return dict(zip(ordered, fetched, strict=True))
+
+    def _apply(
+        self,
+        events: Sequence[dict[str, Any]],
+        fetched: dict[tuple[str, str], dict[str, Any] | None] | None = None,
+    ) -> None:
+        """One batch of resource.change events: the newest state of each resource wins.
+        ``fetched``: the resources of events without ``data.resource`` (None: gone)."""
+        fetched = fetched or {}
         changes: dict[str, tuple[translate.Translated, ...]] = {}
         counts: dict[str, int] = {}
         seen: set[tuple[object, object]] = set()
@@ -486,8 +550,24 @@ class CattleSource:
             data = event.get("data")
             resource = data.get("resource") if isinstance(data, dict) else None
             kind = resource.get("type") if isinstance(resource, dict) else None
+            if kind is None and isinstance(event.get("resourceType"), str):
+                kind = event["resourceType"]
             label = kind if isinstance(kind, str) and kind in TRACKED_TYPES else "other"
             counts[label] = counts.get(label, 0) + 1
+            if not isinstance(resource, dict):
+                target = self._event_target(event)
+                if target is not None and target in fetched:
+                    # No data.resource: the resource as the server holds it now (fetched).
+                    if target not in seen:
+                        seen.add(target)
+                        obj = fetched[target]
+                        if obj is None:  # 404: removed
+                            changes.setdefault(translate.key(*target), ())
+                        else:
+                            bare = self._translate(obj)
+                            if bare is not None:
+                                changes.setdefault(bare[0], bare[1])
+                    continue
             if not isinstance(resource, dict):
                 self.metrics.error("bad_event")
                 log.error(
