@@ -72,11 +72,16 @@ def cached(forwarder: Forwarder, q: wire.Query, limit: int) -> bytes | None:
     return response if response is not None and len(response) <= limit else None
 
 
+STOP: Final = b""
+"""local_step's "the walk ends here: give the plain answer" (an ExternalName, an answer
+too large)."""
+
+
 def local_step(
     zone: Zone, stats: DnsStats, q: wire.Query, step: bytes, *, ra: int, limit: int
 ) -> bytes | Literal[False] | None:
-    """One step in our zones: the response, None (NXDOMAIN here: the next step), or False
-    when the step is not ours to answer."""
+    """One step in our zones: the response, None (NXDOMAIN here: the next step), STOP (the
+    walk ends: the plain answer), or False when the step is not ours to answer."""
     found = zone.zone_for(step)
     if found is None or not found.authoritative:
         return False
@@ -88,12 +93,12 @@ def local_step(
         return None
     if answer.chase:  # an ExternalName: the walk stops here, the client gets the plain answer
         stats.count(stats.autopath_fallbacks, "external_name")
-        return None
+        return STOP
     response = cname_answer(q, step, answer, ttl=zone.ttl, ra=ra, limit=limit)
     if response is None:
         stats.count(stats.autopath_fallbacks, "too_large")
-    else:
-        stats.count(stats.client_answers, "autopath")
+        return STOP
+    stats.count(stats.client_answers, "autopath")
     return response
 
 
@@ -121,6 +126,8 @@ async def forward_walk(
         local = local_step(zone, stats, q, step, ra=ra, limit=limit)
         if local is None:
             continue
+        if local == STOP:
+            return None
         if local is not False:
             return local
         if forwarder.overloaded():

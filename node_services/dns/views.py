@@ -282,8 +282,8 @@ def complete(view: View, lname: bytes, zone: Zone) -> bytes:
     """Search completion of a name outside our zones with the view's suffixes: the zone name
     it completes to (b"" when none), remembered in the view."""
     target = b""
-    if zone.zone_for(lname) is None:
-        stem = lname[:-1]
+    stem = lname[:-1]
+    if stem and zone.zone_for(lname) is None:  # the root name is never completed
         aliases = view.aliases
         for suffix in view.search:
             candidate = stem + suffix

@@ -5,6 +5,7 @@ plain answers. In-process server on loopback, callers posing by their source add
 from __future__ import annotations
 
 import dataclasses
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,9 +18,13 @@ from dnsserve import Served, serve
 from fakes.dns_table_upstream import TableUpstream
 from helpers import FIXTURES
 
+from node_services.dns.metrics import DnsStats
+from node_services.dns.server import DnsServer
 from node_services.dns.views import ClientViews
+from node_services.dns.zone import Zone
 from node_services.sources.static import load_file
 from node_services.state.records import Service, Workload
+from node_services.state.store import Store
 
 R = "rancher.internal"
 RECORDED = FIXTURES / "cattle" / "recorded-2" / "cattle-resources.json"
@@ -277,3 +282,90 @@ async def test_container_link_follows_its_target(rancher: Served) -> None:
     assert [link.alias for link in toolbox.links[:1]] == ["alerts"]
     assert rcode(await s.query(f"pg.{R}", source=TOOLBOX)) == "NXDOMAIN"
     assert values(await s.query(f"alerts.{R}", source=TOOLBOX)) == ["127.0.1.41"]
+
+
+# -- review fixes ------------------------------------------------------------------------------
+
+
+async def test_the_root_name_is_never_completed(rancher: Served, upstream: TableUpstream) -> None:
+    s = rancher
+    for caller in (WEB_1, None):
+        for rdtype in ("SOA", "NS"):
+            response = await s.query(".", rdtype, source=caller)
+            # Forwarded as asked: the fake's NXDOMAIN, not our rancher.internal SOA or NODATA.
+            assert rcode(response) == "NXDOMAIN", (caller, rdtype)
+            assert not response.flags & dns.flags.AA
+            assert not any(R in line for line in answers(response))
+    assert upstream.asked[("", "SOA")] >= 1
+    assert upstream.asked[("", "NS")] >= 1
+
+
+async def test_autopath_stops_at_an_external_name() -> None:
+    fake = TableUpstream(
+        "127.0.0.3", {"ext.other.corp.example": [("A", "192.0.2.99")], **EXTERNAL}
+    ).start()
+    objects = [
+        *cluster(),
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}},
+        service("other", "ext", external_name="www.example.org"),
+    ]
+    s = await serve(
+        objects,
+        upstreams=(("127.0.0.3", fake.port),),
+        views=ClientViews(node_name="node-a", autopath=True, host_search=["corp.example"]),
+    )
+    try:
+        response = await s.query("ext.other.shop.svc.cluster.local", source=CLIENT)
+        assert (rcode(response), answers(response)) == ("NXDOMAIN", [])
+        assert fake.asked[("ext.other.corp.example", "A")] == 0
+        assert s.stats.autopath_fallbacks["external_name"] == 1
+        assert "autopath" not in s.stats.client_answers
+    finally:
+        await s.stop()
+        fake.stop()
+
+
+async def test_autopath_without_forwarder_tries_the_later_local_steps() -> None:
+    s = await serve(
+        cluster(),
+        views=ClientViews(node_name="node-a", autopath=True, host_search=["corp.example"]),
+    )
+    try:
+        # The walk: ...svc.cluster.local (NX), ...cluster.local (NX), ...corp.example (not
+        # ours, no forwarder: skipped), web.shop.svc.cluster.local (ours, exists).
+        response = await s.query("web.shop.svc.cluster.local.shop.svc.cluster.local", source=CLIENT)
+        assert answers(response) == [
+            "web.shop.svc.cluster.local. 5 A 10.96.0.20",
+            "web.shop.svc.cluster.local.shop.svc.cluster.local. 5 CNAME "
+            "web.shop.svc.cluster.local.",
+        ]
+        assert response.answer[0].rdtype == dns.rdatatype.CNAME
+        assert s.stats.client_answers["autopath"] == 1
+    finally:
+        await s.stop()
+
+
+async def test_ipv4_clients_of_a_dual_stack_listener_get_their_views() -> None:
+    # An AF_INET6 listener (v6only off) on the IPv4-mapped loopback: IPv4 callers arrive as
+    # ::ffff:a.b.c.d, as on a [::] listener, without listening beyond loopback.
+    udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    for sock in (udp, tcp):
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    udp.bind(("::ffff:127.0.0.1", 0))
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind(("::ffff:127.0.0.1", udp.getsockname()[1]))
+    tcp.listen(16)
+    store = Store()
+    store.replace("static:test", list(load_file(RECORDED, "static:test").records), synced=True)
+    stats = DnsStats()
+    server = DnsServer(store, Zone(), stats=stats, views=ClientViews(node_name="worker-a"))
+    await server.start("::ffff:127.0.0.1", 0, sockets=(udp, tcp))
+    s = Served(store, server, udp.getsockname()[1], stats)
+    try:
+        for tcp_query in (False, True):
+            response = await s.query(f"db.{R}", source=WEB_1, tcp=tcp_query)
+            assert values(response) == ["127.0.1.30"], tcp_query
+            assert rcode(await s.query(f"db.{R}", source=CART_2, tcp=tcp_query)) == "NXDOMAIN"
+    finally:
+        await server.stop()
