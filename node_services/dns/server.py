@@ -625,6 +625,10 @@ class DnsServer:
             if found is False:  # outside our zones: ask the upstreams from here on
                 if self.forwarder is None:
                     continue  # later steps may still be ours
+                if autopath.text_of(q.question[:-4]) is None:
+                    # not to be asked upstream in text form: the plain answer
+                    self.stats.count(self.stats.autopath_fallbacks, "unsafe_name")
+                    return None
                 kept = autopath.cached(self.forwarder, q, limit)
                 if kept is not None:  # answered before, and fresh: no need to wait
                     self._volatile = True  # its TTLs run: not for the zone-long answer cache

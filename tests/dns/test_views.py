@@ -9,8 +9,10 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import dns.asyncquery
 import dns.flags
 import dns.message
+import dns.name
 import dns.rdatatype
 import pytest
 from dnshelpers import answers, pod, rcode, service
@@ -369,3 +371,24 @@ async def test_ipv4_clients_of_a_dual_stack_listener_get_their_views() -> None:
             assert rcode(await s.query(f"db.{R}", source=CART_2, tcp=tcp_query)) == "NXDOMAIN"
     finally:
         await server.stop()
+
+
+@pytest.mark.parametrize(
+    "label", [b"a.b", b"a\\b", b"\xff\xfe", b"\xff" * 63], ids=["dot", "backslash", "utf8", "long"]
+)
+async def test_autopath_does_not_walk_names_that_do_not_survive_their_text_form(
+    kube: tuple[Served, TableUpstream], label: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    s, upstream = kube
+    name = dns.name.Name([label, b"shop", b"svc", b"cluster", b"local", b""])
+    for tcp in (False, True):
+        message = dns.message.make_query(name, "A")
+        if tcp:
+            response = await dns.asyncquery.tcp(message, "127.0.0.1", port=s.port, source=CLIENT)
+        else:
+            response = await dns.asyncquery.udp(message, "127.0.0.1", port=s.port, source=CLIENT)
+        assert (rcode(response), answers(response)) == ("NXDOMAIN", [])
+        assert response.question[0].name == name
+    assert sum(upstream.asked.values()) == 0  # nothing asked upstream under another name
+    assert s.stats.autopath_fallbacks["unsafe_name"] == 2
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
