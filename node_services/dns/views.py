@@ -102,6 +102,7 @@ class ClientViews:
         self._owners: dict[str, set[str]] = {}  # IP -> keys of this node's live workloads
         self._ips_of: dict[str, tuple[str, ...]] = {}  # workload key -> the IPs it holds
         self._linked_by: dict[str, set[str]] = {}  # link target key -> linking workload keys
+        self._links_of: dict[str, set[str]] = {}  # linking workload key -> its target keys
         self.rebuilt = 0
 
     def empty_copy(self) -> ClientViews:
@@ -136,6 +137,7 @@ class ClientViews:
             keys = [k for k in changes.keys if k in self._ips_of or k in snapshot.workloads]
         touched_ips: set[str] = set()
         for key in keys:
+            self._unlink(key)  # registered again when its view is built
             for ip in self._ips_of.pop(key, ()):
                 owners = self._owners.get(ip)
                 if owners is not None:
@@ -160,6 +162,7 @@ class ClientViews:
             self.by_ip.clear()
             self.refused.clear()
             self._linked_by.clear()
+            self._links_of.clear()
             touched_ips = set(self._owners)
         elif relink:
             touched_ips.update(self._owners)
@@ -169,6 +172,19 @@ class ClientViews:
                     touched_ips.update(self._ips_of.get(linking, ()))
         for ip in touched_ips:
             self._refresh_ip(ip, snapshot)
+
+    def _link(self, linking: str, target: str) -> None:
+        self._linked_by.setdefault(target, set()).add(linking)
+        self._links_of.setdefault(linking, set()).add(target)
+
+    def _unlink(self, linking: str) -> None:
+        """Forget the link targets ``linking`` registered (its view is rebuilt or gone)."""
+        for target in self._links_of.pop(linking, ()):
+            linkers = self._linked_by.get(target)
+            if linkers is not None:
+                linkers.discard(linking)
+                if not linkers:
+                    del self._linked_by[target]
 
     def _is_local(self, workload: Workload) -> bool:
         if workload.host_key and workload.host_key in self._host_keys:
@@ -228,6 +244,7 @@ class ClientViews:
                 return None
             return View(workload.key, {}, (), steps + self.host_search)
         aliases: dict[bytes, bytes] = {}
+        self._unlink(workload.key)
         for service_key in workload.service_keys:
             service = snapshot.services.get(service_key)
             if service is None:
@@ -236,10 +253,10 @@ class ClientViews:
                 target = snapshot.services.get(link.target_key)
                 if target is None or not target.namespace:
                     continue
-                self._linked_by.setdefault(link.target_key, set()).add(workload.key)
+                self._link(workload.key, link.target_key)
                 self._service_alias(aliases, link.alias, target)
         for container_link in workload.links:
-            self._linked_by.setdefault(container_link.target_key, set()).add(workload.key)
+            self._link(workload.key, container_link.target_key)
             linked = snapshot.workloads.get(container_link.target_key)
             if linked is None:
                 continue

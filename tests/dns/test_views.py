@@ -25,7 +25,7 @@ from node_services.dns.server import DnsServer
 from node_services.dns.views import ClientViews
 from node_services.dns.zone import Zone
 from node_services.sources.static import load_file
-from node_services.state.records import Service, Workload
+from node_services.state.records import Deleted, Service, Workload
 from node_services.state.store import Store
 
 R = "rancher.internal"
@@ -392,3 +392,33 @@ async def test_autopath_does_not_walk_names_that_do_not_survive_their_text_form(
     assert sum(upstream.asked.values()) == 0  # nothing asked upstream under another name
     assert s.stats.autopath_fallbacks["unsafe_name"] == 2
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_link_registrations_follow_the_linking_container(rancher: Served) -> None:
+    s = rancher
+    views = s.server.views
+    assert views is not None
+    toolbox_key, target_key = "cattle:container/1i117", "cattle:container/1i109"
+    assert toolbox_key in views._linked_by[target_key]
+
+    def touch_target() -> int:
+        target = s.store.snapshot.workloads[target_key]
+        assert isinstance(target, Workload)
+        before = views.rebuilt
+        s.store.apply("static:test", [dataclasses.replace(target, name=target.name + "x")])
+        s.server.catch_up()
+        return views.rebuilt - before
+
+    linked = touch_target()
+    toolbox = s.store.snapshot.workloads[toolbox_key]
+    assert isinstance(toolbox, Workload)
+    s.store.apply("static:test", [dataclasses.replace(toolbox, links=toolbox.links[:1])])
+    s.server.catch_up()
+    assert toolbox_key not in views._linked_by.get(target_key, set())
+    assert touch_target() == linked - 1  # the toolbox's view is no longer rebuilt for it
+    assert values(await s.query(f"alerts.{R}", source=TOOLBOX)) == ["127.0.1.41"]
+    # Gone altogether: registered nowhere.
+    s.store.apply("static:test", [Deleted(toolbox_key)])
+    s.server.catch_up()
+    assert views is s.server.views
+    assert not any(toolbox_key in linkers for linkers in views._linked_by.values())
