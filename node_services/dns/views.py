@@ -99,6 +99,7 @@ class ClientViews:
         self.default = View("", {}, (wire.encode_name(RANCHER_ZONE),))
         """The view of every other caller: completion with rancher.internal only."""
         self._host_keys: frozenset[str] = frozenset()
+        self._host_addresses: frozenset[str] = frozenset()  # this node's hosts' addresses
         self._owners: dict[str, set[str]] = {}  # IP -> keys of this node's live workloads
         self._ips_of: dict[str, tuple[str, ...]] = {}  # workload key -> the IPs it holds
         self._linked_by: dict[str, set[str]] = {}  # link target key -> linking workload keys
@@ -119,16 +120,20 @@ class ClientViews:
         """Update the index for a change set; rebuild the views it can have changed."""
         snapshot = changes.snapshot
         host_keys = self._host_keys
+        host_addresses = self._host_addresses
         if changes.full or any(key.startswith(HOST_KEYS) for key in changes.keys):
-            host_keys = frozenset(
-                h.key for h in snapshot.hosts.values() if self.node_name in (h.name, h.hostname)
-            )
+            hosts = [h for h in snapshot.hosts.values() if self.node_name in (h.name, h.hostname)]
+            host_keys = frozenset(h.key for h in hosts)
+            host_addresses = frozenset(a for h in hosts for a in h.addresses)
         # Views map names to names: only workloads and Cattle services (link sources and
         # targets) change them; endpoints (health) and the rest never do. Which workloads are
         # this node's changes only with them or with this node's hosts.
-        everything = changes.full or host_keys != self._host_keys
+        everything = (
+            changes.full or host_keys != self._host_keys or host_addresses != self._host_addresses
+        )
         relink = not everything and any(key.startswith(CATTLE_SERVICE) for key in changes.keys)
         self._host_keys = host_keys
+        self._host_addresses = host_addresses
         if everything:
             self._owners.clear()
             self._ips_of.clear()
@@ -148,7 +153,7 @@ class ClientViews:
             workload = snapshot.workloads.get(key)
             if workload is None or not self._is_local(workload):
                 continue
-            if workload.host_network:
+            if workload.host_network or self._on_host_address(workload):
                 ips = tuple(f"hostnet:{ip}" for ip in workload.ips)
             elif self._is_live(workload):
                 ips = workload.ips
@@ -185,6 +190,13 @@ class ClientViews:
                 linkers.discard(linking)
                 if not linkers:
                     del self._linked_by[target]
+
+    def _on_host_address(self, workload: Workload) -> bool:
+        """A Cattle container with one of this node's addresses: on the host's network
+        (networkMode host); Cattle records no flag for it."""
+        return workload.key.startswith("cattle:") and any(
+            ip in self._host_addresses for ip in workload.ips
+        )
 
     def _is_local(self, workload: Workload) -> bool:
         if workload.host_key and workload.host_key in self._host_keys:

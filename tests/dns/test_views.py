@@ -422,3 +422,19 @@ async def test_link_registrations_follow_the_linking_container(rancher: Served) 
     s.server.catch_up()
     assert views is s.server.views
     assert not any(toolbox_key in linkers for linkers in views._linked_by.values())
+
+
+async def test_a_cattle_container_on_the_hosts_address_gets_no_view(rancher: Served) -> None:
+    s = rancher
+    assert values(await s.query(f"db.{R}", source=WEB_1)) == ["127.0.1.30"]
+    (host,) = [h for h in s.store.snapshot.hosts.values() if "worker-a" in (h.name, h.hostname)]
+    # networkMode host: the container's address is the host's (here: the host gets WEB_1's).
+    s.store.apply("static:test", [dataclasses.replace(host, addresses=(*host.addresses, WEB_1))])
+    assert rcode(await s.query(f"db.{R}", source=WEB_1)) == "NXDOMAIN"
+    assert s.server.views is not None
+    assert s.server.views.refused.get(WEB_1) == "host_network"
+    assert values(await s.query(f"db.{R}", source=METRICS_1)) == [
+        "127.0.1.30"
+    ]  # the others keep theirs
+    s.store.apply("static:test", [host])
+    assert values(await s.query(f"db.{R}", source=WEB_1)) == ["127.0.1.30"]
