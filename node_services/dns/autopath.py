@@ -63,6 +63,20 @@ def cname_answer(
     return response if len(response) <= limit else None
 
 
+def text_of(name: bytes) -> str | None:
+    """The text form of a wire name when it survives the round trip back to the same wire
+    bytes (as the upstream query and the CNAME splice need), else None: a label with a dot,
+    a backslash or non-ASCII bytes, which wire.decode_name cannot render faithfully."""
+    if not name.isascii() or b"\\" in name:
+        return None
+    text = wire.decode_name(name)
+    try:
+        back = wire.encode_name(text)
+    except wire.NameError_:
+        return None
+    return text if back == name.lower() else None
+
+
 def cached(forwarder: Forwarder, q: wire.Query, limit: int) -> bytes | None:
     """A forwarded walk's whole answer to this question, from the forward cache while fresh."""
     name, qtype, qclass, variant = question_key(q)
@@ -72,11 +86,16 @@ def cached(forwarder: Forwarder, q: wire.Query, limit: int) -> bytes | None:
     return response if response is not None and len(response) <= limit else None
 
 
+STOP: Final = b""
+"""local_step's "the walk ends here: give the plain answer" (an ExternalName, an answer
+too large)."""
+
+
 def local_step(
     zone: Zone, stats: DnsStats, q: wire.Query, step: bytes, *, ra: int, limit: int
 ) -> bytes | Literal[False] | None:
-    """One step in our zones: the response, None (NXDOMAIN here: the next step), or False
-    when the step is not ours to answer."""
+    """One step in our zones: the response, None (NXDOMAIN here: the next step), STOP (the
+    walk ends: the plain answer), or False when the step is not ours to answer."""
     found = zone.zone_for(step)
     if found is None or not found.authoritative:
         return False
@@ -88,12 +107,12 @@ def local_step(
         return None
     if answer.chase:  # an ExternalName: the walk stops here, the client gets the plain answer
         stats.count(stats.autopath_fallbacks, "external_name")
-        return None
+        return STOP
     response = cname_answer(q, step, answer, ttl=zone.ttl, ra=ra, limit=limit)
     if response is None:
         stats.count(stats.autopath_fallbacks, "too_large")
-    else:
-        stats.count(stats.client_answers, "autopath")
+        return STOP
+    stats.count(stats.client_answers, "autopath")
     return response
 
 
@@ -121,15 +140,19 @@ async def forward_walk(
         local = local_step(zone, stats, q, step, ra=ra, limit=limit)
         if local is None:
             continue
+        if local == STOP:
+            return None
         if local is not False:
             return local
+        text = text_of(step)
+        if text is None or text_of(q.question[:-4]) is None:
+            stats.count(stats.autopath_fallbacks, "unsafe_name")
+            return None
         if forwarder.overloaded():
             stats.count(stats.autopath_fallbacks, "upstream_error")
             return None
         try:
-            upstream = dnslib.DNSRecord.parse(
-                await forwarder.resolve_name(wire.decode_name(step), q.qtype)
-            )
+            upstream = dnslib.DNSRecord.parse(await forwarder.resolve_name(text, q.qtype))
         except (UpstreamError, dnslib.DNSError):
             stats.count(stats.autopath_fallbacks, "upstream_error")
             return None
@@ -139,7 +162,11 @@ async def forward_walk(
         if rcode != wire.NOERROR:
             stats.count(stats.autopath_fallbacks, "upstream_error")
             return None
-        response = _behind_cname(q, wire.decode_name(step), upstream, ttl=zone.ttl, ra=ra)
+        try:
+            response = _behind_cname(q, text, upstream, ttl=zone.ttl, ra=ra)
+        except (dnslib.DNSError, ValueError):  # a name dnslib will not write: the plain answer
+            stats.count(stats.autopath_fallbacks, "unsafe_name")
+            return None
         if len(response) > limit:
             stats.count(stats.autopath_fallbacks, "too_large")
             return None

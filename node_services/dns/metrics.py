@@ -301,7 +301,8 @@ class DnsCollector(Collector):
             "node_services_dns_autopath_fallbacks",
             "Autopath walks that ended in the plain answer, by reason: not_found (no step "
             "exists), upstream_error, too_large (the answer would not fit), external_name (a "
-            "step is an ExternalName).",
+            "step is an ExternalName), unsafe_name (a name that does not survive its text form, "
+            "not asked upstream).",
             labels=["reason"],
         )
         for reason, count in sorted(s.autopath_fallbacks.items()):

@@ -459,7 +459,7 @@ class DnsServer:
         if self.views is None or not self.views.by_ip:
             return None
         peer = writer.get_extra_info("peername")
-        return self.views.by_ip.get(peer[0]) if isinstance(peer, tuple) else None
+        return self.views.by_ip.get(client_ip(peer[0])) if isinstance(peer, tuple) else None
 
     def answer(
         self, data: bytes, *, tcp: bool = False, view: View | None = None
@@ -624,7 +624,11 @@ class DnsServer:
             found = autopath.local_step(self.zone, self.stats, q, step, ra=self._ra, limit=limit)
             if found is False:  # outside our zones: ask the upstreams from here on
                 if self.forwarder is None:
-                    break
+                    continue  # later steps may still be ours
+                if autopath.text_of(q.question[:-4]) is None:
+                    # not to be asked upstream in text form: the plain answer
+                    self.stats.count(self.stats.autopath_fallbacks, "unsafe_name")
+                    return None
                 kept = autopath.cached(self.forwarder, q, limit)
                 if kept is not None:  # answered before, and fresh: no need to wait
                     self._volatile = True  # its TTLs run: not for the zone-long answer cache
@@ -632,6 +636,8 @@ class DnsServer:
                     self._count_rcode(kept[3] & 0xF)
                     return kept
                 return _Pending(q, b"", tcp, autopath=steps[index:])
+            if found == autopath.STOP:
+                return None
             if found is not None:
                 self._count_rcode(found[3] & 0xF)
                 return found
@@ -808,6 +814,14 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+def client_ip(host: str) -> str:
+    """A client's address as views know it: an IPv4-mapped IPv6 address (an IPv4 client of a
+    dual-stack listener) as its IPv4 address."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
 def _peer(writer: asyncio.StreamWriter) -> str:
     peer = writer.get_extra_info("peername")
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
@@ -868,7 +882,7 @@ class _UdpSocket:
                 log.debug("dns: UDP receive error: %s", exc)
                 started = perf_counter()
                 continue
-            view = views.get(addr[0]) if views else None
+            view = views.get(client_ip(addr[0])) if views else None
             tail = replies.get(data[2:]) if view is None else view.replies.get(data[2:])
             if tail is not None:  # asked before, same bytes but the ID: answered before
                 end = data.find(0, 12)  # the fast path checked this query's shape

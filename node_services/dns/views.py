@@ -99,9 +99,11 @@ class ClientViews:
         self.default = View("", {}, (wire.encode_name(RANCHER_ZONE),))
         """The view of every other caller: completion with rancher.internal only."""
         self._host_keys: frozenset[str] = frozenset()
+        self._host_addresses: frozenset[str] = frozenset()  # this node's hosts' addresses
         self._owners: dict[str, set[str]] = {}  # IP -> keys of this node's live workloads
         self._ips_of: dict[str, tuple[str, ...]] = {}  # workload key -> the IPs it holds
         self._linked_by: dict[str, set[str]] = {}  # link target key -> linking workload keys
+        self._links_of: dict[str, set[str]] = {}  # linking workload key -> its target keys
         self.rebuilt = 0
 
     def empty_copy(self) -> ClientViews:
@@ -118,16 +120,20 @@ class ClientViews:
         """Update the index for a change set; rebuild the views it can have changed."""
         snapshot = changes.snapshot
         host_keys = self._host_keys
+        host_addresses = self._host_addresses
         if changes.full or any(key.startswith(HOST_KEYS) for key in changes.keys):
-            host_keys = frozenset(
-                h.key for h in snapshot.hosts.values() if self.node_name in (h.name, h.hostname)
-            )
+            hosts = [h for h in snapshot.hosts.values() if self.node_name in (h.name, h.hostname)]
+            host_keys = frozenset(h.key for h in hosts)
+            host_addresses = frozenset(a for h in hosts for a in h.addresses)
         # Views map names to names: only workloads and Cattle services (link sources and
         # targets) change them; endpoints (health) and the rest never do. Which workloads are
         # this node's changes only with them or with this node's hosts.
-        everything = changes.full or host_keys != self._host_keys
+        everything = (
+            changes.full or host_keys != self._host_keys or host_addresses != self._host_addresses
+        )
         relink = not everything and any(key.startswith(CATTLE_SERVICE) for key in changes.keys)
         self._host_keys = host_keys
+        self._host_addresses = host_addresses
         if everything:
             self._owners.clear()
             self._ips_of.clear()
@@ -136,6 +142,7 @@ class ClientViews:
             keys = [k for k in changes.keys if k in self._ips_of or k in snapshot.workloads]
         touched_ips: set[str] = set()
         for key in keys:
+            self._unlink(key)  # registered again when its view is built
             for ip in self._ips_of.pop(key, ()):
                 owners = self._owners.get(ip)
                 if owners is not None:
@@ -146,7 +153,7 @@ class ClientViews:
             workload = snapshot.workloads.get(key)
             if workload is None or not self._is_local(workload):
                 continue
-            if workload.host_network:
+            if workload.host_network or self._on_host_address(workload):
                 ips = tuple(f"hostnet:{ip}" for ip in workload.ips)
             elif self._is_live(workload):
                 ips = workload.ips
@@ -160,6 +167,7 @@ class ClientViews:
             self.by_ip.clear()
             self.refused.clear()
             self._linked_by.clear()
+            self._links_of.clear()
             touched_ips = set(self._owners)
         elif relink:
             touched_ips.update(self._owners)
@@ -169,6 +177,26 @@ class ClientViews:
                     touched_ips.update(self._ips_of.get(linking, ()))
         for ip in touched_ips:
             self._refresh_ip(ip, snapshot)
+
+    def _link(self, linking: str, target: str) -> None:
+        self._linked_by.setdefault(target, set()).add(linking)
+        self._links_of.setdefault(linking, set()).add(target)
+
+    def _unlink(self, linking: str) -> None:
+        """Forget the link targets ``linking`` registered (its view is rebuilt or gone)."""
+        for target in self._links_of.pop(linking, ()):
+            linkers = self._linked_by.get(target)
+            if linkers is not None:
+                linkers.discard(linking)
+                if not linkers:
+                    del self._linked_by[target]
+
+    def _on_host_address(self, workload: Workload) -> bool:
+        """A Cattle container with one of this node's addresses: on the host's network
+        (networkMode host); Cattle records no flag for it."""
+        return workload.key.startswith("cattle:") and any(
+            ip in self._host_addresses for ip in workload.ips
+        )
 
     def _is_local(self, workload: Workload) -> bool:
         if workload.host_key and workload.host_key in self._host_keys:
@@ -228,6 +256,7 @@ class ClientViews:
                 return None
             return View(workload.key, {}, (), steps + self.host_search)
         aliases: dict[bytes, bytes] = {}
+        self._unlink(workload.key)
         for service_key in workload.service_keys:
             service = snapshot.services.get(service_key)
             if service is None:
@@ -236,10 +265,10 @@ class ClientViews:
                 target = snapshot.services.get(link.target_key)
                 if target is None or not target.namespace:
                     continue
-                self._linked_by.setdefault(link.target_key, set()).add(workload.key)
+                self._link(workload.key, link.target_key)
                 self._service_alias(aliases, link.alias, target)
         for container_link in workload.links:
-            self._linked_by.setdefault(container_link.target_key, set()).add(workload.key)
+            self._link(workload.key, container_link.target_key)
             linked = snapshot.workloads.get(container_link.target_key)
             if linked is None:
                 continue
@@ -282,8 +311,8 @@ def complete(view: View, lname: bytes, zone: Zone) -> bytes:
     """Search completion of a name outside our zones with the view's suffixes: the zone name
     it completes to (b"" when none), remembered in the view."""
     target = b""
-    if zone.zone_for(lname) is None:
-        stem = lname[:-1]
+    stem = lname[:-1]
+    if stem and zone.zone_for(lname) is None:  # the root name is never completed
         aliases = view.aliases
         for suffix in view.search:
             candidate = stem + suffix

@@ -43,6 +43,8 @@ _HAND_OVER: Final = frozenset(
     }
 )
 _SUFFIX: Final = b" HTTP/1.1"
+# RFC 7230 tchar: a header name with any other byte is aiohttp's to refuse.
+_TCHAR: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 class Answers(Protocol):
@@ -79,7 +81,14 @@ def parse_head(head: bytes) -> tuple[bytes, bytes | None] | None:
     ):
         return None
     path = request_line[4 : -len(_SUFFIX)]
-    if b" " in path or b"?" in path or b"\t" in path or not path.isascii():
+    if (
+        b"\n" in path
+        or b"\r" in path
+        or b" " in path
+        or b"?" in path
+        or b"\t" in path
+        or not path.isascii()
+    ):
         return None
     accept: bytes | None = None
     if line_end < 0:
@@ -89,7 +98,7 @@ def parse_head(head: bytes) -> tuple[bytes, bytes | None] | None:
         return None
     for line in lines:
         name, colon, value = line.partition(b":")
-        if not colon or not name or len(line) > MAX_LINE or name != name.strip(b" \t"):
+        if not colon or not name or len(line) > MAX_LINE or name.translate(None, _TCHAR):
             return None
         lowered = name.lower()
         if lowered in _HAND_OVER or b"\n" in line or b"\r" in line or b"\x00" in line:
@@ -150,7 +159,7 @@ class FastPath:
         """Close the connections idle for longer than the timeout (one timer for all)."""
         deadline = asyncio.get_running_loop().time() - self.idle_timeout
         for connection in [c for c in self.connections if c.last_active < deadline]:
-            connection.close()
+            connection.expire()
         self._schedule_sweep()
 
     def close(self) -> None:
@@ -201,7 +210,9 @@ class FastConnection(asyncio.Protocol):
         while buffer and not self._paused:
             end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD)
             if end < 0:
-                if len(buffer) >= MAX_HEAD:
+                # a bare LF line end: no CRLF CRLF may ever come; aiohttp decides now
+                head = buffer[:MAX_HEAD]
+                if len(buffer) >= MAX_HEAD or head.count(b"\n") != head.count(b"\r\n"):
                     self._hand_over(buffer)
                     return
                 break
@@ -240,6 +251,7 @@ class FastConnection(asyncio.Protocol):
             self._delegate.resume_writing()
             return
         self._paused = False
+        self.last_active = asyncio.get_running_loop().time()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
             self._answer_buffered()
@@ -257,3 +269,15 @@ class FastConnection(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
+
+    def expire(self) -> None:
+        """Idle past the timeout: closed; aborted (the unsent answers dropped) when the
+        client is not reading them or a close is already waiting for them."""
+        transport = self._transport
+        if transport is None:
+            return
+        if self._paused or transport.is_closing():
+            self._owner.connections.discard(self)
+            transport.abort()
+        else:
+            transport.close()

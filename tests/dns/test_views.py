@@ -5,11 +5,14 @@ plain answers. In-process server on loopback, callers posing by their source add
 from __future__ import annotations
 
 import dataclasses
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import dns.asyncquery
 import dns.flags
 import dns.message
+import dns.name
 import dns.rdatatype
 import pytest
 from dnshelpers import answers, pod, rcode, service
@@ -17,9 +20,13 @@ from dnsserve import Served, serve
 from fakes.dns_table_upstream import TableUpstream
 from helpers import FIXTURES
 
+from node_services.dns.metrics import DnsStats
+from node_services.dns.server import DnsServer
 from node_services.dns.views import ClientViews
+from node_services.dns.zone import Zone
 from node_services.sources.static import load_file
-from node_services.state.records import Service, Workload
+from node_services.state.records import Deleted, Service, Workload
+from node_services.state.store import Store
 
 R = "rancher.internal"
 RECORDED = FIXTURES / "cattle" / "recorded-2" / "cattle-resources.json"
@@ -277,3 +284,157 @@ async def test_container_link_follows_its_target(rancher: Served) -> None:
     assert [link.alias for link in toolbox.links[:1]] == ["alerts"]
     assert rcode(await s.query(f"pg.{R}", source=TOOLBOX)) == "NXDOMAIN"
     assert values(await s.query(f"alerts.{R}", source=TOOLBOX)) == ["127.0.1.41"]
+
+
+# -- review fixes ------------------------------------------------------------------------------
+
+
+async def test_the_root_name_is_never_completed(rancher: Served, upstream: TableUpstream) -> None:
+    s = rancher
+    for caller in (WEB_1, None):
+        for rdtype in ("SOA", "NS"):
+            response = await s.query(".", rdtype, source=caller)
+            # Forwarded as asked: the fake's NXDOMAIN, not our rancher.internal SOA or NODATA.
+            assert rcode(response) == "NXDOMAIN", (caller, rdtype)
+            assert not response.flags & dns.flags.AA
+            assert not any(R in line for line in answers(response))
+    assert upstream.asked[("", "SOA")] >= 1
+    assert upstream.asked[("", "NS")] >= 1
+
+
+async def test_autopath_stops_at_an_external_name() -> None:
+    fake = TableUpstream(
+        "127.0.0.3", {"ext.other.corp.example": [("A", "192.0.2.99")], **EXTERNAL}
+    ).start()
+    objects = [
+        *cluster(),
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}},
+        service("other", "ext", external_name="www.example.org"),
+    ]
+    s = await serve(
+        objects,
+        upstreams=(("127.0.0.3", fake.port),),
+        views=ClientViews(node_name="node-a", autopath=True, host_search=["corp.example"]),
+    )
+    try:
+        response = await s.query("ext.other.shop.svc.cluster.local", source=CLIENT)
+        assert (rcode(response), answers(response)) == ("NXDOMAIN", [])
+        assert fake.asked[("ext.other.corp.example", "A")] == 0
+        assert s.stats.autopath_fallbacks["external_name"] == 1
+        assert "autopath" not in s.stats.client_answers
+    finally:
+        await s.stop()
+        fake.stop()
+
+
+async def test_autopath_without_forwarder_tries_the_later_local_steps() -> None:
+    s = await serve(
+        cluster(),
+        views=ClientViews(node_name="node-a", autopath=True, host_search=["corp.example"]),
+    )
+    try:
+        # The walk: ...svc.cluster.local (NX), ...cluster.local (NX), ...corp.example (not
+        # ours, no forwarder: skipped), web.shop.svc.cluster.local (ours, exists).
+        response = await s.query("web.shop.svc.cluster.local.shop.svc.cluster.local", source=CLIENT)
+        assert answers(response) == [
+            "web.shop.svc.cluster.local. 5 A 10.96.0.20",
+            "web.shop.svc.cluster.local.shop.svc.cluster.local. 5 CNAME "
+            "web.shop.svc.cluster.local.",
+        ]
+        assert response.answer[0].rdtype == dns.rdatatype.CNAME
+        assert s.stats.client_answers["autopath"] == 1
+    finally:
+        await s.stop()
+
+
+async def test_ipv4_clients_of_a_dual_stack_listener_get_their_views() -> None:
+    # An AF_INET6 listener (v6only off) on the IPv4-mapped loopback: IPv4 callers arrive as
+    # ::ffff:a.b.c.d, as on a [::] listener, without listening beyond loopback.
+    udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    for sock in (udp, tcp):
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    udp.bind(("::ffff:127.0.0.1", 0))
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind(("::ffff:127.0.0.1", udp.getsockname()[1]))
+    tcp.listen(16)
+    store = Store()
+    store.replace("static:test", list(load_file(RECORDED, "static:test").records), synced=True)
+    stats = DnsStats()
+    server = DnsServer(store, Zone(), stats=stats, views=ClientViews(node_name="worker-a"))
+    await server.start("::ffff:127.0.0.1", 0, sockets=(udp, tcp))
+    s = Served(store, server, udp.getsockname()[1], stats)
+    try:
+        for tcp_query in (False, True):
+            response = await s.query(f"db.{R}", source=WEB_1, tcp=tcp_query)
+            assert values(response) == ["127.0.1.30"], tcp_query
+            assert rcode(await s.query(f"db.{R}", source=CART_2, tcp=tcp_query)) == "NXDOMAIN"
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize(
+    "label", [b"a.b", b"a\\b", b"\xff\xfe", b"\xff" * 63], ids=["dot", "backslash", "utf8", "long"]
+)
+async def test_autopath_does_not_walk_names_that_do_not_survive_their_text_form(
+    kube: tuple[Served, TableUpstream], label: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    s, upstream = kube
+    name = dns.name.Name([label, b"shop", b"svc", b"cluster", b"local", b""])
+    for tcp in (False, True):
+        message = dns.message.make_query(name, "A")
+        if tcp:
+            response = await dns.asyncquery.tcp(message, "127.0.0.1", port=s.port, source=CLIENT)
+        else:
+            response = await dns.asyncquery.udp(message, "127.0.0.1", port=s.port, source=CLIENT)
+        assert (rcode(response), answers(response)) == ("NXDOMAIN", [])
+        assert response.question[0].name == name
+    assert sum(upstream.asked.values()) == 0  # nothing asked upstream under another name
+    assert s.stats.autopath_fallbacks["unsafe_name"] == 2
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_link_registrations_follow_the_linking_container(rancher: Served) -> None:
+    s = rancher
+    views = s.server.views
+    assert views is not None
+    toolbox_key, target_key = "cattle:container/1i117", "cattle:container/1i109"
+    assert toolbox_key in views._linked_by[target_key]
+
+    def touch_target() -> int:
+        target = s.store.snapshot.workloads[target_key]
+        assert isinstance(target, Workload)
+        before = views.rebuilt
+        s.store.apply("static:test", [dataclasses.replace(target, name=target.name + "x")])
+        s.server.catch_up()
+        return views.rebuilt - before
+
+    linked = touch_target()
+    toolbox = s.store.snapshot.workloads[toolbox_key]
+    assert isinstance(toolbox, Workload)
+    s.store.apply("static:test", [dataclasses.replace(toolbox, links=toolbox.links[:1])])
+    s.server.catch_up()
+    assert toolbox_key not in views._linked_by.get(target_key, set())
+    assert touch_target() == linked - 1  # the toolbox's view is no longer rebuilt for it
+    assert values(await s.query(f"alerts.{R}", source=TOOLBOX)) == ["127.0.1.41"]
+    # Gone altogether: registered nowhere.
+    s.store.apply("static:test", [Deleted(toolbox_key)])
+    s.server.catch_up()
+    assert views is s.server.views
+    assert not any(toolbox_key in linkers for linkers in views._linked_by.values())
+
+
+async def test_a_cattle_container_on_the_hosts_address_gets_no_view(rancher: Served) -> None:
+    s = rancher
+    assert values(await s.query(f"db.{R}", source=WEB_1)) == ["127.0.1.30"]
+    (host,) = [h for h in s.store.snapshot.hosts.values() if "worker-a" in (h.name, h.hostname)]
+    # networkMode host: the container's address is the host's (here: the host gets WEB_1's).
+    s.store.apply("static:test", [dataclasses.replace(host, addresses=(*host.addresses, WEB_1))])
+    assert rcode(await s.query(f"db.{R}", source=WEB_1)) == "NXDOMAIN"
+    assert s.server.views is not None
+    assert s.server.views.refused.get(WEB_1) == "host_network"
+    assert values(await s.query(f"db.{R}", source=METRICS_1)) == [
+        "127.0.1.30"
+    ]  # the others keep theirs
+    s.store.apply("static:test", [host])
+    assert values(await s.query(f"db.{R}", source=WEB_1)) == ["127.0.1.30"]

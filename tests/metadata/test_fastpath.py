@@ -4,6 +4,7 @@ aiohttp's answer but for Date and Server, and every other request handed to aioh
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -137,3 +138,86 @@ async def test_malformed_and_oversized_heads_get_aiohttps_answers(
     assert (await ask(port, NGINX, long)).split(b" ", 2)[1] == b"400"
     garbage = b"\x16\x03\x01 not http\r\n\r\n"
     assert (await ask(port, NGINX, garbage)).split(b" ", 2)[1] == b"400"
+
+
+NAME_GET = b"GET /latest/self/container/name HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_header_names_must_be_tokens() -> None:
+    assert parse_head(b"GET /latest HTTP/1.1\r\nX-Ok_1: y") == (b"/latest", None)
+    for refused in (
+        b"GET /latest HTTP/1.1\r\nBad Name: y",
+        b"GET /latest HTTP/1.1\r\nBad\tName: y",
+        b"GET /latest HTTP/1.1\r\nBad(Name): y",
+        b"GET /latest HTTP/1.1\r\nNa\xc3\xafve: y",
+        b"GET /latest HTTP/1.1\r\nHost : y",
+        b"GET /la\ntest HTTP/1.1",
+    ):
+        assert parse_head(refused) is None, refused
+
+
+async def test_a_bad_header_name_is_aiohttps_to_answer(
+    server: tuple[MetadataServer, int, Store],
+) -> None:
+    _, port, _ = server
+    await ask(port, NGINX, NAME_GET)  # now prebuilt
+    answer = await ask(port, NGINX, NAME_GET.replace(b"Host: x", b"Bad Name: y"))
+    assert answer.split(b" ", 2)[1] == b"400", answer[:80]
+
+
+async def test_bare_lf_line_ends_are_handed_over_at_once(
+    server: tuple[MetadataServer, int, Store],
+) -> None:
+    metadata, port, _ = server
+    await ask(port, NGINX, NAME_GET)  # now prebuilt
+    assert metadata.config.idle_timeout > 5  # an answer within ask()'s 1 s is not the timeout
+    answer = await ask(port, NGINX, b"GET /latest/self/container/name HTTP/1.1\nHost: x\n\n")
+    assert answer.startswith(b"HTTP/1."), answer[:80]
+    assert b"Server: Python" in answer  # aiohttp's, not the prebuilt bytes
+
+
+async def test_a_client_that_does_not_read_is_aborted_when_idle() -> None:
+    store = Store()
+    scenario = FIXTURES / "cattle" / "recorded-scenario.json"
+    store.replace("static:s", load_file(scenario, "static:s").records)
+    config = MetadataConfig("node1", idle_timeout=0.5)
+    metadata = MetadataServer(store, config, MetadataMetrics(CollectorRegistry()))
+    port = free_port()
+    await metadata.start("127.0.0.1", port)
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await ask(port, NGINX, NAME_GET)  # now prebuilt
+        fastpath = metadata._fastpath
+        assert fastpath is not None
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.bind((NGINX, 0))
+        client.connect(("127.0.0.1", port))
+        client.setblocking(False)
+        # Pipeline without reading until the server stops reading (bounded in count, time).
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 20
+        chunk = NAME_GET * 100
+        sent = 0
+        while sent < 2000 and loop.time() < until:
+            if any(c._paused for c in fastpath.connections):
+                break
+            try:
+                client.send(chunk)
+                sent += 1
+            except BlockingIOError:
+                await asyncio.sleep(0.05)
+        assert any(c._paused for c in fastpath.connections), "the server never paused"
+        # Idle past the timeout: the connection is dropped, not kept for its unsent answers.
+        while fastpath.connections and loop.time() < until + 10:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        assert not fastpath.connections
+        with pytest.raises(ConnectionResetError):
+            while loop.time() < until + 20:
+                try:
+                    if not client.recv(65536):
+                        break  # a clean EOF: every answer was delivered (not an abort)
+                except BlockingIOError:
+                    await asyncio.sleep(0.05)
+    finally:
+        client.close()
+        await metadata.stop()
