@@ -29,6 +29,8 @@ import dns.rdatatype
 import pytest
 from helpers import DEMO_SNAPSHOT, ROOT, DaemonProcess, free_port
 
+from node_services import handover
+
 NAME = "kubernetes.default.svc.cluster.local"
 ADDRESS = "10.43.0.1"
 CLIENT_TIMEOUT = 30.0
@@ -516,4 +518,83 @@ def test_a_stored_socket_at_an_address_the_settings_no_longer_name_is_not_used(
     output = log_path.read_text()
     assert "systemd passed dns-udp socket" in output and "not what the settings say" in output
     assert f"dns listening on 127.0.0.1:{pair.dns_port} (udp, tcp)" in output
+    assert started.returncode == 0, output
+
+
+def test_a_stale_stored_copy_is_removed_from_the_store_and_the_matching_copy_kept(
+    pair: Pair, notify_socket: NotifySocket, tmp_path: Path
+) -> None:
+    # systemd's store holds two dns-udp copies: one at an address the settings no longer
+    # name (first), one where they say (second). The daemon serves on the second and tells
+    # systemd to drop the name before storing its socket again.
+    old = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    old.bind(("127.0.0.1", free_port()))
+    current = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    current.bind(("127.0.0.1", pair.dns_port))
+    tcp = handover.bind_tcp("127.0.0.1", pair.dns_port, 16)
+    log_path = tmp_path / "started.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "LISTEN_"))}
+    env.update(
+        pair.env(
+            NODE_SERVICES_SHUTDOWN_GRACE="0",
+            LISTEN_FDNAMES="dns-udp:dns-udp:dns-tcp",
+            NOTIFY_SOCKET=str(notify_socket.path),
+        )
+    )
+    fds = [str(old.fileno()), str(current.fileno()), str(tcp.fileno())]
+    command = [
+        *(sys.executable, "-c", WRAPPER, *fds, "--", sys.executable),
+        *("-m", "node_services", "run", "--node-name", "node-a"),
+        *("--dns-listen", f"127.0.0.1:{pair.dns_port}"),
+        *("--admin-listen", f"127.0.0.1:{pair.admin_port}", *pair.args()),
+    ]
+    with log_path.open("wb") as log:
+        started = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=[old.fileno(), current.fileno(), tcp.fileno()],
+        )
+    old.close()
+    current.close()
+    tcp.close()
+    try:
+        notify_socket.wait_for("READY", "1")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stores = [m for m, _ in notify_socket.messages if m.get("FDSTORE") == "1"]
+            if len(stores) == 4:
+                break
+            notify_socket.receive(1)
+        response = dns.query.udp(
+            dns.message.make_query(NAME, dns.rdatatype.A),
+            "127.0.0.1",
+            port=pair.dns_port,
+            timeout=30,
+        )
+        assert [rr.to_text() for rrset in response.answer for rr in rrset] == [ADDRESS]
+    finally:
+        started.send_signal(signal.SIGTERM)
+        try:
+            started.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            started.kill()
+            started.wait()
+    output = log_path.read_text()
+    messages = [m for m, _ in notify_socket.messages]
+    store_lines = [
+        (key, m["FDNAME"]) for m in messages for key in ("FDSTOREREMOVE", "FDSTORE") if key in m
+    ]
+    # The stale copy's name is removed at start (before READY), then every name is removed
+    # right before its socket is stored again.
+    ready_at = next(i for i, m in enumerate(messages) if m.get("READY") == "1")
+    assert [m.get("FDNAME") for m in messages[:ready_at] if "FDSTOREREMOVE" in m] == ["dns-udp"]
+    assert store_lines[1:] == [
+        (key, name)
+        for name in ("admin", "dns-udp", "dns-tcp", "metadata")
+        for key in ("FDSTOREREMOVE", "FDSTORE")
+    ], store_lines
+    assert "systemd passed dns-udp socket" in output and "not what the settings say" in output
+    assert "serving on ['dns-tcp', 'dns-udp'] from systemd" in output, output
     assert started.returncode == 0, output
