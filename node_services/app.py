@@ -319,8 +319,14 @@ class Daemon:
                 self.listeners.origin = f"handed over by pid {predecessor.pid}"
             log.info("serving on %s from %s", sorted(inherited), self.listeners.origin)
             await self._serve_on(inherited)
-            if predecessor is not None:
-                await predecessor.release()
+            if predecessor is not None and not await predecessor.release():
+                # It may serve on (it gave up waiting for us): two instances must not, and
+                # its hand-over socket file stays its own. Exit 1 (a restart tries again).
+                self.handovers["failed"] = self.handovers.get("failed", 0) + 1
+                raise ListenError(
+                    f"hand-over from pid {predecessor.pid}: it did not release its listeners; "
+                    "not serving on them"
+                )
             if self.listeners.origin != "bound":
                 self.handovers["taken"] = 1
         if path is not None:

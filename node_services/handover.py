@@ -146,6 +146,8 @@ class Predecessor:
         fds: list[int] = []
         try:
             reply = _read_line(conn, fds)
+            if reply.get("refused"):
+                raise HandoverError(f"refused: {reply['refused']}")
             names = reply.get("listeners")
             if not isinstance(names, list) or len(names) != len(fds):
                 raise HandoverError(f"{len(fds)} descriptors for listeners {names!r}")
@@ -172,17 +174,22 @@ class Predecessor:
 
     def _release(self) -> None:
         self.conn.sendall(b'{"serving": true}\n')
-        _read_line(self.conn)  # it has removed its socket file
+        reply = _read_line(self.conn)  # it has removed its socket file
+        if reply.get("released") is not True:
+            raise HandoverError(f"no release but {reply!r}")
 
-    async def release(self) -> None:
-        """Tell the predecessor we serve on its sockets: it stops reading and exits. Returns
-        once it has given up the hand-over socket's path."""
+    async def release(self) -> bool:
+        """Tell the predecessor we serve on its sockets: it stops reading and exits. True
+        once it has given up the hand-over socket's path; False (logged) when it did not say
+        so (it gave up waiting for us, or went away): it may serve on, so we must not."""
         try:
             await asyncio.to_thread(self._release)
         except (OSError, ValueError, HandoverError) as exc:
-            log.warning("hand-over: telling pid %d we serve failed: %s", self.pid, exc)
+            log.error("hand-over: pid %d did not release its listeners: %s", self.pid, exc)
+            return False
         finally:
             self.close()
+        return True
 
     def close(self) -> None:
         self.conn.close()
@@ -232,6 +239,9 @@ class HandoverServer:
     _inode: int = 0
     _task: asyncio.Task[None] | None = None
     _exchanges: set[asyncio.Task[None]] = field(default_factory=set)
+    _busy: bool = False
+    """An exchange has passed the descriptors and waits for its successor: later requests
+    are refused (two successors must not both serve)."""
 
     def start(self) -> bool:
         """Listen at :attr:`path`; False (logged) when the directory is not usable."""
@@ -285,6 +295,14 @@ class HandoverServer:
                 pid = int(request.get("pid", 0))
                 if not isinstance(wanted, dict):
                     raise HandoverError("no listeners asked for")
+                if self._busy or self.handed_over:
+                    log.warning(
+                        "hand-over: pid %d asks while another successor takes over: refused", pid
+                    )
+                    refusal = {"pid": os.getpid(), "listeners": [], "refused": "busy"}
+                    await loop.sock_sendall(conn, json.dumps(refusal).encode() + b"\n")
+                    self.failures += 1
+                    return
                 names = [
                     name
                     for name in NAMES
@@ -293,8 +311,12 @@ class HandoverServer:
                 log.info("hand-over: pid %d asks for the listeners; passing %s", pid, names)
                 header = json.dumps({"pid": os.getpid(), "listeners": names}).encode() + b"\n"
                 fds = [self.listeners.sockets[name].fileno() for name in names]
-                socket.send_fds(conn, [header], fds)
-                reply = await self._receive(loop, conn, EXCHANGE_TIMEOUT * 4)
+                self._busy = True
+                try:
+                    socket.send_fds(conn, [header], fds)
+                    reply = await self._receive(loop, conn, EXCHANGE_TIMEOUT * 4)
+                finally:
+                    self._busy = False
             except (OSError, ValueError, HandoverError, TimeoutError) as exc:
                 log.warning("hand-over on %s failed, serving on: %s", self.path, exc)
                 self.failures += 1

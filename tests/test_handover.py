@@ -598,3 +598,112 @@ def test_a_stale_stored_copy_is_removed_from_the_store_and_the_matching_copy_kep
     assert "systemd passed dns-udp socket" in output and "not what the settings say" in output
     assert "serving on ['dns-tcp', 'dns-udp'] from systemd" in output, output
     assert started.returncode == 0, output
+
+
+def _ask(pair: Pair) -> bytes:
+    listeners = {"dns-udp": f"127.0.0.1:{pair.dns_port}", "dns-tcp": f"127.0.0.1:{pair.dns_port}"}
+    return json.dumps({"pid": os.getpid(), "listeners": listeners}).encode() + b"\n"
+
+
+def test_a_second_successor_asking_during_an_exchange_is_refused(pair: Pair) -> None:
+    first = pair.first()
+    first.wait_for(lambda: readyz(pair.admin_port)[0] == 200, what="instance 1 ready")
+    assert first.proc is not None
+    (path,) = pair.runtime_dir.glob("handover-*.sock")
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as one,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as two,
+    ):
+        one.settimeout(30)
+        two.settimeout(30)
+        one.connect(str(path))
+        one.sendall(_ask(pair))
+        data, fds, _flags, _addr = socket.recv_fds(one, 65536, 16)
+        for fd in fds:
+            os.close(fd)
+        assert json.loads(data) == {"pid": first.proc.pid, "listeners": ["dns-udp", "dns-tcp"]}
+        two.connect(str(path))
+        two.sendall(_ask(pair))
+        data, fds, _flags, _addr = socket.recv_fds(two, 65536, 16)
+        assert (json.loads(data), fds) == (
+            {"pid": first.proc.pid, "listeners": [], "refused": "busy"},
+            [],
+        )
+    first.wait_for(
+        lambda: first.metric('node_services_handovers_total{result="failed"}') == "2.0",
+        what="the refusal and the abandoned exchange counted",
+    )
+    assert "asks while another successor takes over: refused" in first.output()
+    # Once the first exchange is over, the next successor gets the sockets again.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as three:
+        three.settimeout(30)
+        three.connect(str(path))
+        three.sendall(_ask(pair))
+        data, fds, _flags, _addr = socket.recv_fds(three, 65536, 16)
+        for fd in fds:
+            os.close(fd)
+        assert (json.loads(data)["listeners"], len(fds)) == (["dns-udp", "dns-tcp"], 2)
+    assert readyz(pair.admin_port) == (200, "ok\n")
+
+
+def test_a_successor_not_released_by_its_predecessor_exits_1_and_leaves_its_socket(
+    pair: Pair, tmp_path: Path
+) -> None:
+    # The test is the predecessor: it passes its sockets, hears "serving", and never says
+    # "released" (as one does that gave up waiting and serves on).
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", pair.dns_port))
+    tcp = handover.bind_tcp("127.0.0.1", pair.dns_port, 16)
+    path = handover.socket_path(pair.runtime_dir, "127.0.0.1", pair.dns_port)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    server.settimeout(60)
+    inode = os.stat(path).st_ino
+    heard: list[dict[str, object]] = []
+
+    def predecessor() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(60)
+            heard.append(json.loads(conn.recv(65536)))
+            header = json.dumps({"pid": os.getpid(), "listeners": ["dns-udp", "dns-tcp"]})
+            socket.send_fds(conn, [header.encode() + b"\n"], [udp.fileno(), tcp.fileno()])
+            heard.append(json.loads(conn.recv(65536)))
+
+    thread = threading.Thread(target=predecessor, daemon=True)
+    thread.start()
+    log_path = tmp_path / "successor.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "LISTEN_"))}
+    env.update(pair.env(NODE_SERVICES_SHUTDOWN_GRACE="0"))
+    command = [
+        *(sys.executable, "-m", "node_services", "run", "--node-name", "node-a"),
+        *("--dns-listen", f"127.0.0.1:{pair.dns_port}"),
+        *("--admin-listen", f"127.0.0.1:{pair.admin_port}", *pair.args()),
+    ]
+    try:
+        with log_path.open("wb") as log:
+            started = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            )
+        try:
+            code = started.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            started.kill()
+            started.wait()
+            raise
+        thread.join(timeout=60)
+        output = log_path.read_text()
+        assert code == 1, output
+        assert heard[1] == {"serving": True}, heard
+        assert f"hand-over: pid {os.getpid()} did not release its listeners" in output
+        assert "not serving on them" in output
+        assert os.stat(path).st_ino == inode  # still the predecessor's socket file
+        # The predecessor's sockets still work: it serves on.
+        udp.sendto(b"x", ("127.0.0.1", pair.dns_port))
+        udp.settimeout(10)
+        assert udp.recv(16) == b"x"
+    finally:
+        server.close()
+        udp.close()
+        tcp.close()
