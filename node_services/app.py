@@ -317,6 +317,16 @@ class Daemon:
                 self.listeners.origin = "bound"
             else:
                 self.listeners.origin = f"handed over by pid {predecessor.pid}"
+                for name, sock in list(inherited.items()):
+                    if not self._settings_match(name, sock):
+                        log.warning(
+                            "pid %d passed %s socket %s: not what the settings say, closed",
+                            predecessor.pid,
+                            name,
+                            sock,
+                        )
+                        del inherited[name]
+                        sock.close()
             log.info("serving on %s from %s", sorted(inherited), self.listeners.origin)
             await self._serve_on(inherited)
             if predecessor is not None and not await predecessor.release():

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -106,6 +107,24 @@ def _peer_allowed(conn: socket.socket) -> bool:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid in (0, os.getuid())
+
+
+def check_directory(path: Path) -> None:
+    """Raise HandoverError unless ``path`` is a directory (not a symlink) owned by us that
+    neither group nor others may write: else another user could put a socket there that we
+    would take listeners from, or replace ours."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise HandoverError(f"runtime directory {path}: {exc}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise HandoverError(f"runtime directory {path}: not a directory")
+    if st.st_uid != os.getuid():
+        raise HandoverError(f"runtime directory {path}: owned by uid {st.st_uid}, not us")
+    if st.st_mode & 0o022:
+        raise HandoverError(
+            f"runtime directory {path}: mode {stat.S_IMODE(st.st_mode):o} lets others write"
+        )
 
 
 def _read_line(conn: socket.socket, fds: list[int] | None = None) -> dict[str, Any]:
@@ -210,13 +229,30 @@ def _connect(path: Path) -> socket.socket | None:
 
 
 async def find_predecessor(path: Path) -> Predecessor | None:
-    """A connection to the instance listening at ``path``, or None when none runs."""
+    """A connection to the instance listening at ``path``, or None when none runs (or the
+    directory or the peer is not to be trusted: logged)."""
+    try:
+        check_directory(path.parent)
+    except HandoverError as exc:
+        if path.parent.exists():
+            log.warning("hand-over: %s: not looking for a predecessor", exc)
+        return None
     try:
         conn = await asyncio.to_thread(_connect, path)
     except OSError as exc:
         log.warning("hand-over: cannot reach %s (%s): binding the listeners", path, exc)
         return None
-    return None if conn is None else Predecessor(path, conn)
+    if conn is None:
+        return None
+    try:
+        allowed = _peer_allowed(conn)
+    except OSError:
+        allowed = False
+    if not allowed:
+        log.warning("hand-over: %s is served by another uid: not taking over from it", path)
+        conn.close()
+        return None
+    return Predecessor(path, conn)
 
 
 # -- the running instance ---------------------------------------------------------------------
@@ -247,6 +283,7 @@ class HandoverServer:
         """Listen at :attr:`path`; False (logged) when the directory is not usable."""
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            check_directory(self.path.parent)
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()  # a predecessor's (it handed over) or a dead one's
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -258,7 +295,7 @@ class HandoverServer:
             except OSError:
                 sock.close()
                 raise
-        except OSError as exc:
+        except (OSError, HandoverError) as exc:
             log.warning(
                 "hand-over: cannot listen on %s (%s): a successor will not take over these "
                 "sockets (set runtime_dir to a writable directory)",

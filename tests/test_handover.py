@@ -7,6 +7,7 @@ assertion is zero lost, not latency (generous client timeouts: 2 shared cores)."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -707,3 +708,57 @@ def test_a_successor_not_released_by_its_predecessor_exits_1_and_leaves_its_sock
         server.close()
         udp.close()
         tcp.close()
+
+
+def test_a_runtime_directory_others_may_write_is_not_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shared = Path(tempfile.mkdtemp(prefix="ns-ho-", dir="/tmp"))
+    try:
+        shared.chmod(0o777)
+        path = shared / "handover-test.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as planted:
+            planted.bind(str(path))  # a live socket someone else could have put there
+            planted.listen(1)
+            assert asyncio.run(handover.find_predecessor(path)) is None
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                server = handover.HandoverServer(
+                    path, handover.Listeners({"dns-udp": udp}), {}, lambda pid: None
+                )
+                assert asyncio.run(_start(server)) is False
+        assert f"runtime directory {shared}: mode 777 lets others write" in caplog.text
+        assert path.exists()  # not replaced
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+async def _start(server: handover.HandoverServer) -> bool:
+    started = server.start()
+    server.close()
+    return started
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to listen as another uid")
+def test_a_predecessor_socket_of_another_uid_is_not_trusted(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = pair.runtime_dir / "handover-test.sock"
+    script = (
+        "import os, socket, sys, time\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+        "s.bind(sys.argv[1]); os.chmod(sys.argv[1], 0o666)\n"
+        "os.setuid(65534)\n"
+        "s.listen(4); print('listening', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert other.stdout is not None
+        assert other.stdout.readline() == "listening\n"
+        assert asyncio.run(handover.find_predecessor(path)) is None
+        assert f"hand-over: {path} is served by another uid" in caplog.text
+    finally:
+        other.kill()
+        other.wait()
