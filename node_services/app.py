@@ -708,7 +708,7 @@ class Daemon:
         self.notifier.stopping(f"handed over to pid {self.successor}")
         log.info("handed over to pid %d: draining", self.successor)
         if self._handover is not None:
-            self._handover.close()
+            await self._handover.close()
         drains = []
         if self.dns is not None:
             drains.append(self.dns.drain(DRAIN_TIMEOUT))
@@ -721,7 +721,7 @@ class Daemon:
 
     async def stop(self) -> None:
         if self._handover is not None:
-            self._handover.close()
+            await self._handover.close()
         await self.supervisor.stop()
         if self.metadata is not None:
             await self.metadata.stop()

@@ -361,7 +361,7 @@ class HandoverServer:
             if reply.get("serving") is True and not self.handed_over:
                 self.handed_over = True
                 log.info("hand-over: pid %d serves on our listeners", pid)
-                self._close_listener()  # before the successor puts its own socket there
+                await self._close_listener()  # before the successor puts its own there
                 with contextlib.suppress(OSError):
                     conn.send(b'{"released": true}\n')  # a few bytes: never blocks
                 self.on_handed_over(pid)
@@ -391,17 +391,22 @@ class HandoverServer:
         """A new instance is connected and preparing to take over."""
         return bool(self._exchanges) and not self.handed_over
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Stop offering; remove the socket file unless a successor has replaced it."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
         for task in self._exchanges:
             if task is not asyncio.current_task():
                 task.cancel()
-        self._close_listener()
+        await self._close_listener()
 
-    def _close_listener(self) -> None:
+    async def _close_listener(self) -> None:
+        # The accept loop first, awaited: its pending sock_accept drops its reader (by fd
+        # number) only as the cancellation runs; after close() that number may be a new
+        # socket's, whose reader it would remove.
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._sock is not None:
             self._sock.close()
             self._sock = None

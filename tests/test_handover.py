@@ -734,7 +734,7 @@ def test_a_runtime_directory_others_may_write_is_not_used(
 
 async def _start(server: handover.HandoverServer) -> bool:
     started = server.start()
-    server.close()
+    await server.close()
     return started
 
 
