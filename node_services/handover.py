@@ -132,8 +132,10 @@ def _read_line(conn: socket.socket, fds: list[int] | None = None) -> dict[str, A
     data = b""
     while not data.endswith(b"\n"):
         if fds is not None:
-            chunk, received, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, 16)
+            chunk, received, flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, 16)
             fds.extend(received)
+            if flags & socket.MSG_CTRUNC:
+                raise HandoverError("descriptors truncated (MSG_CTRUNC)")
         else:
             chunk = conn.recv(MAX_MESSAGE)
         if not chunk:
@@ -145,6 +147,28 @@ def _read_line(conn: socket.socket, fds: list[int] | None = None) -> dict[str, A
     if not isinstance(message, dict):
         raise HandoverError("message is not a JSON object")
     return message
+
+
+def _wrap(names: list[Any], fds: list[int]) -> dict[str, socket.socket]:
+    """One socket object per descriptor; on an error the objects made so far are closed and
+    the descriptors not yet wrapped closed raw (each exactly once)."""
+    sockets: dict[str, socket.socket] = {}
+    made: list[socket.socket] = []
+    try:
+        for name, fd in zip(names, fds, strict=True):
+            sock = socket.socket(fileno=fd)
+            made.append(sock)
+            if str(name) in sockets:
+                raise HandoverError(f"listener {name} passed twice")
+            sockets[str(name)] = sock
+    except BaseException:
+        for sock in made:
+            sock.close()
+        for fd in fds[len(made) :]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+    return sockets
 
 
 # -- the new instance -------------------------------------------------------------------------
@@ -171,13 +195,12 @@ class Predecessor:
             if not isinstance(names, list) or len(names) != len(fds):
                 raise HandoverError(f"{len(fds)} descriptors for listeners {names!r}")
             self.pid = int(reply.get("pid", 0))
-            pairs = zip(names, fds, strict=True)
-            return {str(name): socket.socket(fileno=fd) for name, fd in pairs}
         except BaseException:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             raise
+        return _wrap(names, fds)
 
     async def take(self, wanted: Mapping[str, str]) -> dict[str, socket.socket]:
         """Ask for the listeners named in ``wanted`` (name -> configured address); returns

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -762,3 +763,36 @@ def test_a_predecessor_socket_of_another_uid_is_not_trusted(
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_descriptor_that_is_no_socket_closes_every_passed_one_exactly_once() -> None:
+    first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    read_end, write_end = os.pipe()
+    last = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    fds = [first.detach(), read_end, last.detach()]
+    try:
+        with pytest.raises(OSError):
+            handover._wrap(["dns-udp", "dns-tcp", "metadata"], fds)
+        for fd in fds:
+            with pytest.raises(OSError):
+                os.fstat(fd)  # closed
+        # The lowest number is reused at once: nothing may close it behind our back.
+        reused = os.open("/dev/null", os.O_RDONLY)
+        try:
+            gc.collect()
+            os.fstat(reused)
+        finally:
+            os.close(reused)
+    finally:
+        os.close(write_end)
+
+
+def test_descriptors_the_kernel_truncated_fail_the_take() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with theirs, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        names = [f"l{i}" for i in range(20)]  # more than the 16 a take receives
+        header = json.dumps({"pid": 1, "listeners": names}).encode() + b"\n"
+        socket.send_fds(theirs, [header], [udp.fileno()] * len(names))
+        predecessor = handover.Predecessor(Path("/nonexistent"), ours)
+        with pytest.raises(handover.HandoverError, match=r"descriptors truncated \(MSG_CTRUNC\)"):
+            asyncio.run(predecessor.take({"dns-udp": "127.0.0.1:53"}))
