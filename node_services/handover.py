@@ -10,6 +10,8 @@ them is read by whichever process reads first, so none is lost.
 
 Wire format (one unix stream connection, lines of JSON):
 
+    new -> old   {"pid": 123, "preparing": true}   (at once: it syncs its sources meanwhile;
+                                                  a connection that says nothing is dropped)
     new -> old   {"pid": 123, "listeners": {"dns-udp": "127.0.0.1:53", ...}}
     old -> new   {"pid": 45, "listeners": ["dns-udp", ...]}  + the descriptors, in order
     new -> old   {"serving": true}
@@ -45,6 +47,9 @@ NAMES: Final = (DNS_UDP, DNS_TCP, METADATA, ADMIN)
 
 MAX_MESSAGE: Final = 64 * 1024
 CONNECT_TIMEOUT: Final = 5.0
+PREPARE_TIMEOUT: Final = 150.0
+"""Seconds a successor that said "preparing" may take until it asks (it waits up to 120 s for
+its sources, app.HANDOVER_READY_TIMEOUT)."""
 EXCHANGE_TIMEOUT: Final = 30.0
 """Seconds each step of the exchange may take once the new instance asks (generous: the
 machine may be loaded; the old instance keeps serving meanwhile)."""
@@ -275,6 +280,13 @@ async def find_predecessor(path: Path) -> Predecessor | None:
         log.warning("hand-over: %s is served by another uid: not taking over from it", path)
         conn.close()
         return None
+    try:  # it serves on (and waits for us in its lame duck) while our sources sync
+        hello = json.dumps({"pid": os.getpid(), "preparing": True}).encode() + b"\n"
+        await asyncio.to_thread(conn.sendall, hello)
+    except OSError as exc:
+        log.warning("hand-over: %s: %s: binding the listeners", path, exc)
+        conn.close()
+        return None
     return Predecessor(path, conn)
 
 
@@ -298,6 +310,8 @@ class HandoverServer:
     _inode: int = 0
     _task: asyncio.Task[None] | None = None
     _exchanges: set[asyncio.Task[None]] = field(default_factory=set)
+    _preparing: int = 0
+    """Connected successors that said they prepare (sources syncing) and have not asked yet."""
     _busy: bool = False
     """An exchange has passed the descriptors and waits for its successor: later requests
     are refused (two successors must not both serve)."""
@@ -350,7 +364,15 @@ class HandoverServer:
                 self.failures += 1
                 return
             try:
-                request = await self._receive(loop, conn, None)
+                buffer = bytearray()
+                # An idle connection is dropped: only a successor that says so counts.
+                request = await self._receive(loop, conn, EXCHANGE_TIMEOUT, buffer)
+                if request.get("preparing") is True:
+                    self._preparing += 1
+                    try:
+                        request = await self._receive(loop, conn, PREPARE_TIMEOUT, buffer)
+                    finally:
+                        self._preparing -= 1
                 wanted = request.get("listeners")
                 pid = int(request.get("pid", 0))
                 if not isinstance(wanted, dict):
@@ -374,7 +396,7 @@ class HandoverServer:
                 self._busy = True
                 try:
                     socket.send_fds(conn, [header], fds)
-                    reply = await self._receive(loop, conn, EXCHANGE_TIMEOUT * 4)
+                    reply = await self._receive(loop, conn, EXCHANGE_TIMEOUT * 4, buffer)
                 finally:
                     self._busy = False
             except (OSError, ValueError, HandoverError, TimeoutError) as exc:
@@ -393,26 +415,31 @@ class HandoverServer:
     async def _receive(
         loop: asyncio.AbstractEventLoop,
         conn: socket.socket,
-        timeout: float | None,  # noqa: ASYNC109
+        timeout: float,  # noqa: ASYNC109
+        buffer: bytearray,
     ) -> dict[str, Any]:
-        data = b""
+        """The next line (JSON object); what came after it stays in ``buffer``."""
         async with asyncio.timeout(timeout):
-            while not data.endswith(b"\n"):
+            while b"\n" not in buffer:
                 chunk = await loop.sock_recv(conn, MAX_MESSAGE)
                 if not chunk:
                     raise HandoverError("the peer closed the connection")
-                data += chunk
-                if len(data) > MAX_MESSAGE:
+                buffer += chunk
+                if len(buffer) > MAX_MESSAGE:
                     raise HandoverError("message too long")
-        message = json.loads(data)
+        line, _, rest = bytes(buffer).partition(b"\n")
+        buffer[:] = rest
+        message = json.loads(line)
         if not isinstance(message, dict):
             raise HandoverError("message is not a JSON object")
         return message
 
     @property
     def successor_waiting(self) -> bool:
-        """A new instance is connected and preparing to take over."""
-        return bool(self._exchanges) and not self.handed_over
+        """A new instance said it prepares to take over ("preparing"), or has the
+        descriptors: an idle connection does not count (it is dropped after
+        EXCHANGE_TIMEOUT), nor does a preparing one after PREPARE_TIMEOUT."""
+        return (self._preparing > 0 or self._busy) and not self.handed_over
 
     async def close(self) -> None:
         """Stop offering; remove the socket file unless a successor has replaced it."""

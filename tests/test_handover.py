@@ -666,12 +666,13 @@ def test_a_successor_not_released_by_its_predecessor_exits_1_and_leaves_its_sock
 
     def predecessor() -> None:
         conn, _ = server.accept()
-        with conn:
+        with conn, conn.makefile("rb") as lines:
             conn.settimeout(60)
-            heard.append(json.loads(conn.recv(65536)))
+            heard.append(json.loads(lines.readline()))  # preparing
+            heard.append(json.loads(lines.readline()))  # the request
             header = json.dumps({"pid": os.getpid(), "listeners": ["dns-udp", "dns-tcp"]})
             socket.send_fds(conn, [header.encode() + b"\n"], [udp.fileno(), tcp.fileno()])
-            heard.append(json.loads(conn.recv(65536)))
+            heard.append(json.loads(lines.readline()))
 
     thread = threading.Thread(target=predecessor, daemon=True)
     thread.start()
@@ -697,7 +698,8 @@ def test_a_successor_not_released_by_its_predecessor_exits_1_and_leaves_its_sock
         thread.join(timeout=60)
         output = log_path.read_text()
         assert code == 1, output
-        assert heard[1] == {"serving": True}, heard
+        assert heard[0] == {"pid": heard[1]["pid"], "preparing": True}, heard
+        assert heard[2] == {"serving": True}, heard
         assert f"hand-over: pid {os.getpid()} did not release its listeners" in output
         assert "not serving on them" in output
         assert os.stat(path).st_ino == inode  # still the predecessor's socket file
@@ -796,3 +798,18 @@ def test_descriptors_the_kernel_truncated_fail_the_take() -> None:
         predecessor = handover.Predecessor(Path("/nonexistent"), ours)
         with pytest.raises(handover.HandoverError, match=r"descriptors truncated \(MSG_CTRUNC\)"):
             asyncio.run(predecessor.take({"dns-udp": "127.0.0.1:53"}))
+
+
+def test_an_idle_connection_does_not_stretch_the_lame_duck(pair: Pair) -> None:
+    first = pair.first(NODE_SERVICES_SHUTDOWN_GRACE="1")
+    first.wait_for(lambda: readyz(pair.admin_port)[0] == 200, what="instance 1 ready")
+    (path,) = pair.runtime_dir.glob("handover-*.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
+        idle.connect(str(path))  # says nothing: not a successor
+        time.sleep(0.5)
+        assert first.proc is not None
+        first.proc.send_signal(signal.SIGTERM)
+        # 1 s of lame duck, not 1 + 150 s waiting for a successor that never asks.
+        assert first.proc.wait(timeout=60) == 0, first.output()
+    assert "lame duck: /readyz fails, serving 1s more" in first.output()
+    assert "a successor is preparing" not in first.output()
