@@ -813,3 +813,70 @@ def test_an_idle_connection_does_not_stretch_the_lame_duck(pair: Pair) -> None:
         assert first.proc.wait(timeout=60) == 0, first.output()
     assert "lame duck: /readyz fails, serving 1s more" in first.output()
     assert "a successor is preparing" not in first.output()
+
+
+def test_a_passed_socket_at_another_address_than_the_settings_is_not_served_on(
+    pair: Pair, tmp_path: Path
+) -> None:
+    # The test is a predecessor that passes a dns-udp socket on another port than asked.
+    wrong = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    wrong.bind(("127.0.0.1", free_port()))
+    tcp = handover.bind_tcp("127.0.0.1", pair.dns_port, 16)
+    path = handover.socket_path(pair.runtime_dir, "127.0.0.1", pair.dns_port)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    server.settimeout(60)
+
+    def predecessor() -> None:
+        conn, _ = server.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.settimeout(60)
+            lines.readline()  # preparing
+            lines.readline()  # the request
+            header = json.dumps({"pid": os.getpid(), "listeners": ["dns-udp", "dns-tcp"]})
+            socket.send_fds(conn, [header.encode() + b"\n"], [wrong.fileno(), tcp.fileno()])
+            wrong.close()
+            tcp.close()
+            lines.readline()  # serving
+            conn.sendall(b'{"released": true}\n')
+
+    thread = threading.Thread(target=predecessor, daemon=True)
+    thread.start()
+    log_path = tmp_path / "successor.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "LISTEN_"))}
+    env.update(pair.env(NODE_SERVICES_SHUTDOWN_GRACE="0"))
+    command = [
+        *(sys.executable, "-m", "node_services", "run", "--node-name", "node-a"),
+        *("--dns-listen", f"127.0.0.1:{pair.dns_port}"),
+        *("--admin-listen", f"127.0.0.1:{pair.admin_port}", *pair.args()),
+    ]
+    with log_path.open("wb") as log:
+        started = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while readyz(pair.admin_port)[0] != 200:
+            assert started.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        response = dns.query.udp(
+            dns.message.make_query(NAME, dns.rdatatype.A),
+            "127.0.0.1",
+            port=pair.dns_port,
+            timeout=30,
+        )
+        assert [rr.to_text() for rrset in response.answer for rr in rrset] == [ADDRESS]
+    finally:
+        started.send_signal(signal.SIGTERM)
+        try:
+            started.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            started.kill()
+            started.wait()
+        server.close()
+        thread.join(timeout=10)
+    output = log_path.read_text()
+    assert f"pid {os.getpid()} passed dns-udp socket" in output, output
+    assert "not what the settings say, closed" in output
+    assert f"dns listening on 127.0.0.1:{pair.dns_port} (udp, tcp)" in output
+    assert started.returncode == 0, output
