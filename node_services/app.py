@@ -232,6 +232,8 @@ class Daemon:
     handovers: dict[str, int] = field(default_factory=dict)
     """Hand-overs by result (taken, given, failed), for node_services_handovers_total."""
     watchdog: sdnotify.Watchdog | None = None
+    ready_sent: bool = False
+    """READY=1 went to the service manager (reloads notify only after it)."""
 
     def __post_init__(self) -> None:
         check_supported(self.settings)
@@ -276,46 +278,65 @@ class Daemon:
             )
 
     async def start(self) -> None:
-        """Bind every listener, then start the sources and background tasks. When an
-        instance runs at our hand-over socket, or systemd passes back the sockets it stored,
-        start the sources first, wait until ready, then serve on those sockets (handover.py)."""
-        inherited = self._matching(
-            {name: socket.socket(fileno=fd) for name, fd in sdnotify.listen_fds().items()}
-        )
+        """Bind every listener, then start the sources and background tasks. With sockets
+        systemd passed back, start the sources first and serve on them once ready or after
+        SYSTEMD_SOCKETS_READY_WAIT seconds. When an instance runs at our hand-over socket,
+        start the sources first, wait until ready (HANDOVER_READY_TIMEOUT at most: it serves
+        meanwhile), then take its sockets and serve on them (handover.py)."""
+        inherited = self._matching(sdnotify.listen_fd_list())
         predecessor = None
         path = self._handover_path()
         if not inherited and path is not None:
             predecessor = await handover.find_predecessor(path)
-        if not inherited and predecessor is None:
-            await self._start_admin()
-            await self._start_dns()
-            await self._start_metadata()
+        if predecessor is None and not inherited:
+            await self._serve_on({})
             self._start_tasks()
+        elif predecessor is None:
+            # Nobody serves systemd's sockets meanwhile: wait for the sources only briefly
+            # (queries wait in the sockets; an empty zone would answer NXDOMAIN), then serve
+            # whatever came, so that a source that never syncs does not leave them unread.
+            self.listeners.origin = "systemd"
+            self._build_dns()
+            self._start_tasks()
+            await self.wait_ready(SYSTEMD_SOCKETS_READY_WAIT)
+            log.info("serving on %s from systemd", sorted(inherited))
+            await self._serve_on(inherited)
+            self.handovers["taken"] = 1
         else:
-            self.listeners.origin = "systemd" if inherited else f"handed over ({path})"
+            self.listeners.origin = f"handed over ({path})"
             self._build_dns()  # the zone follows the store from the first sync on
             self._start_tasks()
             await self.wait_ready(HANDOVER_READY_TIMEOUT)
-            if predecessor is not None:
-                try:
-                    inherited = await predecessor.take(self._addresses())
-                except handover.HandoverError as exc:
-                    self.handovers["failed"] = self.handovers.get("failed", 0) + 1
-                    log.error("%s: binding the listeners instead", exc)
-                    predecessor = None
-                    inherited = {}
-                    self.listeners.origin = "bound"
-                else:
-                    self.listeners.origin = f"handed over by pid {predecessor.pid}"
+            try:
+                inherited = await predecessor.take(self._addresses())
+            except handover.HandoverError as exc:
+                self.handovers["failed"] = self.handovers.get("failed", 0) + 1
+                log.error("%s: binding the listeners instead", exc)
+                predecessor = None
+                inherited = {}
+                self.listeners.origin = "bound"
+            else:
+                self.listeners.origin = f"handed over by pid {predecessor.pid}"
+                for name, sock in list(inherited.items()):
+                    if not self._settings_match(name, sock):
+                        log.warning(
+                            "pid %d passed %s socket %s: not what the settings say, closed",
+                            predecessor.pid,
+                            name,
+                            sock,
+                        )
+                        del inherited[name]
+                        sock.close()
             log.info("serving on %s from %s", sorted(inherited), self.listeners.origin)
-            await self._start_admin(inherited.pop(handover.ADMIN, None))
-            dns = (inherited.pop(handover.DNS_UDP, None), inherited.pop(handover.DNS_TCP, None))
-            await self._start_dns(dns)
-            await self._start_metadata(inherited.pop(handover.METADATA, None))
-            for sock in inherited.values():  # names we do not know (an older/newer build's)
-                sock.close()
-            if predecessor is not None:
-                await predecessor.release()
+            await self._serve_on(inherited)
+            if predecessor is not None and not await predecessor.release():
+                # It may serve on (it gave up waiting for us): two instances must not, and
+                # its hand-over socket file stays its own. Exit 1 (a restart tries again).
+                self.handovers["failed"] = self.handovers.get("failed", 0) + 1
+                raise ListenError(
+                    f"hand-over from pid {predecessor.pid}: it did not release its listeners; "
+                    "not serving on them"
+                )
             if self.listeners.origin != "bound":
                 self.handovers["taken"] = 1
         if path is not None:
@@ -324,9 +345,50 @@ class Daemon:
             )
             self._handover.start()
 
-    def _matching(self, sockets: dict[str, socket.socket]) -> dict[str, socket.socket]:
-        """The sockets systemd passed back that still listen where the settings say (an
-        address changed since they were stored: bind the new one, close the old)."""
+    async def _serve_on(self, inherited: dict[str, socket.socket]) -> None:
+        """Start the servers on the ``inherited`` sockets; bind those missing."""
+        await self._start_admin(inherited.pop(handover.ADMIN, None))
+        dns = (inherited.pop(handover.DNS_UDP, None), inherited.pop(handover.DNS_TCP, None))
+        await self._start_dns(dns)
+        await self._start_metadata(inherited.pop(handover.METADATA, None))
+        for sock in inherited.values():  # names we do not know (an older/newer build's)
+            sock.close()
+
+    def _matching(self, passed: list[tuple[str, int]]) -> dict[str, socket.socket]:
+        """The sockets systemd passed back that still listen where the settings say, one per
+        name (the first copy that does). Every other copy is closed and its name removed
+        from systemd's store (FDSTOREREMOVE=1): systemd's own copy of a socket at an old
+        address would keep that address bound (a changed dns_listen: EADDRINUSE), and the
+        copy we keep is stored again once ready."""
+        kept: dict[str, socket.socket] = {}
+        pruned: set[str] = set()
+        for name, fd in passed:
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError as exc:
+                log.warning("systemd passed %s fd %d: not a socket (%s), closed", name, fd, exc)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                pruned.add(name)
+                continue
+            if name in kept:
+                log.warning("systemd passed another %s socket %s: closed", name, sock)
+                sock.close()
+                pruned.add(name)
+            elif self._settings_match(name, sock):
+                kept[name] = sock
+            else:
+                log.warning(
+                    "systemd passed %s socket %s: not what the settings say, closed", name, sock
+                )
+                sock.close()
+                pruned.add(name)
+        for name in sorted(pruned):
+            self.notifier.remove_fds(name)
+        return kept
+
+    def _settings_match(self, name: str, sock: socket.socket) -> bool:
+        """``sock`` is the kind of socket listener ``name`` is, at the configured address."""
         kinds = {
             handover.DNS_UDP: socket.SOCK_DGRAM,
             handover.DNS_TCP: socket.SOCK_STREAM,
@@ -339,28 +401,18 @@ class Daemon:
             handover.METADATA: self.settings.metadata_listen,
             handover.ADMIN: self.settings.admin_listen,
         }
-        kept = {}
-        for name, sock in sockets.items():
-            listen = wanted.get(name)
-            try:
-                host, port = sock.getsockname()[:2]
-                same = (
-                    listen is not None
-                    and sock.type == kinds[name]
-                    and socket.inet_pton(sock.family, host)
-                    == socket.inet_pton(sock.family, listen.host)
-                    and listen.port in (0, port)
-                )
-            except (OSError, ValueError):
-                same = False
-            if same:
-                kept[name] = sock
-            else:
-                log.warning(
-                    "systemd passed %s socket %s: not what the settings say, closed", name, sock
-                )
-                sock.close()
-        return kept
+        listen = wanted.get(name)
+        try:
+            host, port = sock.getsockname()[:2]
+            return (
+                listen is not None
+                and sock.type == kinds[name]
+                and socket.inet_pton(sock.family, host)
+                == socket.inet_pton(sock.family, listen.host)
+                and listen.port in (0, port)
+            )
+        except (OSError, ValueError):
+            return False
 
     def _handover_path(self) -> Path | None:
         settings = self.settings
@@ -562,11 +614,16 @@ class Daemon:
     async def reload(self) -> None:
         """SIGHUP: re-read every snapshot file now."""
         log.info("reloading %d snapshot file(s)", len(self.snapshots))
-        self.notifier.reloading()
+        # Before the first READY=1 the manager still waits for the start: a READY=1 here
+        # would end the start early (and arm the watchdog); _announce sends it.
+        notify = self.ready_sent
+        if notify:
+            self.notifier.reloading()
         try:
             await asyncio.gather(*(snapshot.reload() for snapshot in self.snapshots))
         finally:
-            self.notifier.ready(self.summary())
+            if notify:
+                self.notifier.ready(self.summary())
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -597,9 +654,13 @@ class Daemon:
         return not self.supervisor.failures
 
     async def _announce(self) -> None:
-        """READY=1 once every source synced, the sockets into systemd's store, then the
-        watchdog pings (when the unit asks for them)."""
-        await self.wait_ready()
+        """READY=1 once every source synced, or after READY_WAIT seconds without (logged; its
+        STATUS= says what is missing): a source that never syncs (an API down) must not make
+        systemd kill and restart the daemon at TimeoutStartSec forever, and /readyz still
+        tells. Then the sockets into systemd's store, then the watchdog pings (when the unit
+        asks for them)."""
+        await self.wait_ready(READY_WAIT)
+        self.ready_sent = True
         self.notifier.ready(self.summary())
         if self.notifier.enabled:
             self.notifier.store_fds(
@@ -614,6 +675,15 @@ class Daemon:
         log.info("watchdog: WATCHDOG=1 every %gs", interval)
         self.watchdog = sdnotify.Watchdog(self.notifier, interval, self.healthy)
         await self.watchdog.run()
+
+    async def _extend_start(self) -> None:
+        """Until READY=1: EXTEND_TIMEOUT_USEC= every START_EXTEND_INTERVAL seconds, so that
+        systemd's TimeoutStartSec does not end a start that is waiting for its sources
+        (bounded: start() and _announce each wait a bounded time)."""
+        usec = int(START_EXTEND * 1e6)
+        while not self.ready_sent and not self._stop.is_set():
+            self.notifier.notify(f"EXTEND_TIMEOUT_USEC={usec}", "STATUS=starting")
+            await asyncio.sleep(START_EXTEND_INTERVAL)
 
     async def _lame_duck(self) -> None:
         """SIGTERM without a successor: fail /readyz, keep serving ``shutdown_grace`` seconds
@@ -640,7 +710,7 @@ class Daemon:
         self.notifier.stopping(f"handed over to pid {self.successor}")
         log.info("handed over to pid %d: draining", self.successor)
         if self._handover is not None:
-            self._handover.close()
+            await self._handover.close()
         drains = []
         if self.dns is not None:
             drains.append(self.dns.drain(DRAIN_TIMEOUT))
@@ -653,7 +723,7 @@ class Daemon:
 
     async def stop(self) -> None:
         if self._handover is not None:
-            self._handover.close()
+            await self._handover.close()
         await self.supervisor.stop()
         if self.metadata is not None:
             await self.metadata.stop()
@@ -688,6 +758,11 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, on_term)
         loop.add_signal_handler(signal.SIGINT, on_int)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
+        extend = (
+            loop.create_task(self._extend_start(), name="sd-extend")
+            if self.notifier.enabled
+            else None
+        )
         try:
             await self.start()
             log.info(
@@ -713,6 +788,8 @@ class Daemon:
                 loop.remove_signal_handler(signum)
             for task in reloads:
                 task.cancel()
+            if extend is not None:
+                extend.cancel()
             await self.stop()
         log.info("stopped")
 
@@ -720,6 +797,14 @@ class Daemon:
 HANDOVER_READY_TIMEOUT: Final = 120.0
 """Seconds a successor waits for its sources before it takes the sockets anyway (logged):
 an upgrade must not hang on a source that never syncs."""
+SYSTEMD_SOCKETS_READY_WAIT: Final = 10.0
+"""Seconds a start with sockets systemd passed back waits for its sources before it serves
+on them anyway (nobody else serves them meanwhile)."""
+READY_WAIT: Final = 60.0
+"""Seconds READY=1 waits for every source to sync before it is sent anyway (logged)."""
+START_EXTEND: Final = 30.0
+START_EXTEND_INTERVAL: Final = 10.0
+"""Until READY=1, every START_EXTEND_INTERVAL seconds: EXTEND_TIMEOUT_USEC= START_EXTEND s."""
 ADMIN_BACKLOG: Final = 128
 METADATA_BACKLOG: Final = METADATA_LISTEN_BACKLOG
 DRAIN_SETTLE: Final = 0.5

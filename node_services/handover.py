@@ -10,6 +10,8 @@ them is read by whichever process reads first, so none is lost.
 
 Wire format (one unix stream connection, lines of JSON):
 
+    new -> old   {"pid": 123, "preparing": true}   (at once: it syncs its sources meanwhile;
+                                                  a connection that says nothing is dropped)
     new -> old   {"pid": 123, "listeners": {"dns-udp": "127.0.0.1:53", ...}}
     old -> new   {"pid": 45, "listeners": ["dns-udp", ...]}  + the descriptors, in order
     new -> old   {"serving": true}
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +47,9 @@ NAMES: Final = (DNS_UDP, DNS_TCP, METADATA, ADMIN)
 
 MAX_MESSAGE: Final = 64 * 1024
 CONNECT_TIMEOUT: Final = 5.0
+PREPARE_TIMEOUT: Final = 150.0
+"""Seconds a successor that said "preparing" may take until it asks (it waits up to 120 s for
+its sources, app.HANDOVER_READY_TIMEOUT)."""
 EXCHANGE_TIMEOUT: Final = 30.0
 """Seconds each step of the exchange may take once the new instance asks (generous: the
 machine may be loaded; the old instance keeps serving meanwhile)."""
@@ -108,13 +114,33 @@ def _peer_allowed(conn: socket.socket) -> bool:
     return uid in (0, os.getuid())
 
 
+def check_directory(path: Path) -> None:
+    """Raise HandoverError unless ``path`` is a directory (not a symlink) owned by us that
+    neither group nor others may write: else another user could put a socket there that we
+    would take listeners from, or replace ours."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise HandoverError(f"runtime directory {path}: {exc}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise HandoverError(f"runtime directory {path}: not a directory")
+    if st.st_uid != os.getuid():
+        raise HandoverError(f"runtime directory {path}: owned by uid {st.st_uid}, not us")
+    if st.st_mode & 0o022:
+        raise HandoverError(
+            f"runtime directory {path}: mode {stat.S_IMODE(st.st_mode):o} lets others write"
+        )
+
+
 def _read_line(conn: socket.socket, fds: list[int] | None = None) -> dict[str, Any]:
     """One JSON line from a blocking socket; descriptors that came with it into ``fds``."""
     data = b""
     while not data.endswith(b"\n"):
         if fds is not None:
-            chunk, received, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, 16)
+            chunk, received, flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, 16)
             fds.extend(received)
+            if flags & socket.MSG_CTRUNC:
+                raise HandoverError("descriptors truncated (MSG_CTRUNC)")
         else:
             chunk = conn.recv(MAX_MESSAGE)
         if not chunk:
@@ -126,6 +152,28 @@ def _read_line(conn: socket.socket, fds: list[int] | None = None) -> dict[str, A
     if not isinstance(message, dict):
         raise HandoverError("message is not a JSON object")
     return message
+
+
+def _wrap(names: list[Any], fds: list[int]) -> dict[str, socket.socket]:
+    """One socket object per descriptor; on an error the objects made so far are closed and
+    the descriptors not yet wrapped closed raw (each exactly once)."""
+    sockets: dict[str, socket.socket] = {}
+    made: list[socket.socket] = []
+    try:
+        for name, fd in zip(names, fds, strict=True):
+            sock = socket.socket(fileno=fd)
+            made.append(sock)
+            if str(name) in sockets:
+                raise HandoverError(f"listener {name} passed twice")
+            sockets[str(name)] = sock
+    except BaseException:
+        for sock in made:
+            sock.close()
+        for fd in fds[len(made) :]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+    return sockets
 
 
 # -- the new instance -------------------------------------------------------------------------
@@ -146,17 +194,18 @@ class Predecessor:
         fds: list[int] = []
         try:
             reply = _read_line(conn, fds)
+            if reply.get("refused"):
+                raise HandoverError(f"refused: {reply['refused']}")
             names = reply.get("listeners")
             if not isinstance(names, list) or len(names) != len(fds):
                 raise HandoverError(f"{len(fds)} descriptors for listeners {names!r}")
             self.pid = int(reply.get("pid", 0))
-            pairs = zip(names, fds, strict=True)
-            return {str(name): socket.socket(fileno=fd) for name, fd in pairs}
         except BaseException:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             raise
+        return _wrap(names, fds)
 
     async def take(self, wanted: Mapping[str, str]) -> dict[str, socket.socket]:
         """Ask for the listeners named in ``wanted`` (name -> configured address); returns
@@ -172,17 +221,22 @@ class Predecessor:
 
     def _release(self) -> None:
         self.conn.sendall(b'{"serving": true}\n')
-        _read_line(self.conn)  # it has removed its socket file
+        reply = _read_line(self.conn)  # it has removed its socket file
+        if reply.get("released") is not True:
+            raise HandoverError(f"no release but {reply!r}")
 
-    async def release(self) -> None:
-        """Tell the predecessor we serve on its sockets: it stops reading and exits. Returns
-        once it has given up the hand-over socket's path."""
+    async def release(self) -> bool:
+        """Tell the predecessor we serve on its sockets: it stops reading and exits. True
+        once it has given up the hand-over socket's path; False (logged) when it did not say
+        so (it gave up waiting for us, or went away): it may serve on, so we must not."""
         try:
             await asyncio.to_thread(self._release)
         except (OSError, ValueError, HandoverError) as exc:
-            log.warning("hand-over: telling pid %d we serve failed: %s", self.pid, exc)
+            log.error("hand-over: pid %d did not release its listeners: %s", self.pid, exc)
+            return False
         finally:
             self.close()
+        return True
 
     def close(self) -> None:
         self.conn.close()
@@ -203,13 +257,37 @@ def _connect(path: Path) -> socket.socket | None:
 
 
 async def find_predecessor(path: Path) -> Predecessor | None:
-    """A connection to the instance listening at ``path``, or None when none runs."""
+    """A connection to the instance listening at ``path``, or None when none runs (or the
+    directory or the peer is not to be trusted: logged)."""
+    try:
+        check_directory(path.parent)
+    except HandoverError as exc:
+        if path.parent.exists():
+            log.warning("hand-over: %s: not looking for a predecessor", exc)
+        return None
     try:
         conn = await asyncio.to_thread(_connect, path)
     except OSError as exc:
         log.warning("hand-over: cannot reach %s (%s): binding the listeners", path, exc)
         return None
-    return None if conn is None else Predecessor(path, conn)
+    if conn is None:
+        return None
+    try:
+        allowed = _peer_allowed(conn)
+    except OSError:
+        allowed = False
+    if not allowed:
+        log.warning("hand-over: %s is served by another uid: not taking over from it", path)
+        conn.close()
+        return None
+    try:  # it serves on (and waits for us in its lame duck) while our sources sync
+        hello = json.dumps({"pid": os.getpid(), "preparing": True}).encode() + b"\n"
+        await asyncio.to_thread(conn.sendall, hello)
+    except OSError as exc:
+        log.warning("hand-over: %s: %s: binding the listeners", path, exc)
+        conn.close()
+        return None
+    return Predecessor(path, conn)
 
 
 # -- the running instance ---------------------------------------------------------------------
@@ -232,11 +310,17 @@ class HandoverServer:
     _inode: int = 0
     _task: asyncio.Task[None] | None = None
     _exchanges: set[asyncio.Task[None]] = field(default_factory=set)
+    _preparing: int = 0
+    """Connected successors that said they prepare (sources syncing) and have not asked yet."""
+    _busy: bool = False
+    """An exchange has passed the descriptors and waits for its successor: later requests
+    are refused (two successors must not both serve)."""
 
     def start(self) -> bool:
         """Listen at :attr:`path`; False (logged) when the directory is not usable."""
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            check_directory(self.path.parent)
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()  # a predecessor's (it handed over) or a dead one's
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -248,7 +332,7 @@ class HandoverServer:
             except OSError:
                 sock.close()
                 raise
-        except OSError as exc:
+        except (OSError, HandoverError) as exc:
             log.warning(
                 "hand-over: cannot listen on %s (%s): a successor will not take over these "
                 "sockets (set runtime_dir to a writable directory)",
@@ -280,11 +364,27 @@ class HandoverServer:
                 self.failures += 1
                 return
             try:
-                request = await self._receive(loop, conn, None)
+                buffer = bytearray()
+                # An idle connection is dropped: only a successor that says so counts.
+                request = await self._receive(loop, conn, EXCHANGE_TIMEOUT, buffer)
+                if request.get("preparing") is True:
+                    self._preparing += 1
+                    try:
+                        request = await self._receive(loop, conn, PREPARE_TIMEOUT, buffer)
+                    finally:
+                        self._preparing -= 1
                 wanted = request.get("listeners")
                 pid = int(request.get("pid", 0))
                 if not isinstance(wanted, dict):
                     raise HandoverError("no listeners asked for")
+                if self._busy or self.handed_over:
+                    log.warning(
+                        "hand-over: pid %d asks while another successor takes over: refused", pid
+                    )
+                    refusal = {"pid": os.getpid(), "listeners": [], "refused": "busy"}
+                    await loop.sock_sendall(conn, json.dumps(refusal).encode() + b"\n")
+                    self.failures += 1
+                    return
                 names = [
                     name
                     for name in NAMES
@@ -293,8 +393,12 @@ class HandoverServer:
                 log.info("hand-over: pid %d asks for the listeners; passing %s", pid, names)
                 header = json.dumps({"pid": os.getpid(), "listeners": names}).encode() + b"\n"
                 fds = [self.listeners.sockets[name].fileno() for name in names]
-                socket.send_fds(conn, [header], fds)
-                reply = await self._receive(loop, conn, EXCHANGE_TIMEOUT * 4)
+                self._busy = True
+                try:
+                    socket.send_fds(conn, [header], fds)
+                    reply = await self._receive(loop, conn, EXCHANGE_TIMEOUT * 4, buffer)
+                finally:
+                    self._busy = False
             except (OSError, ValueError, HandoverError, TimeoutError) as exc:
                 log.warning("hand-over on %s failed, serving on: %s", self.path, exc)
                 self.failures += 1
@@ -302,7 +406,7 @@ class HandoverServer:
             if reply.get("serving") is True and not self.handed_over:
                 self.handed_over = True
                 log.info("hand-over: pid %d serves on our listeners", pid)
-                self._close_listener()  # before the successor puts its own socket there
+                await self._close_listener()  # before the successor puts its own there
                 with contextlib.suppress(OSError):
                     conn.send(b'{"released": true}\n')  # a few bytes: never blocks
                 self.on_handed_over(pid)
@@ -311,38 +415,48 @@ class HandoverServer:
     async def _receive(
         loop: asyncio.AbstractEventLoop,
         conn: socket.socket,
-        timeout: float | None,  # noqa: ASYNC109
+        timeout: float,  # noqa: ASYNC109
+        buffer: bytearray,
     ) -> dict[str, Any]:
-        data = b""
+        """The next line (JSON object); what came after it stays in ``buffer``."""
         async with asyncio.timeout(timeout):
-            while not data.endswith(b"\n"):
+            while b"\n" not in buffer:
                 chunk = await loop.sock_recv(conn, MAX_MESSAGE)
                 if not chunk:
                     raise HandoverError("the peer closed the connection")
-                data += chunk
-                if len(data) > MAX_MESSAGE:
+                buffer += chunk
+                if len(buffer) > MAX_MESSAGE:
                     raise HandoverError("message too long")
-        message = json.loads(data)
+        line, _, rest = bytes(buffer).partition(b"\n")
+        buffer[:] = rest
+        message = json.loads(line)
         if not isinstance(message, dict):
             raise HandoverError("message is not a JSON object")
         return message
 
     @property
     def successor_waiting(self) -> bool:
-        """A new instance is connected and preparing to take over."""
-        return bool(self._exchanges) and not self.handed_over
+        """A new instance said it prepares to take over ("preparing"), or has the
+        descriptors: an idle connection does not count (it is dropped after
+        EXCHANGE_TIMEOUT), nor does a preparing one after PREPARE_TIMEOUT."""
+        return (self._preparing > 0 or self._busy) and not self.handed_over
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Stop offering; remove the socket file unless a successor has replaced it."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
         for task in self._exchanges:
             if task is not asyncio.current_task():
                 task.cancel()
-        self._close_listener()
+        await self._close_listener()
 
-    def _close_listener(self) -> None:
+    async def _close_listener(self) -> None:
+        # The accept loop first, awaited: its pending sock_accept drops its reader (by fd
+        # number) only as the cancellation runs; after close() that number may be a new
+        # socket's, whose reader it would remove.
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._sock is not None:
             self._sock.close()
             self._sock = None

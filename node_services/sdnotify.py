@@ -89,9 +89,16 @@ class Notifier:
 
     def store_fds(self, named: Mapping[str, int]) -> None:
         """Keep these descriptors in the manager's store (FDSTORE=1, one FDNAME each), to be
-        passed back on the next start of the unit."""
+        passed back on the next start of the unit. Each name's earlier copies are removed
+        first (FDSTOREREMOVE=1): the store keeps one socket per name, the current one."""
         for name, fd in named.items():
+            self.remove_fds(name)
             self.notify("FDSTORE=1", f"FDNAME={name}", fds=[fd])
+
+    def remove_fds(self, name: str) -> None:
+        """Drop every descriptor called ``name`` from the manager's store (FDSTOREREMOVE=1):
+        the manager's copy of a socket we no longer use would keep its address bound."""
+        self.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
 
     def close(self) -> None:
         if self._sock is not None:
@@ -140,26 +147,35 @@ class Watchdog:
             await asyncio.sleep(self.interval)
 
 
-def listen_fds(environ: dict[str, str] | None = None) -> dict[str, int]:
-    """Descriptors the manager passed us (name -> fd), and the LISTEN_* variables removed so
-    that no child takes them for its own. Unnamed ones are called ``unknown``."""
+def listen_fd_list(environ: dict[str, str] | None = None) -> list[tuple[str, int]]:
+    """Every descriptor the manager passed us as (name, fd), in order, duplicates of a name
+    included (a store that kept several copies), and the LISTEN_* variables removed so that
+    no child takes them for its own. Unnamed ones are called ``unknown``."""
     env = os.environ if environ is None else environ
     try:
         pid = int(env.get("LISTEN_PID", "0"))
         count = int(env.get("LISTEN_FDS", "0"))
     except ValueError:
-        return {}
+        return []
     names = env.get("LISTEN_FDNAMES", "").split(":")
     for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         env.pop(key, None)
     if pid != os.getpid() or count <= 0:
-        return {}
-    fds: dict[str, int] = {}
+        return []
+    passed: list[tuple[str, int]] = []
     for i in range(count):
         fd = LISTEN_FDS_START + i
         os.set_inheritable(fd, False)
-        name = names[i] if i < len(names) and names[i] else "unknown"
-        if name in fds:  # one per name; close extra copies (a store that kept duplicates)
+        passed.append((names[i] if i < len(names) and names[i] else "unknown", fd))
+    return passed
+
+
+def listen_fds(environ: dict[str, str] | None = None) -> dict[str, int]:
+    """Like :func:`listen_fd_list`, one descriptor per name: the first; later copies of a
+    name are closed."""
+    fds: dict[str, int] = {}
+    for name, fd in listen_fd_list(environ):
+        if name in fds:
             os.close(fd)
             continue
         fds[name] = fd

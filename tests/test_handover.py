@@ -7,7 +7,9 @@ assertion is zero lost, not latency (generous client timeouts: 2 shared cores)."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -28,6 +30,8 @@ import dns.query
 import dns.rdatatype
 import pytest
 from helpers import DEMO_SNAPSHOT, ROOT, DaemonProcess, free_port
+
+from node_services import handover
 
 NAME = "kubernetes.default.svc.cluster.local"
 ADDRESS = "10.43.0.1"
@@ -515,5 +519,364 @@ def test_a_stored_socket_at_an_address_the_settings_no_longer_name_is_not_used(
             started.wait()
     output = log_path.read_text()
     assert "systemd passed dns-udp socket" in output and "not what the settings say" in output
+    assert f"dns listening on 127.0.0.1:{pair.dns_port} (udp, tcp)" in output
+    assert started.returncode == 0, output
+
+
+def test_a_stale_stored_copy_is_removed_from_the_store_and_the_matching_copy_kept(
+    pair: Pair, notify_socket: NotifySocket, tmp_path: Path
+) -> None:
+    # systemd's store holds two dns-udp copies: one at an address the settings no longer
+    # name (first), one where they say (second). The daemon serves on the second and tells
+    # systemd to drop the name before storing its socket again.
+    old = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    old.bind(("127.0.0.1", free_port()))
+    current = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    current.bind(("127.0.0.1", pair.dns_port))
+    tcp = handover.bind_tcp("127.0.0.1", pair.dns_port, 16)
+    log_path = tmp_path / "started.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "LISTEN_"))}
+    env.update(
+        pair.env(
+            NODE_SERVICES_SHUTDOWN_GRACE="0",
+            LISTEN_FDNAMES="dns-udp:dns-udp:dns-tcp",
+            NOTIFY_SOCKET=str(notify_socket.path),
+        )
+    )
+    fds = [str(old.fileno()), str(current.fileno()), str(tcp.fileno())]
+    command = [
+        *(sys.executable, "-c", WRAPPER, *fds, "--", sys.executable),
+        *("-m", "node_services", "run", "--node-name", "node-a"),
+        *("--dns-listen", f"127.0.0.1:{pair.dns_port}"),
+        *("--admin-listen", f"127.0.0.1:{pair.admin_port}", *pair.args()),
+    ]
+    with log_path.open("wb") as log:
+        started = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=[old.fileno(), current.fileno(), tcp.fileno()],
+        )
+    old.close()
+    current.close()
+    tcp.close()
+    try:
+        notify_socket.wait_for("READY", "1")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stores = [m for m, _ in notify_socket.messages if m.get("FDSTORE") == "1"]
+            if len(stores) == 4:
+                break
+            notify_socket.receive(1)
+        response = dns.query.udp(
+            dns.message.make_query(NAME, dns.rdatatype.A),
+            "127.0.0.1",
+            port=pair.dns_port,
+            timeout=30,
+        )
+        assert [rr.to_text() for rrset in response.answer for rr in rrset] == [ADDRESS]
+    finally:
+        started.send_signal(signal.SIGTERM)
+        try:
+            started.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            started.kill()
+            started.wait()
+    output = log_path.read_text()
+    messages = [m for m, _ in notify_socket.messages]
+    store_lines = [
+        (key, m["FDNAME"]) for m in messages for key in ("FDSTOREREMOVE", "FDSTORE") if key in m
+    ]
+    # The stale copy's name is removed at start (before READY), then every name is removed
+    # right before its socket is stored again.
+    ready_at = next(i for i, m in enumerate(messages) if m.get("READY") == "1")
+    assert [m.get("FDNAME") for m in messages[:ready_at] if "FDSTOREREMOVE" in m] == ["dns-udp"]
+    assert store_lines[1:] == [
+        (key, name)
+        for name in ("admin", "dns-udp", "dns-tcp", "metadata")
+        for key in ("FDSTOREREMOVE", "FDSTORE")
+    ], store_lines
+    assert "systemd passed dns-udp socket" in output and "not what the settings say" in output
+    assert "serving on ['dns-tcp', 'dns-udp'] from systemd" in output, output
+    assert started.returncode == 0, output
+
+
+def _ask(pair: Pair) -> bytes:
+    listeners = {"dns-udp": f"127.0.0.1:{pair.dns_port}", "dns-tcp": f"127.0.0.1:{pair.dns_port}"}
+    return json.dumps({"pid": os.getpid(), "listeners": listeners}).encode() + b"\n"
+
+
+def test_a_second_successor_asking_during_an_exchange_is_refused(pair: Pair) -> None:
+    first = pair.first()
+    first.wait_for(lambda: readyz(pair.admin_port)[0] == 200, what="instance 1 ready")
+    assert first.proc is not None
+    (path,) = pair.runtime_dir.glob("handover-*.sock")
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as one,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as two,
+    ):
+        one.settimeout(30)
+        two.settimeout(30)
+        one.connect(str(path))
+        one.sendall(_ask(pair))
+        data, fds, _flags, _addr = socket.recv_fds(one, 65536, 16)
+        for fd in fds:
+            os.close(fd)
+        assert json.loads(data) == {"pid": first.proc.pid, "listeners": ["dns-udp", "dns-tcp"]}
+        two.connect(str(path))
+        two.sendall(_ask(pair))
+        data, fds, _flags, _addr = socket.recv_fds(two, 65536, 16)
+        assert (json.loads(data), fds) == (
+            {"pid": first.proc.pid, "listeners": [], "refused": "busy"},
+            [],
+        )
+    first.wait_for(
+        lambda: first.metric('node_services_handovers_total{result="failed"}') == "2.0",
+        what="the refusal and the abandoned exchange counted",
+    )
+    assert "asks while another successor takes over: refused" in first.output()
+    # Once the first exchange is over, the next successor gets the sockets again.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as three:
+        three.settimeout(30)
+        three.connect(str(path))
+        three.sendall(_ask(pair))
+        data, fds, _flags, _addr = socket.recv_fds(three, 65536, 16)
+        for fd in fds:
+            os.close(fd)
+        assert (json.loads(data)["listeners"], len(fds)) == (["dns-udp", "dns-tcp"], 2)
+    assert readyz(pair.admin_port) == (200, "ok\n")
+
+
+def test_a_successor_not_released_by_its_predecessor_exits_1_and_leaves_its_socket(
+    pair: Pair, tmp_path: Path
+) -> None:
+    # The test is the predecessor: it passes its sockets, hears "serving", and never says
+    # "released" (as one does that gave up waiting and serves on).
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", pair.dns_port))
+    tcp = handover.bind_tcp("127.0.0.1", pair.dns_port, 16)
+    path = handover.socket_path(pair.runtime_dir, "127.0.0.1", pair.dns_port)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    server.settimeout(60)
+    inode = os.stat(path).st_ino
+    heard: list[dict[str, object]] = []
+
+    def predecessor() -> None:
+        conn, _ = server.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.settimeout(60)
+            heard.append(json.loads(lines.readline()))  # preparing
+            heard.append(json.loads(lines.readline()))  # the request
+            header = json.dumps({"pid": os.getpid(), "listeners": ["dns-udp", "dns-tcp"]})
+            socket.send_fds(conn, [header.encode() + b"\n"], [udp.fileno(), tcp.fileno()])
+            heard.append(json.loads(lines.readline()))
+
+    thread = threading.Thread(target=predecessor, daemon=True)
+    thread.start()
+    log_path = tmp_path / "successor.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "LISTEN_"))}
+    env.update(pair.env(NODE_SERVICES_SHUTDOWN_GRACE="0"))
+    command = [
+        *(sys.executable, "-m", "node_services", "run", "--node-name", "node-a"),
+        *("--dns-listen", f"127.0.0.1:{pair.dns_port}"),
+        *("--admin-listen", f"127.0.0.1:{pair.admin_port}", *pair.args()),
+    ]
+    try:
+        with log_path.open("wb") as log:
+            started = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            )
+        try:
+            code = started.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            started.kill()
+            started.wait()
+            raise
+        thread.join(timeout=60)
+        output = log_path.read_text()
+        assert code == 1, output
+        assert heard[0] == {"pid": heard[1]["pid"], "preparing": True}, heard
+        assert heard[2] == {"serving": True}, heard
+        assert f"hand-over: pid {os.getpid()} did not release its listeners" in output
+        assert "not serving on them" in output
+        assert os.stat(path).st_ino == inode  # still the predecessor's socket file
+        # The predecessor's sockets still work: it serves on.
+        udp.sendto(b"x", ("127.0.0.1", pair.dns_port))
+        udp.settimeout(10)
+        assert udp.recv(16) == b"x"
+    finally:
+        server.close()
+        udp.close()
+        tcp.close()
+
+
+def test_a_runtime_directory_others_may_write_is_not_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shared = Path(tempfile.mkdtemp(prefix="ns-ho-", dir="/tmp"))
+    try:
+        shared.chmod(0o777)
+        path = shared / "handover-test.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as planted:
+            planted.bind(str(path))  # a live socket someone else could have put there
+            planted.listen(1)
+            assert asyncio.run(handover.find_predecessor(path)) is None
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                server = handover.HandoverServer(
+                    path, handover.Listeners({"dns-udp": udp}), {}, lambda pid: None
+                )
+                assert asyncio.run(_start(server)) is False
+        assert f"runtime directory {shared}: mode 777 lets others write" in caplog.text
+        assert path.exists()  # not replaced
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+async def _start(server: handover.HandoverServer) -> bool:
+    started = server.start()
+    await server.close()
+    return started
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to listen as another uid")
+def test_a_predecessor_socket_of_another_uid_is_not_trusted(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = pair.runtime_dir / "handover-test.sock"
+    script = (
+        "import os, socket, sys, time\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+        "s.bind(sys.argv[1]); os.chmod(sys.argv[1], 0o666)\n"
+        "os.setuid(65534)\n"
+        "s.listen(4); print('listening', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert other.stdout is not None
+        assert other.stdout.readline() == "listening\n"
+        assert asyncio.run(handover.find_predecessor(path)) is None
+        assert f"hand-over: {path} is served by another uid" in caplog.text
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_descriptor_that_is_no_socket_closes_every_passed_one_exactly_once() -> None:
+    first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    read_end, write_end = os.pipe()
+    last = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    fds = [first.detach(), read_end, last.detach()]
+    try:
+        with pytest.raises(OSError):
+            handover._wrap(["dns-udp", "dns-tcp", "metadata"], fds)
+        for fd in fds:
+            with pytest.raises(OSError):
+                os.fstat(fd)  # closed
+        # The lowest number is reused at once: nothing may close it behind our back.
+        reused = os.open("/dev/null", os.O_RDONLY)
+        try:
+            gc.collect()
+            os.fstat(reused)
+        finally:
+            os.close(reused)
+    finally:
+        os.close(write_end)
+
+
+def test_descriptors_the_kernel_truncated_fail_the_take() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with theirs, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        names = [f"l{i}" for i in range(20)]  # more than the 16 a take receives
+        header = json.dumps({"pid": 1, "listeners": names}).encode() + b"\n"
+        socket.send_fds(theirs, [header], [udp.fileno()] * len(names))
+        predecessor = handover.Predecessor(Path("/nonexistent"), ours)
+        with pytest.raises(handover.HandoverError, match=r"descriptors truncated \(MSG_CTRUNC\)"):
+            asyncio.run(predecessor.take({"dns-udp": "127.0.0.1:53"}))
+
+
+def test_an_idle_connection_does_not_stretch_the_lame_duck(pair: Pair) -> None:
+    first = pair.first(NODE_SERVICES_SHUTDOWN_GRACE="1")
+    first.wait_for(lambda: readyz(pair.admin_port)[0] == 200, what="instance 1 ready")
+    (path,) = pair.runtime_dir.glob("handover-*.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
+        idle.connect(str(path))  # says nothing: not a successor
+        time.sleep(0.5)
+        assert first.proc is not None
+        first.proc.send_signal(signal.SIGTERM)
+        # 1 s of lame duck, not 1 + 150 s waiting for a successor that never asks.
+        assert first.proc.wait(timeout=60) == 0, first.output()
+    assert "lame duck: /readyz fails, serving 1s more" in first.output()
+    assert "a successor is preparing" not in first.output()
+
+
+def test_a_passed_socket_at_another_address_than_the_settings_is_not_served_on(
+    pair: Pair, tmp_path: Path
+) -> None:
+    # The test is a predecessor that passes a dns-udp socket on another port than asked.
+    wrong = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    wrong.bind(("127.0.0.1", free_port()))
+    tcp = handover.bind_tcp("127.0.0.1", pair.dns_port, 16)
+    path = handover.socket_path(pair.runtime_dir, "127.0.0.1", pair.dns_port)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    server.settimeout(60)
+
+    def predecessor() -> None:
+        conn, _ = server.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.settimeout(60)
+            lines.readline()  # preparing
+            lines.readline()  # the request
+            header = json.dumps({"pid": os.getpid(), "listeners": ["dns-udp", "dns-tcp"]})
+            socket.send_fds(conn, [header.encode() + b"\n"], [wrong.fileno(), tcp.fileno()])
+            wrong.close()
+            tcp.close()
+            lines.readline()  # serving
+            conn.sendall(b'{"released": true}\n')
+
+    thread = threading.Thread(target=predecessor, daemon=True)
+    thread.start()
+    log_path = tmp_path / "successor.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "LISTEN_"))}
+    env.update(pair.env(NODE_SERVICES_SHUTDOWN_GRACE="0"))
+    command = [
+        *(sys.executable, "-m", "node_services", "run", "--node-name", "node-a"),
+        *("--dns-listen", f"127.0.0.1:{pair.dns_port}"),
+        *("--admin-listen", f"127.0.0.1:{pair.admin_port}", *pair.args()),
+    ]
+    with log_path.open("wb") as log:
+        started = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while readyz(pair.admin_port)[0] != 200:
+            assert started.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        response = dns.query.udp(
+            dns.message.make_query(NAME, dns.rdatatype.A),
+            "127.0.0.1",
+            port=pair.dns_port,
+            timeout=30,
+        )
+        assert [rr.to_text() for rrset in response.answer for rr in rrset] == [ADDRESS]
+    finally:
+        started.send_signal(signal.SIGTERM)
+        try:
+            started.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            started.kill()
+            started.wait()
+        server.close()
+        thread.join(timeout=10)
+    output = log_path.read_text()
+    assert f"pid {os.getpid()} passed dns-udp socket" in output, output
+    assert "not what the settings say, closed" in output
     assert f"dns listening on 127.0.0.1:{pair.dns_port} (udp, tcp)" in output
     assert started.returncode == 0, output

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import socket
@@ -122,9 +123,15 @@ def test_the_daemon_notifies_ready_reloading_ready_stopping_and_pings_the_watchd
     stopping = receiver.wait_for("STOPPING")
     assert stopping["STOPPING"] == "1"
     assert node.proc.wait(timeout=30) == 0
-    kinds = [next(iter(m)) for _, m in receiver.messages if "WATCHDOG" not in m]
+    # While starting: EXTEND_TIMEOUT_USEC= (the first message, maybe more than one).
+    assert receiver.messages[0][1] == {"EXTEND_TIMEOUT_USEC": "30000000", "STATUS": "starting"}
+    kinds = [
+        next(iter(m))
+        for _, m in receiver.messages
+        if "WATCHDOG" not in m and "EXTEND_TIMEOUT_USEC" not in m
+    ]
     assert kinds == [
-        *("READY", "FDSTORE", "FDSTORE", "FDSTORE", "FDSTORE"),
+        *("READY", *("FDSTOREREMOVE", "FDSTORE") * 4),
         *("RELOADING", "READY", "STOPPING"),
     ]
 
@@ -155,6 +162,61 @@ def test_listen_fds_of_another_process_are_not_taken() -> None:
     env = {"LISTEN_PID": "1", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a:b"}
     assert sdnotify.listen_fds(env) == {}
     assert env == {}  # no child takes them for its own either
+
+
+def test_before_the_first_ready_the_start_is_extended_and_a_sighup_notifies_nothing(
+    daemon: Start, receiver: Receiver, tmp_path: Path
+) -> None:
+    # The Kubernetes API is down (nothing listens at its address): no READY=1 yet.
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {"name": "c", "cluster": {"server": f"http://127.0.0.1:{free_port()}"}}
+                ],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "c",
+            }
+        )
+    )
+    node = daemon(
+        *("--kubeconfig", str(kubeconfig), "--upstream", "127.0.0.1:1"),
+        env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "NODE_SERVICES_SHUTDOWN_GRACE": "0"},
+    )
+    assert receiver.wait_for("EXTEND_TIMEOUT_USEC") == {
+        "EXTEND_TIMEOUT_USEC": "30000000",
+        "STATUS": "starting",
+    }
+    assert node.get("/readyz")[0] == 503
+    node.signal(signal.SIGHUP)
+    node.wait_for(lambda: "reloading 0 snapshot file(s)" in node.output(), what="the reload")
+    node.signal(signal.SIGTERM)
+    assert node.proc is not None
+    assert node.proc.wait(timeout=60) == 0, node.output()
+    messages = [m for _, m in receiver.messages] + receiver.pending()
+    assert [m for m in messages if "READY" in m or "RELOADING" in m] == [], messages
+    assert messages[-1] == {"STOPPING": "1", "STATUS": "stopping"}, messages
+
+
+def test_storing_a_socket_first_removes_the_earlier_copies_of_its_name(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    notifier = sdnotify.Notifier.from_environ({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        notifier.store_fds({"dns-udp": udp.fileno()})
+        notifier.remove_fds("admin")
+    notifier.close()
+    got = [receiver.receive(10) for _ in range(3)]
+    assert got == [
+        {"FDSTOREREMOVE": "1", "FDNAME": "dns-udp"},
+        {"FDSTORE": "1", "FDNAME": "dns-udp"},
+        {"FDSTOREREMOVE": "1", "FDNAME": "admin"},
+    ]
 
 
 def test_a_stalled_event_loop_or_a_dead_task_sends_no_watchdog_ping(receiver: Receiver) -> None:
