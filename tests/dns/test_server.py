@@ -255,7 +255,8 @@ def test_a_fresh_tcp_query_is_answered_while_256_clients_never_read(
         grown_mb = (_status_kib(process.proc.pid, "VmHWM") - before) / 1024
         assert grown_mb < 100, f"peak RSS grew {grown_mb:.0f} MB"
         for sock in attackers[-5:]:
-            sock.settimeout(2)
+            # (up to 10 may still be within their 2 s when the count above is reached)
+            sock.settimeout(10)
             with pytest.raises(ConnectionResetError):
                 while sock.recv(65536):
                     pass
