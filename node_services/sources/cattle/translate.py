@@ -29,7 +29,6 @@ from typing import Any, Final, TypeAlias
 from node_services.sources.errors import TranslateError, UnsupportedObject
 from node_services.sources.fields import cidr, flag, integer, ip, mapping, sequence, text
 from node_services.state.records import (
-    NO_LABELS,
     Endpoint,
     Endpoints,
     Host,
@@ -409,22 +408,23 @@ def _str(ref: str, path: str, value: Any) -> str:
     return "".join((value, "")) if type(value) is str else text(ref, path, value)
 
 
-def _container_labels(ref: str, value: Any) -> Labels:
-    """:func:`_labels` with the common case (a dict, str() and intern of each key and value)
-    settled without the generator: the same pairs, in the same order."""
-    if type(value) is dict:
-        if not value:
-            return NO_LABELS
-        return tuple(
-            sorted(
-                zip(
-                    map(sys.intern, map(str, value)),
-                    map(sys.intern, map(str, value.values())),
-                    strict=True,
-                )
-            )
-        )
-    return make_labels(mapping(ref, "labels", value))
+_LABEL_CACHE: Final[dict[str, Labels]] = {}
+_LABEL_CACHE_SIZE: Final = 1 << 16
+
+
+def _container_labels(ref: str, resource_key: str, value: Any) -> Labels:
+    """``_labels(ref, "labels", value)``. A container's labels rarely change between its
+    events, and sorting and interning them is a good part of its translation: its last labels
+    are kept (by resource key, bounded) and given again when ``value`` equals them (a JSON
+    value equal to a dict of strings is that dict of strings: the same labels)."""
+    cached = _LABEL_CACHE.get(resource_key)
+    if cached is not None and type(value) is dict and dict(cached) == value:
+        return cached
+    labels = make_labels(mapping(ref, "labels", value))
+    if len(_LABEL_CACHE) >= _LABEL_CACHE_SIZE:
+        _LABEL_CACHE.clear()
+    _LABEL_CACHE[resource_key] = labels
+    return labels
 
 
 def _texts(ref: str, path: str, raw: Any) -> tuple[str, ...]:
@@ -470,7 +470,8 @@ def _container(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
         name = "".join((name, ""))
     else:
         name = text(ref, "name", name, required=True)
-    labels = _container_labels(ref, get("labels"))
+    workload_key = f"{PREFIX}container/{container_id}"
+    labels = _container_labels(ref, workload_key, get("labels"))
     primary_ip = get("primaryIpAddress")
     ips = (ip(ref, "primaryIpAddress", primary_ip),) if primary_ip else ()
     host_id = _str(ref, "hostId", get("hostId"))
@@ -515,7 +516,6 @@ def _container(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
     create_index = get("createIndex")
     system = get("system")
     health_check = get("healthCheck")
-    workload_key = f"{PREFIX}container/{container_id}"
     workload = Workload(
         key=workload_key,
         source=source,
