@@ -22,6 +22,7 @@ from node_services.state.frozenmap import FrozenMap
 from node_services.state.records import (
     ENDPOINTS,
     HOST,
+    KIND_OF,
     KINDS,
     SERVICE,
     STACK,
@@ -130,6 +131,9 @@ _FIELD_OF_KIND: Final = {
     SERVICE: "services",
     ENDPOINTS: "endpoints",
     WORKLOAD: "workloads",
+}
+_FIELD_OF_TYPE: Final[dict[type, str]] = {
+    cls: _FIELD_OF_KIND[kind] for cls, kind in KIND_OF.items()
 }
 
 
@@ -374,7 +378,13 @@ def _merge(snapshot: Snapshot, sources: Iterable[Mapping[str, Record]], keys: se
             winner = held.get(key)
             if winner is not None:
                 break
-        current = snapshot.get(key)
+        # A key is in one kind's map at most: the winner's kind first (an update keeps its
+        # kind), every kind only when it is not there.
+        current = (
+            getattr(snapshot, _FIELD_OF_TYPE[type(winner)]).get(key) if winner is not None else None
+        )
+        if current is None:
+            current = snapshot.get(key)
         if winner is current or (winner is not None and current is not None and winner == current):
             continue
         changed[key] = (winner, current)

@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
@@ -31,6 +32,7 @@ from node_services.state.records import (
     Endpoint,
     Endpoints,
     Host,
+    Labels,
     LaunchConfig,
     Port,
     Record,
@@ -401,71 +403,155 @@ def _service(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
     ]
 
 
+def _str(ref: str, path: str, value: Any) -> str:
+    """:func:`text` with the common case (a string) settled here: events are hot."""
+    return "".join((value, "")) if type(value) is str else text(ref, path, value)
+
+
+_LABEL_CACHE: Final[dict[str, Labels]] = {}
+_LABEL_CACHE_SIZE: Final = 1 << 16
+
+
+def _container_labels(ref: str, resource_key: str, value: Any) -> Labels:
+    """``_labels(ref, "labels", value)``. A container's labels rarely change between its
+    events, and sorting and interning them is a good part of its translation: its last labels
+    are kept (by resource key, bounded) and given again when ``value`` equals them (a JSON
+    value equal to a dict of strings is that dict of strings: the same labels)."""
+    cached = _LABEL_CACHE.get(resource_key)
+    if cached is not None and type(value) is dict and dict(cached) == value:
+        return cached
+    labels = make_labels(mapping(ref, "labels", value))
+    if len(_LABEL_CACHE) >= _LABEL_CACHE_SIZE:
+        _LABEL_CACHE.clear()
+    _LABEL_CACHE[resource_key] = labels
+    return labels
+
+
+def _texts(ref: str, path: str, raw: Any) -> tuple[str, ...]:
+    """``tuple(text(ref, path, v) for v in sequence(ref, path, raw))``, strings settled here."""
+    if type(raw) is list and all(type(v) is str for v in raw):
+        return tuple(["".join((v, "")) for v in raw])
+    return tuple(text(ref, path, v) for v in sequence(ref, path, raw))
+
+
+_PORT_CACHE: Final[dict[str, Port]] = {}
+_PORT_CACHE_SIZE: Final = 4096
+
+
+def _container_ports(ref: str, raw: Any) -> tuple[Port, ...]:
+    """:func:`_ports` of a container's ``ports``; port specs repeat across containers, so the
+    (frozen) Port of a string spec is kept and shared."""
+    if type(raw) is not list or not all(type(item) is str for item in raw):
+        return _ports(ref, "ports", raw)
+    ports = [_PORT_CACHE.get(item) for item in raw]
+    if None not in ports:
+        return tuple(ports)  # type: ignore[arg-type]
+    parsed = _ports(ref, "ports", raw)
+    if len(_PORT_CACHE) + len(parsed) > _PORT_CACHE_SIZE:
+        _PORT_CACHE.clear()
+    for item, port in zip(raw, parsed, strict=True):
+        _PORT_CACHE[intern_str(item)] = port
+    return parsed
+
+
+def _optional_int_fast(ref: str, path: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    return value + 0 if type(value) is int else _optional_int(ref, path, value)
+
+
 def _container(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
+    # Each field read as the generic readers do (text, integer, ...), with their common case
+    # inlined: this runs for every container event.
+    get = obj.get
     container_id = str(obj["id"])
-    name = text(ref, "name", obj.get("name"), required=True)
-    labels = _labels(ref, "labels", obj.get("labels"))
-    primary_ip = obj.get("primaryIpAddress")
+    name = get("name")
+    if type(name) is str and name:
+        name = "".join((name, ""))
+    else:
+        name = text(ref, "name", name, required=True)
+    workload_key = f"{PREFIX}container/{container_id}"
+    labels = _container_labels(ref, workload_key, get("labels"))
+    primary_ip = get("primaryIpAddress")
     ips = (ip(ref, "primaryIpAddress", primary_ip),) if primary_ip else ()
-    host_id = text(ref, "hostId", obj.get("hostId"))
-    stack_id = text(ref, "stackId", obj.get("stackId"))
-    service_ids = [
-        text(ref, f"serviceIds[{i}]", value, required=True)
-        for i, value in enumerate(sequence(ref, "serviceIds", obj.get("serviceIds")))
-    ]
-    if not service_ids and obj.get("serviceId"):
-        service_ids = [text(ref, "serviceId", obj.get("serviceId"))]
-    state = text(ref, "state", obj.get("state"), intern=True)
-    health = text(ref, "healthState", obj.get("healthState"), intern=True)
+    host_id = _str(ref, "hostId", get("hostId"))
+    stack_id = _str(ref, "stackId", get("stackId"))
+    raw_service_ids = get("serviceIds")
+    if type(raw_service_ids) is list and all(type(v) is str and v for v in raw_service_ids):
+        service_ids = ["".join((v, "")) for v in raw_service_ids]
+    else:
+        service_ids = [
+            text(ref, f"serviceIds[{i}]", value, required=True)
+            for i, value in enumerate(sequence(ref, "serviceIds", raw_service_ids))
+        ]
+    if not service_ids and get("serviceId"):
+        service_ids = [text(ref, "serviceId", get("serviceId"))]
+    state = get("state")
+    state = sys.intern(state) if type(state) is str else text(ref, "state", state, intern=True)
+    health = get("healthState")
+    if type(health) is str:
+        health = sys.intern(health)
+    else:
+        health = text(ref, "healthState", health, intern=True)
     launch_config = label(labels, LAUNCH_CONFIG_LABEL)
     if launch_config == PRIMARY_LAUNCH_CONFIG:
         launch_config = ""
     suffix = name.rsplit("-", 1)[-1] if "-" in name else ""
     ready = state == "running" and health in SERVING_HEALTH
-    network_id = text(ref, "primaryNetworkId", obj.get("primaryNetworkId"))
-    links = tuple(
-        WorkloadLink(
-            alias=intern_str(str(alias)),
-            target_key=key(
-                "container", text(ref, f"instanceLinks[{alias}]", target, required=True)
-            ),
+    network_id = _str(ref, "primaryNetworkId", get("primaryNetworkId"))
+    raw_links = get("instanceLinks")
+    links = (
+        tuple(
+            WorkloadLink(
+                alias=intern_str(str(alias)),
+                target_key=key(
+                    "container", text(ref, f"instanceLinks[{alias}]", target, required=True)
+                ),
+            )
+            for alias, target in sorted(mapping(ref, "instanceLinks", raw_links).items())
         )
-        for alias, target in sorted(mapping(ref, "instanceLinks", obj.get("instanceLinks")).items())
+        if raw_links is not None and not (type(raw_links) is dict and not raw_links)
+        else ()
     )
+    create_index = get("createIndex")
+    system = get("system")
+    health_check = get("healthCheck")
     workload = Workload(
-        key=key("container", container_id),
+        key=workload_key,
         source=source,
         namespace=label(labels, STACK_NAME_LABEL),
         name=name,
-        stack_key=intern_str(key("stack", stack_id)) if stack_id else "",
-        uuid=text(ref, "uuid", obj.get("uuid")),
+        stack_key=sys.intern(f"{PREFIX}stack/{stack_id}") if stack_id else "",
+        uuid=_str(ref, "uuid", get("uuid")),
         ips=ips,
-        host_key=intern_str(key("host", host_id)) if host_id else "",
-        hostname=text(ref, "hostname", obj.get("hostname")),
+        host_key=sys.intern(f"{PREFIX}host/{host_id}") if host_id else "",
+        hostname=_str(ref, "hostname", get("hostname")),
         labels=labels,
         state=state,
         ready=ready,
         health_state=health,
-        service_keys=tuple(intern_str(key("service", sid)) for sid in service_ids),
-        ports=_ports(ref, "ports", obj.get("ports")),
-        create_index=integer(ref, "createIndex", obj.get("createIndex")),
+        service_keys=tuple([sys.intern(f"{PREFIX}service/{sid}") for sid in service_ids]),
+        ports=_container_ports(ref, get("ports")),
+        create_index=create_index + 0
+        if type(create_index) is int
+        else integer(ref, "createIndex", create_index),
         service_index=suffix if suffix.isdigit() else "",
-        external_id=text(ref, "externalId", obj.get("externalId")),
-        dns=tuple(text(ref, "dns", v) for v in sequence(ref, "dns", obj.get("dns"))),
-        dns_search=tuple(
-            text(ref, "dnsSearch", v) for v in sequence(ref, "dnsSearch", obj.get("dnsSearch"))
-        ),
+        external_id=_str(ref, "externalId", get("externalId")),
+        dns=_texts(ref, "dns", get("dns")),
+        dns_search=_texts(ref, "dnsSearch", get("dnsSearch")),
         launch_config=intern_str(launch_config),
-        start_count=_optional_int(ref, "startCount", obj.get("startCount")),
-        system=flag(ref, "system", obj.get("system")),
-        health_check_json=_health_check(ref, "healthCheck", obj.get("healthCheck")),
-        primary_mac_address=text(ref, "primaryMacAddress", obj.get("primaryMacAddress")),
-        memory_reservation=_optional_int(ref, "memoryReservation", obj.get("memoryReservation")),
-        milli_cpu_reservation=_optional_int(
-            ref, "milliCpuReservation", obj.get("milliCpuReservation")
+        start_count=_optional_int_fast(ref, "startCount", get("startCount")),
+        system=False if system is None else flag(ref, "system", system),
+        health_check_json=""
+        if health_check is None
+        else _health_check(ref, "healthCheck", health_check),
+        primary_mac_address=_str(ref, "primaryMacAddress", get("primaryMacAddress")),
+        memory_reservation=_optional_int_fast(ref, "memoryReservation", get("memoryReservation")),
+        milli_cpu_reservation=_optional_int_fast(
+            ref, "milliCpuReservation", get("milliCpuReservation")
         ),
         # the network's key until resolve_networks puts its uuid here
-        network_uuid=intern_str(key("network", network_id)) if network_id else "",
+        network_uuid=sys.intern(f"{PREFIX}network/{network_id}") if network_id else "",
         links=links,
     )
     records: list[Record] = [workload]
@@ -479,7 +565,7 @@ def _container(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
             target_key=workload.key,
         )
         for service_id in service_ids:
-            service_key = intern_str(key("service", service_id))
+            service_key = sys.intern(f"{PREFIX}service/{service_id}")
             records.append(
                 Endpoints(
                     key=f"{PREFIX}endpoint/{service_id}/{container_id}",
