@@ -57,7 +57,16 @@ def resolves_to(node: DaemonProcess, name: str, expected: tuple[str, list[str]],
 def start_daemon(daemon: Start, api: ThreadedServer, tmp_path: Path) -> DaemonProcess:
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(api.server.kubeconfig())
-    node = daemon("--kubeconfig", str(kubeconfig), "--upstream", "127.0.0.1:1")
+    # Nothing listens on the upstream: a forward fails at once on the ICMP error, or (when
+    # the kernel rate-limits ICMP) at the forward timeout, well inside dig's 2 s.
+    node = daemon(
+        "--kubeconfig",
+        str(kubeconfig),
+        "--upstream",
+        "127.0.0.1:1",
+        "--dns-forward-timeout",
+        "0.5",
+    )
     node.wait_for(lambda: node.get("/readyz")[0] == 200, what="ready", timeout=15)
     return node
 
