@@ -17,7 +17,7 @@ import functools
 import ipaddress
 import os
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, ParamSpec, Protocol, TypeVar
 
@@ -297,19 +297,7 @@ class Netlink:
                 ipr.link("set", index=index, state="up")
                 if not created:
                     repairs.append("replaced")
-            have_addrs = {
-                f"{a.get('IFA_LOCAL') or a.get('IFA_ADDRESS')}/{a['prefixlen']}"
-                for a in ipr.get_addr(index=index)
-            }
-            have_addrs = {a for a in have_addrs if not a.startswith("fe80:")}
-            for cidr in sorted(have_addrs - set(device.addresses)):
-                ip, plen = cidr.split("/")
-                ipr.addr("del", index=index, address=ip, prefixlen=int(plen))
-                repairs.append("removed")
-            for cidr in sorted(set(device.addresses) - have_addrs):
-                ip, plen = cidr.split("/")
-                ipr.addr("add", index=index, address=ip, prefixlen=int(plen))
-                repairs.append("added")
+            repairs.extend(sync_addresses(ipr, index, device.addresses))
         finally:
             ipr.close()
         if tx_checksum_offload(device.name) != device.tx_checksum_offload:
@@ -417,3 +405,24 @@ class Netlink:
                     if code and not (code == errno.ESRCH and change.op == REMOVE):
                         failures.append(Failure(change, code))
         return failures
+
+
+def sync_addresses(ipr: Any, index: int, wanted: Iterable[str]) -> list[str]:
+    """Make the link's addresses (link-local ones aside) exactly ``wanted`` (CIDRs); the
+    repairs made ("removed", "added")."""
+    have = {
+        f"{a.get('IFA_LOCAL') or a.get('IFA_ADDRESS')}/{a['prefixlen']}"
+        for a in ipr.get_addr(index=index)
+    }
+    have = {a for a in have if not a.startswith("fe80:")}
+    want = set(wanted)
+    repairs = []
+    for cidr in sorted(have - want):
+        ip, plen = cidr.split("/")
+        ipr.addr("del", index=index, address=ip, prefixlen=int(plen))
+        repairs.append("removed")
+    for cidr in sorted(want - have):
+        ip, plen = cidr.split("/")
+        ipr.addr("add", index=index, address=ip, prefixlen=int(plen))
+        repairs.append("added")
+    return repairs

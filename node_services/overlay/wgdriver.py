@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
-from node_services.overlay import uapi, wgnetlink
+from node_services.overlay import netlink, uapi, wgnetlink
 from node_services.overlay.netlink import OverlayError
 from node_services.overlay.wgkeys import PrivateKey
 from node_services.overlay.wireguard import PeerChange, WgDevice, WgPeer, WgState
@@ -123,19 +123,7 @@ class WireGuardDevice:
         if not link["flags"] & IFF_UP:
             ipr.link("set", index=index, state="up")
             repairs.append("replaced")
-        have = {
-            f"{a.get('IFA_LOCAL') or a.get('IFA_ADDRESS')}/{a['prefixlen']}"
-            for a in ipr.get_addr(index=index)
-        }
-        have = {a for a in have if not a.startswith("fe80:")}
-        for cidr in sorted(have - set(device.addresses)):
-            ip, plen = cidr.split("/")
-            ipr.addr("del", index=index, address=ip, prefixlen=int(plen))
-            repairs.append("removed")
-        for cidr in sorted(set(device.addresses) - have):
-            ip, plen = cidr.split("/")
-            ipr.addr("add", index=index, address=ip, prefixlen=int(plen))
-            repairs.append("added")
+        repairs.extend(netlink.sync_addresses(ipr, index, device.addresses))
         return repairs
 
     def _state(self, name: str) -> WgState:
