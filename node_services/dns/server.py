@@ -15,8 +15,7 @@ import logging
 import socket
 import struct
 import time
-from bisect import bisect_left, bisect_right
-from collections.abc import Callable
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -24,13 +23,13 @@ import dnslib
 
 from node_services.dns import autopath, wire
 from node_services.dns.forward import Forwarder, UpstreamError
-from node_services.dns.metrics import DURATION_BUCKETS, DnsStats, Histogram
+from node_services.dns.metrics import DnsStats, Histogram
+from node_services.dns.udp import UdpSocket, client_ip, log_query
 from node_services.dns.views import ClientViews, View, complete
 from node_services.dns.zone import ANY_TYPE, Answer, Zone
 from node_services.state.store import ChangeSet, Snapshot, Store, Subscription
 
 log = logging.getLogger(__name__)
-querylog = logging.getLogger("node_services.dns.query")
 
 TCP_IDLE_TIMEOUT: Final = 10.0
 TCP_WRITE_TIMEOUT: Final = 2.0
@@ -47,7 +46,6 @@ MAX_TCP_CLIENTS: Final = 256
 _REFUSED_TYPES: Final = frozenset({251, 252})  # IXFR, AXFR: no zone transfers
 _OPT: Final = wire.opt_record()
 _ONE_QUESTION: Final = b"\x00\x01\x00\x00\x00\x00\x00"  # QD=1, AN=0, NS=0, AR<256
-_MAX_QUERY: Final = 4096  # bytes read per datagram: far above any sane query
 _ENTRY_OVERHEAD: Final = 160
 """Bytes an answer-cache entry costs beyond its key and value bytes: two bytes objects'
 headers and allocator rounding, and its share of the dict's table (measured: ~120)."""
@@ -93,7 +91,7 @@ class DnsServer:
         """A new zone being built in a worker thread for a large change (see catch_up)."""
         self._dropping: set[asyncio.Future[None]] = set()
         self._seen: Snapshot | None = None
-        self._udp: _UdpSocket | None = None
+        self._udp: UdpSocket | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._tcp_clients: dict[asyncio.StreamWriter, None] = {}
@@ -295,7 +293,7 @@ class DnsServer:
             udp, tcp = sockets
             udp.setblocking(False)
             self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp)
-            self._udp = _UdpSocket(self, udp)
+            self._udp = UdpSocket(self, udp)
             loop.add_reader(udp.fileno(), self._udp.on_readable)
             self.sockname = udp.getsockname()
             return
@@ -317,7 +315,7 @@ class DnsServer:
                         exc.errno, f"dns: cannot listen on {host}:{port}: {exc.strerror}"
                     ) from exc
                 continue  # port 0: the UDP port we got is taken for TCP; try another
-            self._udp = _UdpSocket(self, sock)
+            self._udp = UdpSocket(self, sock)
             loop.add_reader(sock.fileno(), self._udp.on_readable)
             self.sockname = sockname
             return
@@ -406,7 +404,7 @@ class DnsServer:
                     break  # a packet we cannot answer: close the connection
                 writer.write(len(result).to_bytes(2, "big") + result)
                 if self.query_log:
-                    _log_query(writer.get_extra_info("peername"), data, result, started, "tcp")
+                    log_query(writer.get_extra_info("peername"), data, result, started, "tcp")
                 if transport.get_write_buffer_size() > TCP_MAX_QUEUED:
                     try:
                         async with asyncio.timeout(TCP_WRITE_TIMEOUT):
@@ -814,14 +812,6 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-def client_ip(host: str) -> str:
-    """A client's address as views know it: an IPv4-mapped IPv6 address (an IPv4 client of a
-    dual-stack listener) as its IPv4 address."""
-    if host.startswith("::ffff:") and "." in host:
-        return host[7:]
-    return host
-
-
 def _peer(writer: asyncio.StreamWriter) -> str:
     peer = writer.get_extra_info("peername")
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
@@ -837,122 +827,3 @@ def _rdata_from_wire(rtype: int, rdata: bytes) -> dnslib.RD:
     if rtype == wire.AAAA:
         return dnslib.AAAA(rdata)
     return dnslib.RD(rdata)
-
-
-class _UdpSocket:
-    """The UDP side: a non-blocking socket read straight from the event loop's reader
-    callback, up to a batch of datagrams per wake-up, answers sent with one ``sendto`` each
-    (no transport or protocol objects per packet). A reply the kernel cannot take right now
-    is dropped and counted, as any UDP server does; the client retries."""
-
-    BATCH: Final = 64
-
-    def __init__(self, server: DnsServer, sock: socket.socket) -> None:
-        self.server = server
-        self.sock = sock
-
-    def on_readable(self) -> None:
-        server = self.server
-        stats = server.stats
-        recvfrom = self.sock.recvfrom
-        sendto = self.sock.sendto
-        # The store cannot change within this callback: catch up once per batch, not per packet.
-        if server.store.snapshot is not server._seen:
-            server.catch_up()
-        answer = server._answer_current
-        replies = server._replies
-        views = server.views.by_ip if server.views is not None else None
-        requests = server._requests[False]
-        responses = server._responses
-        histogram = server._local
-        buckets = histogram.counts
-        perf_counter = time.perf_counter
-        query_log = server.query_log
-        # One clock read per packet: a query's time runs from the end of the previous one
-        # (so it includes its own receive) to its answer's send.
-        spent = 0.0
-        cached = 0
-        started = perf_counter()
-        for _ in range(self.BATCH):
-            try:
-                data, addr = recvfrom(_MAX_QUERY)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # e.g. ICMP errors reported on the socket
-                log.debug("dns: UDP receive error: %s", exc)
-                started = perf_counter()
-                continue
-            view = views.get(client_ip(addr[0])) if views else None
-            tail = replies.get(data[2:]) if view is None else view.replies.get(data[2:])
-            if tail is not None:  # asked before, same bytes but the ID: answered before
-                end = data.find(0, 12)  # the fast path checked this query's shape
-                requests[data[end + 1] << 8 | data[end + 2]] += 1
-                responses[tail[1] & 0xF] += 1
-                cached += 1
-                result: bytes | _Pending | None = data[:2] + tail
-            else:
-                try:
-                    result = answer(data, False, view)
-                except Exception:  # never let one packet stop the server
-                    log.exception("dns: unexpected error answering a packet from %s", addr)
-                    stats.count(stats.dropped, "internal_error")
-                    started = perf_counter()
-                    continue
-            if type(result) is bytes:
-                try:
-                    sendto(result, addr)
-                except OSError:
-                    stats.count(stats.dropped, "send_failed")
-                    started = perf_counter()
-                    continue
-                done = perf_counter()
-                elapsed = done - started
-                buckets[bisect_left(DURATION_BUCKETS, elapsed)] += 1
-                spent += elapsed
-                if query_log:
-                    _log_query(addr, data, result, started)
-                started = done
-                continue
-            if result is not None:
-                assert isinstance(result, _Pending)
-                server._spawn(result, self._replier(addr, data, started))
-            started = perf_counter()
-        histogram.total += spent
-        stats.answer_cache_hits += cached
-
-    def _replier(self, addr: Any, data: bytes, started: float) -> Callable[[bytes], None]:
-        server = self.server
-
-        def reply(response: bytes) -> None:
-            try:
-                self.sock.sendto(response, addr)
-            except OSError:
-                server.stats.count(server.stats.dropped, "send_failed")
-                return
-            if server.query_log:
-                _log_query(addr, data, response, started)
-
-        return reply
-
-
-def _log_query(
-    addr: tuple[Any, ...], data: bytes, response: bytes, started: float, proto: str = "udp"
-) -> None:
-    try:
-        q = wire.parse_query(data)
-        name = _qname(q)
-        qtype = wire.TYPE_NAMES.get(q.qtype, str(q.qtype))
-    except wire.Malformed:
-        name, qtype = "?", "?"
-    rcode = response[3] & 0xF
-    querylog.info(
-        "%s:%s %s %s %s %s %d answers %.3f ms",
-        addr[0],
-        addr[1],
-        proto,
-        name,
-        qtype,
-        wire.RCODE_NAMES[rcode] if rcode < len(wire.RCODE_NAMES) else rcode,
-        int.from_bytes(response[6:8], "big"),
-        (time.perf_counter() - started) * 1000,
-    )

@@ -14,6 +14,7 @@ change never leaves a view with stale bytes. What a view has resolved is remembe
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterable
 from typing import Final
 
@@ -36,6 +37,14 @@ SHARED_IP: Final = "shared_ip"
 
 CATTLE_SERVICE: Final = "cattle:service/"
 HOST_KEYS: Final = ("k8s:Node/", "cattle:host/")
+
+
+def _packed(ip: str) -> bytes | None:
+    """An address as the kernel writes it in a socket address (None: not an address)."""
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    except (OSError, ValueError):
+        return None
 
 
 def _wire(name: str) -> bytes | None:
@@ -94,6 +103,9 @@ class ClientViews:
         )
         self.by_ip: dict[str, View] = {}
         """Source IP -> its view: only IPs that are exactly one live workload of this node."""
+        self.by_packed: dict[bytes, View] = {}
+        """The same views by packed address (4 or 16 bytes, as in a socket address): the UDP
+        reader looks callers up without formatting their address as text."""
         self.refused: dict[str, str] = {}
         """IPs of this node's workloads that have no view, and why (HOST_NETWORK, SHARED_IP)."""
         self.default = View("", {}, (wire.encode_name(RANCHER_ZONE),))
@@ -165,6 +177,7 @@ class ClientViews:
                 touched_ips.add(ip)
         if everything:
             self.by_ip.clear()
+            self.by_packed.clear()
             self.refused.clear()
             self._linked_by.clear()
             self._links_of.clear()
@@ -213,7 +226,7 @@ class ClientViews:
         if ip.startswith("hostnet:"):
             plain = ip[len("hostnet:") :]
             if self._owners.get(ip):
-                self.by_ip.pop(plain, None)
+                self._drop(plain)
                 self.refused[plain] = HOST_NETWORK
             elif plain not in self._owners:
                 self.refused.pop(plain, None)
@@ -221,7 +234,7 @@ class ClientViews:
                 self._refresh_ip(plain, snapshot)
             return
         owners = self._owners.get(ip, set())
-        self.by_ip.pop(ip, None)
+        self._drop(ip)
         self.refused.pop(ip, None)
         if self._owners.get(f"hostnet:{ip}"):
             self.refused[ip] = HOST_NETWORK
@@ -236,8 +249,19 @@ class ClientViews:
             return
         view = self._view_of(workload, snapshot)
         if view is not None:
+            packed = _packed(ip)
+            if packed is None:
+                log.warning("dns views: workload %s has a malformed IP %r", workload.key, ip)
+                return
             self.by_ip[ip] = view
+            self.by_packed[packed] = view
             self.rebuilt += 1
+
+    def _drop(self, ip: str) -> None:
+        if self.by_ip.pop(ip, None) is not None:
+            packed = _packed(ip)
+            if packed is not None:
+                self.by_packed.pop(packed, None)
 
     # -- building one view -----------------------------------------------------------------
 
