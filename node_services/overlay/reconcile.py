@@ -17,12 +17,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from node_services.config import Settings
-from node_services.overlay import cniconf, hostgw, vxlan, wgkeys, wireguard
+from node_services.overlay import cniconf, hostgw, vxlan, wireguard
 from node_services.overlay.model import (
     Desired,
     Neighbour,
@@ -47,9 +47,11 @@ from node_services.overlay.netlink import (
     OverlayError,
     describe,
 )
-from node_services.overlay.wgdriver import WireGuard, WireGuardDevice
 from node_services.state.records import Host
 from node_services.state.store import Snapshot, Store, Subscription
+
+if TYPE_CHECKING:
+    from node_services.overlay.wgdriver import WireGuard
 
 log = logging.getLogger(__name__)
 
@@ -455,9 +457,12 @@ class OverlayReconciler:
         self, me: Host, peers: list[Peer], refusals: list[Refusal], underlay: Underlay
     ) -> tuple[Desired, Actual, int, tuple[str, str, str], list[wireguard.PeerChange], list[str]]:
         """The wireguard backend's part of a pass: key, device, peers by diff, then routes."""
+        # Imported here: their libraries (cryptography, pyroute2) cost every other node ~17 MB.
+        from node_services.overlay import wgdriver, wgkeys
+
         config = self.config
         if self.wireguard_device is None:
-            self.wireguard_device = WireGuardDevice(config.wireguard_implementation)
+            self.wireguard_device = wgdriver.WireGuardDevice(config.wireguard_implementation)
         wg = self.wireguard_device
         try:
             key, made = wgkeys.load_or_create(config.wireguard_key_file)
