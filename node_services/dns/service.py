@@ -150,13 +150,13 @@ def build_forward_zones(
 ) -> ForwardZones:
     """One Forwarder per zone: the default one (counting on ``stats``) and one per stub zone
     of dns_forward_zones (counting apart, for the zone label), all on one socket pool."""
-    pool: UdpPool | None = None
+    # one pool for every zone, counting on the server's stats (its metrics have no zone)
+    pool = UdpPool(stats=stats, size=settings.dns_upstream_sockets)
 
     def forwarder(
         upstreams: tuple[tuple[str, int], ...], counters: DnsStats, timeout: float | None
     ) -> Forwarder:
-        nonlocal pool
-        made = Forwarder(
+        return Forwarder(
             upstreams,
             stats=counters,
             timeout=settings.dns_forward_timeout if timeout is None else timeout,
@@ -168,8 +168,6 @@ def build_forward_zones(
             negative_ttl_cap=settings.dns_negative_ttl_cap,
             pool=pool,
         )
-        pool = made.pool
-        return made
 
     upstreams = upstreams_of(settings, resolv_conf=resolv_conf, resolved_conf=resolved_conf)
     root = next((z for z in settings.dns_forward_zones if z.zone == "."), None)
@@ -182,6 +180,11 @@ def build_forward_zones(
             continue
         chosen = _without_self(settings, entry.zone, entry.upstreams)
         if not chosen:
+            log.error(
+                "dns: zone %s of dns_forward_zones has no upstream left; its names go to the "
+                "default upstreams",
+                entry.zone,
+            )
             continue
         counters = forwarder_stats()
         stubs[entry.zone] = forwarder(chosen, counters, entry.timeout)
