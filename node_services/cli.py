@@ -34,6 +34,7 @@ _FLAG_FIELDS = {
     "cluster_domain": "cluster_domain",
     "dns_ttl": "dns_ttl",
     "upstreams": "upstreams",
+    "dns_forward_zones": "dns_forward_zones",
     "pod_records": "pod_records",
     "dns_query_log": "dns_query_log",
     "dns_forward_timeout": "dns_forward_timeout",
@@ -86,8 +87,15 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         "--upstream",
         key="upstreams",
         action="append",
-        metavar="HOST[:PORT]",
+        metavar="IP[:PORT]",
         help="upstream DNS server (repeatable)",
+    )
+    flag(
+        "--dns-forward-zone",
+        key="dns_forward_zones",
+        action="append",
+        metavar="ZONE=IP[:PORT][,IP[:PORT]...][,timeout=SECONDS]",
+        help="stub domain: forward names in ZONE to its own upstreams (repeatable)",
     )
     flag("--pod-records", key="pod_records", choices=POD_RECORDS, help="pod A records")
     flag(
@@ -223,6 +231,8 @@ def _print_settings(settings: Settings) -> None:
         value = getattr(settings, f.name)
         if f.name.endswith("secret_key") and value:
             value = "(set)"
+        elif f.name == "dns_forward_zones":  # as NODE_SERVICES_DNS_FORWARD_ZONES takes it
+            value = ";".join(str(v) for v in value)
         elif isinstance(value, tuple):
             value = ", ".join(str(v) for v in value)
         print(f"  {f.name}: {value}")

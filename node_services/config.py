@@ -51,6 +51,21 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardZone:
+    """A stub domain: names in ``zone`` (lowercase, with the trailing dot; "." is the
+    default) are forwarded to ``upstreams``, each given ``timeout`` seconds (None: the
+    dns_forward_timeout setting)."""
+
+    zone: str
+    upstreams: tuple[Address, ...]
+    timeout: float | None = None
+
+    def __str__(self) -> str:
+        timeout = f",timeout={self.timeout:g}" if self.timeout is not None else ""
+        return f"{self.zone}=" + ",".join(str(u) for u in self.upstreams) + timeout
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the daemon is configured with. Field docstrings are the reference docs."""
 
@@ -77,7 +92,10 @@ class Settings:
 
     upstreams: tuple[Address, ...] = ()
     """DNS servers for names outside the cluster zones; default: the host's /etc/resolv.conf
-    without loopback stubs."""
+    without loopback stubs. IP addresses, port 53 unless given (a host name is an error).
+    When resolv.conf names only loopback stubs (systemd-resolved's 127.0.0.53), the
+    nameservers of /run/systemd/resolve/resolv.conf; none anywhere: an error is logged and
+    names outside the cluster zones get REFUSED."""
 
     pod_records: str = "disabled"
     """Pod A records `a-b-c-d.<ns>.pod.<zone>`: disabled, insecure (any well-formed name),
@@ -286,6 +304,19 @@ class Settings:
     host for names that exist nowhere. Any other caller (an unknown IP, a host-network pod, an
     IP two live pods share) gets the plain answer."""
 
+    dns_forward_zones: tuple[ForwardZone, ...] = ()
+    """Stub domains: zones whose names go to upstreams of their own instead of the default
+    ones, each with its own timeout (CoreDNS `forward` per server block, kube-dns
+    `stubDomains`). YAML: a mapping of zone to a list of upstreams or to `{upstreams: [...],
+    timeout: SECONDS}`, e.g. `{consul: ["127.0.0.9:8600"], 10.in-addr.arpa: [10.0.0.2]}`.
+    Environment and flag (repeatable): `ZONE=IP[:PORT][,IP[:PORT]...][,timeout=SECONDS]`,
+    entries separated by `;`, e.g.
+    `consul=127.0.0.9:8600;corp.example=10.1.0.53,10.1.0.54,timeout=1.5`. The longest zone a
+    name falls in wins; zone `.` sets the default upstreams (instead of `upstreams`) and its
+    timeout. Reverse zones (`10.in-addr.arpa`) work alike for the reverse names this server
+    holds no record of. The cluster domain and rancher.internal are always answered here: a
+    zone inside them is an error. Upstreams are IP addresses (port 53 unless given)."""
+
 
 FIELD_NAMES: Final = tuple(f.name for f in fields(Settings))
 
@@ -311,8 +342,9 @@ _BOOLEANS: Final = {
 _DOMAIN_RE: Final = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
 
 
-def parse_address(text: str, *, default_port: int | None = None) -> Address:
-    """Parse ``HOST:PORT``, ``[V6]:PORT``, or a bare host when ``default_port`` is given."""
+def parse_address(text: str, *, default_port: int | None = None, min_port: int = 0) -> Address:
+    """Parse ``HOST:PORT``, ``[V6]:PORT``, or a bare host when ``default_port`` is given;
+    the port from ``min_port`` to 65535."""
     text = text.strip()
     host, port_text = text, ""
     if text.startswith("["):
@@ -331,8 +363,8 @@ def parse_address(text: str, *, default_port: int | None = None) -> Address:
     if not host:
         raise ValueError(f"{text!r}: missing host")
     if port_text:
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-            raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+        if not port_text.isdigit() or not min_port <= int(port_text) <= 65535:
+            raise ValueError(f"{text!r}: port must be a number from {min_port} to 65535")
         port = int(port_text)
     elif default_port is not None:
         port = default_port
@@ -364,6 +396,150 @@ def _listen_address(value: Any) -> Address:
     return address
 
 
+def parse_upstream(value: Any) -> Address:
+    """An upstream DNS server: an IP address with an optional port (53 by default). A host
+    name is refused: resolving it would need the resolver we may be (a loop at query time)."""
+    if isinstance(value, Address):
+        return value
+    text = str(value).strip()
+    address = parse_address(text, default_port=53, min_port=1)
+    try:
+        ipaddress.ip_address(address.host)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an IP address (an upstream is IP[:PORT] or [IPv6]:PORT; host "
+            "names are not resolved)"
+        ) from None
+    return address
+
+
+_ZONE_RE: Final = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+_FORWARD_ZONE_SYNTAX: Final = "ZONE=IP[:PORT][,IP[:PORT]...][,timeout=SECONDS]"
+
+
+def _zone_name(value: Any) -> str:
+    """A zone as dns_forward_zones keeps it: lowercase with the trailing dot ("." the root)."""
+    text = str(value).strip().lower()
+    if text == ".":
+        return "."
+    name = text.rstrip(".") if text.endswith(".") and not text.endswith("..") else text
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_ZONE_RE.match(label) for label in labels):
+        raise ValueError(f"{str(value).strip()!r} is not a valid DNS zone")
+    return name + "."
+
+
+def _zone_timeout(zone: str, value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"zone {zone!r}: timeout {value!r} is not a number of seconds") from None
+    if not 0 < seconds <= 60:
+        raise ValueError(f"zone {zone!r}: timeout must be more than 0 and at most 60 seconds")
+    return seconds
+
+
+def _forward_zone(raw_zone: Any, raw: Any) -> ForwardZone:
+    """One dns_forward_zones entry from YAML (a list, a text list, or a mapping with
+    upstreams and timeout) or from text (the part after ``ZONE=``)."""
+    zone = _zone_name(raw_zone)
+    timeout: float | None = None
+    if isinstance(raw, Mapping):
+        unknown = sorted(str(k) for k in raw if k not in ("upstreams", "timeout"))
+        if unknown:
+            raise ValueError(
+                f"zone {zone!r}: unknown key {unknown[0]!r} (expected upstreams, timeout)"
+            )
+        if raw.get("timeout") is not None:
+            timeout = _zone_timeout(zone, raw["timeout"])
+        items = _as_list(raw.get("upstreams") or [])
+    elif isinstance(raw, str):
+        items = []
+        for item in (v for v in re.split(r"[,\s]+", raw) if v):
+            if item.lower().startswith("timeout="):
+                timeout = _zone_timeout(zone, item.partition("=")[2])
+            else:
+                items.append(item)
+    elif isinstance(raw, list | tuple):
+        items = list(raw)
+    else:
+        raise ValueError(
+            f"zone {zone!r}: expected a list of upstreams or {{upstreams: [...], timeout: "
+            f"SECONDS}}, got {type(raw).__name__}"
+        )
+    upstreams = []
+    problems = []
+    for item in items:
+        try:
+            upstreams.append(parse_upstream(item))
+        except ValueError as exc:
+            problems.append(f"zone {zone!r}: {exc}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if not upstreams:
+        raise ValueError(f"zone {zone!r}: no upstreams")
+    return ForwardZone(zone, tuple(upstreams), timeout)
+
+
+def _forward_zones(value: Any) -> tuple[ForwardZone, ...]:
+    """dns_forward_zones from YAML (a mapping) or text (``;``-separated entries, in one
+    string or in a list of them, as repeated flags give)."""
+    if isinstance(value, tuple) and all(isinstance(z, ForwardZone) for z in value):
+        return value
+    pairs: list[tuple[Any, Any]] = []
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, str | list | tuple):
+        texts = [value] if isinstance(value, str) else [str(v) for v in value]
+        for text in texts:
+            for entry in (e.strip() for e in re.split(r"[;\n]", text)):
+                if not entry:
+                    continue
+                zone, equals, rest = entry.partition("=")
+                if not equals or not zone.strip():
+                    raise ValueError(f"entry {entry!r}: expected {_FORWARD_ZONE_SYNTAX}")
+                pairs.append((zone, rest))
+    elif value is not None:
+        raise ValueError(
+            f"expected a mapping of zone to upstreams, or {_FORWARD_ZONE_SYNTAX} entries "
+            f"separated by ';', got {type(value).__name__}"
+        )
+    zones: dict[str, ForwardZone] = {}
+    problems = []
+    for raw_zone, raw in pairs:
+        try:
+            entry = _forward_zone(raw_zone, raw)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if entry.zone in zones:
+            problems.append(f"zone {entry.zone!r} is given twice")
+        zones[entry.zone] = entry
+    if problems:
+        raise ValueError("; ".join(problems))
+    return tuple(zones.values())
+
+
+def _forward_zone_problems(values: Mapping[str, Any]) -> list[str]:
+    """What dns_forward_zones cannot mean together with the other settings."""
+    zones: tuple[ForwardZone, ...] = values.get("dns_forward_zones", ())
+    domain = str(values.get("cluster_domain", "cluster.local")) + "."
+    problems = []
+    for entry in zones:
+        for own, what in ((domain, "the cluster domain"), ("rancher.internal.", "the zone")):
+            if entry.zone == own or entry.zone.endswith("." + own):
+                problems.append(
+                    f"dns_forward_zones: zone {entry.zone!r} is inside {what} {own!r}, which "
+                    "this server answers itself: its names are never forwarded"
+                )
+        if entry.zone == "." and values.get("upstreams"):
+            problems.append(
+                "dns_forward_zones: zone '.' sets the default upstreams, and so does "
+                "upstreams: set only one of them"
+            )
+    return problems
+
+
 def _as_list(value: Any) -> list[Any]:
     if isinstance(value, str):
         return [v for v in re.split(r"[,\s]+", value) if v]
@@ -377,10 +553,9 @@ def _convert(key: str, value: Any) -> Any:
     if key in ("dns_listen", "metadata_listen", "admin_listen"):
         return _listen_address(value)
     if key == "upstreams":
-        return tuple(
-            v if isinstance(v, Address) else parse_address(str(v), default_port=53)
-            for v in _as_list(value)
-        )
+        return tuple(parse_upstream(v) for v in _as_list(value))
+    if key == "dns_forward_zones":
+        return _forward_zones(value)
     if key == "metadata_trusted_proxies":
         networks = []
         for item in _as_list(value):
@@ -632,6 +807,7 @@ def load_settings(
     if any(cattle[1:]) and not cattle[0]:
         problems.append("cattle_access_key/cattle_secret_key are set but cattle_url is not")
     problems.extend(_cattle_problems(values, check_files=check_files))
+    problems.extend(_forward_zone_problems(values))
     if problems:
         raise ConfigError(problems)
     return Settings(**values)

@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dns.asyncquery
 import dns.message
+from prometheus_client import CollectorRegistry
 
+from node_services.config import load_settings
 from node_services.dns.forward import Forwarder
 from node_services.dns.metrics import DnsStats
 from node_services.dns.server import DnsServer
+from node_services.dns.service import build_dns
 from node_services.dns.views import ClientViews
 from node_services.dns.zone import Zone
 from node_services.sources.static import translate_object
@@ -113,3 +117,53 @@ async def serve(
     await server.start("127.0.0.1", 0)
     assert server.sockname is not None
     return Served(store, server, server.sockname[1], stats)
+
+
+# -- built from Settings, as the daemon builds it (stub zones, resolv.conf defaults) ------
+
+
+@dataclass
+class Zoned:
+    """A DnsServer built from Settings as the daemon builds it, on a loopback port."""
+
+    server: DnsServer
+    port: int
+    registry: CollectorRegistry
+
+    async def query(self, name: str, rdtype: str = "A", **make: Any) -> dns.message.Message:
+        message = dns.message.make_query(name, rdtype, **make)
+        return await dns.asyncquery.udp(message, "127.0.0.1", port=self.port, timeout=5)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, labels)
+
+
+async def start_from_settings(
+    tmp_path: Path,
+    objects: Any = (),
+    *,
+    resolv: str = "",
+    resolved: str | None = None,
+    **overrides: Any,
+) -> Zoned:
+    """``overrides`` as flags give them (``dns_forward_zones=["consul=127.0.0.9:53"]``);
+    resolv.conf (and systemd-resolved's copy) are files of the test's own."""
+    resolv_conf = tmp_path / "resolv.conf"
+    resolv_conf.write_text(resolv)
+    resolved_conf = tmp_path / "resolved-resolv.conf"
+    if resolved is not None:
+        resolved_conf.write_text(resolved)
+    settings = load_settings(environ={"NODE_NAME": "node-a"}, overrides=overrides)
+    store = Store()
+    store.replace("static:test", records(objects), synced=True)
+    registry = CollectorRegistry()
+    server = build_dns(
+        settings, store, registry, resolv_conf=resolv_conf, resolved_conf=resolved_conf
+    )
+    await server.start("127.0.0.1", 0)
+    assert server.sockname is not None
+    return Zoned(server, server.sockname[1], registry)
+
+
+def first(response: dns.message.Message) -> list[str]:
+    return [r.to_text() for rrset in response.answer for r in rrset]

@@ -89,7 +89,19 @@ tests:
     values: '1x5 0x10'
   - series: 'node_services_lame_duck{{instance="b"}}'
     values: '0x5 1x10'
+  - series: 'node_services_dns_forward_no_upstream_total{{instance="a"}}'
+    values: '0x10 5x10'
   alert_rule_test:
+  - eval_time: 9m
+    alertname: NodeServicesDnsNoUpstream
+    exp_alerts: []
+  - eval_time: 12m
+    alertname: NodeServicesDnsNoUpstream
+    exp_alerts:
+    - exp_labels: {{severity: warning, instance: a}}
+      exp_annotations:
+        summary: DNS on a answers REFUSED for names it has no upstream for
+        description: Set upstreams (or dns_forward_zones); the daemon's log says what it found.
   - eval_time: 9m
     alertname: NodeServicesIPAMPoolNearlyFull
     exp_alerts: []

@@ -15,7 +15,8 @@ from typing import Final, Literal
 import dnslib
 
 from node_services.dns import wire
-from node_services.dns.forward import Forwarder, UpstreamError, question_key
+from node_services.dns.forward import UpstreamError, question_key
+from node_services.dns.forward_zones import ForwardZones
 from node_services.dns.metrics import DnsStats
 from node_services.dns.views import View
 from node_services.dns.zone import ANY_TYPE, Answer, Zone
@@ -77,8 +78,12 @@ def text_of(name: bytes) -> str | None:
     return text if back == name.lower() else None
 
 
-def cached(forwarder: Forwarder, q: wire.Query, limit: int) -> bytes | None:
-    """A forwarded walk's whole answer to this question, from the forward cache while fresh."""
+def cached(zones: ForwardZones, q: wire.Query, limit: int) -> bytes | None:
+    """A forwarded walk's whole answer to this question, from the forward cache (of the
+    asked name's forwarder) while fresh."""
+    forwarder = zones.forwarder_for(q.lname)
+    if forwarder is None:
+        return None
     name, qtype, qclass, variant = question_key(q)
     response = forwarder.cache.get(
         (name, qtype, qclass, variant | AUTOPATH_VARIANT), q.qid, q.question
@@ -118,7 +123,7 @@ def local_step(
 
 async def forward_walk(
     zone: Zone,
-    forwarder: Forwarder,
+    zones: ForwardZones,
     stats: DnsStats,
     q: wire.Query,
     steps: tuple[bytes, ...],
@@ -132,7 +137,7 @@ async def forward_walk(
     its TTL."""
     name, qtype, qclass, variant = question_key(q)
     key = (name, qtype, qclass, variant | AUTOPATH_VARIANT)
-    kept = cached(forwarder, q, limit)
+    kept = cached(zones, q, limit)
     if kept is not None:
         stats.count(stats.client_answers, "autopath")
         return kept
@@ -144,11 +149,14 @@ async def forward_walk(
             return None
         if local is not False:
             return local
+        forwarder = zones.forwarder_for(step)
+        if forwarder is None:  # no upstream for this step: it exists nowhere we can ask
+            continue
         text = text_of(step)
         if text is None or text_of(q.question[:-4]) is None:
             stats.count(stats.autopath_fallbacks, "unsafe_name")
             return None
-        if forwarder.overloaded():
+        if zones.overloaded():
             stats.count(stats.autopath_fallbacks, "upstream_error")
             return None
         try:
@@ -171,7 +179,9 @@ async def forward_walk(
             stats.count(stats.autopath_fallbacks, "too_large")
             return None
         stats.count(stats.client_answers, "autopath")
-        forwarder.cache.store(key, response)
+        holder = zones.forwarder_for(q.lname)
+        if holder is not None:
+            holder.cache.store(key, response)
         return response
     stats.count(stats.autopath_fallbacks, "not_found")
     return None

@@ -103,9 +103,25 @@ class DnsStats:
     """Autopath-eligible queries answered plainly, by reason (see dns/views.py)."""
     client_views: Sized = ()  # the callers with a view of their own (their number is a gauge)
     client_views_refused: Mapping[str, str] = field(default_factory=dict)  # IP -> reason
+    forward_zones: Mapping[str, DnsStats] = field(default_factory=dict)
+    """Forwarding zone ("." the default upstreams, "consul." a stub zone) -> the counters of
+    its forwarder (the forward_* and cache_* fields). Empty: the forwarder counts on this
+    object, as zone "."."""
+    forward_no_upstream: int = 0
+    """Queries answered REFUSED because no upstream is configured for their name."""
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
+
+
+def forwarder_stats() -> DnsStats:
+    """Counters for one zone's forwarder: no per-query tables (the server keeps those)."""
+    return DnsStats(requests=([], []), responses=[])
+
+
+def by_zone(stats: DnsStats) -> list[tuple[str, DnsStats]]:
+    """The forwarding zones and their counters, by zone name."""
+    return sorted((stats.forward_zones or {".": stats}).items())
 
 
 class DnsCollector(Collector):
@@ -179,61 +195,38 @@ class DnsCollector(Collector):
         for path, histogram in sorted(s.duration.items()):
             duration.add_metric([path], histogram.buckets(), histogram.total)
         yield duration
+        zones = by_zone(s)
         forward = HistogramMetricFamily(
             "node_services_dns_forward_duration_seconds",
-            "Time an upstream took to answer a forwarded query (cache misses only).",
+            "Time an upstream took to answer a forwarded query (cache misses only), by "
+            "forwarding zone.",
+            labels=["zone"],
         )
-        forward.add_metric([], s.forward_duration.buckets(), s.forward_duration.total)
+        for zone, z in zones:
+            forward.add_metric([zone], z.forward_duration.buckets(), z.forward_duration.total)
         yield forward
         errors = CounterMetricFamily(
             "node_services_dns_forward_errors",
-            "Failed attempts at an upstream, by reason (timeout, error, loop: skipped as looping, "
-            "all_failed).",
-            labels=["reason"],
+            "Failed attempts at an upstream, by forwarding zone and reason (timeout, error, "
+            "loop: skipped as looping, all_failed).",
+            labels=["zone", "reason"],
         )
-        for reason, count in sorted(s.forward_errors.items()):
-            errors.add_metric([reason], count)
+        for zone, z in zones:
+            for reason, count in sorted(z.forward_errors.items()):
+                errors.add_metric([zone, reason], count)
         yield errors
+        for kind, name, text, attribute in _ZONE_COUNTERS:
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                name, text + " By forwarding zone (. the default upstreams).", labels=["zone"]
+            )
+            for zone, z in zones:
+                family.add_metric([zone], getattr(z, attribute))
+            yield family
         yield CounterMetricFamily(
-            "node_services_dns_forward_tcp_retries",
-            "Upstream UDP answers with TC=1 retried over TCP.",
-            value=s.forward_tcp_retries,
-        )
-        yield CounterMetricFamily(
-            "node_services_dns_cache_hits",
-            "Forwarded queries answered from the cache.",
-            value=s.cache_hits,
-        )
-        yield CounterMetricFamily(
-            "node_services_dns_cache_misses",
-            "Forwarded queries not in the cache.",
-            value=s.cache_misses,
-        )
-        yield GaugeMetricFamily(
-            "node_services_dns_cache_entries",
-            "Responses held in the forward cache.",
-            value=s.cache_entries,
-        )
-        yield GaugeMetricFamily(
-            "node_services_dns_forward_inflight",
-            "Forwarded queries waiting for an upstream.",
-            value=s.forward_inflight,
-        )
-        yield CounterMetricFamily(
-            "node_services_dns_forward_refused",
-            "Queries refused because the concurrent forward limit was reached.",
-            value=s.refused_overload,
-        )
-        yield CounterMetricFamily(
-            "node_services_dns_forward_loops",
-            "Queries detected as our own forwarded queries coming back (a forwarding loop).",
-            value=s.loops,
-        )
-        yield CounterMetricFamily(
-            "node_services_dns_forward_coalesced",
-            "Forwarded queries that joined the same question already asked upstream (also what "
-            "a forwarding loop through an upstream that rewrites IDs turns into).",
-            value=s.forward_coalesced,
+            "node_services_dns_forward_no_upstream",
+            "Queries answered REFUSED because no upstream is configured for their name (no "
+            "upstreams setting, none usable in resolv.conf, no zone of dns_forward_zones).",
+            value=s.forward_no_upstream,
         )
         ignored = CounterMetricFamily(
             "node_services_dns_forward_ignored",
@@ -249,11 +242,15 @@ class DnsCollector(Collector):
             "Random query IDs drawn again because the ID was in use for that upstream.",
             value=s.forward_id_collisions,
         )
-        yield GaugeMetricFamily(
+        cache_bytes = GaugeMetricFamily(
             "node_services_dns_cache_bytes",
-            "Memory the forward cache accounts for its entries (responses, keys, overhead).",
-            value=s.cache_bytes,
+            "Memory the forward cache accounts for its entries (responses, keys, overhead), "
+            "by forwarding zone (each zone has a cache of its own).",
+            labels=["zone"],
         )
+        for zone, z in zones:
+            cache_bytes.add_metric([zone], z.cache_bytes)
+        yield cache_bytes
         yield GaugeMetricFamily(
             "node_services_dns_zone_names", "Names with prebuilt answers.", value=s.zone_names
         )
@@ -326,6 +323,61 @@ class DnsCollector(Collector):
         for reason, number in sorted(by_reason.items()):
             refused.add_metric([reason], number)
         yield refused
+
+
+_ZONE_COUNTERS: Final = (
+    (
+        "counter",
+        "node_services_dns_forward_tcp_retries",
+        "Upstream UDP answers with TC=1 retried over TCP.",
+        "forward_tcp_retries",
+    ),
+    (
+        "counter",
+        "node_services_dns_cache_hits",
+        "Forwarded queries answered from the cache.",
+        "cache_hits",
+    ),
+    (
+        "counter",
+        "node_services_dns_cache_misses",
+        "Forwarded queries not in the cache.",
+        "cache_misses",
+    ),
+    (
+        "gauge",
+        "node_services_dns_cache_entries",
+        "Responses held in the forward cache.",
+        "cache_entries",
+    ),
+    (
+        "gauge",
+        "node_services_dns_forward_inflight",
+        "Forwarded queries waiting for an upstream.",
+        "forward_inflight",
+    ),
+    (
+        "counter",
+        "node_services_dns_forward_refused",
+        "Queries refused because the concurrent forward limit was reached.",
+        "refused_overload",
+    ),
+    (
+        "counter",
+        "node_services_dns_forward_loops",
+        "Queries detected as our own forwarded queries coming back (a forwarding loop).",
+        "loops",
+    ),
+    (
+        "counter",
+        "node_services_dns_forward_coalesced",
+        "Forwarded queries that joined the same question already asked upstream (also what "
+        "a forwarding loop through an upstream that rewrites IDs turns into).",
+        "forward_coalesced",
+    ),
+)
+"""The forwarder's plain counters and gauges, exported with a zone label: (kind, family,
+help, DnsStats attribute)."""
 
 
 def register(registry: CollectorRegistry, stats: DnsStats) -> DnsCollector:

@@ -23,6 +23,7 @@ import dnslib
 
 from node_services.dns import autopath, wire
 from node_services.dns.forward import Forwarder, UpstreamError
+from node_services.dns.forward_zones import ForwardZones
 from node_services.dns.metrics import DnsStats, Histogram
 from node_services.dns.udp import UdpSocket, client_ip, log_query
 from node_services.dns.views import ClientViews, View, complete
@@ -77,15 +78,20 @@ class DnsServer:
         answer_cache_size: int = 65536,
         answer_cache_bytes: int = 32 << 20,
         views: ClientViews | None = None,
+        forward_zones: ForwardZones | None = None,
     ) -> None:
         self.store = store
         self.zone = zone
         self.views = views
         """Per-client views (None: every caller gets the same answers)."""
         self.stats = stats if stats is not None else DnsStats()
-        self.forwarder = forwarder
+        self.forward_zones = forward_zones if forward_zones is not None else ForwardZones(forwarder)
+        """Which forwarder asks for a name: stub zones, then the default one."""
+        self.forwarder = self.forward_zones.default
+        """The default forwarder (zone "."), if any."""
+        self._forwarding = bool(self.forward_zones.forwarders)
         self.query_log = query_log
-        self._ra = wire.RA if forwarder is not None else 0
+        self._ra = wire.RA if self._forwarding else 0
         self._subscription: Subscription | None = None
         self._building: asyncio.Future[int] | None = None
         """A new zone being built in a worker thread for a large change (see catch_up)."""
@@ -353,8 +359,7 @@ class DnsServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.forwarder is not None:
-            self.forwarder.close()
+        self.forward_zones.close()
         if self._subscription is not None:
             self._subscription.close()
 
@@ -593,7 +598,8 @@ class DnsServer:
         else:
             found = zone.miss(q.lname, q.offsets, q.qtype)
             if found is None:
-                if self.forwarder is None:
+                if not self._forwarding:
+                    self.stats.forward_no_upstream += 1
                     return self._error(q, wire.REFUSED)
                 return _Pending(q, data, tcp)
             autopath = view is not None and view.autopath and zone.ready
@@ -621,13 +627,13 @@ class DnsServer:
         for index, step in enumerate(steps):
             found = autopath.local_step(self.zone, self.stats, q, step, ra=self._ra, limit=limit)
             if found is False:  # outside our zones: ask the upstreams from here on
-                if self.forwarder is None:
+                if self.forward_zones.forwarder_for(step) is None:
                     continue  # later steps may still be ours
                 if autopath.text_of(q.question[:-4]) is None:
                     # not to be asked upstream in text form: the plain answer
                     self.stats.count(self.stats.autopath_fallbacks, "unsafe_name")
                     return None
-                kept = autopath.cached(self.forwarder, q, limit)
+                kept = autopath.cached(self.forward_zones, q, limit)
                 if kept is not None:  # answered before, and fresh: no need to wait
                     self._volatile = True  # its TTLs run: not for the zone-long answer cache
                     self.stats.count(self.stats.client_answers, "autopath")
@@ -643,10 +649,9 @@ class DnsServer:
         return None
 
     async def _autopath_forward(self, q: wire.Query, steps: tuple[bytes, ...], tcp: bool) -> bytes:
-        assert self.forwarder is not None
         response = await autopath.forward_walk(
             self.zone,
-            self.forwarder,
+            self.forward_zones,
             self.stats,
             q,
             steps,
@@ -726,19 +731,27 @@ class DnsServer:
 
     async def _forward(self, pending: _Pending) -> bytes:
         q = pending.query
-        forwarder = self.forwarder
-        assert forwarder is not None
-        if forwarder.is_own_query(q.qid, q.lname, q.qtype):
-            self.stats.loops += 1
-            log.error("dns: forwarding loop: %s came back to us; check the upstreams", _qname(q))
+        zones = self.forward_zones
+        looped = zones.is_own_query(q.qid, q.lname, q.qtype)
+        if looped is not None:
+            looped.stats.loops += 1
+            log.error(
+                "dns: forwarding loop: %s came back to us; check the upstreams of zone %s",
+                _qname(q),
+                zones.zone_of(looped),
+            )
             return self._error(q, wire.SERVFAIL)
+        forwarder = zones.forwarder_for(q.lname)
+        if forwarder is None:  # a stub zone's upstreams only, and this name in none of them
+            self.stats.forward_no_upstream += 1
+            return self._error(q, wire.REFUSED)
         cached = forwarder.cached(q)
         if cached is not None:
-            self.stats.cache_hits += 1
+            forwarder.stats.cache_hits += 1
             response = cached
         else:
-            if forwarder.overloaded():
-                self.stats.refused_overload += 1
+            if zones.overloaded():
+                forwarder.stats.refused_overload += 1
                 return self._error(q, wire.REFUSED)
             try:
                 response = await forwarder.resolve(q, pending.data)
@@ -783,9 +796,11 @@ class DnsServer:
                             ttl=self.zone.ttl,
                         )
                     )
-        elif self.forwarder is not None and not self.forwarder.overloaded():
+        elif (
+            forwarder := self.forward_zones.forwarder_for_text(target)
+        ) is not None and not self.forward_zones.overloaded():
             try:
-                raw = await self.forwarder.resolve_name(target, q.qtype)
+                raw = await forwarder.resolve_name(target, q.qtype)
                 upstream = dnslib.DNSRecord.parse(raw)
                 for record in upstream.rr:
                     reply.add_answer(record)

@@ -79,7 +79,7 @@ def test_build_registers_metrics_and_sets_forwarding() -> None:
     settings = load_settings(environ={"NODE_NAME": "n"}, overrides={"upstreams": ["127.0.0.6"]})
     server = build_dns(settings, Store(), registry)
     assert server.forwarder is not None and server.zone.forwarding
-    assert registry.get_sample_value("node_services_dns_cache_entries") == 0
+    assert registry.get_sample_value("node_services_dns_cache_entries", {"zone": "."}) == 0
 
 
 def test_busy_dns_address_stops_start_with_the_address_named() -> None:
