@@ -103,6 +103,12 @@ class DnsStats:
     """Autopath-eligible queries answered plainly, by reason (see dns/views.py)."""
     client_views: Sized = ()  # the callers with a view of their own (their number is a gauge)
     client_views_refused: Mapping[str, str] = field(default_factory=dict)  # IP -> reason
+    stale_answers: int = 0  # expired answers served (TTL 30) while the upstreams failed
+    stale_refreshes: int = 0  # background refreshes of stale entries sent upstream
+    stale_refresh_failures: int = 0
+    prefetches: int = 0  # refreshes of popular entries before they expire
+    prefetch_failures: int = 0
+    refreshes_skipped: int = 0  # background refreshes not sent: at the forward limit
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
@@ -326,6 +332,39 @@ class DnsCollector(Collector):
         for reason, number in sorted(by_reason.items()):
             refused.add_metric([reason], number)
         yield refused
+        yield CounterMetricFamily(
+            "node_services_dns_cache_stale_answers",
+            "Expired forward-cache answers served with TTL 30 because the upstreams failed "
+            "(RFC 8767, within dns_serve_stale of expiry).",
+            value=s.stale_answers,
+        )
+        yield CounterMetricFamily(
+            "node_services_dns_cache_stale_refreshes",
+            "Background queries upstream for a stale entry being served.",
+            value=s.stale_refreshes,
+        )
+        yield CounterMetricFamily(
+            "node_services_dns_cache_stale_refresh_failures",
+            "Background refreshes of stale entries that no upstream answered.",
+            value=s.stale_refresh_failures,
+        )
+        yield CounterMetricFamily(
+            "node_services_dns_cache_prefetches",
+            "Background queries upstream for a popular entry (asked dns_prefetch times) with "
+            "10% of its TTL left.",
+            value=s.prefetches,
+        )
+        yield CounterMetricFamily(
+            "node_services_dns_cache_prefetch_failures",
+            "Prefetches that no upstream answered (the entry expires as usual).",
+            value=s.prefetch_failures,
+        )
+        yield CounterMetricFamily(
+            "node_services_dns_cache_refreshes_skipped",
+            "Prefetches and stale refreshes not sent because dns_max_forwards queries were "
+            "waiting upstream.",
+            value=s.refreshes_skipped,
+        )
 
 
 def register(registry: CollectorRegistry, stats: DnsStats) -> DnsCollector:

@@ -80,6 +80,8 @@ def build_dns(settings: Settings, store: Store, registry: CollectorRegistry) -> 
             loop_probe_interval=LOOP_PROBE_INTERVAL,
             max_inflight=settings.dns_max_forwards,
             negative_ttl_cap=settings.dns_negative_ttl_cap,
+            serve_stale=settings.dns_serve_stale,
+            prefetch=settings.dns_prefetch,
         )
         if upstreams
         else None
