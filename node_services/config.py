@@ -288,10 +288,10 @@ class Settings:
 
     dns_serve_stale: float = 3600.0
     """Seconds past its TTL a positive forwarded answer is kept to be served stale (TTL 30,
-    RFC 8767) when every upstream fails (timeout, SERVFAIL, REFUSED); after a failure the
-    stale answer is served at once for 30 s, then refreshed in the background while still
-    served. Negative answers (NXDOMAIN, NODATA) are never served past their own TTL. Stale
-    entries count in dns_cache_bytes and go first when it is full. 0 disables it."""
+    RFC 8767) when every upstream fails (timeout, SERVFAIL, REFUSED); for 30 s after a
+    failure expired answers are served stale at once and refreshed in the background.
+    Negative answers (NXDOMAIN, NODATA) are never served past their own TTL. Stale entries
+    count in dns_cache_bytes and go first when it is full. 0 disables it."""
 
     dns_prefetch: int = 10
     """Forward-cache answers served from one entry that make it popular: a popular entry is

@@ -19,6 +19,7 @@ from typing import Final
 from node_services.dns import wire
 from node_services.dns.forward_cache import (
     DERIVED_VARIANTS,
+    FAILURE_RECHECK,
     MAX_POSITIVE_TTL,
     CacheKey,
     ResponseCache,
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 _LOOPBACK_PREFIXES: Final = ("127.", "::1")
 DEFAULT_CACHE_BYTES: Final = 16 << 20
+MAX_REFRESHES: Final = 64
+"""Background refreshes (prefetches, stale refreshes) in flight at once at most; while the
+upstreams fail, one stale refresh at a time (it finds out when they are back)."""
 LOOP_PROBE_INTERVAL: Final = 60.0
 """Seconds between loop probes to the upstreams while we forward (the daemon's setting)."""
 _HINFO: Final = 13
@@ -135,6 +139,7 @@ class Forwarder:
         )
         self._refreshing: dict[CacheKey, asyncio.Task[None]] = {}
         """Background refreshes (prefetch, stale) by question: one at a time per entry."""
+        self._stale_refreshing = 0
         self.pool = pool if pool is not None else UdpPool(stats=stats, size=sockets)
         self._flights: dict[CacheKey, asyncio.Future[bytes]] = {}
         """Questions being asked upstream: later askers of the same question await the answer."""
@@ -219,20 +224,32 @@ class Forwarder:
             task.cancel()
         self.pool.close()
 
-    def _refresh(self, key: CacheKey, response: bytes, prefetch: bool) -> None:
+    def _refresh(self, key: CacheKey, response: bytes, prefetch: bool) -> bool:
         """Ask the upstreams again for a cached question in the background (the cache's
         prefetch or stale-refresh call); at most one refresh per question at a time, none
         while a client's query for it is in flight (that one refreshes it) or when the
-        forwarder is at its concurrency cap."""
+        forwarder is at its concurrency cap. Whether it was started."""
         if key in self._refreshing or key in self._flights or key[3] >= DERIVED_VARIANTS:
-            return
-        if self.overloaded():
+            return False
+        if (
+            self.overloaded()
+            or len(self._refreshing) >= MAX_REFRESHES
+            or (not prefetch and self._stale_refreshing)
+        ):
             self.stats.refreshes_skipped += 1
-            return
+            return False
         query = _refresh_query(key, response)
         task = asyncio.get_running_loop().create_task(self._background(key, query, prefetch))
         self._refreshing[key] = task
-        task.add_done_callback(lambda _: self._refreshing.pop(key, None))
+        if not prefetch:
+            self._stale_refreshing += 1
+        task.add_done_callback(lambda _: self._refreshed(key, prefetch))
+        return True
+
+    def _refreshed(self, key: CacheKey, prefetch: bool) -> None:
+        del self._refreshing[key]
+        if not prefetch:
+            self._stale_refreshing -= 1
 
     async def _background(self, key: CacheKey, query: bytes, prefetch: bool) -> None:
         stats = self.stats
@@ -310,8 +327,10 @@ class Forwarder:
                 log.debug("dns: upstream %s:%d failed: %s", host, port, exc)
                 continue
             self.stats.forward_duration.observe(time.perf_counter() - started)
+            self.cache.failing_until = 0.0
             return response
         self.stats.count(self.stats.forward_errors, "all_failed")
+        self.cache.failing_until = self.cache.clock() + FAILURE_RECHECK
         raise UpstreamError("no upstream answered")
 
     async def _udp(self, query: bytearray, address: Upstream, question: Question) -> bytes:

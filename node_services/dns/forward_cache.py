@@ -39,8 +39,10 @@ STALE_TTL: Final = 30
 """TTL of a stale answer (RFC 8767 section 4: 30 seconds)."""
 
 FAILURE_RECHECK: Final = 30.0
-"""Seconds after a failed refresh during which a stale entry is served at once, without
-asking the upstreams again (RFC 8767 section 5's failure recheck timer: 30 s)."""
+"""Seconds after a failure (of the upstreams, or for one entry) during which expired
+entries are served stale at once instead of asking the upstreams first (RFC 8767 section 5's
+failure recheck timer: 30 s); a stale entry is asked again in the background at most once
+in that time."""
 
 PREFETCH_LEFT: Final = 0.1
 """A popular entry asks for a refresh when this share of its TTL is left (CoreDNS: 10%)."""
@@ -49,9 +51,10 @@ DERIVED_VARIANTS: Final = 16
 """Key variants from this bit up are answers we built (autopath walks), not an upstream's
 answer to that very question: never served stale, never prefetched."""
 
-Refresh = Callable[[CacheKey, bytes, bool], None]
+Refresh = Callable[[CacheKey, bytes, bool], bool]
 """``refresh(key, response, prefetch)``: ask the upstreams again for the question of a
-cached ``response`` in the background (``prefetch``: the entry is still fresh)."""
+cached ``response`` in the background (``prefetch``: the entry is still fresh); whether a
+refresh was started (not when one is already running or the forwarder is busy)."""
 
 _NEVER: Final = float("inf")
 
@@ -66,7 +69,7 @@ class _Cached:
     stale_until: float  # kept (expired) until then to be served stale; = expires if negative
     refresh_at: float  # a prefetch is due from then (once asked often enough); inf: never
     hits: int = 0  # answers served from this entry (prefetch popularity)
-    retry_at: float = 0.0  # stale: served at once until then (0: no failure seen yet)
+    retry_at: float = 0.0  # its refresh failed or was asked: no new one before then
 
 
 def entry_cost(lname: bytes, response: bytes, records: int) -> int:
@@ -99,6 +102,9 @@ class ResponseCache:
         """Answers from one entry that make it popular enough to prefetch (0: never)."""
         self.refresh = refresh
         self.clock = clock
+        self.failing_until = 0.0
+        """The upstreams failed lately (the forwarder sets it, a success clears it): until
+        then, expired entries are served stale at once."""
         self.bytes = 0
         self._entries: OrderedDict[CacheKey, _Cached] = OrderedDict()
 
@@ -107,8 +113,9 @@ class ResponseCache:
 
     def get(self, key: CacheKey, qid: int, question: bytes) -> bytes | None:
         """The cached response for ``key`` with this ID, question and aged TTLs, if fresh;
-        or its stale answer while the upstreams are known to fail (a refresh recently
-        failed: see :meth:`stale`), a background refresh asked once the recheck time is up.
+        for an expired entry in its serve-stale window, the stale answer at once while the
+        upstreams are known to fail (lately, or for this entry: see :meth:`stale`), with a
+        background refresh asked at most once per recheck time.
 
         None for an expired entry otherwise: the caller asks the upstreams, and calls
         :meth:`stale` if they fail."""
@@ -120,17 +127,21 @@ class ResponseCache:
             if now >= entry.stale_until:
                 self._drop(key, entry)
                 return None
-            if not entry.retry_at:
-                return None
-            if now >= entry.retry_at and self.refresh is not None:
-                entry.retry_at = now + FAILURE_RECHECK
-                self.refresh(key, entry.response, False)
+            if now >= entry.retry_at:
+                if now >= self.failing_until:
+                    return None  # no failure known: ask the upstreams first
+                if self.refresh is not None and self.refresh(key, entry.response, False):
+                    entry.retry_at = now + FAILURE_RECHECK
             return self._stale_answer(key, entry, qid, question)
         self._entries.move_to_end(key)
         entry.hits += 1
-        if now >= entry.refresh_at and entry.hits >= self.prefetch and self.refresh is not None:
+        if (
+            now >= entry.refresh_at
+            and entry.hits >= self.prefetch
+            and self.refresh is not None
+            and self.refresh(key, entry.response, True)
+        ):
             entry.refresh_at = _NEVER  # one prefetch per entry: a new answer replaces it
-            self.refresh(key, entry.response, True)
         elapsed = int(now - entry.stored)
         out = bytearray(entry.response)
         out[0:2] = qid.to_bytes(2, "big")
@@ -156,9 +167,9 @@ class ResponseCache:
         return self._stale_answer(key, entry, qid, question)
 
     def refresh_failed(self, key: CacheKey) -> None:
-        """A background refresh of ``key`` failed: a stale entry waits the recheck time."""
+        """A background refresh of ``key`` failed: the entry waits the recheck time."""
         entry = self._entries.get(key)
-        if entry is not None and entry.retry_at:
+        if entry is not None:
             entry.retry_at = self.clock() + FAILURE_RECHECK
 
     def _stale_answer(self, key: CacheKey, entry: _Cached, qid: int, question: bytes) -> bytes:

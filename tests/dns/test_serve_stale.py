@@ -144,12 +144,12 @@ def clock() -> Clock:
 async def start(upstream: Scripted, clock: Clock) -> AsyncIterator[Callable[..., Any]]:
     nodes: list[Node] = []
 
-    async def make(*, serve_stale: float = 3600.0, prefetch: int = 0) -> Node:
+    async def make(*, serve_stale: float = 3600.0, prefetch: int = 0, timeout: float = 0.3) -> Node:
         stats = DnsStats()
         forwarder = Forwarder(
             (upstream.address,),
             stats=stats,
-            timeout=0.3,
+            timeout=timeout,
             serve_stale=serve_stale,
             prefetch=prefetch,
             clock=clock,
@@ -185,37 +185,73 @@ async def test_stale_answer_with_ttl_30_while_upstream_fails_then_fresh_when_it_
     clock.now += FAILURE_RECHECK - 1
     assert answers(await node.ask()) == [f"{NAME} 30 A 192.0.2.1"]
     assert len(upstream.asked) == 2 and node.stats.stale_answers == 2
-    # The upstream is back with new data; after the recheck time the next asker still gets
-    # the stale answer at once, and the entry is refreshed in the background...
+    # The upstream is back with new data: after the recheck time the upstream is asked
+    # first again, and the answer is its fresh one.
     upstream.mode, upstream.ip = "answer", "192.0.2.2"
     clock.now += 2
-    assert answers(await node.ask()) == [f"{NAME} 30 A 192.0.2.1"]
-    await node.settled()
-    assert len(upstream.asked) == 3 and node.stats.stale_refreshes == 1
-    assert node.stats.stale_refresh_failures == 0
-    # ...so the next answer is the upstream's fresh one, from the cache.
     assert answers(await node.ask()) == [f"{NAME} 60 A 192.0.2.2"]
-    assert len(upstream.asked) == 3 and node.stats.stale_answers == 3
+    assert len(upstream.asked) == 3 and node.stats.stale_answers == 2
+    assert answers(await node.ask()) == [f"{NAME} 60 A 192.0.2.2"]  # from the cache
+    assert len(upstream.asked) == 3
 
 
-async def test_failed_background_refresh_waits_the_recheck_time_again(
+OTHER, THIRD = "other.example.org.", "third.example.org."
+
+
+async def test_while_upstreams_fail_expired_entries_are_stale_at_once_and_refreshed_behind(
     start: Callable[..., Any], upstream: Scripted, clock: Clock
 ) -> None:
+    """Once the upstreams failed, other expired entries do not wait for them: the stale
+    answer at once, and one background refresh, which finds out when they are back."""
     node: Node = await start()
-    await node.ask()
+    for name in (NAME, OTHER, THIRD):
+        await node.ask(name)
     clock.now += 61
     upstream.mode = "servfail"
-    assert answers(await node.ask()) == [f"{NAME} 30 A 192.0.2.1"]
-    clock.now += FAILURE_RECHECK
-    for _ in range(5):  # one background refresh, however many askers
-        assert answers(await node.ask()) == [f"{NAME} 30 A 192.0.2.1"]
+    assert answers(await node.ask()) == [f"{NAME} 30 A 192.0.2.1"]  # asked first: failed
+    assert len(upstream.asked) == 4
+    # OTHER: stale at once; its background refresh fails too.
+    assert answers(await node.ask(OTHER)) == [f"{OTHER} 30 A 192.0.2.1"]
     await node.settled()
-    assert len(upstream.asked) == 3
+    assert upstream.asked[-1] == (OTHER, "A") and len(upstream.asked) == 5
     assert node.stats.stale_refreshes == node.stats.stale_refresh_failures == 1
-    clock.now += FAILURE_RECHECK - 1
-    assert answers(await node.ask()) == [f"{NAME} 30 A 192.0.2.1"]
+    # The upstream is back, unknown to us: THIRD is stale at once, and its background
+    # refresh brings the fresh answer for the next asker.
+    upstream.mode, upstream.ip = "answer", "192.0.2.2"
+    assert answers(await node.ask(THIRD)) == [f"{THIRD} 30 A 192.0.2.1"]
     await node.settled()
-    assert len(upstream.asked) == 3
+    assert upstream.asked[-1] == (THIRD, "A") and node.stats.stale_refreshes == 2
+    assert node.stats.stale_refresh_failures == 1
+    assert answers(await node.ask(THIRD)) == [f"{THIRD} 60 A 192.0.2.2"]
+    # OTHER failed lately by itself: stale at once until its recheck time, then asked first.
+    assert answers(await node.ask(OTHER)) == [f"{OTHER} 30 A 192.0.2.1"]
+    assert len(upstream.asked) == 6
+    clock.now += FAILURE_RECHECK
+    assert answers(await node.ask(OTHER)) == [f"{OTHER} 60 A 192.0.2.2"]
+    assert len(upstream.asked) == 7
+    assert node.stats.stale_answers == 4
+
+
+async def test_while_upstreams_fail_one_stale_refresh_runs_at_a_time(
+    start: Callable[..., Any], upstream: Scripted, clock: Clock
+) -> None:
+    node: Node = await start(timeout=2.0)
+    for name in (NAME, OTHER, THIRD):
+        await node.ask(name)
+    clock.now += 61
+    upstream.mode = "silent"
+    assert answers(await node.ask()) == [f"{NAME} 30 A 192.0.2.1"]  # after the 2 s timeout
+    started = time.monotonic()
+    assert answers(await node.ask(OTHER)) == [f"{OTHER} 30 A 192.0.2.1"]
+    assert answers(await node.ask(THIRD)) == [f"{THIRD} 30 A 192.0.2.1"]
+    assert time.monotonic() - started < 1.0  # neither waited the 2 s for the upstream
+    assert node.stats.stale_refreshes == 1 and node.stats.refreshes_skipped == 1
+    await node.settled()
+    assert upstream.asked[-1] == (OTHER, "A") and len(upstream.asked) == 5
+    # THIRD's refresh was not sent: it is tried by a later asker.
+    assert answers(await node.ask(THIRD)) == [f"{THIRD} 30 A 192.0.2.1"]
+    await node.settled()
+    assert upstream.asked[-1] == (THIRD, "A") and node.stats.stale_refreshes == 2
 
 
 async def test_nxdomain_and_nodata_are_never_served_stale(
