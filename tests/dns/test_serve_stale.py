@@ -144,12 +144,14 @@ def clock() -> Clock:
 async def start(upstream: Scripted, clock: Clock) -> AsyncIterator[Callable[..., Any]]:
     nodes: list[Node] = []
 
-    async def make(*, serve_stale: float = 3600.0, prefetch: int = 0, timeout: float = 0.3) -> Node:
+    async def make(
+        *, serve_stale: float = 3600.0, prefetch: int = 0, forward_timeout: float = 0.3
+    ) -> Node:
         stats = DnsStats()
         forwarder = Forwarder(
             (upstream.address,),
             stats=stats,
-            timeout=timeout,
+            timeout=forward_timeout,
             serve_stale=serve_stale,
             prefetch=prefetch,
             clock=clock,
@@ -235,7 +237,7 @@ async def test_while_upstreams_fail_expired_entries_are_stale_at_once_and_refres
 async def test_while_upstreams_fail_one_stale_refresh_runs_at_a_time(
     start: Callable[..., Any], upstream: Scripted, clock: Clock
 ) -> None:
-    node: Node = await start(timeout=2.0)
+    node: Node = await start(forward_timeout=2.0)
     for name in (NAME, OTHER, THIRD):
         await node.ask(name)
     clock.now += 61
