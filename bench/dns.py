@@ -11,6 +11,9 @@ summed, so a change in the machine's background load during the run hits both al
 
 Targets (issue 3): node-services >= 0.9x dnsmasq's queries per CPU-second; RSS < 150 MB.
 
+Then ``bench/dns_lookups.py`` (glibc lookups, autopath off and on) and
+``bench/dns_forward.py`` (forwarded names: cache hits and serve-stale, next to dnsmasq).
+
 Run: ``python -m bench.dns`` (``--quick`` for a short smoke run). The machine is shared and
 small: expect noise of 10-20% between runs.
 """
@@ -431,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         f"loaded and answering after {load_seconds:.1f} s; readyz {'200' if ready else 'not ready'}"
     )
     run_lookups(args.quick)
+    from bench.dns_forward import run_forward  # it imports this module's helpers
+
+    run_forward(args.quick)
     return 0
 
 

@@ -113,7 +113,7 @@ class Settings:
 
     dns_cache_bytes: int = 16777216
     """Memory budget in bytes of the forward cache (16 MiB): each entry counts its response,
-    its key and about 450 bytes of bookkeeping; least recently used go first; 0 disables it.
+    its key and about 550 bytes of bookkeeping; least recently used go first; 0 disables it.
     Both this and dns_cache_size apply."""
 
     dns_upstream_sockets: int = 16
@@ -316,6 +316,17 @@ class Settings:
     timeout. Reverse zones (`10.in-addr.arpa`) work alike for the reverse names this server
     holds no record of. The cluster domain and rancher.internal are always answered here: a
     zone inside them is an error. Upstreams are IP addresses (port 53 unless given)."""
+    dns_serve_stale: float = 3600.0
+    """Seconds past its TTL a positive forwarded answer is kept to be served stale (TTL 30,
+    RFC 8767) when every upstream fails (timeout, SERVFAIL, REFUSED); for 30 s after a
+    failure expired answers are served stale at once and refreshed in the background.
+    Negative answers (NXDOMAIN, NODATA) are never served past their own TTL. Stale entries
+    count in dns_cache_bytes and go first when it is full. 0 disables it."""
+
+    dns_prefetch: int = 10
+    """Forward-cache answers served from one entry that make it popular: a popular entry is
+    asked again upstream in the background when 10% of its TTL is left, so it never expires
+    while in use (CoreDNS `cache { prefetch 10 }`). 0 disables prefetching."""
 
 
 FIELD_NAMES: Final = tuple(f.name for f in fields(Settings))
@@ -579,6 +590,18 @@ def _convert(key: str, value: Any) -> Any:
         return tuple(Path(str(v)) for v in _as_list(value))
     if key == "runtime_dir":
         return Path(str(value)) if value not in (None, "") else None
+    if key == "dns_serve_stale":
+        try:
+            stale = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a number of seconds") from None
+        if not 0 <= stale <= 604800:
+            raise ValueError("must be from 0 (off) to 604800 seconds (a week)")
+        return stale
+    if key == "dns_prefetch":
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise ValueError(f"{value!r} is not a whole number (0 disables prefetching)")
+        return int(value)
     if key == "shutdown_grace":
         try:
             grace = float(value)

@@ -1,6 +1,7 @@
 """Forwarding names outside the cluster zones: upstreams in order, TCP retry on TC, one
 upstream query per distinct question in flight (later askers join it: no loop can multiply
-queries), loop probes, a byte-budgeted cache and a concurrency cap."""
+queries), loop probes, a byte-budgeted cache and a concurrency cap; stale answers when the
+upstreams fail and prefetches of popular names, both refreshed in the background."""
 
 from __future__ import annotations
 
@@ -11,11 +12,18 @@ import random
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 from node_services.dns import wire
-from node_services.dns.forward_cache import MAX_POSITIVE_TTL, CacheKey, ResponseCache
+from node_services.dns.forward_cache import (
+    DERIVED_VARIANTS,
+    FAILURE_RECHECK,
+    MAX_POSITIVE_TTL,
+    CacheKey,
+    ResponseCache,
+)
 from node_services.dns.metrics import DnsStats
 from node_services.dns.upstream import Question, UdpPool, Upstream, UpstreamError
 
@@ -32,6 +40,9 @@ log = logging.getLogger(__name__)
 
 _LOOPBACK_PREFIXES: Final = ("127.", "::1")
 DEFAULT_CACHE_BYTES: Final = 16 << 20
+MAX_REFRESHES: Final = 64
+"""Background refreshes (prefetches, stale refreshes) in flight at once at most; while the
+upstreams fail, one stale refresh at a time (it finds out when they are back)."""
 LOOP_PROBE_INTERVAL: Final = 60.0
 """Seconds between loop probes to the upstreams while we forward (the daemon's setting)."""
 _HINFO: Final = 13
@@ -60,6 +71,19 @@ def question_key(q: wire.Query) -> CacheKey:
     class, and the flags the answer depends on (EDNS, DO, CD, RD)."""
     variant = q.edns | q.do << 1 | bool(q.flags & wire.CD) << 2 | bool(q.flags & wire.RD) << 3
     return (q.lname, q.qtype, q.qclass, variant)
+
+
+def _refresh_query(key: CacheKey, response: bytes) -> bytes:
+    """A query for the question of a cached ``response`` with the flags its key stands for
+    (RD, CD; EDNS with DO): what the upstream answers the same way as the first asker."""
+    lname, _, _, variant = key
+    flags = (wire.RD if variant & 8 else 0) | (wire.CD if variant & 4 else 0)
+    question = response[12 : 12 + len(lname) + 4]  # the first asker's spelling of the name
+    opt = b""
+    if variant & 1:
+        do = 0x8000 if variant & 2 else 0
+        opt = b"\x00" + wire.RR_FIXED.pack(wire.OPT, wire.EDNS_UDP_SIZE, do, 0)
+    return wire.HEADER.pack(0, flags, 1, 0, 0, int(bool(opt))) + question + opt
 
 
 def _is_ip(host: str) -> bool:
@@ -95,6 +119,9 @@ class Forwarder:
         sockets: int = 16,
         pool: UdpPool | None = None,
         loop_probe_interval: float = 0.0,
+        serve_stale: float = 0.0,
+        prefetch: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.upstreams = tuple(_canonical(u) for u in upstreams)
         self.stats = stats
@@ -105,7 +132,14 @@ class Forwarder:
             max_bytes=cache_bytes,
             max_entries=cache_size,
             negative_ttl_cap=negative_ttl_cap,
+            serve_stale=serve_stale,
+            prefetch=prefetch,
+            refresh=self._refresh,
+            clock=clock,
         )
+        self._refreshing: dict[CacheKey, asyncio.Task[None]] = {}
+        """Background refreshes (prefetch, stale) by question: one at a time per entry."""
+        self._stale_refreshing = 0
         self.pool = pool if pool is not None else UdpPool(stats=stats, size=sockets)
         self._flights: dict[CacheKey, asyncio.Future[bytes]] = {}
         """Questions being asked upstream: later askers of the same question await the answer."""
@@ -146,9 +180,17 @@ class Forwarder:
     async def resolve(self, q: wire.Query, data: bytes) -> bytes:
         """The upstream answer to a client's query (ID and question as the client sent them).
 
-        Raises :class:`UpstreamError` when every upstream failed."""
+        Raises :class:`UpstreamError` when every upstream failed and no stale answer is
+        kept for the question."""
         self.stats.cache_misses += 1
-        response = await self._ask(question_key(q), data)
+        key = question_key(q)
+        try:
+            response = await self._ask(key, data)
+        except UpstreamError:
+            stale = self.cache.stale(key, q.qid, q.question)
+            if stale is None:
+                raise
+            return stale
         out = bytearray(response)
         out[0:2] = q.qid.to_bytes(2, "big")
         out[12 : 12 + len(q.question)] = q.question
@@ -165,13 +207,67 @@ class Forwarder:
             self.stats.cache_hits += 1
             return cached
         query = wire.HEADER.pack(0, wire.RD, 1, 0, 0, 0) + question
-        return await self._ask(key, query)
+        try:
+            return await self._ask(key, query)
+        except UpstreamError:
+            stale = self.cache.stale(key, 0, question)
+            if stale is None:
+                raise
+            return stale
 
     def close(self) -> None:
-        """Close the upstream sockets (queries still waiting fail) and stop the probes."""
+        """Close the upstream sockets (queries still waiting fail) and stop the probes and
+        background refreshes."""
         for task in self._probe_tasks:
             task.cancel()
+        for task in self._refreshing.values():
+            task.cancel()
         self.pool.close()
+
+    def _refresh(self, key: CacheKey, response: bytes, prefetch: bool) -> bool:
+        """Ask the upstreams again for a cached question in the background (the cache's
+        prefetch or stale-refresh call); at most one refresh per question at a time, none
+        while a client's query for it is in flight (that one refreshes it) or when the
+        forwarder is at its concurrency cap. Whether it was started."""
+        if key in self._refreshing or key in self._flights or key[3] >= DERIVED_VARIANTS:
+            return False
+        if (
+            self.overloaded()
+            or len(self._refreshing) >= MAX_REFRESHES
+            or (not prefetch and self._stale_refreshing)
+        ):
+            self.stats.refreshes_skipped += 1
+            return False
+        query = _refresh_query(key, response)
+        task = asyncio.get_running_loop().create_task(self._background(key, query, prefetch))
+        self._refreshing[key] = task
+        if not prefetch:
+            self._stale_refreshing += 1
+        task.add_done_callback(lambda _: self._refreshed(key, prefetch))
+        return True
+
+    def _refreshed(self, key: CacheKey, prefetch: bool) -> None:
+        del self._refreshing[key]
+        if not prefetch:
+            self._stale_refreshing -= 1
+
+    async def _background(self, key: CacheKey, query: bytes, prefetch: bool) -> None:
+        stats = self.stats
+        if prefetch:
+            stats.prefetches += 1
+        else:
+            stats.stale_refreshes += 1
+        try:
+            await self._ask(key, query)  # stores the new answer in the cache
+        except UpstreamError as exc:
+            if prefetch:
+                stats.prefetch_failures += 1
+            else:
+                stats.stale_refresh_failures += 1
+            self.cache.refresh_failed(key)
+            log.debug("dns: background refresh of %r failed: %s", key[0], exc)
+        except Exception:  # a bug: logged, never an unretrieved task exception
+            log.exception("dns: background refresh of %r failed", key[0])
 
     async def _ask(self, key: CacheKey, query: bytes) -> bytes:
         """The answer to ``query``: from the flight already asking it, else asked upstream."""
@@ -231,8 +327,10 @@ class Forwarder:
                 log.debug("dns: upstream %s:%d failed: %s", host, port, exc)
                 continue
             self.stats.forward_duration.observe(time.perf_counter() - started)
+            self.cache.failing_until = 0.0
             return response
         self.stats.count(self.stats.forward_errors, "all_failed")
+        self.cache.failing_until = self.cache.clock() + FAILURE_RECHECK
         raise UpstreamError("no upstream answered")
 
     async def _udp(self, query: bytearray, address: Upstream, question: Question) -> bytes:

@@ -109,6 +109,12 @@ class DnsStats:
     object, as zone "."."""
     forward_no_upstream: int = 0
     """Queries answered REFUSED because no upstream is configured for their name."""
+    stale_answers: int = 0  # expired answers served (TTL 30) while the upstreams failed
+    stale_refreshes: int = 0  # background refreshes of stale entries sent upstream
+    stale_refresh_failures: int = 0
+    prefetches: int = 0  # refreshes of popular entries before they expire
+    prefetch_failures: int = 0
+    refreshes_skipped: int = 0  # background refreshes not sent: at the forward limit
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
@@ -374,6 +380,45 @@ _ZONE_COUNTERS: Final = (
         "Forwarded queries that joined the same question already asked upstream (also what "
         "a forwarding loop through an upstream that rewrites IDs turns into).",
         "forward_coalesced",
+    ),
+    (
+        "counter",
+        "node_services_dns_cache_stale_answers",
+        "Expired forward-cache answers served with TTL 30 because the upstreams failed "
+        "(RFC 8767, within dns_serve_stale of expiry).",
+        "stale_answers",
+    ),
+    (
+        "counter",
+        "node_services_dns_cache_stale_refreshes",
+        "Background queries upstream for a stale entry being served.",
+        "stale_refreshes",
+    ),
+    (
+        "counter",
+        "node_services_dns_cache_stale_refresh_failures",
+        "Background refreshes of stale entries that no upstream answered.",
+        "stale_refresh_failures",
+    ),
+    (
+        "counter",
+        "node_services_dns_cache_prefetches",
+        "Background queries upstream for a popular entry (asked dns_prefetch times) with "
+        "10% of its TTL left.",
+        "prefetches",
+    ),
+    (
+        "counter",
+        "node_services_dns_cache_prefetch_failures",
+        "Prefetches that no upstream answered (the entry expires as usual).",
+        "prefetch_failures",
+    ),
+    (
+        "counter",
+        "node_services_dns_cache_refreshes_skipped",
+        "Prefetches and stale refreshes not sent because dns_max_forwards queries were "
+        "waiting upstream.",
+        "refreshes_skipped",
     ),
 )
 """The forwarder's plain counters and gauges, exported with a zone label: (kind, family,

@@ -167,6 +167,8 @@ def build_forward_zones(
             max_inflight=settings.dns_max_forwards,
             negative_ttl_cap=settings.dns_negative_ttl_cap,
             pool=pool,
+            serve_stale=settings.dns_serve_stale,
+            prefetch=settings.dns_prefetch,
         )
 
     upstreams = upstreams_of(settings, resolv_conf=resolv_conf, resolved_conf=resolved_conf)

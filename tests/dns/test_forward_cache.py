@@ -34,8 +34,14 @@ def _response(name: str, records: int, qid: int = 0x1234) -> bytes:
 
 
 def _cache(max_bytes: int, max_entries: int = 1 << 30) -> ResponseCache:
+    # Serve-stale and prefetch on: every per-entry deadline is its own object.
     return ResponseCache(
-        stats=DnsStats(), max_bytes=max_bytes, max_entries=max_entries, negative_ttl_cap=300
+        stats=DnsStats(),
+        max_bytes=max_bytes,
+        max_entries=max_entries,
+        negative_ttl_cap=300,
+        serve_stale=3600,
+        prefetch=10,
     )
 
 
