@@ -420,12 +420,12 @@ def test_metrics_are_exported() -> None:
     register(registry, stats)
     text = generate_latest(registry).decode()
     for line in (
-        "node_services_dns_cache_stale_answers_total 3.0",
-        "node_services_dns_cache_prefetches_total 2.0",
-        "node_services_dns_cache_prefetch_failures_total 1.0",
-        "node_services_dns_cache_stale_refreshes_total 4.0",
-        "node_services_dns_cache_stale_refresh_failures_total 0.0",
-        "node_services_dns_cache_refreshes_skipped_total 0.0",
+        'node_services_dns_cache_stale_answers_total{zone="."} 3.0',
+        'node_services_dns_cache_prefetches_total{zone="."} 2.0',
+        'node_services_dns_cache_prefetch_failures_total{zone="."} 1.0',
+        'node_services_dns_cache_stale_refreshes_total{zone="."} 4.0',
+        'node_services_dns_cache_stale_refresh_failures_total{zone="."} 0.0',
+        'node_services_dns_cache_refreshes_skipped_total{zone="."} 0.0',
     ):
         assert line in text.splitlines(), line
 
@@ -459,7 +459,7 @@ def test_daemon_prefetches_and_serves_stale_on_the_real_clock(
                 break
             time.sleep(0.005)
         assert len(upstream.of(NAME)) == 2 and time.monotonic() < asked + 6.0
-        assert float(process.metric("node_services_dns_cache_prefetches_total")) == 1
+        assert float(process.metric('node_services_dns_cache_prefetches_total{zone="."}')) == 1
         # The prefetched answer (TTL 1) replaced the old one before it expired...
         assert dig(port, "+short", NAME).split() == ["192.0.2.9"]
         upstream.mode = "refused"
@@ -467,4 +467,4 @@ def test_daemon_prefetches_and_serves_stale_on_the_real_clock(
         out = dig(port, "+noall", "+answer", NAME).split()
         assert out == [NAME, "30", "IN", "A", "192.0.2.9"], out
         assert len(upstream.of(NAME)) == 3
-        assert float(process.metric("node_services_dns_cache_stale_answers_total")) == 1
+        assert float(process.metric('node_services_dns_cache_stale_answers_total{zone="."}')) == 1
