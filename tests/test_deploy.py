@@ -71,7 +71,8 @@ def test_the_daemon_arguments_are_valid_settings_matching_the_probes_and_volumes
     assert main["env"][0]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     settings = load_settings(environ=env, overrides=_overrides(args))
     assert settings.node_name == "node-1"
-    assert settings.dns_listen.host == settings.metadata_listen.host == "169.254.169.250"
+    assert [a.host for a in settings.dns_listen] == [settings.metadata_listen.host]
+    assert settings.metadata_listen.host == "169.254.169.250"
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         assert main[probe]["httpGet"] == {"path": path, "port": settings.admin_listen.port}
     assert settings.admin_listen.host == "0.0.0.0"  # the kubelet probes the node's address

@@ -103,6 +103,10 @@ class DnsStats:
     """Autopath-eligible queries answered plainly, by reason (see dns/views.py)."""
     client_views: Sized = ()  # the callers with a view of their own (their number is a gauge)
     client_views_refused: Mapping[str, str] = field(default_factory=dict)  # IP -> reason
+    listeners: list[tuple[str, str]] = field(default_factory=list)
+    """(listen address, proto) of each listening socket the server serves on."""
+    listener_queries: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Queries received by (listen address, proto): UDP datagrams, TCP messages."""
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
@@ -326,6 +330,24 @@ class DnsCollector(Collector):
         for reason, number in sorted(by_reason.items()):
             refused.add_metric([reason], number)
         yield refused
+        listening = GaugeMetricFamily(
+            "node_services_dns_listening",
+            "1 for each listening socket the DNS server serves on, by listen address "
+            "(dns_listen, as bound) and transport.",
+            labels=["listener", "proto"],
+        )
+        for listener, proto in sorted(s.listeners):
+            listening.add_metric([listener, proto], 1)
+        yield listening
+        received = CounterMetricFamily(
+            "node_services_dns_listener_queries",
+            "DNS queries received, by listen address and transport (UDP: datagrams, "
+            "malformed ones too; TCP: messages).",
+            labels=["listener", "proto"],
+        )
+        for (listener, proto), count in sorted(s.listener_queries.items()):
+            received.add_metric([listener, proto], count)
+        yield received
 
 
 def register(registry: CollectorRegistry, stats: DnsStats) -> DnsCollector:

@@ -16,7 +16,7 @@ import socket
 import struct
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -93,8 +93,9 @@ class DnsServer:
         """A new zone being built in a worker thread for a large change (see catch_up)."""
         self._dropping: set[asyncio.Future[None]] = set()
         self._seen: Snapshot | None = None
-        self._udp: _UdpSocket | None = None
-        self._tcp: asyncio.Server | None = None
+        self._udp: list[_UdpSocket] = []
+        self._tcp: list[asyncio.Server] = []
+        """One UDP socket and one TCP server per listen address, in the order started."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._tcp_clients: dict[asyncio.StreamWriter, None] = {}
         """Open TCP connections, least recently active first."""
@@ -104,6 +105,7 @@ class DnsServer:
         self._local = self.stats.duration.setdefault("local", Histogram())
         self._forwarded = self.stats.duration.setdefault("forward", Histogram())
         self.sockname: tuple[Any, ...] | None = None
+        """The first listen address as bound (its port, when port 0 was asked)."""
         self._requests = self.stats.requests
         self._responses = self.stats.responses
         self._replies: dict[bytes, bytes] = {}
@@ -288,16 +290,15 @@ class DnsServer:
     ) -> None:
         """Bind UDP and TCP on ``host:port`` (port 0 picks one; see :attr:`sockname`), or
         serve on ``sockets`` (UDP, TCP; already bound, e.g. taken over from an instance
-        before this one), which this server then owns."""
+        before this one), which this server then owns. Called once per listen address: each
+        call adds one listener (see :meth:`listeners`)."""
         self.catch_up()
-        loop = asyncio.get_running_loop()
         if sockets is not None:
             udp, tcp = sockets
             udp.setblocking(False)
-            self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp)
-            self._udp = _UdpSocket(self, udp)
-            loop.add_reader(udp.fileno(), self._udp.on_readable)
-            self.sockname = udp.getsockname()
+            label = listener_label(udp.getsockname())
+            server = await asyncio.start_server(self._tcp_handler(label), sock=tcp)
+            self._add_listener(udp, server, label)
             return
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for attempt in range(20 if port == 0 else 1):
@@ -307,8 +308,9 @@ class DnsServer:
                 sock.bind((host, port))
                 sock.setblocking(False)
                 sockname = sock.getsockname()
-                self._tcp = await asyncio.start_server(
-                    self._serve_tcp, host, sockname[1], reuse_address=True
+                label = listener_label(sockname)
+                server = await asyncio.start_server(
+                    self._tcp_handler(label), host, sockname[1], reuse_address=True
                 )
             except OSError as exc:
                 sock.close()
@@ -317,39 +319,65 @@ class DnsServer:
                         exc.errno, f"dns: cannot listen on {host}:{port}: {exc.strerror}"
                     ) from exc
                 continue  # port 0: the UDP port we got is taken for TCP; try another
-            self._udp = _UdpSocket(self, sock)
-            loop.add_reader(sock.fileno(), self._udp.on_readable)
-            self.sockname = sockname
+            self._add_listener(sock, server, label)
             return
 
-    def listening_fds(self) -> tuple[int, int] | None:
-        """The UDP and TCP listening descriptors while serving (to hand them over)."""
-        if self._udp is None or self._tcp is None or not self._tcp.sockets:
-            return None
-        return self._udp.sock.fileno(), self._tcp.sockets[0].fileno()
+    def _add_listener(self, udp: socket.socket, tcp: asyncio.Server, label: str) -> None:
+        reader = _UdpSocket(self, udp, label)
+        asyncio.get_running_loop().add_reader(udp.fileno(), reader.on_readable)
+        self._udp.append(reader)
+        self._tcp.append(tcp)
+        self.stats.listeners.extend(((label, "udp"), (label, "tcp")))
+        if self.sockname is None:
+            self.sockname = udp.getsockname()
+
+    def _tcp_handler(
+        self, label: str
+    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._serve_tcp(reader, writer, label)
+
+        return serve
+
+    def listeners(self) -> tuple[str, ...]:
+        """The listen addresses served, as bound (``127.0.0.1:53``, ``[::1]:53``)."""
+        return tuple(reader.label for reader in self._udp)
+
+    def listening_fds(self) -> tuple[tuple[int, int], ...]:
+        """The UDP and TCP listening descriptors of each listen address, in the order
+        started (to hand them over)."""
+        return tuple(
+            (reader.sock.fileno(), server.sockets[0].fileno())
+            for reader, server in zip(self._udp, self._tcp, strict=True)
+            if server.sockets
+        )
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109
         """Stop reading new queries (another process serves the same sockets now), then wait
         up to ``timeout`` seconds for what was received: forwarded queries and open TCP
         connections. :meth:`stop` still has to be called."""
-        if self._udp is not None:
-            asyncio.get_running_loop().remove_reader(self._udp.sock.fileno())
-            self._udp.on_readable()  # what is queued now is ours to answer: one last batch
-        if self._tcp is not None:
-            self._tcp.close()  # our descriptor of the listener; the successor's stays open
+        loop = asyncio.get_running_loop()
+        for reader in self._udp:
+            loop.remove_reader(reader.sock.fileno())
+            reader.on_readable()  # what is queued now is ours to answer: one last batch
+        for server in self._tcp:
+            server.close()  # our descriptor of the listener; the successor's stays open
         deadline = time.monotonic() + timeout
         while (self._tasks or self._tcp_clients) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # a few polls, once per hand-over
 
     async def stop(self) -> None:
-        if self._udp is not None:
-            asyncio.get_running_loop().remove_reader(self._udp.sock.fileno())
-            self._udp.sock.close()
-            self._udp = None
-        if self._tcp is not None:
-            self._tcp.close()
+        loop = asyncio.get_running_loop()
+        for reader in self._udp:
+            loop.remove_reader(reader.sock.fileno())
+            reader.sock.close()
+        self._udp.clear()
+        for server in self._tcp:
+            server.close()
             with contextlib.suppress(Exception):
-                await self._tcp.wait_closed()
+                await server.wait_closed()
+        self._tcp.clear()
+        self.stats.listeners.clear()
         if self._building is not None:
             self._building.cancel()  # the thread runs on; its zone is never swapped in
         for task in list(self._tasks):
@@ -365,8 +393,12 @@ class DnsServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_tcp(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener: str = ""
+    ) -> None:
         clients = self._tcp_clients
+        queries = self.stats.listener_queries
+        counted = (listener, "tcp")
         closed = self.stats.tcp_closed
         if len(clients) >= MAX_TCP_CLIENTS:
             oldest = next(iter(clients))
@@ -396,6 +428,7 @@ class DnsServer:
                     break  # evicted while it waited: the transport is gone
                 del clients[writer]
                 clients[writer] = None  # the most recently active now
+                queries[counted] = queries.get(counted, 0) + 1
                 started = time.perf_counter()
                 result = self.answer(data, tcp=True, view=self.view_of(writer))
                 if isinstance(result, _Pending):
@@ -419,7 +452,7 @@ class DnsServer:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except Exception:
-            log.exception("dns: TCP client %s failed", _peer(writer))
+            log.exception("dns: TCP client %s of %s failed", _peer(writer), listener)
         finally:
             clients.pop(writer, None)
             await self._close_tcp(writer)
@@ -814,6 +847,12 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+def listener_label(sockname: tuple[Any, ...]) -> str:
+    """A bound address as metrics and logs name it: ``127.0.0.1:53``, ``[::1]:53``."""
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def client_ip(host: str) -> str:
     """A client's address as views know it: an IPv4-mapped IPv6 address (an IPv4 client of a
     dual-stack listener) as its IPv4 address."""
@@ -847,9 +886,12 @@ class _UdpSocket:
 
     BATCH: Final = 64
 
-    def __init__(self, server: DnsServer, sock: socket.socket) -> None:
+    def __init__(self, server: DnsServer, sock: socket.socket, label: str = "") -> None:
         self.server = server
         self.sock = sock
+        self.label = label
+        """The listen address, as metrics and logs name it."""
+        self._counted = (label, "udp")
 
     def on_readable(self) -> None:
         server = self.server
@@ -872,6 +914,7 @@ class _UdpSocket:
         # (so it includes its own receive) to its answer's send.
         spent = 0.0
         cached = 0
+        received = 0
         started = perf_counter()
         for _ in range(self.BATCH):
             try:
@@ -879,9 +922,10 @@ class _UdpSocket:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # e.g. ICMP errors reported on the socket
-                log.debug("dns: UDP receive error: %s", exc)
+                log.debug("dns: UDP receive error on %s: %s", self.label, exc)
                 started = perf_counter()
                 continue
+            received += 1
             view = views.get(client_ip(addr[0])) if views else None
             tail = replies.get(data[2:]) if view is None else view.replies.get(data[2:])
             if tail is not None:  # asked before, same bytes but the ID: answered before
@@ -894,7 +938,9 @@ class _UdpSocket:
                 try:
                     result = answer(data, False, view)
                 except Exception:  # never let one packet stop the server
-                    log.exception("dns: unexpected error answering a packet from %s", addr)
+                    log.exception(
+                        "dns: unexpected error answering a packet from %s on %s", addr, self.label
+                    )
                     stats.count(stats.dropped, "internal_error")
                     started = perf_counter()
                     continue
@@ -919,6 +965,9 @@ class _UdpSocket:
             started = perf_counter()
         histogram.total += spent
         stats.answer_cache_hits += cached
+        if received:
+            queries = stats.listener_queries
+            queries[self._counted] = queries.get(self._counted, 0) + received
 
     def _replier(self, addr: Any, data: bytes, started: float) -> Callable[[bytes], None]:
         server = self.server
