@@ -681,6 +681,7 @@ class Daemon:
         self.ready_sent = True
         self.notifier.ready(self.summary())
         if self.notifier.enabled:
+            self._check_fd_store()
             self.notifier.store_fds(
                 {name: sock.fileno() for name, sock in self.listeners.sockets.items()}
             )
@@ -693,6 +694,23 @@ class Daemon:
         log.info("watchdog: WATCHDOG=1 every %gs", interval)
         self.watchdog = sdnotify.Watchdog(self.notifier, interval, self.healthy)
         await self.watchdog.run()
+
+    def _check_fd_store(self) -> None:
+        """Warn when systemd's store cannot keep every listener ($FDSTORE, systemd >= 254: the
+        unit's FileDescriptorStoreMax=): each further dns_listen address adds two, and one
+        the store drops is bound anew at the next start (queries sent meanwhile are lost)."""
+        limit = os.environ.get("FDSTORE", "")
+        wanted = len(self.listeners.sockets)
+        if limit.isdigit() and int(limit) < wanted:
+            log.warning(
+                "systemd keeps %s descriptors (FileDescriptorStoreMax=) and there are %d "
+                "listeners (%s): set FileDescriptorStoreMax=%d or more, or a restart binds "
+                "the rest anew and loses the queries sent meanwhile",
+                limit,
+                wanted,
+                ", ".join(self.listeners.sockets),
+                wanted,
+            )
 
     async def _extend_start(self) -> None:
         """Until READY=1: EXTEND_TIMEOUT_USEC= every START_EXTEND_INTERVAL seconds, so that

@@ -1127,3 +1127,23 @@ def test_systemd_restart_keeps_every_dns_address_when_their_order_changes(
     assert removed == ["dns-tcp", "dns-tcp-2", "dns-udp", "dns-udp-2"], later
     assert second.returncode == 0, output
     assert "Traceback" not in output
+
+
+def test_a_store_too_small_for_every_listener_is_named_at_ready(
+    pair: Pair, notify_socket: NotifySocket
+) -> None:
+    b = f"127.0.0.3:{free_port('127.0.0.3')}"
+    first = instance_on(pair, [b], NOTIFY_SOCKET=str(notify_socket.path), FDSTORE="4").start()
+    notify_socket.wait_for("READY", "1")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if len([m for m, _ in notify_socket.messages if m.get("FDSTORE") == "1"]) == 6:
+            break
+        notify_socket.receive(1)
+    first.wait_for(lambda: "FileDescriptorStoreMax" in first.output(), what="the warning")
+    assert (
+        "systemd keeps 4 descriptors (FileDescriptorStoreMax=) and there are 6 listeners "
+        "(admin, dns-udp, dns-tcp, dns-udp-2, dns-tcp-2, metadata): set "
+        "FileDescriptorStoreMax=6 or more, or a restart binds the rest anew and loses the "
+        "queries sent meanwhile"
+    ) in first.output()
