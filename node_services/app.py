@@ -383,7 +383,12 @@ class Daemon:
                     os.close(fd)
                 pruned.add(name)
                 continue
-            matches = [other for other in self._listen_specs() if self._settings_match(other, sock)]
+            kind = handover.kind_of(name)
+            matches = [
+                other
+                for other in self._listen_specs()
+                if handover.kind_of(other) == kind and self._settings_match(other, sock)
+            ]
             free = [other for other in matches if other not in kept]
             target = name if name in free else (free[0] if free else None)
             if target is None and matches:

@@ -29,6 +29,9 @@ TX_CHECKSUM_OFFLOAD_MODES: Final = ("auto", "on", "off")
 WIREGUARD_IMPLEMENTATIONS: Final = ("auto", "kernel", "userspace")
 DNS_AUTOPATH_MODES: Final = ("off", "on")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+MAX_DNS_LISTEN: Final = 64
+"""dns_listen addresses at most: two sockets each, and the hand-over passes every listener in
+one SCM_RIGHTS message (at most 253 descriptors)."""
 
 
 class ConfigError(Exception):
@@ -69,8 +72,8 @@ class Settings:
     dns_listen: tuple[Address, ...] = field(default_factory=lambda: (Address("0.0.0.0", 53),))
     """UDP and TCP address of the DNS server; a list for several (node-local DNS:
     `[169.254.20.10:53, 10.96.0.10:53]`, the link-local address and the kube-dns ClusterIP,
-    both on a local dummy interface). A restart hands every one over; the hand-over socket
-    is named after the first."""
+    both on a local interface), at most 64. A restart hands every one over; the hand-over
+    socket is named after the first."""
 
     cluster_domain: str = "cluster.local"
     """The Kubernetes cluster domain answered authoritatively."""
@@ -379,6 +382,11 @@ def _listen_addresses(value: Any) -> tuple[Address, ...]:
     addresses = tuple(_listen_address(item) for item in items)
     if not addresses:
         raise ValueError("expected at least one HOST:PORT")
+    if len(addresses) > MAX_DNS_LISTEN:
+        raise ValueError(
+            f"{len(addresses)} addresses: at most {MAX_DNS_LISTEN} (a restart hands every "
+            "socket over in one message)"
+        )
     for i, first in enumerate(addresses):
         one = ipaddress.ip_address(first.host)
         for second in addresses[i + 1 :]:

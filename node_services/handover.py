@@ -14,14 +14,14 @@ Wire format (one unix stream connection, lines of JSON):
                                                   a connection that says nothing is dropped)
     new -> old   {"pid": 123, "listeners": {"dns-udp": "127.0.0.1:53", ...}}
     old -> new   {"pid": 45, "listeners": ["dns-udp", ...]}  + the descriptors, in order
+    new -> old   {"serving": true}
+    old -> new   {"released": true}     (the old one has removed its socket file: the new one
+                                         may put its own there)
 
 The old one passes, for each listener asked for, one of its own of the same kind (dns-udp,
 dns-tcp, metadata, admin: :func:`kind_of`) at the same address, under the name the new one
 asked with: with several DNS addresses (``dns-udp``, ``dns-udp-2``...), their order may change
 between the two. An address only one of them names is bound (new) or closed (old) as usual.
-    new -> old   {"serving": true}
-    old -> new   {"released": true}     (the old one has removed its socket file: the new one
-                                         may put its own there)
 
 Only a peer of our own uid (or root) may connect (``SO_PEERCRED``); the directory is 0700.
 """
@@ -75,6 +75,8 @@ def kind_of(name: str) -> str:
 
 
 MAX_MESSAGE: Final = 64 * 1024
+MAX_FDS: Final = 253
+"""Descriptors one message may carry (the kernel's SCM_MAX_FD): every listener goes in one."""
 CONNECT_TIMEOUT: Final = 5.0
 PREPARE_TIMEOUT: Final = 150.0
 """Seconds a successor that said "preparing" may take until it asks (it waits up to 120 s for
@@ -166,7 +168,7 @@ def _read_line(conn: socket.socket, fds: list[int] | None = None) -> dict[str, A
     data = b""
     while not data.endswith(b"\n"):
         if fds is not None:
-            chunk, received, flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, 16)
+            chunk, received, flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, MAX_FDS)
             fds.extend(received)
             if flags & socket.MSG_CTRUNC:
                 raise HandoverError("descriptors truncated (MSG_CTRUNC)")

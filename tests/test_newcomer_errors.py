@@ -390,3 +390,13 @@ def test_check_config_shows_every_dns_address() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "  dns_listen: 169.254.20.10:53, 10.96.0.10:53\n" in result.stdout
+
+
+def test_more_dns_addresses_than_one_hand_over_message_carries_are_refused() -> None:
+    many = " ".join(f"127.0.1.{i}:53" for i in range(1, 66))
+    with pytest.raises(ConfigError) as error:
+        load_settings(environ={"NODE_NAME": "n", "NODE_SERVICES_DNS_LISTEN": many})
+    assert error.value.problems == [
+        "environment: NODE_SERVICES_DNS_LISTEN: 65 addresses: at most 64 (a restart hands every "
+        "socket over in one message)"
+    ]
