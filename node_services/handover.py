@@ -75,8 +75,9 @@ def kind_of(name: str) -> str:
 
 
 MAX_MESSAGE: Final = 64 * 1024
-MAX_FDS: Final = 253
-"""Descriptors one message may carry (the kernel's SCM_MAX_FD): every listener goes in one."""
+MAX_FDS: Final = 136
+"""Descriptors a take receives in its one message: every listener (two per DNS address, at most
+config.MAX_DNS_LISTEN of them, + metadata + admin), with room; the kernel's own cap is 253."""
 CONNECT_TIMEOUT: Final = 5.0
 PREPARE_TIMEOUT: Final = 150.0
 """Seconds a successor that said "preparing" may take until it asks (it waits up to 120 s for

@@ -794,7 +794,7 @@ def test_a_descriptor_that_is_no_socket_closes_every_passed_one_exactly_once() -
 def test_descriptors_the_kernel_truncated_fail_the_take() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with theirs, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        names = [f"l{i}" for i in range(20)]  # more than the 16 a take receives
+        names = [f"l{i}" for i in range(handover.MAX_FDS + 4)]  # more than a take receives
         header = json.dumps({"pid": 1, "listeners": names}).encode() + b"\n"
         socket.send_fds(theirs, [header], [udp.fileno()] * len(names))
         predecessor = handover.Predecessor(Path("/nonexistent"), ours)
@@ -1147,3 +1147,9 @@ def test_a_store_too_small_for_every_listener_is_named_at_ready(
         "FileDescriptorStoreMax=6 or more, or a restart binds the rest anew and loses the "
         "queries sent meanwhile"
     ) in first.output()
+
+
+def test_a_take_receives_every_listener_of_the_most_dns_addresses_allowed() -> None:
+    from node_services.config import MAX_DNS_LISTEN
+
+    assert 2 * MAX_DNS_LISTEN + 2 <= handover.MAX_FDS
