@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -135,6 +136,12 @@ def _naming_listener(key: str, address: Address) -> Iterator[None]:
         yield
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno == errno.EADDRNOTAVAIL:
+            reason += (
+                f" (no interface of this host holds {address.host}: add it to one, e.g. "
+                f"`ip address add {address.host}/{32 if '.' in address.host else 128} dev lo`, "
+                "or a dummy interface as node-local DNS does)"
+            )
         raise ListenError(f"{key} {address}: cannot listen: {reason}") from exc
 
 
@@ -348,7 +355,10 @@ class Daemon:
     async def _serve_on(self, inherited: dict[str, socket.socket]) -> None:
         """Start the servers on the ``inherited`` sockets; bind those missing."""
         await self._start_admin(inherited.pop(handover.ADMIN, None))
-        dns = (inherited.pop(handover.DNS_UDP, None), inherited.pop(handover.DNS_TCP, None))
+        dns = [
+            (inherited.pop(udp, None), inherited.pop(tcp, None))
+            for udp, tcp in map(handover.dns_names, range(len(self.settings.dns_listen)))
+        ]
         await self._start_dns(dns)
         await self._start_metadata(inherited.pop(handover.METADATA, None))
         for sock in inherited.values():  # names we do not know (an older/newer build's)
@@ -356,10 +366,12 @@ class Daemon:
 
     def _matching(self, passed: list[tuple[str, int]]) -> dict[str, socket.socket]:
         """The sockets systemd passed back that still listen where the settings say, one per
-        name (the first copy that does). Every other copy is closed and its name removed
-        from systemd's store (FDSTOREREMOVE=1): systemd's own copy of a socket at an old
-        address would keep that address bound (a changed dns_listen: EADDRINUSE), and the
-        copy we keep is stored again once ready."""
+        listener (the first copy that does), matched by kind and address: a DNS address that
+        moved in the dns_listen list keeps its socket under its new name. Every other copy
+        is closed and its name removed from systemd's store (FDSTOREREMOVE=1), as is the old
+        name of a renamed one: systemd's own copy of a socket at an old address would keep
+        that address bound (a changed dns_listen: EADDRINUSE), and the copy we keep is
+        stored again once ready."""
         kept: dict[str, socket.socket] = {}
         pruned: set[str] = set()
         for name, fd in passed:
@@ -371,42 +383,56 @@ class Daemon:
                     os.close(fd)
                 pruned.add(name)
                 continue
-            if name in kept:
+            kind = handover.kind_of(name)
+            matches = [
+                other
+                for other in self._listen_specs()
+                if handover.kind_of(other) == kind and self._settings_match(other, sock)
+            ]
+            free = [other for other in matches if other not in kept]
+            target = name if name in free else (free[0] if free else None)
+            if target is None and matches:
                 log.warning("systemd passed another %s socket %s: closed", name, sock)
                 sock.close()
                 pruned.add(name)
-            elif self._settings_match(name, sock):
-                kept[name] = sock
-            else:
+            elif target is None:
                 log.warning(
                     "systemd passed %s socket %s: not what the settings say, closed", name, sock
                 )
                 sock.close()
                 pruned.add(name)
+            else:
+                if target != name:
+                    log.info("systemd passed %s socket %s: serving it as %s", name, sock, target)
+                    pruned.add(name)
+                kept[target] = sock
         for name in sorted(pruned):
             self.notifier.remove_fds(name)
         return kept
 
+    def _listen_specs(self) -> dict[str, tuple[socket.SocketKind, Address]]:
+        """Every listener by name: its socket type and configured address, in the order
+        they are stored and asked for."""
+        settings = self.settings
+        specs: dict[str, tuple[socket.SocketKind, Address]] = {}
+        for index, address in enumerate(settings.dns_listen):
+            udp, tcp = handover.dns_names(index)
+            specs[udp] = (socket.SOCK_DGRAM, address)
+            specs[tcp] = (socket.SOCK_STREAM, address)
+        specs[handover.METADATA] = (socket.SOCK_STREAM, settings.metadata_listen)
+        specs[handover.ADMIN] = (socket.SOCK_STREAM, settings.admin_listen)
+        return specs
+
     def _settings_match(self, name: str, sock: socket.socket) -> bool:
         """``sock`` is the kind of socket listener ``name`` is, at the configured address."""
-        kinds = {
-            handover.DNS_UDP: socket.SOCK_DGRAM,
-            handover.DNS_TCP: socket.SOCK_STREAM,
-            handover.METADATA: socket.SOCK_STREAM,
-            handover.ADMIN: socket.SOCK_STREAM,
-        }
-        wanted = {
-            handover.DNS_UDP: self.settings.dns_listen,
-            handover.DNS_TCP: self.settings.dns_listen,
-            handover.METADATA: self.settings.metadata_listen,
-            handover.ADMIN: self.settings.admin_listen,
-        }
-        listen = wanted.get(name)
+        spec = self._listen_specs().get(name)
+        if spec is None:
+            return False
+        kind, listen = spec
         try:
             host, port = sock.getsockname()[:2]
             return (
-                listen is not None
-                and sock.type == kinds[name]
+                sock.type == kind
                 and socket.inet_pton(sock.family, host)
                 == socket.inet_pton(sock.family, listen.host)
                 and listen.port in (0, port)
@@ -415,21 +441,16 @@ class Daemon:
             return False
 
     def _handover_path(self) -> Path | None:
+        """Named after the first DNS address: instances serving other DNS addresses never
+        meet (keep the first of dns_listen first across a restart to hand over)."""
         settings = self.settings
-        if settings.runtime_dir is None or settings.dns_listen.port == 0:
+        first = settings.dns_listen[0]
+        if settings.runtime_dir is None or first.port == 0:
             return None
-        return handover.socket_path(
-            settings.runtime_dir, settings.dns_listen.host, settings.dns_listen.port
-        )
+        return handover.socket_path(settings.runtime_dir, first.host, first.port)
 
     def _addresses(self) -> dict[str, str]:
-        settings = self.settings
-        return {
-            handover.DNS_UDP: str(settings.dns_listen),
-            handover.DNS_TCP: str(settings.dns_listen),
-            handover.METADATA: str(settings.metadata_listen),
-            handover.ADMIN: str(settings.admin_listen),
-        }
+        return {name: str(address) for name, (_kind, address) in self._listen_specs().items()}
 
     def _on_handed_over(self, pid: int) -> None:
         self.handovers["given"] = self.handovers.get("given", 0) + 1
@@ -513,29 +534,31 @@ class Daemon:
         self.supervisor.start("dns", self.dns.follow_store)
 
     async def _start_dns(
-        self, sockets: tuple[socket.socket | None, socket.socket | None] = (None, None)
+        self, sockets: list[tuple[socket.socket | None, socket.socket | None]] | None = None
     ) -> None:
-        """Answers from the store on dns_listen (UDP + TCP), forwards the rest; the zone
-        follows the store's change sets. ``sockets``: UDP and TCP listeners taken over."""
+        """Answers from the store on every dns_listen address (UDP + TCP), forwards the
+        rest; the zone follows the store's change sets. ``sockets``: the UDP and TCP
+        listeners taken over, one pair per address (None where none was: bound here)."""
         if self.dns is None:
             self._build_dns()
         assert self.dns is not None
-        listen = self.settings.dns_listen
-        udp, tcp = sockets
-        if udp is not None and tcp is not None:
-            await self.dns.start(listen.host, listen.port, sockets=(udp.dup(), tcp.dup()))
-        else:
-            for sock in sockets:
-                if sock is not None:
-                    sock.close()
-            with _naming_listener("dns_listen", listen):
-                await self.dns.start(listen.host, listen.port)
-            fds = self.dns.listening_fds()
-            assert fds is not None
-            udp, tcp = (socket.socket(fileno=os.dup(fd)) for fd in fds)
-        self.listeners.sockets[handover.DNS_UDP] = udp
-        self.listeners.sockets[handover.DNS_TCP] = tcp
-        log.info("dns listening on %s (udp, tcp)", listen)
+        addresses = self.settings.dns_listen
+        pairs = list(sockets or [])
+        pairs += [(None, None)] * (len(addresses) - len(pairs))
+        for index, (listen, (udp, tcp)) in enumerate(zip(addresses, pairs, strict=True)):
+            udp_name, tcp_name = handover.dns_names(index)
+            if udp is not None and tcp is not None:
+                await self.dns.start(listen.host, listen.port, sockets=(udp.dup(), tcp.dup()))
+            else:
+                for sock in (udp, tcp):
+                    if sock is not None:
+                        sock.close()
+                with _naming_listener("dns_listen", listen):
+                    await self.dns.start(listen.host, listen.port)
+                udp, tcp = (socket.socket(fileno=os.dup(fd)) for fd in self.dns.listening_fds()[-1])
+            self.listeners.sockets[udp_name] = udp
+            self.listeners.sockets[tcp_name] = tcp
+            log.info("dns listening on %s (udp, tcp): listeners %s, %s", listen, udp_name, tcp_name)
 
     async def _start_metadata(self, sock: socket.socket | None = None) -> None:
         """rancher-metadata compatible HTTP on metadata_listen."""
@@ -663,6 +686,7 @@ class Daemon:
         self.ready_sent = True
         self.notifier.ready(self.summary())
         if self.notifier.enabled:
+            self._check_fd_store()
             self.notifier.store_fds(
                 {name: sock.fileno() for name, sock in self.listeners.sockets.items()}
             )
@@ -675,6 +699,23 @@ class Daemon:
         log.info("watchdog: WATCHDOG=1 every %gs", interval)
         self.watchdog = sdnotify.Watchdog(self.notifier, interval, self.healthy)
         await self.watchdog.run()
+
+    def _check_fd_store(self) -> None:
+        """Warn when systemd's store cannot keep every listener ($FDSTORE, systemd >= 254: the
+        unit's FileDescriptorStoreMax=): each further dns_listen address adds two, and one
+        the store drops is bound anew at the next start (queries sent meanwhile are lost)."""
+        limit = os.environ.get("FDSTORE", "")
+        wanted = len(self.listeners.sockets)
+        if limit.isdigit() and int(limit) < wanted:
+            log.warning(
+                "systemd keeps %s descriptors (FileDescriptorStoreMax=) and there are %d "
+                "listeners (%s): set FileDescriptorStoreMax=%d or more, or a restart binds "
+                "the rest anew and loses the queries sent meanwhile",
+                limit,
+                wanted,
+                ", ".join(self.listeners.sockets),
+                wanted,
+            )
 
     async def _extend_start(self) -> None:
         """Until READY=1: EXTEND_TIMEOUT_USEC= every START_EXTEND_INTERVAL seconds, so that

@@ -73,7 +73,13 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         help="snapshot file of Kubernetes objects / Cattle resources (repeatable)",
     )
     flag("--node-name", key="node_name", metavar="NAME", help="this node's name")
-    flag("--dns-listen", key="dns_listen", metavar="HOST:PORT", help="DNS address")
+    flag(
+        "--dns-listen",
+        key="dns_listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="DNS address",
+    )
     flag("--metadata-listen", key="metadata_listen", metavar="HOST:PORT", help="metadata address")
     flag(
         "--admin-listen",

@@ -29,6 +29,9 @@ TX_CHECKSUM_OFFLOAD_MODES: Final = ("auto", "on", "off")
 WIREGUARD_IMPLEMENTATIONS: Final = ("auto", "kernel", "userspace")
 DNS_AUTOPATH_MODES: Final = ("off", "on")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+MAX_DNS_LISTEN: Final = 64
+"""dns_listen addresses at most: two sockets each, and the hand-over passes every listener in
+one SCM_RIGHTS message (at most 253 descriptors)."""
 
 
 class ConfigError(Exception):
@@ -81,8 +84,11 @@ class Settings:
     """Seconds between checks of the snapshot files for changes (0 disables polling;
     SIGHUP still reloads)."""
 
-    dns_listen: Address = field(default_factory=lambda: Address("0.0.0.0", 53))
-    """UDP and TCP address of the DNS server."""
+    dns_listen: tuple[Address, ...] = field(default_factory=lambda: (Address("0.0.0.0", 53),))
+    """UDP and TCP address of the DNS server; a list for several (node-local DNS:
+    `[169.254.20.10:53, 10.96.0.10:53]`, the link-local address and the kube-dns ClusterIP,
+    both on a local interface), at most 64. A restart hands every one over; the hand-over
+    socket is named after the first."""
 
     cluster_domain: str = "cluster.local"
     """The Kubernetes cluster domain answered authoritatively."""
@@ -551,6 +557,39 @@ def _forward_zone_problems(values: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _listen_addresses(value: Any) -> tuple[Address, ...]:
+    """One or more listen addresses (a list, or text separated by commas or spaces), each
+    named once, no wildcard beside another address of its family on the same port."""
+    if isinstance(value, Address):
+        return (value,)
+    items = _as_list(value)
+    items = [
+        part for item in items for part in (_as_list(item) if isinstance(item, str) else [item])
+    ]
+    addresses = tuple(_listen_address(item) for item in items)
+    if not addresses:
+        raise ValueError("expected at least one HOST:PORT")
+    if len(addresses) > MAX_DNS_LISTEN:
+        raise ValueError(
+            f"{len(addresses)} addresses: at most {MAX_DNS_LISTEN} (a restart hands every "
+            "socket over in one message)"
+        )
+    for i, first in enumerate(addresses):
+        one = ipaddress.ip_address(first.host)
+        for second in addresses[i + 1 :]:
+            other = ipaddress.ip_address(second.host)
+            if first.port != second.port or one.version != other.version:
+                continue
+            if one == other:
+                raise ValueError(f"{str(second)!r} is named twice")
+            if one.is_unspecified or other.is_unspecified:
+                raise ValueError(
+                    f"{str(first)!r} and {str(second)!r}: a wildcard address takes its port "
+                    "on every address; name the addresses instead"
+                )
+    return addresses
+
+
 def _as_list(value: Any) -> list[Any]:
     if isinstance(value, str):
         return [v for v in re.split(r"[,\s]+", value) if v]
@@ -561,7 +600,9 @@ def _as_list(value: Any) -> list[Any]:
 
 def _convert(key: str, value: Any) -> Any:
     """Convert one raw value (YAML, env text or flag text) for field ``key``."""
-    if key in ("dns_listen", "metadata_listen", "admin_listen"):
+    if key == "dns_listen":
+        return _listen_addresses(value)
+    if key in ("metadata_listen", "admin_listen"):
         return _listen_address(value)
     if key == "upstreams":
         return tuple(parse_upstream(v) for v in _as_list(value))

@@ -18,6 +18,11 @@ Wire format (one unix stream connection, lines of JSON):
     old -> new   {"released": true}     (the old one has removed its socket file: the new one
                                          may put its own there)
 
+The old one passes, for each listener asked for, one of its own of the same kind (dns-udp,
+dns-tcp, metadata, admin: :func:`kind_of`) at the same address, under the name the new one
+asked with: with several DNS addresses (``dns-udp``, ``dns-udp-2``...), their order may change
+between the two. An address only one of them names is bound (new) or closed (old) as usual.
+
 Only a peer of our own uid (or root) may connect (``SO_PEERCRED``); the directory is 0700.
 """
 
@@ -43,9 +48,36 @@ DNS_TCP: Final = "dns-tcp"
 METADATA: Final = "metadata"
 ADMIN: Final = "admin"
 NAMES: Final = (DNS_UDP, DNS_TCP, METADATA, ADMIN)
-"""Every listener, in the order they are passed (also the FDNAME= of systemd's store)."""
+"""The listeners of one DNS address (also the FDNAME= of systemd's store); the DNS
+listeners of the second and later dns_listen addresses are ``dns-udp-2``, ``dns-tcp-2``...
+(:func:`dns_names`)."""
+
+
+def dns_names(index: int) -> tuple[str, str]:
+    """The UDP and TCP listener names of the ``index``-th (from 0) DNS address: the first's
+    are ``dns-udp``/``dns-tcp``, as before several addresses could be named, so that an
+    instance of an older build hands over to this one and back."""
+    if index == 0:
+        return DNS_UDP, DNS_TCP
+    return f"{DNS_UDP}-{index + 1}", f"{DNS_TCP}-{index + 1}"
+
+
+def kind_of(name: str) -> str:
+    """What listener ``name`` is (dns-udp, dns-tcp, metadata, admin), "" for a name this
+    build does not know. Listeners are matched by kind and address, never by name alone: the
+    order of dns_listen may change between two instances."""
+    if name in NAMES:
+        return name
+    base, _, number = name.rpartition("-")
+    if base in (DNS_UDP, DNS_TCP) and number.isdigit() and not number.startswith("0"):
+        return base
+    return ""
+
 
 MAX_MESSAGE: Final = 64 * 1024
+MAX_FDS: Final = 136
+"""Descriptors a take receives in its one message: every listener (two per DNS address, at most
+config.MAX_DNS_LISTEN of them, + metadata + admin), with room; the kernel's own cap is 253."""
 CONNECT_TIMEOUT: Final = 5.0
 PREPARE_TIMEOUT: Final = 150.0
 """Seconds a successor that said "preparing" may take until it asks (it waits up to 120 s for
@@ -137,7 +169,7 @@ def _read_line(conn: socket.socket, fds: list[int] | None = None) -> dict[str, A
     data = b""
     while not data.endswith(b"\n"):
         if fds is not None:
-            chunk, received, flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, 16)
+            chunk, received, flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, MAX_FDS)
             fds.extend(received)
             if flags & socket.MSG_CTRUNC:
                 raise HandoverError("descriptors truncated (MSG_CTRUNC)")
@@ -385,14 +417,11 @@ class HandoverServer:
                     await loop.sock_sendall(conn, json.dumps(refusal).encode() + b"\n")
                     self.failures += 1
                     return
-                names = [
-                    name
-                    for name in NAMES
-                    if name in self.listeners.sockets and wanted.get(name) == self.addresses[name]
-                ]
+                matched = self._matching(wanted)
+                names = list(matched)
                 log.info("hand-over: pid %d asks for the listeners; passing %s", pid, names)
                 header = json.dumps({"pid": os.getpid(), "listeners": names}).encode() + b"\n"
-                fds = [self.listeners.sockets[name].fileno() for name in names]
+                fds = [self.listeners.sockets[own].fileno() for own in matched.values()]
                 self._busy = True
                 try:
                     socket.send_fds(conn, [header], fds)
@@ -410,6 +439,26 @@ class HandoverServer:
                 with contextlib.suppress(OSError):
                     conn.send(b'{"released": true}\n')  # a few bytes: never blocks
                 self.on_handed_over(pid)
+
+    def _matching(self, wanted: Mapping[str, Any]) -> dict[str, str]:
+        """Each listener asked for (its name as the successor calls it -> our name for it):
+        one of ours of the same kind at the same address, each passed once."""
+        matched: dict[str, str] = {}
+        given: set[str] = set()
+        for name, address in wanted.items():
+            kind = kind_of(str(name))
+            for own, sock in self.listeners.sockets.items():
+                if (
+                    own not in given
+                    and kind
+                    and kind_of(own) == kind
+                    and self.addresses.get(own) == address
+                    and sock.fileno() >= 0
+                ):
+                    matched[str(name)] = own
+                    given.add(own)
+                    break
+        return matched
 
     @staticmethod
     async def _receive(

@@ -25,7 +25,7 @@ from node_services.config import (
 def test_defaults() -> None:
     settings = load_settings(environ={"NODE_NAME": "n1"})
     assert settings == Settings(node_name="n1")
-    assert str(settings.dns_listen) == "0.0.0.0:53"
+    assert [str(a) for a in settings.dns_listen] == ["0.0.0.0:53"]
     assert str(settings.metadata_listen) == "169.254.169.250:80"
 
 

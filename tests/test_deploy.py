@@ -6,8 +6,13 @@ setup in a network namespace of the test's)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
+import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +76,8 @@ def test_the_daemon_arguments_are_valid_settings_matching_the_probes_and_volumes
     assert main["env"][0]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     settings = load_settings(environ=env, overrides=_overrides(args))
     assert settings.node_name == "node-1"
-    assert settings.dns_listen.host == settings.metadata_listen.host == "169.254.169.250"
+    assert [a.host for a in settings.dns_listen] == [settings.metadata_listen.host]
+    assert settings.metadata_listen.host == "169.254.169.250"
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         assert main[probe]["httpGet"] == {"path": path, "port": settings.admin_listen.port}
     assert settings.admin_listen.host == "0.0.0.0"  # the kubelet probes the node's address
@@ -202,3 +208,85 @@ def test_both_pods_of_an_update_share_wireguard_gos_sockets_and_get_the_tun_devi
     assert mounted[str(uapi.SOCKET_DIR)] == {"path": "/run/wireguard", "type": "DirectoryOrCreate"}
     assert mounted["/dev/net/tun"] == {"path": "/dev/net/tun", "type": "CharDevice"}
     assert "NET_ADMIN" in main["securityContext"]["capabilities"]["add"]
+
+
+def commented(marker: str) -> list[str]:
+    """The commented-out YAML lines of daemonset.yaml from the one holding ``marker`` on,
+    uncommented (the node-local DNS variant the README shows)."""
+    lines = (DEPLOY / "daemonset.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if marker in line)
+    indent = lines[start].index("#")
+    block = []
+    for line in lines[start:]:
+        if not line.strip().startswith("#") or line.index("#") != indent:
+            break
+        text = line[indent + 2 :]
+        if block and not text.startswith(("- ", " ")):
+            break  # the next comment, not YAML
+        block.append(text)
+    return block
+
+
+def test_the_node_local_dns_variant_serves_both_addresses_in_a_namespace(
+    netns: str, tmp_path: Path
+) -> None:
+    if shutil.which("dig") is None:
+        pytest.skip("dig is not installed (Debian: bind9-dnsutils)")
+    (init,) = yaml.safe_load("\n".join(commented("- name: node-local-dns-addresses")))
+    args = yaml.safe_load("\n".join(commented("# - --dns-listen")))
+    wanted = ["--dns-listen", "169.254.20.10:53", "--dns-listen", "10.96.0.10:53"]
+    assert args == wanted
+    for _ in range(2):  # a restarted pod runs it again
+        subprocess.run(["ip", "netns", "exec", netns, *init["command"]], check=True)
+    shown = subprocess.run(
+        ["ip", "-n", netns, "-4", "-o", "address", "show", "dev", "lo"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    addresses = [line.split()[3] for line in shown.splitlines()]
+    assert addresses == ["127.0.0.1/8", "169.254.20.10/32", "10.96.0.10/32"]
+    log = (tmp_path / "daemon.log").open("w")
+    daemon = subprocess.Popen(
+        [
+            *("ip", "netns", "exec", netns, sys.executable, "-m", "node_services", "run"),
+            *("--node-name", "node-a", "--snapshot", str(ROOT / "demo" / "snapshot.yaml")),
+            *wanted,
+            *("--metadata-listen", "127.0.0.1:8080", "--admin-listen", "127.0.0.1:9254"),
+            *("--upstream", "127.0.0.1:1", "--ipam-dir", str(tmp_path / "ipam")),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "NODE_SERVICES_RUNTIME_DIR": "", "NODE_SERVICES_SHUTDOWN_GRACE": "0"},
+    )
+    try:
+        name = "kubernetes.default.svc.cluster.local"
+        deadline = time.monotonic() + 30
+        for server in ("169.254.20.10", "10.96.0.10"):
+            for transport in ("+notcp", "+tcp"):
+                while True:
+                    answer = subprocess.run(
+                        [
+                            *("ip", "netns", "exec", netns, "dig", "+short", "+tries=1"),
+                            *("+time=2", transport, f"@{server}", name),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        timeout=30,
+                        check=False,
+                    ).stdout.split()
+                    if answer == ["10.43.0.1"]:
+                        break
+                    assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()
+                    assert time.monotonic() < deadline, (server, transport, answer)
+                    time.sleep(0.2)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        log.close()
+    assert daemon.returncode == 0, (tmp_path / "daemon.log").read_text()

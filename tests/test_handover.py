@@ -58,6 +58,8 @@ class Load:
     """Seconds of the slowest answer (reported, not asserted: the machine is shared)."""
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    host: str = "127.0.0.1"
+    """The DNS address asked (the metadata load always asks 127.0.0.1)."""
 
     def _record(self, kind: str, error: str | None, seconds: float = 0.0) -> None:
         with self._lock:
@@ -80,11 +82,11 @@ class Load:
             try:
                 if kind.startswith("udp"):
                     response = dns.query.udp(
-                        query, "127.0.0.1", port=self.dns_port, timeout=CLIENT_TIMEOUT
+                        query, self.host, port=self.dns_port, timeout=CLIENT_TIMEOUT
                     )
                 else:
                     response = dns.query.tcp(
-                        query, "127.0.0.1", port=self.dns_port, timeout=CLIENT_TIMEOUT
+                        query, self.host, port=self.dns_port, timeout=CLIENT_TIMEOUT
                     )
                 got = sorted(rr.to_text() for rrset in response.answer for rr in rrset)
                 error = None if got == [ADDRESS] else f"answer {got} rcode {response.rcode()}"
@@ -792,7 +794,7 @@ def test_a_descriptor_that_is_no_socket_closes_every_passed_one_exactly_once() -
 def test_descriptors_the_kernel_truncated_fail_the_take() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with theirs, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        names = [f"l{i}" for i in range(20)]  # more than the 16 a take receives
+        names = [f"l{i}" for i in range(handover.MAX_FDS + 4)]  # more than a take receives
         header = json.dumps({"pid": 1, "listeners": names}).encode() + b"\n"
         socket.send_fds(theirs, [header], [udp.fileno()] * len(names))
         predecessor = handover.Predecessor(Path("/nonexistent"), ours)
@@ -880,3 +882,274 @@ def test_a_passed_socket_at_another_address_than_the_settings_is_not_served_on(
     assert "not what the settings say, closed" in output
     assert f"dns listening on 127.0.0.1:{pair.dns_port} (udp, tcp)" in output
     assert started.returncode == 0, output
+
+
+# -- several DNS listen addresses (dns_listen as a list) ---------------------------------------
+
+
+def listening(*dns_listen: str) -> list[str]:
+    """Flags for DNS addresses beyond DaemonProcess's own first one (127.0.0.1:<dns_port>)."""
+    return [arg for address in dns_listen for arg in ("--dns-listen", address)]
+
+
+def instance_on(pair: Pair, dns_listen: list[str], **env: str) -> DaemonProcess:
+    """An instance of the pair that also serves DNS on ``dns_listen``."""
+    process = DaemonProcess(
+        [*pair.args(), *listening(*dns_listen)],
+        pair.tmp_path / f"instance-{len(pair.started) + 1}.log",
+        env=pair.env(**env),
+        admin_port=pair.admin_port,
+        dns_port=pair.dns_port,
+    )
+    pair.started.append(process)
+    return process
+
+
+def answer_at(host: str, port: int, *, tcp: bool = False) -> list[str]:
+    query = dns.message.make_query(NAME, dns.rdatatype.A)
+    ask = dns.query.tcp if tcp else dns.query.udp
+    response = ask(query, host, port=port, timeout=30)
+    return [rr.to_text() for rrset in response.answer for rr in rrset]
+
+
+def closed(host: str, port: int) -> bool:
+    """Nothing listens there any more: both UDP and TCP can be bound."""
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+    ):
+        try:
+            udp.bind((host, port))
+            tcp.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def test_a_successor_takes_over_every_dns_address_without_losing_a_query(pair: Pair) -> None:
+    second_port = free_port("127.0.0.3")
+    extra = [f"127.0.0.3:{second_port}"]
+    first = instance_on(pair, extra).start()
+    first.wait_for(lambda: readyz(pair.admin_port)[0] == 200, what="instance 1 ready")
+    loads = [
+        Load(pair.dns_port, pair.metadata_port, rate=30),
+        Load(second_port, pair.metadata_port, rate=30, host="127.0.0.3"),
+    ]
+    for load in loads:
+        load.start()
+    try:
+        for load in loads:
+            wait_answers(load, 10)  # instance 1 answers on both addresses
+        second = instance_on(pair, extra).start()
+        assert second.proc is not None and first.proc is not None
+        second.wait_for(
+            lambda: "node-services running" in second.output(), what="instance 2 serving"
+        )
+        with contextlib.suppress(ProcessLookupError):
+            first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(timeout=60) == 0, first.output()
+        gone_at = time.monotonic()
+        for load in loads:
+            wait_answers(load, 10)  # instance 2 alone answers on both
+        for load in loads:
+            load.finish()
+    finally:
+        for load in loads:
+            load.stop.set()
+    for load in loads:
+        assert load.failures == [], (load.host, load.failures[:20])
+        assert all(at > gone_at for at in load.last_answer.values()), load.host
+    names = ["dns-udp", "dns-tcp", "dns-udp-2", "dns-tcp-2", "metadata", "admin"]
+    assert (
+        f"hand-over: pid {second.proc.pid} asks for the listeners; passing {names}"
+        in first.output()
+    )
+    log = second.output()
+    assert f"serving on {sorted(names)} from handed over by pid {first.proc.pid}" in log, log
+    for host, port in (("127.0.0.1", pair.dns_port), ("127.0.0.3", second_port)):
+        for proto in ("udp", "tcp"):
+            line = f'node_services_dns_listening{{listener="{host}:{port}",proto="{proto}"}}'
+            assert second.metric(line) == "1.0"
+    assert "Traceback" not in first.output() and "Traceback" not in log
+
+
+def test_an_address_added_moved_or_removed_between_instances_is_opened_kept_or_closed(
+    pair: Pair,
+) -> None:
+    # Instance 1: A (127.0.0.1), B, C. Instance 2: A, D, B: B moves from the second place
+    # to the third (dns-udp-2 -> dns-udp-3: matched by address, not name), C is gone, D new.
+    b = f"127.0.0.3:{free_port('127.0.0.3')}"
+    c_port = free_port("127.0.0.4")
+    c = f"127.0.0.4:{c_port}"
+    d_port = free_port("127.0.0.5")
+    d = f"127.0.0.5:{d_port}"
+    b_port = int(b.rsplit(":", 1)[1])
+    first = instance_on(pair, [b, c]).start()
+    first.wait_for(lambda: readyz(pair.admin_port)[0] == 200, what="instance 1 ready")
+    assert answer_at("127.0.0.4", c_port) == [ADDRESS]
+    load = Load(b_port, pair.metadata_port, rate=30, host="127.0.0.3")
+    load.start()
+    try:
+        wait_answers(load, 10)
+        second = instance_on(pair, [d, b]).start()
+        assert second.proc is not None and first.proc is not None
+        second.wait_for(
+            lambda: "node-services running" in second.output(), what="instance 2 serving"
+        )
+        with contextlib.suppress(ProcessLookupError):
+            first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(timeout=60) == 0, first.output()
+        gone_at = time.monotonic()
+        wait_answers(load, 10)  # B, moved, answered by instance 2 alone
+        load.finish()
+    finally:
+        load.stop.set()
+    assert load.failures == [], load.failures[:20]
+    assert all(at > gone_at for at in load.last_answer.values())
+    for tcp in (False, True):
+        assert answer_at("127.0.0.1", pair.dns_port, tcp=tcp) == [ADDRESS]
+        assert answer_at("127.0.0.5", d_port, tcp=tcp) == [ADDRESS]  # D: bound by instance 2
+    assert closed("127.0.0.4", c_port)  # C: closed with instance 1
+    passed = ["dns-udp", "dns-tcp", "dns-udp-3", "dns-tcp-3", "metadata", "admin"]
+    assert f"asks for the listeners; passing {passed}" in first.output(), first.output()
+    log = second.output()
+    assert f"serving on {sorted(passed)} from handed over by pid {first.proc.pid}" in log, log
+    assert f"dns listening on {d} (udp, tcp): listeners dns-udp-2, dns-tcp-2" in log
+    assert f"dns listening on {b} (udp, tcp): listeners dns-udp-3, dns-tcp-3" in log
+    assert "not what the settings say" not in log
+    assert second.proc.poll() is None, log
+
+
+def test_systemd_restart_keeps_every_dns_address_when_their_order_changes(
+    pair: Pair, notify_socket: NotifySocket, tmp_path: Path
+) -> None:
+    # Instance 1 listens on A (127.0.0.1) then B and stores six sockets; it is restarted
+    # with B then A: each stored socket is served under its new name, none rebound.
+    b_port = free_port("127.0.0.3")
+    b = f"127.0.0.3:{b_port}"
+    a = f"127.0.0.1:{pair.dns_port}"
+    first = instance_on(
+        pair, [b], NOTIFY_SOCKET=str(notify_socket.path), NODE_SERVICES_SHUTDOWN_GRACE="1"
+    ).start()
+    notify_socket.wait_for("READY", "1")
+    stored: dict[str, int] = {}
+    deadline = time.monotonic() + 30
+    while len(stored) < 6 and time.monotonic() < deadline:
+        got = notify_socket.receive(1)
+        if got is not None and got[0].get("FDSTORE") == "1":
+            (fd,) = got[1]
+            stored[got[0]["FDNAME"]] = fd
+    names = sorted(stored)
+    assert names == ["admin", "dns-tcp", "dns-tcp-2", "dns-udp", "dns-udp-2", "metadata"]
+    loads = [
+        Load(pair.dns_port, pair.metadata_port, rate=30),
+        Load(b_port, pair.metadata_port, rate=30, host="127.0.0.3"),
+    ]
+    for load in loads:
+        load.start()
+    second: subprocess.Popen[bytes] | None = None
+    log_path = tmp_path / "restarted.log"
+    # The manager reads every notification at once (13 datagrams at READY with two DNS
+    # addresses; a unix datagram queue holds 10): so does the test, in a thread.
+    reading = threading.Event()
+
+    def read() -> None:
+        while not reading.is_set():
+            notify_socket.receive(0.2)
+
+    reader = threading.Thread(target=read, daemon=True)
+    try:
+        for load in loads:
+            wait_answers(load, 10)
+        assert first.proc is not None
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(timeout=60) == 0, first.output()
+        seen = len(notify_socket.messages)
+        reader.start()
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "LISTEN_"))
+        }
+        env.update(
+            pair.env(
+                NODE_SERVICES_SHUTDOWN_GRACE="0",
+                LISTEN_FDNAMES=":".join(names),
+                NOTIFY_SOCKET=str(notify_socket.path),
+            )
+        )
+        command = [
+            *(sys.executable, "-c", WRAPPER, *(str(stored[name]) for name in names), "--"),
+            *(sys.executable, "-m", "node_services", "run", "--node-name", "node-a"),
+            *("--dns-listen", b, "--dns-listen", a),
+            *("--admin-listen", f"127.0.0.1:{pair.admin_port}", *pair.args()),
+        ]
+        with log_path.open("wb") as log:
+            second = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=[stored[name] for name in names],
+                cwd=ROOT,
+            )
+        for load in loads:
+            wait_answers(load, 10)
+        deadline = time.monotonic() + 60
+        while not any(m.get("READY") == "1" for m, _ in notify_socket.messages[seen:]):
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        for load in loads:
+            load.finish()
+    finally:
+        reading.set()
+        if reader.is_alive():
+            reader.join(timeout=10)
+        for load in loads:
+            load.stop.set()
+        if second is not None:
+            second.send_signal(signal.SIGTERM)
+            try:
+                second.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                second.kill()
+                second.wait()
+    output = log_path.read_text()
+    for load in loads:
+        assert load.failures == [], (load.host, load.failures[:20])
+    assert "from systemd" in output, output
+    for old, new in (("dns-udp-2", "dns-udp"), ("dns-udp", "dns-udp-2")):
+        assert f"systemd passed {old} socket" in output and f"serving it as {new}" in output
+    assert f"dns listening on {b} (udp, tcp): listeners dns-udp, dns-tcp" in output
+    assert f"dns listening on {a} (udp, tcp): listeners dns-udp-2, dns-tcp-2" in output
+    # systemd's copies under the old names are dropped before READY (stored again after).
+    later = [m for m, _ in notify_socket.messages[seen:]]
+    ready_at = next(i for i, m in enumerate(later) if m.get("READY") == "1")
+    removed = [m["FDNAME"] for m in later[:ready_at] if "FDSTOREREMOVE" in m]
+    assert removed == ["dns-tcp", "dns-tcp-2", "dns-udp", "dns-udp-2"], later
+    assert second.returncode == 0, output
+    assert "Traceback" not in output
+
+
+def test_a_store_too_small_for_every_listener_is_named_at_ready(
+    pair: Pair, notify_socket: NotifySocket
+) -> None:
+    b = f"127.0.0.3:{free_port('127.0.0.3')}"
+    first = instance_on(pair, [b], NOTIFY_SOCKET=str(notify_socket.path), FDSTORE="4").start()
+    notify_socket.wait_for("READY", "1")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if len([m for m, _ in notify_socket.messages if m.get("FDSTORE") == "1"]) == 6:
+            break
+        notify_socket.receive(1)
+    first.wait_for(lambda: "FileDescriptorStoreMax" in first.output(), what="the warning")
+    assert (
+        "systemd keeps 4 descriptors (FileDescriptorStoreMax=) and there are 6 listeners "
+        "(admin, dns-udp, dns-tcp, dns-udp-2, dns-tcp-2, metadata): set "
+        "FileDescriptorStoreMax=6 or more, or a restart binds the rest anew and loses the "
+        "queries sent meanwhile"
+    ) in first.output()
+
+
+def test_a_take_receives_every_listener_of_the_most_dns_addresses_allowed() -> None:
+    from node_services.config import MAX_DNS_LISTEN
+
+    assert 2 * MAX_DNS_LISTEN + 2 <= handover.MAX_FDS

@@ -296,3 +296,107 @@ def test_kubernetes_service_link_variables_are_not_unknown_settings() -> None:
     service_links = {k: v for k, v in environ.items() if "TLL" not in k and "VXLN" not in k}
     result = cli("check-config", env=service_links)
     assert result.returncode == 0, result.stderr
+
+
+# -- several DNS listen addresses ---------------------------------------------------------------
+
+
+def test_a_second_dns_address_that_cannot_bind_is_the_one_named() -> None:
+    for _ in range(3):
+        ports = {key: free_port() for key in ("admin_listen", "dns_listen", "metadata_listen")}
+        second = free_port("127.0.0.3")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as blocker:
+            blocker.bind(("127.0.0.3", second))
+            result = cli(
+                "run",
+                "--snapshot",
+                str(DEMO_SNAPSHOT),
+                *(f"--{key.replace('_', '-')}=127.0.0.1:{port}" for key, port in ports.items()),
+                f"--dns-listen=127.0.0.3:{second}",
+                env={"NODE_SERVICES_IPAM": "off", "NODE_SERVICES_RUNTIME_DIR": ""},
+            )
+        if "127.0.0.1" not in result.stderr.partition("cannot start: ")[2].split(": ")[0]:
+            break  # else another process took one of the other ports meanwhile: again
+    assert result.returncode == 1, result.stderr
+    assert (
+        f"cannot start: dns_listen 127.0.0.3:{second}: cannot listen: Address already in use\n"
+        in result.stderr
+    ), result.stderr
+
+
+def test_a_dns_address_no_interface_holds_says_how_to_add_it() -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface here: the bind fails, nothing is sent.
+    result = cli(
+        "run",
+        "--snapshot",
+        str(DEMO_SNAPSHOT),
+        f"--admin-listen=127.0.0.1:{free_port()}",
+        f"--metadata-listen=127.0.0.1:{free_port()}",
+        f"--dns-listen=127.0.0.1:{free_port()}",
+        "--dns-listen=192.0.2.1:53",
+        env={"NODE_SERVICES_IPAM": "off", "NODE_SERVICES_RUNTIME_DIR": ""},
+    )
+    assert result.returncode == 1, result.stderr
+    assert (
+        "cannot start: dns_listen 192.0.2.1:53: cannot listen: Cannot assign requested address "
+        "(no interface of this host holds 192.0.2.1: add it to one, e.g. `ip address add "
+        "192.0.2.1/32 dev lo`, or a dummy interface as node-local DNS does)\n"
+    ) in result.stderr, result.stderr
+
+
+def test_dns_listen_lists_are_checked_whole(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("dns_listen: [169.254.20.10:53, 10.96.0.10:53, 169.254.20.10:53]\n")
+    assert problems_of(config) == [f"{config}: dns_listen: '169.254.20.10:53' is named twice"]
+    config.write_text("dns_listen: [0.0.0.0:53, 10.96.0.10:53]\n")
+    assert problems_of(config) == [
+        f"{config}: dns_listen: '0.0.0.0:53' and '10.96.0.10:53': a wildcard address takes its "
+        "port on every address; name the addresses instead"
+    ]
+    config.write_text("dns_listen: [10.96.0.10:53, dns.example:53]\n")
+    assert problems_of(config) == [
+        f"{config}: dns_listen: 'dns.example:53': 'dns.example' is not an IP address"
+    ]
+    config.write_text("dns_listen: []\n")
+    assert problems_of(config) == [f"{config}: dns_listen: expected at least one HOST:PORT"]
+    with pytest.raises(ConfigError) as error:
+        load_settings(
+            environ={"NODE_NAME": "n", "NODE_SERVICES_DNS_LISTEN": "127.0.0.1:53 127.0.0.1:99999"}
+        )
+    assert error.value.problems == [
+        "environment: NODE_SERVICES_DNS_LISTEN: '127.0.0.1:99999': port must be a number from "
+        "0 to 65535"
+    ]
+    # Different ports, or a wildcard of the other family, are fine.
+    config.write_text("dns_listen: ['0.0.0.0:53', '127.0.0.1:5353', '[::1]:53']\n")
+    assert [
+        str(a) for a in load_settings(config_file=config, environ={"NODE_NAME": "n"}).dns_listen
+    ] == [
+        "0.0.0.0:53",
+        "127.0.0.1:5353",
+        "[::1]:53",
+    ]
+
+
+def test_check_config_shows_every_dns_address() -> None:
+    result = cli(
+        "check-config",
+        "--snapshot",
+        str(DEMO_SNAPSHOT),
+        "--dns-listen",
+        "169.254.20.10:53",
+        "--dns-listen",
+        "10.96.0.10:53",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "  dns_listen: 169.254.20.10:53, 10.96.0.10:53\n" in result.stdout
+
+
+def test_more_dns_addresses_than_one_hand_over_message_carries_are_refused() -> None:
+    many = " ".join(f"127.0.1.{i}:53" for i in range(1, 66))
+    with pytest.raises(ConfigError) as error:
+        load_settings(environ={"NODE_NAME": "n", "NODE_SERVICES_DNS_LISTEN": many})
+    assert error.value.problems == [
+        "environment: NODE_SERVICES_DNS_LISTEN: 65 addresses: at most 64 (a restart hands every "
+        "socket over in one message)"
+    ]

@@ -115,6 +115,10 @@ class DnsStats:
     prefetches: int = 0  # refreshes of popular entries before they expire
     prefetch_failures: int = 0
     refreshes_skipped: int = 0  # background refreshes not sent: at the forward limit
+    listeners: list[tuple[str, str]] = field(default_factory=list)
+    """(listen address, proto) of each listening socket the server serves on."""
+    listener_queries: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Queries received by (listen address, proto): UDP datagrams, TCP messages."""
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
@@ -329,6 +333,24 @@ class DnsCollector(Collector):
         for reason, number in sorted(by_reason.items()):
             refused.add_metric([reason], number)
         yield refused
+        listening = GaugeMetricFamily(
+            "node_services_dns_listening",
+            "1 for each listening socket the DNS server serves on, by listen address "
+            "(dns_listen, as bound) and transport.",
+            labels=["listener", "proto"],
+        )
+        for listener, proto in sorted(s.listeners):
+            listening.add_metric([listener, proto], 1)
+        yield listening
+        received = CounterMetricFamily(
+            "node_services_dns_listener_queries",
+            "DNS queries received, by listen address and transport (UDP: datagrams, "
+            "malformed ones too; TCP: messages).",
+            labels=["listener", "proto"],
+        )
+        for (listener, proto), count in sorted(s.listener_queries.items()):
+            received.add_metric([listener, proto], count)
+        yield received
 
 
 _ZONE_COUNTERS: Final = (

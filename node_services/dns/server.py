@@ -16,6 +16,7 @@ import socket
 import struct
 import time
 from bisect import bisect_right
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -97,8 +98,9 @@ class DnsServer:
         """A new zone being built in a worker thread for a large change (see catch_up)."""
         self._dropping: set[asyncio.Future[None]] = set()
         self._seen: Snapshot | None = None
-        self._udp: UdpSocket | None = None
-        self._tcp: asyncio.Server | None = None
+        self._udp: list[UdpSocket] = []
+        self._tcp: list[asyncio.Server] = []
+        """One UDP socket and one TCP server per listen address, in the order started."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._tcp_clients: dict[asyncio.StreamWriter, None] = {}
         """Open TCP connections, least recently active first."""
@@ -108,6 +110,7 @@ class DnsServer:
         self._local = self.stats.duration.setdefault("local", Histogram())
         self._forwarded = self.stats.duration.setdefault("forward", Histogram())
         self.sockname: tuple[Any, ...] | None = None
+        """The first listen address as bound (its port, when port 0 was asked)."""
         self._requests = self.stats.requests
         self._responses = self.stats.responses
         self._replies: dict[bytes, bytes] = {}
@@ -292,16 +295,15 @@ class DnsServer:
     ) -> None:
         """Bind UDP and TCP on ``host:port`` (port 0 picks one; see :attr:`sockname`), or
         serve on ``sockets`` (UDP, TCP; already bound, e.g. taken over from an instance
-        before this one), which this server then owns."""
+        before this one), which this server then owns. Called once per listen address: each
+        call adds one listener (see :meth:`listeners`)."""
         self.catch_up()
-        loop = asyncio.get_running_loop()
         if sockets is not None:
             udp, tcp = sockets
             udp.setblocking(False)
-            self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp)
-            self._udp = UdpSocket(self, udp)
-            loop.add_reader(udp.fileno(), self._udp.on_readable)
-            self.sockname = udp.getsockname()
+            label = listener_label(udp.getsockname())
+            server = await asyncio.start_server(self._tcp_handler(label), sock=tcp)
+            self._add_listener(udp, server, label)
             return
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for attempt in range(20 if port == 0 else 1):
@@ -311,8 +313,9 @@ class DnsServer:
                 sock.bind((host, port))
                 sock.setblocking(False)
                 sockname = sock.getsockname()
-                self._tcp = await asyncio.start_server(
-                    self._serve_tcp, host, sockname[1], reuse_address=True
+                label = listener_label(sockname)
+                server = await asyncio.start_server(
+                    self._tcp_handler(label), host, sockname[1], reuse_address=True
                 )
             except OSError as exc:
                 sock.close()
@@ -321,39 +324,65 @@ class DnsServer:
                         exc.errno, f"dns: cannot listen on {host}:{port}: {exc.strerror}"
                     ) from exc
                 continue  # port 0: the UDP port we got is taken for TCP; try another
-            self._udp = UdpSocket(self, sock)
-            loop.add_reader(sock.fileno(), self._udp.on_readable)
-            self.sockname = sockname
+            self._add_listener(sock, server, label)
             return
 
-    def listening_fds(self) -> tuple[int, int] | None:
-        """The UDP and TCP listening descriptors while serving (to hand them over)."""
-        if self._udp is None or self._tcp is None or not self._tcp.sockets:
-            return None
-        return self._udp.sock.fileno(), self._tcp.sockets[0].fileno()
+    def _add_listener(self, udp: socket.socket, tcp: asyncio.Server, label: str) -> None:
+        reader = UdpSocket(self, udp, label=label)
+        asyncio.get_running_loop().add_reader(udp.fileno(), reader.on_readable)
+        self._udp.append(reader)
+        self._tcp.append(tcp)
+        self.stats.listeners.extend(((label, "udp"), (label, "tcp")))
+        if self.sockname is None:
+            self.sockname = udp.getsockname()
+
+    def _tcp_handler(
+        self, label: str
+    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._serve_tcp(reader, writer, label)
+
+        return serve
+
+    def listeners(self) -> tuple[str, ...]:
+        """The listen addresses served, as bound (``127.0.0.1:53``, ``[::1]:53``)."""
+        return tuple(reader.label for reader in self._udp)
+
+    def listening_fds(self) -> tuple[tuple[int, int], ...]:
+        """The UDP and TCP listening descriptors of each listen address, in the order
+        started (to hand them over)."""
+        return tuple(
+            (reader.sock.fileno(), server.sockets[0].fileno())
+            for reader, server in zip(self._udp, self._tcp, strict=True)
+            if server.sockets
+        )
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109
         """Stop reading new queries (another process serves the same sockets now), then wait
         up to ``timeout`` seconds for what was received: forwarded queries and open TCP
         connections. :meth:`stop` still has to be called."""
-        if self._udp is not None:
-            asyncio.get_running_loop().remove_reader(self._udp.sock.fileno())
-            self._udp.on_readable()  # what is queued now is ours to answer: one last batch
-        if self._tcp is not None:
-            self._tcp.close()  # our descriptor of the listener; the successor's stays open
+        loop = asyncio.get_running_loop()
+        for reader in self._udp:
+            loop.remove_reader(reader.sock.fileno())
+            reader.on_readable()  # what is queued now is ours to answer: one last batch
+        for server in self._tcp:
+            server.close()  # our descriptor of the listener; the successor's stays open
         deadline = time.monotonic() + timeout
         while (self._tasks or self._tcp_clients) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # a few polls, once per hand-over
 
     async def stop(self) -> None:
-        if self._udp is not None:
-            asyncio.get_running_loop().remove_reader(self._udp.sock.fileno())
-            self._udp.sock.close()
-            self._udp = None
-        if self._tcp is not None:
-            self._tcp.close()
+        loop = asyncio.get_running_loop()
+        for reader in self._udp:
+            loop.remove_reader(reader.sock.fileno())
+            reader.sock.close()
+        self._udp.clear()
+        for server in self._tcp:
+            server.close()
             with contextlib.suppress(Exception):
-                await self._tcp.wait_closed()
+                await server.wait_closed()
+        self._tcp.clear()
+        self.stats.listeners.clear()
         if self._building is not None:
             self._building.cancel()  # the thread runs on; its zone is never swapped in
         for task in list(self._tasks):
@@ -368,8 +397,12 @@ class DnsServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_tcp(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener: str = ""
+    ) -> None:
         clients = self._tcp_clients
+        queries = self.stats.listener_queries
+        counted = (listener, "tcp")
         closed = self.stats.tcp_closed
         if len(clients) >= MAX_TCP_CLIENTS:
             oldest = next(iter(clients))
@@ -399,6 +432,7 @@ class DnsServer:
                     break  # evicted while it waited: the transport is gone
                 del clients[writer]
                 clients[writer] = None  # the most recently active now
+                queries[counted] = queries.get(counted, 0) + 1
                 started = time.perf_counter()
                 result = self.answer(data, tcp=True, view=self.view_of(writer))
                 if isinstance(result, _Pending):
@@ -422,7 +456,7 @@ class DnsServer:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except Exception:
-            log.exception("dns: TCP client %s failed", _peer(writer))
+            log.exception("dns: TCP client %s of %s failed", _peer(writer), listener)
         finally:
             clients.pop(writer, None)
             await self._close_tcp(writer)
@@ -825,6 +859,12 @@ def _reset(writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+def listener_label(sockname: tuple[Any, ...]) -> str:
+    """A bound address as metrics and logs name it: ``127.0.0.1:53``, ``[::1]:53``."""
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

@@ -29,15 +29,28 @@ RESOLVED_STUBS: Final = frozenset({"127.0.0.53", "127.0.0.54"})
 
 
 def _metadata_ip(settings: Settings) -> str:
-    """The address rancher-metadata.rancher.internal names: where metadata listens, unless
-    that is a wildcard or loopback address (then the Rancher metadata address)."""
+    """The address rancher-metadata.rancher.internal names: where metadata listens (a
+    loopback address too: a host-network caller reaches it), unless that is a wildcard
+    (then the Rancher metadata address, which a wildcard listen also answers on)."""
     try:
         address = ipaddress.ip_address(settings.metadata_listen.host)
     except ValueError:
         return DEFAULT_METADATA_IP
-    if address.is_unspecified or address.is_loopback:
+    if address.is_unspecified:
         return DEFAULT_METADATA_IP
     return str(address)
+
+
+def nameserver_ips(settings: Settings) -> tuple[str, ...]:
+    """The addresses ``ns.dns.<zone>`` names (the NS glue): every dns_listen host that is
+    not a wildcard, once each, in the order listed. A wildcard listen names no address: the
+    server cannot tell which of the host's addresses a client reaches it on."""
+    ips: list[str] = []
+    for listen in settings.dns_listen:
+        address = ipaddress.ip_address(listen.host)
+        if not address.is_unspecified and str(address) not in ips:
+            ips.append(str(address))
+    return tuple(ips)
 
 
 def nameservers_of(path: Path) -> tuple[str, ...]:
@@ -120,10 +133,13 @@ def _without_self(
     settings: Settings, zone: str, upstreams: tuple[Address, ...]
 ) -> tuple[tuple[str, int], ...]:
     chosen = tuple((a.host, a.port) for a in upstreams)
-    own = (settings.dns_listen.host, settings.dns_listen.port)
-    if own in chosen:
-        log.error("dns: upstream %s:%d of zone %s is this server itself; ignoring it", *own, zone)
-        chosen = tuple(u for u in chosen if u != own)
+    for listen in settings.dns_listen:
+        own = (listen.host, listen.port)
+        if own in chosen:
+            log.error(
+                "dns: upstream %s:%d of zone %s is this server itself; ignoring it", *own, zone
+            )
+            chosen = tuple(u for u in chosen if u != own)
     return chosen
 
 
@@ -221,6 +237,7 @@ def build_dns(
         ttl=settings.dns_ttl,
         pod_records=settings.pod_records,
         metadata_ip=_metadata_ip(settings),
+        nameservers=nameserver_ips(settings),
         forwarding=bool(zones.forwarders),
     )
     return DnsServer(

@@ -170,9 +170,14 @@ class _Buffers:
 class UdpSocket:
     """One UDP listening socket of a :class:`DnsServer`."""
 
-    def __init__(self, server: DnsServer, sock: socket.socket, *, mmsg: bool = True) -> None:
+    def __init__(
+        self, server: DnsServer, sock: socket.socket, *, label: str = "", mmsg: bool = True
+    ) -> None:
         self.server = server
         self.sock = sock
+        self.label = label
+        """The listen address, as metrics and logs name it."""
+        self._counted = (label, "udp")
         self.family = sock.family
         self.mapped = sock.family == socket.AF_INET6
         """An IPv6 socket: IPv4 callers come as IPv4-mapped addresses, normalised for views."""
@@ -195,7 +200,11 @@ class UdpSocket:
                 code = ctypes.get_errno()
                 if code not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
                     # e.g. an ICMP error reported on the socket: it is consumed by this read
-                    log.debug("dns: UDP receive error: %s", errno.errorcode.get(code, code))
+                    log.debug(
+                        "dns: UDP receive error on %s: %s",
+                        self.label,
+                        errno.errorcode.get(code, code),
+                    )
             return
         started = time.perf_counter()
         if server.store.snapshot is not server._seen:  # never changes within this callback
@@ -243,8 +252,9 @@ class UdpSocket:
                     result = answer(data, False, view)
                 except Exception:  # never let one packet stop the server
                     log.exception(
-                        "dns: unexpected error answering a packet from %s",
+                        "dns: unexpected error answering a packet from %s on %s",
                         _address(names[i * _NAME : (i + 1) * _NAME], family),
+                        self.label,
                     )
                     stats.count(stats.dropped, "internal_error")
                     continue
@@ -275,6 +285,8 @@ class UdpSocket:
             histogram.counts[bisect_left(DURATION_BUCKETS, elapsed)] += sent
             histogram.total += elapsed * sent
         stats.answer_cache_hits += cached
+        queries = stats.listener_queries
+        queries[self._counted] = queries.get(self._counted, 0) + count
 
     def _flush(self, sendmmsg: Any, fd: int, buffers: _Buffers, sent: int) -> None:
         """Send the queued answers; one the kernel refuses is dropped and counted."""
@@ -313,6 +325,7 @@ class UdpSocket:
         responses = server._responses
         query_log = server.query_log
         started = time.perf_counter()
+        received = 0
         sent = 0
         cached = 0
         for _ in range(BATCH):
@@ -321,8 +334,9 @@ class UdpSocket:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # e.g. ICMP errors reported on the socket
-                log.debug("dns: UDP receive error: %s", exc)
+                log.debug("dns: UDP receive error on %s: %s", self.label, exc)
                 continue
+            received += 1
             view = views.get(client_ip(addr[0]) if mapped else addr[0]) if views else None
             tail = replies.get(data[2:]) if view is None else view.replies.get(data[2:])
             if tail is not None:  # asked before, same bytes but the ID: answered before
@@ -335,7 +349,9 @@ class UdpSocket:
                 try:
                     result = answer(data, False, view)
                 except Exception:  # never let one packet stop the server
-                    log.exception("dns: unexpected error answering a packet from %s", addr)
+                    log.exception(
+                        "dns: unexpected error answering a packet from %s on %s", addr, self.label
+                    )
                     stats.count(stats.dropped, "internal_error")
                     continue
             if type(result) is bytes:
@@ -355,6 +371,9 @@ class UdpSocket:
             histogram.counts[bisect_left(DURATION_BUCKETS, elapsed)] += sent
             histogram.total += elapsed * sent
         stats.answer_cache_hits += cached
+        if received:
+            queries = stats.listener_queries
+            queries[self._counted] = queries.get(self._counted, 0) + received
 
     def replier(self, addr: Any, data: bytes, started: float) -> Callable[[bytes], None]:
         """What sends a slow-path answer (forwarded, chased) to its caller when it is ready."""

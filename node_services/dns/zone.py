@@ -16,6 +16,7 @@ reference-counted so they answer NODATA, not NXDOMAIN (RFC 8020).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import time
@@ -125,6 +126,21 @@ def dashed(ip: str) -> str:
     return ip.replace(".", "-").replace(":", "-")
 
 
+def _undashed(label: str) -> str | None:
+    """The address a dashed pod label names (:func:`dashed` reversed): ``1-2-3-4`` is
+    1.2.3.4; any other label that reads as an IPv6 address with ``-`` for ``:`` is that
+    (``2001-db8--5``: three dashes, yet not an IPv4 address); None for anything else."""
+    if label.count("-") == 3:
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.IPv4Address(label.replace("-", ".")))
+    if "." in label or "%" in label:  # IPv4-in-IPv6 and scoped forms are not dashed labels
+        return None
+    try:
+        return str(ipaddress.IPv6Address(label.replace("-", ":")))
+    except ValueError:
+        return None
+
+
 def _address(ip: str) -> RData:
     if ":" in ip:
         return (wire.AAAA, wire.rdata_aaaa(ip))
@@ -171,10 +187,15 @@ class Zone:
         ttl: int = 5,
         pod_records: str = "disabled",
         metadata_ip: str = DEFAULT_METADATA_IP,
+        nameservers: tuple[str, ...] = (),
         forwarding: bool = False,
         serial: int | None = None,
     ) -> None:
         self.domain = cluster_domain.rstrip(".").lower()
+        self.nameservers = nameservers
+        """Addresses of ``ns.dns.<zone>``, the NS of the cluster zone's apex (its glue): the
+        DNS listen addresses that are not wildcards."""
+        self.ns_name = f"ns.dns.{self.domain}"
         self.ttl = ttl
         self.pod_records = pod_records
         self.metadata_ip = metadata_ip
@@ -212,6 +233,7 @@ class Zone:
             ttl=self.ttl,
             pod_records=self.pod_records,
             metadata_ip=self.metadata_ip,
+            nameservers=self.nameservers,
             forwarding=self.forwarding,
             serial=self.serial,
         )
@@ -272,13 +294,8 @@ class Zone:
 
     def _insecure_pod(self, lname: bytes, qtype: int) -> Answer | None:
         """``a-b-c-d.<ns>.pod.<zone>`` for any well-formed address (CoreDNS "insecure")."""
-        label = lname[1 : 1 + lname[0]].decode("ascii", "replace")
-        try:
-            if label.count("-") == 3:
-                ip = str(ipaddress.IPv4Address(label.replace("-", ".")))
-            else:
-                ip = str(ipaddress.IPv6Address(label.replace("-", ":")))
-        except ValueError:
+        ip = _undashed(lname[1 : 1 + lname[0]].decode("ascii", "replace"))
+        if ip is None:
             return None
         rtype, rdata = _address(ip)
         if qtype == rtype or qtype == wire.ANY:
@@ -478,11 +495,28 @@ class Zone:
             return node
         for rtype, values in by_type.items():
             node[rtype] = self._positive(rtype, sorted(values))
+        if name == self._cluster.wire and wire.NS in node:
+            node[wire.NS] = self._apex_ns(by_type[wire.NS])
         for rtype in _ANY_PREFERENCE:
             if rtype in node:
                 node[wire.ANY] = node[rtype]
                 break
         return node
+
+    def _apex_ns(self, rdatas: list[bytes]) -> Answer:
+        """The apex NS answer with its glue (A/AAAA of ns.dns.<zone>) in the additional
+        section; truncation keeps the NS record and drops the glue."""
+        body = bytearray()
+        for rdata in sorted(rdatas):
+            body += wire.rr(wire.QNAME_POINTER, wire.NS, self.ttl, rdata)
+        ends = (len(body),)
+        owner = wire.encode_name(self.ns_name)
+        for ip in self.nameservers:
+            rtype, rdata = _address(ip)
+            body += wire.rr(owner, rtype, self.ttl, rdata)
+        return make_answer(
+            wire.AA, len(rdatas), 0, len(self.nameservers), bytes(body), ends, ra=self.ra
+        )
 
     def _positive(self, rtype: int, rdatas: list[bytes]) -> Answer:
         body = bytearray()
@@ -517,6 +551,12 @@ class Zone:
     def _static(self, out: _Builder) -> None:
         domain = self.domain
         out.add(domain, wire.SOA, wire.rdata_soa(domain, self.serial, self.ttl))
+        # NS at the apex, as CoreDNS answers it: the SOA's MNAME, ns.dns.<zone>, whose
+        # addresses are the DNS listen addresses (none for a wildcard listen: NODATA).
+        out.add(domain, wire.NS, wire.encode_name(self.ns_name))
+        out.exists(self.ns_name)
+        for ip in self.nameservers:
+            out.address(self.ns_name, ip)
         out.add(f"dns-version.{domain}", wire.TXT, wire.rdata_txt(SCHEMA_VERSION))
         out.exists(f"svc.{domain}")
         out.exists(f"pod.{domain}")

@@ -28,12 +28,11 @@ def _use(served: Served, mode: str) -> UdpSocket:
     """Serve the same socket with the reader under test, and take it off the event loop so
     that a test decides when a batch is read."""
     server = served.server
-    old = server._udp
-    assert old is not None
+    [old] = server._udp
     loop = asyncio.get_running_loop()
     loop.remove_reader(old.sock.fileno())
-    reader = UdpSocket(server, old.sock, mmsg=mode == "mmsg")
-    server._udp = reader
+    reader = UdpSocket(server, old.sock, label=old.label, mmsg=mode == "mmsg")
+    server._udp = [reader]
     return reader
 
 

@@ -23,7 +23,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 from fakes.dns_table_upstream import TableUpstream
-from helpers import FIXTURES, DaemonProcess
+from helpers import FIXTURES, DaemonProcess, free_port
 
 RECORDING = FIXTURES / "cattle" / "recorded-2"
 Answer = frozenset[tuple[str, str, str]]
@@ -50,6 +50,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
             "worker-a",
             "--upstream",
             f"127.0.0.2:{upstream.port}",
+            # rancher-metadata.rancher.internal is the metadata listen address; rancher-dns
+            # answered 169.254.169.250, which is ours for a wildcard (only bound, never asked).
+            "--metadata-listen",
+            f"0.0.0.0:{free_port()}",
         ],
         tmp / "daemon.log",
     ).start()
