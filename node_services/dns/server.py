@@ -635,6 +635,10 @@ class DnsServer:
                 if not self._forwarding:
                     self.stats.forward_no_upstream += 1
                     return self._error(q, wire.REFUSED)
+                hit = self._forward_cached(q, tcp)
+                if hit is not None:
+                    self._volatile = True  # its TTLs run: not for the zone-long answer cache
+                    return hit
                 return _Pending(q, data, tcp)
             autopath = view is not None and view.autopath and zone.ready
             if autopath and view is not None and found is zone.zones[0].nxdomain:
@@ -763,6 +767,33 @@ class DnsServer:
         self._forwarded.observe(time.perf_counter() - started)
         return response
 
+    def _forward_cached(self, q: wire.Query, tcp: bool) -> bytes | None:
+        """A forwarded name's answer from its zone's forward cache, at once (no task); None
+        when it is not there, or when the slow path must see the query (a loop)."""
+        zones = self.forward_zones
+        if zones.is_own_query(q.qid, q.lname, q.qtype) is not None:
+            return None
+        forwarder = zones.forwarder_for(q.lname)
+        if forwarder is None:
+            return None
+        cached = forwarder.cached(q)
+        if cached is None:
+            return None
+        forwarder.stats.cache_hits += 1
+        return self._fit(q, cached, tcp)
+
+    def _fit(self, q: wire.Query, response: bytes, tcp: bool) -> bytes:
+        """A forwarded response as sent: truncated (TC, question only) when it is larger
+        than the client takes; its rcode counted."""
+        limit = 65535 if tcp else q.udp_size
+        if len(response) > limit:  # cached for a client with a bigger buffer
+            self.stats.truncated += 1
+            flags = int.from_bytes(response[2:4], "big") | wire.TC
+            opt = wire.opt_record() if q.edns else b""
+            response = wire.HEADER.pack(q.qid, flags, 1, 0, 0, int(bool(opt))) + q.question + opt
+        self._count_rcode(response[3] & 0xF)
+        return response
+
     async def _forward(self, pending: _Pending) -> bytes:
         q = pending.query
         zones = self.forward_zones
@@ -791,14 +822,7 @@ class DnsServer:
                 response = await forwarder.resolve(q, pending.data)
             except UpstreamError:
                 return self._error(q, wire.SERVFAIL)
-        limit = 65535 if pending.tcp else q.udp_size
-        if len(response) > limit:  # cached for a client with a bigger buffer
-            self.stats.truncated += 1
-            flags = int.from_bytes(response[2:4], "big") | wire.TC
-            opt = wire.opt_record() if q.edns else b""
-            response = wire.HEADER.pack(q.qid, flags, 1, 0, 0, int(bool(opt))) + q.question + opt
-        self._count_rcode(response[3] & 0xF)
-        return response
+        return self._fit(q, response, pending.tcp)
 
     async def _chase(self, q: wire.Query, cname: Answer, tcp: bool) -> bytes:
         """An ExternalName CNAME plus the target's records of the asked type: from our own

@@ -231,3 +231,34 @@ async def test_a_full_batch_leaves_the_rest_for_the_next_read(served: Served, mo
         client.close()
     assert first == list(range(udp.BATCH))
     assert second == list(range(udp.BATCH, count))
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_forward_cache_hit_is_sent_in_the_batch_that_read_it(
+    served: Served, mode: str, upstream: FakeUpstream
+) -> None:
+    """Asked once (upstream, answered later by a task), the second time the name comes from
+    the forward cache while the batch is read: the answer is on the client's socket when
+    on_readable returns, and the upstream saw one query."""
+    reader = _use(served, mode)
+    dest = ("127.0.0.1", served.port)
+    client = _client()
+    try:
+        client.sendto(_ask("payments.example.com", "A", 501), dest)
+        await asyncio.sleep(0.05)
+        reader.on_readable()
+        first = await _reply(client)
+        assert first is not None and dns.message.from_wire(first).id == 501
+        client.sendto(_ask("payments.example.com", "A", 502), dest)
+        await asyncio.sleep(0.05)
+        hits = served.stats.cache_hits
+        reader.on_readable()
+        second = client.recv(4096)  # no await: sent before on_readable returned
+    finally:
+        client.close()
+    m = dns.message.from_wire(second)
+    assert (m.id, [r.to_text() for rr in m.answer for r in rr]) == (502, ["192.0.2.20"])
+    assert served.stats.cache_hits == hits + 1
+    assert [q for q in upstream.queries if q[1] == "payments.example.com."] == [
+        ("udp", "payments.example.com.", "A")
+    ]
