@@ -64,7 +64,6 @@ class FrozenMap(Mapping[K, V], Generic[K, V]):
     def evolve(self, sets: Mapping[K, V], deletes: Iterable[K] = ()) -> FrozenMap[K, V]:
         """A copy with ``sets`` stored and ``deletes`` removed (missing keys are ignored)."""
         touched: dict[int, dict[K, V]] = {}
-        length = self._len
         shards = self._shards
         for key in deletes:
             index = hash(key) & _MASK
@@ -73,21 +72,20 @@ class FrozenMap(Mapping[K, V], Generic[K, V]):
                 if key not in shards[index]:
                     continue
                 shard = touched[index] = dict(shards[index])
-            if shard.pop(key, _MISSING) is not _MISSING:
-                length -= 1
+            shard.pop(key, None)
         for key, value in sets.items():
             index = hash(key) & _MASK
             shard = touched.get(index)
             if shard is None:
                 shard = touched[index] = dict(shards[index])
-            if key not in shard:
-                length += 1
             shard[key] = value
         if not touched:
             return self
         new = FrozenMap.__new__(FrozenMap)
         merged = list(shards)
+        length = self._len
         for index, shard in touched.items():
+            length += len(shard) - len(shards[index])  # the size of each shard it replaces
             merged[index] = shard if shard else _EMPTY
         new._shards = tuple(merged)
         new._len = length

@@ -312,19 +312,29 @@ class Store:
         self._wake(changed)
         return snapshot.version
 
-    def apply(self, source: str, changes: Iterable[Change]) -> int:
-        """Apply upserts and deletions as one batch: at most one new version."""
+    def apply(self, source: str, changes: Iterable[Change], *, compared: bool = False) -> int:
+        """Apply upserts and deletions as one batch: at most one new version.
+
+        ``compared``: the caller already left out every upsert equal to the record the source
+        held for its key, so the store does not compare them again (a record equal to the one
+        published only costs its readers a needless rebuild; it is never wrong)."""
         self.register(source)
         held = self._by_source[source]
         touched: set[str] = set()
+        before: dict[str, Record] | None = {} if compared else None
         for change in changes:
             if isinstance(change, Deleted):
                 if held.pop(change.key, None) is not None:
                     touched.add(change.key)
             else:
-                held[change.key] = change
-                touched.add(change.key)
-        return self._publish(self._merge(touched))
+                key = change.key
+                if before is not None:
+                    previous = held.get(key)
+                    if previous is not None:
+                        before.setdefault(key, previous)
+                held[key] = change
+                touched.add(key)
+        return self._publish(_merge(self._snapshot, self._by_source.values(), touched, before))
 
     async def wait_for_change(self, since: int, timeout: float) -> Snapshot:  # noqa: ASYNC109
         """Return the first snapshot whose version differs from ``since``, or the current one
@@ -367,11 +377,19 @@ class Store:
             subscription._notify(changed)
 
 
-def _merge(snapshot: Snapshot, sources: Iterable[Mapping[str, Record]], keys: set[str]) -> _Changed:
+def _merge(
+    snapshot: Snapshot,
+    sources: Iterable[Mapping[str, Record]],
+    keys: set[str],
+    compared: Mapping[str, Record] | None = None,
+) -> _Changed:
     """(winning record or None: gone, record in ``snapshot``) for each key whose merged value
-    differs from ``snapshot``; ``sources`` in registration order."""
+    differs from ``snapshot``; ``sources`` in registration order. ``compared``: key -> the
+    record a source held before an upsert its caller knows differs from it (not compared
+    again when it is the current one)."""
     changed: _Changed = {}
     sources = tuple(sources)
+    maps = {cls: getattr(snapshot, name) for cls, name in _FIELD_OF_TYPE.items()}
     for key in keys:
         winner: Record | None = None
         for held in sources:
@@ -380,12 +398,17 @@ def _merge(snapshot: Snapshot, sources: Iterable[Mapping[str, Record]], keys: se
                 break
         # A key is in one kind's map at most: the winner's kind first (an update keeps its
         # kind), every kind only when it is not there.
-        current = (
-            getattr(snapshot, _FIELD_OF_TYPE[type(winner)]).get(key) if winner is not None else None
-        )
+        current = maps[type(winner)].get(key) if winner is not None else None
         if current is None:
             current = snapshot.get(key)
-        if winner is current or (winner is not None and current is not None and winner == current):
+        if winner is current:
+            continue
+        if (
+            winner is not None
+            and current is not None
+            and (compared is None or compared.get(key) is not current)
+            and winner == current
+        ):
             continue
         changed[key] = (winner, current)
     return changed
@@ -486,6 +509,23 @@ def _index_entries(record: Record) -> tuple[list[tuple[str, object]], str]:
     return entries, kind
 
 
+def _addresses(endpoints: Endpoints) -> tuple[str, ...]:
+    groups = endpoints.endpoints
+    if len(groups) == 1:
+        return groups[0].addresses
+    return tuple(ip for endpoint in groups for ip in endpoint.addresses)
+
+
+def _edit_ips(index: _MultiIndex, key: str, old: tuple[str, ...], new: tuple[str, ...]) -> None:
+    """``key`` moved from the IPs ``old`` to ``new`` in ``by_ip``."""
+    for ip in old:
+        if ip not in new:
+            index.remove(ip, key)
+    for ip in new:
+        if ip not in old:
+            index.add(ip, key)
+
+
 def _evolve(old: Snapshot, changed: _Changed, synced: dict[str, bool]) -> Snapshot:
     sets: dict[str, dict[str, Record]] = {kind: {} for kind in KINDS}
     deletes: dict[str, list[str]] = {kind: [] for kind in KINDS}
@@ -494,6 +534,28 @@ def _evolve(old: Snapshot, changed: _Changed, synced: dict[str, bool]) -> Snapsh
         if previous is not None and record is not None and type(previous) is type(record):
             # An update in place (a watch event): edit only the index entries that differ,
             # which for most updates (conditions, ports, labels) is none.
+            cls = type(record)
+            if cls is Workload:  # the common case, settled without building the entries
+                assert isinstance(previous, Workload) and isinstance(record, Workload)
+                sets[WORKLOAD][key] = record
+                if previous.ips != record.ips:
+                    _edit_ips(indexes["by_ip"], key, previous.ips, record.ips)
+                if previous.host_key != record.host_key:
+                    if previous.host_key:
+                        indexes["by_host"].remove(previous.host_key, key)
+                    if record.host_key:
+                        indexes["by_host"].add(record.host_key, key)
+                continue
+            if cls is Endpoints:
+                assert isinstance(previous, Endpoints) and isinstance(record, Endpoints)
+                sets[ENDPOINTS][key] = record
+                old_ips, new_ips = _addresses(previous), _addresses(record)
+                if old_ips != new_ips:
+                    _edit_ips(indexes["by_ip"], key, old_ips, new_ips)
+                if previous.service_key != record.service_key:
+                    indexes["endpoints_of"].remove(previous.service_key, key)
+                    indexes["endpoints_of"].add(record.service_key, key)
+                continue
             old_entries, kind = _index_entries(previous)
             new_entries, _ = _index_entries(record)
             if old_entries != new_entries:

@@ -27,7 +27,7 @@ from node_services.sources.cattle.client import (
     Connection,
     origin_of,
 )
-from node_services.sources.cattle.source import CattleSource
+from node_services.sources.cattle.source import CattleMetrics, CattleSource
 from node_services.sources.guard import Rejections
 from node_services.state.records import Endpoints, Host, Service, Workload
 from node_services.state.store import Store
@@ -647,3 +647,33 @@ async def test_an_error_body_is_read_only_in_part_and_decoded_leniently() -> Non
         assert len(caught.value.message) < len(url) + 220
     finally:
         await runner.cleanup()
+
+
+def test_frames_queued_undecoded_are_decoded_with_their_batch() -> None:
+    """The reader queues frames naming resource.change as text; the batch decodes them, and
+    what turns out to be a ping or another event, or no JSON at all, is handled as the reader
+    would have."""
+    errors: list[str] = []
+    pings: list[int] = []
+    source = CattleSource(
+        Store(),
+        Connection("http://127.0.0.1:1/v2-beta/projects/1a5", "AK", "SK"),
+        metrics=CattleMetrics(
+            error=errors.append, event=lambda kind, n: pings.append(n) if kind == "ping" else None
+        ),
+    )
+    container = {"id": "1i1", "type": "container", "name": "c", "state": "running"}
+    change = {"name": "resource.change", "data": {"resource": container}}
+    frames: list[dict[str, Any] | str | bytes] = [
+        json.dumps(change),
+        json.dumps({**change, "data": {"resource": {**container, "id": "1i2"}}}).encode(),
+        '{"name": "ping", "note": "resource.change"}',
+        '{"name": "resource.purge", "data": "resource.change"}',
+        '{"name": "resource.change"',  # cut short
+        change,  # decoded already
+    ]
+    source._last_ping = 0.0
+    events = source._decode_batch(frames)
+    assert [e["data"]["resource"]["id"] for e in events] == ["1i1", "1i2", "1i1"]
+    assert source._last_ping > 0.0 and pings == [1]
+    assert errors == ["bad_event"]

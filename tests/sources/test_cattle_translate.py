@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from node_services.sources.cattle.translate import resolve_stack_names, translate
+from node_services.sources.cattle import translate as translate_module
+from node_services.sources.cattle.translate import ContainerMemo, resolve_stack_names, translate
 from node_services.sources.errors import TranslateError, UnsupportedObject
 from node_services.state import (
     Endpoint,
@@ -226,3 +227,67 @@ def test_container_links_become_workload_links() -> None:
     assert isinstance(plain, Workload) and plain.links == ()
     with pytest.raises(TranslateError, match="instanceLinks"):
         translate({**toolbox, "instanceLinks": {"pg": ["1i109"]}}, "c")
+
+
+class _Recording(dict[str, Any]):
+    """A resource that notes which fields are read."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def _containers() -> list[dict[str, Any]]:
+    objects = [fixture("container.json"), *fixture("recorded-scenario.json")]
+    return [o for o in objects if o["type"] == "container"]
+
+
+def test_the_container_memo_compares_every_field_a_translation_reads() -> None:
+    """A field the translation read but the memo did not compare would be given stale."""
+    volatile = {"primaryIpAddress", "state", "healthState", "id", "type", "removed"}
+    for obj in _containers():
+        recording = _Recording(obj)
+        translate(recording, "c")
+        assert recording.read - volatile <= set(translate_module._CONTAINER_FIELDS), obj["id"]
+
+
+def test_the_container_memo_gives_what_a_fresh_translation_gives() -> None:
+    memo = ContainerMemo()
+    [obj] = [o for o in _containers() if o["id"] == fixture("container.json")["id"]][:1]
+    variants: list[dict[str, Any]] = [
+        obj,
+        {**obj, "primaryIpAddress": "10.42.9.9"},
+        {**obj, "state": "stopped", "healthState": "unhealthy"},
+        {**obj, "primaryIpAddress": None},
+        {**obj, "labels": {**obj.get("labels", {}), "x": 1}},
+        # equal to the last one by ==, but translated differently ("1.0", "True")
+        {**obj, "labels": {**obj.get("labels", {}), "x": 1.0}},
+        {**obj, "labels": {**obj.get("labels", {}), "x": True}},
+        {**obj, "transitioningMessage": "not read"},
+        {**obj, "state": "removed"},
+        obj,
+        {**obj, "name": "renamed-3", "serviceIds": []},
+    ]
+    for _round in range(2):
+        for variant in variants:
+            fresh = translate(json.loads(json.dumps(variant)), "c")
+            assert translate(json.loads(json.dumps(variant)), "c", memo) == fresh, variant
+    assert len(memo) == 1
+    memo.discard("cattle:container/" + obj["id"])
+    assert len(memo) == 0
+
+
+def test_the_container_memo_is_bounded() -> None:
+    memo = ContainerMemo(max_entries=3)
+    base = _containers()[0]
+    for n in range(10):
+        translate({**base, "id": f"1i9{n}"}, "c", memo)
+        assert len(memo) <= 3

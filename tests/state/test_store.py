@@ -145,6 +145,48 @@ def test_indexes_follow_changes() -> None:
     assert [w.name for w in snap.workloads_on("k8s:Node/node-b")] == ["p1", "p2"]
 
 
+def test_endpoint_groups_moving_addresses_and_services_keep_the_indexes_exact() -> None:
+    store = Store()
+    store.replace(
+        "s", [service("web"), service("api"), slice_("g", "web", "10.42.1.5", "10.42.1.6")]
+    )
+    moved = dataclasses.replace(
+        slice_("g", "api", "10.42.1.6", "10.42.1.7", "10.42.1.7"),
+        service_key="k8s:Service/default/api",
+    )
+    store.apply("s", [moved], compared=True)
+    snap = store.snapshot
+    assert snap.by_ip.get("10.42.1.5") is None
+    assert snap.by_ip["10.42.1.6"] == ("k8s:EndpointSlice/default/g",)
+    assert snap.by_ip["10.42.1.7"] == ("k8s:EndpointSlice/default/g",)
+    assert snap.endpoints_for("k8s:Service/default/web") == ()
+    assert snap.endpoints_for("k8s:Service/default/api") == (moved,)
+    # a pod leaving its node for none, and taking a second address
+    store.apply("s", [pod("p", "10.42.3.1")])
+    store.apply(
+        "s", [dataclasses.replace(pod("p", "10.42.3.1"), host_key="", ips=("10.42.3.1", "fd00::1"))]
+    )
+    snap = store.snapshot
+    assert snap.by_host.get("k8s:Node/node-a") is None
+    assert snap.by_ip["fd00::1"] == ("k8s:Pod/default/p",)
+    assert snap.by_ip["10.42.3.1"] == ("k8s:Pod/default/p",)
+
+
+def test_compared_upserts_are_published_without_a_second_comparison() -> None:
+    store = Store()
+    store.replace("s", [pod("p", "10.42.1.5")])
+    version = store.version
+    # the caller vouches that it differs from what it held: the store trusts it (a needless
+    # rebuild at worst) ...
+    assert store.apply("s", [pod("p", "10.42.1.5")], compared=True) == version + 1
+    # ... but compares when what the source held is not what is published
+    assert store.apply("s", [pod("p", "10.42.1.5")]) == version + 1
+    assert store.apply("s", [pod("p", "10.42.1.5")], compared=True) == version + 1
+    assert store.apply("s", [pod("p", "10.42.1.9")], compared=True) == version + 2
+    assert store.snapshot.workload_by_ip("10.42.1.9") == pod("p", "10.42.1.9")
+    assert store.snapshot.by_ip.get("10.42.1.5") is None
+
+
 def test_host_network_workloads_are_not_found_by_ip() -> None:
     store = Store()
     host_net = dataclasses.replace(pod("agent", "192.168.10.11"), host_network=True)

@@ -22,11 +22,8 @@ for the same set (tests/sources/test_cattle_mirror.py checks it).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
 
 from node_services.sources.cattle import translate
 from node_services.sources.cattle.translate import (
@@ -52,26 +49,7 @@ _FACTS = (*_NETWORK_FACTS, CattleCertificate)
 _JOINED = (Stack, Service, *_FACTS)
 """What other resources' records depend on (names, the default network, network uuids)."""
 
-_R = TypeVar("_R", bound=Record)
-_FIELD_NAMES: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {}
-
-
-def _replace(record: _R, **changes: Any) -> _R:
-    """``dataclasses.replace`` for a record (frozen, slotted, every field an init field), at a
-    fraction of its cost: the values read by one attrgetter, the class called positionally."""
-    cls = type(record)
-    known = _FIELD_NAMES.get(cls)
-    if known is None:
-        fields = dataclasses.fields(cls)
-        if len(fields) < 2 or not all(f.init for f in fields):  # attrgetter gives a tuple
-            return dataclasses.replace(record, **changes)
-        names = tuple(f.name for f in fields)
-        known = _FIELD_NAMES[cls] = (names, operator.attrgetter(*names))
-    names, getter = known
-    values = list(getter(record))
-    for name, value in changes.items():
-        values[names.index(name)] = value
-    return cls(*values)
+_replace = translate.replace_record
 
 
 _PROBE = Host(key=f"{translate.PREFIX}host/mirror-probe", source="", name="mirror-probe")
@@ -148,7 +126,7 @@ class Mirror:
         for resource_key, translated in changes.items():
             old = self._items.get(resource_key, ())
             new = tuple(translated or ())
-            if not any(isinstance(item, _JOINED) for item in (*old, *new)):
+            if not (_joined(old) or _joined(new)):
                 # the common case (a container, a host): nothing else depends on it
                 self._replace(resource_key, old, new)
                 dirty.add(resource_key)
@@ -192,7 +170,10 @@ class Mirror:
             before = {record.key: record for record in old_records}
             kept = {record.key for record in new_records}
             out.extend(Deleted(key) for key in before if key not in kept)
-            out.extend(record for record in new_records if before.get(record.key) != record)
+            for record in new_records:
+                previous = before.get(record.key)
+                if previous is not record and previous != record:
+                    out.append(record)
         return out
 
     def _replace(
@@ -283,9 +264,17 @@ class Mirror:
             for record in records
         ):  # the only records _resolve_network_uuids changes
             records = translate._resolve_network_uuids(records, self._networks)
-        return tuple(
-            self._resolve_lb_config(self._resolve_names(self._resolve_host(r))) for r in records
-        )
+        resolved: list[Record] = []
+        for record in records:  # each step changes only its own kinds of record
+            cls = type(record)
+            if cls is Workload or cls is Endpoints:
+                record = self._resolve_names(record)
+            elif cls is Service:
+                record = self._resolve_lb_config(self._resolve_names(record))
+            elif cls is Host:
+                record = self._resolve_host(record)
+            resolved.append(record)
+        return tuple(resolved)
 
     def _resolve_host(self, record: Record) -> Record:
         """What resolve_networks does to a Cattle host, as it did to :data:`_PROBE`."""
@@ -334,6 +323,14 @@ class Mirror:
             if r.key == record.key
         ]
         return resolved
+
+
+_JOINED_TYPES = frozenset(_JOINED)
+
+
+def _joined(items: Iterable[Translated]) -> bool:
+    """Whether an item is one other resources' records depend on."""
+    return not _JOINED_TYPES.isdisjoint(map(type, items))
 
 
 def _lb_references(service: Service) -> tuple[set[str], set[str]]:

@@ -27,6 +27,7 @@ contributes no record. While the API is unreachable the store keeps the last sta
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -67,6 +68,10 @@ FETCH_CONCURRENCY: Final = 8
 MAX_BATCH: Final = 5000
 """Events applied as one store batch at most (a burst beyond that is split)."""
 GATHER_SPINS: Final = 200
+_CHANGE: Final = '"resource.change"'
+_CHANGE_BYTES: Final = _CHANGE.encode()
+"""A websocket frame holding this is queued undecoded: it is (almost surely) an event to
+apply, decoded with its batch. Any other frame (a ping) is decoded as it is read."""
 MIN_STABLE_SECONDS: Final = 5.0
 """A socket must stay up this long after a sync for the backoff to be reset: a server that
 closes each socket soon after the handshake must not cause a relist in a tight loop."""
@@ -185,11 +190,13 @@ class CattleSource:
         self.backoff = Backoff(initial=backoff[0], maximum=backoff[1])
         self.min_stable = min_stable
         self._synced_at: float | None = None
+        self._last_ping = 0.0
         if metrics is None:
             metrics = prometheus_metrics(registry) if registry is not None else CattleMetrics()
         self.metrics = metrics
         self.rejections = rejections or Rejections()
         self.mirror = Mirror()
+        self.memo = translate.ContainerMemo()
         self.source = SOURCE
         self.lists = 0
         self.connects = 0
@@ -279,7 +286,7 @@ class CattleSource:
         self._loading = False
         async with client.subscribe() as ws:
             self.connects += 1
-            pending: list[dict[str, Any]] = []
+            pending: list[dict[str, Any] | str | bytes] = []
             wake = asyncio.Event()
             reader = asyncio.create_task(self._read(ws, pending, wake), name="cattle-websocket")
             try:
@@ -299,7 +306,7 @@ class CattleSource:
                     wake.clear()
                     if pending:
                         await self._gather(pending)
-                        batch = pending[:MAX_BATCH]
+                        batch = self._decode_batch(pending[:MAX_BATCH])
                         del pending[:MAX_BATCH]
                         self._apply(batch, await self._fetch_bare(client, batch))
                         await asyncio.sleep(0)
@@ -313,7 +320,7 @@ class CattleSource:
                     reader.exception()  # retrieved: what ended the reader was handled above
 
     @staticmethod
-    async def _gather(pending: list[dict[str, Any]]) -> None:
+    async def _gather(pending: list[dict[str, Any] | str | bytes]) -> None:
         """Let frames already on the socket join this batch: a store batch has a fixed cost,
         so a burst applied 40 events at a time is slow. Spins the loop (no timer) while the
         buffer grows, for at most GATHER_SECONDS; a lone event waits two loop iterations."""
@@ -335,15 +342,15 @@ class CattleSource:
     async def _read(
         self,
         ws: aiohttp.ClientWebSocketResponse,
-        pending: list[dict[str, Any]],
+        pending: list[dict[str, Any] | str | bytes],
         wake: asyncio.Event,
     ) -> None:
         """Reads the socket into ``pending``; returns when the server closes it, raises
         :class:`_SilentSocket` when pings stop."""
-        last_ping = time.monotonic()
+        self._last_ping = time.monotonic()
         pings = 0
         while True:
-            remaining = last_ping + self.ping_timeout - time.monotonic()
+            remaining = self._last_ping + self.ping_timeout - time.monotonic()
             if remaining <= 0:
                 raise _SilentSocket()
             try:
@@ -351,13 +358,20 @@ class CattleSource:
             except TimeoutError:
                 raise _SilentSocket() from None
             if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-                event = self._decode(message.data)
+                data = message.data
+                if (_CHANGE if isinstance(data, str) else _CHANGE_BYTES) in data:
+                    # decoded with its batch, with the collector paused (see _decode_batch)
+                    self.metrics.last_event(time.time())
+                    pending.append(data)
+                    wake.set()
+                    continue
+                event = self._decode(data)
                 if event is None:
                     continue
                 self.metrics.last_event(time.time())
                 name = event.get("name")
                 if name == "ping":
-                    last_ping = time.monotonic()
+                    self._last_ping = time.monotonic()
                     pings += 1
                     self.metrics.event("ping", 1)
                 elif name == "resource.change":
@@ -375,6 +389,31 @@ class CattleSource:
                     "transport", f"websocket connection lost (close code {ws.close_code})"
                 )
 
+    def _decode_batch(self, frames: Sequence[dict[str, Any] | str | bytes]) -> list[dict[str, Any]]:
+        """The resource.change events of a batch, the frames queued undecoded decoded here,
+        with the cyclic collector paused: a batch's parse makes only acyclic objects, and the
+        collections they would trigger (traversing every event held) cost twice the parse."""
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            events: list[dict[str, Any]] = []
+            for frame in frames:
+                event = frame if isinstance(frame, dict) else self._decode(frame)
+                if event is None:
+                    continue
+                name = event.get("name")
+                if name == "resource.change":
+                    events.append(event)
+                elif name == "ping":  # one whose text named resource.change: still a ping
+                    self._last_ping = time.monotonic()
+                    self.metrics.event("ping", 1)
+                else:
+                    log.debug("cattle: ignored event %r", name)
+            return events
+        finally:
+            if collecting:
+                gc.enable()
+
     def _decode(self, data: str | bytes) -> dict[str, Any] | None:
         try:
             event = json.loads(data)
@@ -390,13 +429,18 @@ class CattleSource:
 
     # -- list and reconcile ---------------------------------------------------------------------
 
-    async def _sync(self, client: CattleClient, pending: list[dict[str, Any]]) -> None:
+    async def _sync(
+        self, client: CattleClient, pending: list[dict[str, Any] | str | bytes]
+    ) -> None:
         self._loading = True  # until it succeeds: a failure is a rejected load
         await self._list_and_replace(client, pending)
         self._loading = False
 
-    async def _list_and_replace(self, client: CattleClient, pending: list[dict[str, Any]]) -> None:
+    async def _list_and_replace(
+        self, client: CattleClient, pending: list[dict[str, Any] | str | bytes]
+    ) -> None:
         started = time.perf_counter()
+        self.memo.clear()  # refilled by the list: bounded by what the project holds
         items: dict[str, tuple[translate.Translated, ...]] = {}
         count = 0
         project = await client.get_json(self.connection.url)
@@ -409,7 +453,7 @@ class CattleSource:
                     self._put(items, obj)
                 await asyncio.sleep(0)  # let the services answer between pages
         # Every resource a buffered event touched: what the server holds now wins.
-        buffered = pending[:]
+        buffered = self._decode_batch(pending)
         del pending[:]
         touched: dict[str, tuple[str, str]] = {}
         for event in buffered:
@@ -430,6 +474,10 @@ class CattleSource:
         self.reconciled += len(touched)
         records = self.mirror.reset(items)
         await self.store.replace_async(self.source, records)
+        # The listed records are a large, long-lived, acyclic heap: out of the cyclic
+        # collector's sight, so the collections the events trigger stay cheap (as the DNS
+        # server does after a full zone build).
+        gc.freeze()
         self.lists += 1
         seconds = time.perf_counter() - started
         self.metrics.list_done(count, seconds)
@@ -502,7 +550,7 @@ class CattleSource:
 
     def _translate_supported(self, obj: dict[str, Any]) -> tuple[translate.Translated, ...]:
         try:
-            return tuple(translate.translate(obj, self.source))
+            return tuple(translate.translate(obj, self.source, self.memo))
         except UnsupportedObject as exc:
             log.debug("cattle: skipped %s", exc)
             return ()
@@ -541,7 +589,23 @@ class CattleSource:
         fetched: dict[tuple[str, str], dict[str, Any] | None] | None = None,
     ) -> None:
         """One batch of resource.change events: the newest state of each resource wins.
-        ``fetched``: the resources of events without ``data.resource`` (None: gone)."""
+        ``fetched``: the resources of events without ``data.resource`` (None: gone).
+
+        The cyclic collector is paused meanwhile: a batch (at most MAX_BATCH events) makes
+        only acyclic objects, and the collections they would trigger cost a fifth of it."""
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._apply_batch(events, fetched)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _apply_batch(
+        self,
+        events: Sequence[dict[str, Any]],
+        fetched: dict[tuple[str, str], dict[str, Any] | None] | None,
+    ) -> None:
         fetched = fetched or {}
         changes: dict[str, tuple[translate.Translated, ...]] = {}
         counts: dict[str, int] = {}
@@ -587,7 +651,7 @@ class CattleSource:
             if changes:
                 out = self.mirror.update(changes)
                 if out:
-                    self.store.apply(self.source, out)
+                    self.store.apply(self.source, out, compared=True)
         finally:
             for label, n in counts.items():
                 self.metrics.event(label, n)

@@ -17,14 +17,17 @@ there. Two joins are left for a post-pass once the whole set is known (:func:`re
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import logging
+import marshal
+import operator
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, TypeVar
 
 from node_services.sources.errors import TranslateError, UnsupportedObject
 from node_services.sources.fields import cidr, flag, integer, ip, mapping, sequence, text
@@ -140,10 +143,13 @@ def resource_ref(obj: Mapping[str, Any]) -> str:
     return f"{ref} ({name})" if isinstance(name, str) and name else ref
 
 
-def translate(obj: Mapping[str, Any], source: str) -> Sequence[Translated]:
+def translate(
+    obj: Mapping[str, Any], source: str, memo: ContainerMemo | None = None
+) -> Sequence[Translated]:
     """The records (and network facts) one Cattle resource becomes ([] for a removed one).
 
-    Facts are for :func:`resolve`, which turns a whole set into store records."""
+    Facts are for :func:`resolve`, which turns a whole set into store records. ``memo``: the
+    live source's :class:`ContainerMemo` (the result is the same with or without it)."""
     resource_type = obj.get("type")
     translator = _TRANSLATORS.get(resource_type) if isinstance(resource_type, str) else None
     ref = resource_ref(obj)
@@ -151,7 +157,11 @@ def translate(obj: Mapping[str, Any], source: str) -> Sequence[Translated]:
         raise UnsupportedObject(ref, f"type {resource_type!r} is not used by node-services")
     text(ref, "id", obj.get("id"), required=True)
     if obj.get("state") in GONE_STATES or obj.get("removed"):
+        if memo is not None and resource_type == "container":
+            memo.discard(f"{PREFIX}container/{obj['id']}")
         return []
+    if memo is not None and resource_type == "container":
+        return _container(obj, source, ref, memo)
     return translator(obj, source, ref)
 
 
@@ -460,20 +470,153 @@ def _optional_int_fast(ref: str, path: str, value: Any) -> int | None:
     return value + 0 if type(value) is int else _optional_int(ref, path, value)
 
 
-def _container(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
+_CONTAINER_FIELDS: Final = (
+    "name",
+    "labels",
+    "hostId",
+    "stackId",
+    "serviceIds",
+    "serviceId",
+    "primaryNetworkId",
+    "instanceLinks",
+    "createIndex",
+    "system",
+    "healthCheck",
+    "uuid",
+    "hostname",
+    "ports",
+    "externalId",
+    "dns",
+    "dnsSearch",
+    "startCount",
+    "primaryMacAddress",
+    "memoryReservation",
+    "milliCpuReservation",
+)
+"""The fields a container's translation reads besides ``id``, ``type`` and the volatile ones
+(``primaryIpAddress``, ``state``, ``healthState``): what :class:`ContainerMemo` compares."""
+_SERVICE_PREFIX: Final = f"{PREFIX}service/"
+_R = TypeVar("_R", bound=Record)
+_FIELD_NAMES: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {}
+
+
+def replace_record(record: _R, **changes: Any) -> _R:
+    """``dataclasses.replace`` for a record (frozen, slotted, every field an init field), at a
+    fraction of its cost: the values read by one attrgetter, the class called positionally."""
+    cls = type(record)
+    known = _FIELD_NAMES.get(cls)
+    if known is None:
+        fields = dataclasses.fields(cls)
+        if len(fields) < 2 or not all(f.init for f in fields):  # attrgetter gives a tuple
+            return dataclasses.replace(record, **changes)
+        names = tuple(f.name for f in fields)
+        known = _FIELD_NAMES[cls] = (names, operator.attrgetter(*names))
+    names, getter = known
+    values = list(getter(record))
+    for name, value in changes.items():
+        values[names.index(name)] = value
+    return cls(*values)
+
+
+class ContainerMemo:
+    """The last translation of each container, given again for an event that changed none of
+    the fields it reads but the volatile ones (address, state, health: re-read every time).
+
+    A container event is a full object, and most of them change one or two fields; parsing the
+    other twenty is most of a translation. The fields are compared exactly, by a digest of
+    their ``marshal`` form (which, unlike ``==``, tells ``1`` from ``1.0`` and ``true``); an
+    object marshal cannot write is translated without the memo. Bounded: it is cleared when it
+    holds ``max_entries`` containers (and by the source at each relist).
+    """
+
+    __slots__ = ("_entries", "max_entries")
+
+    def __init__(self, max_entries: int = 1 << 18) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[bytes, tuple[Record, ...]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def discard(self, workload_key: str) -> None:
+        self._entries.pop(workload_key, None)
+
+    @staticmethod
+    def signature(obj: Mapping[str, Any]) -> bytes | None:
+        try:
+            dumped = marshal.dumps(tuple(map(obj.get, _CONTAINER_FIELDS)), 0)
+        except ValueError:  # not a JSON value (or nested beyond marshal's limit)
+            return None
+        return hashlib.blake2b(dumped, digest_size=16).digest()
+
+    def get(self, workload_key: str, signature: bytes) -> tuple[Record, ...] | None:
+        known = self._entries.get(workload_key)
+        return known[1] if known is not None and known[0] == signature else None
+
+    def put(self, workload_key: str, signature: bytes, records: Sequence[Record]) -> None:
+        if len(self._entries) >= self.max_entries and workload_key not in self._entries:
+            self._entries.clear()
+        self._entries[workload_key] = (signature, tuple(records))
+
+
+def _container(
+    obj: Mapping[str, Any], source: str, ref: str, memo: ContainerMemo | None = None
+) -> list[Record]:
     # Each field read as the generic readers do (text, integer, ...), with their common case
-    # inlined: this runs for every container event.
+    # inlined: this runs for every container event. The volatile fields first: a memo hit
+    # reads only them.
     get = obj.get
     container_id = str(obj["id"])
+    workload_key = f"{PREFIX}container/{container_id}"
+    primary_ip = get("primaryIpAddress")
+    ips = (ip(ref, "primaryIpAddress", primary_ip),) if primary_ip else ()
+    state = get("state")
+    state = sys.intern(state) if type(state) is str else text(ref, "state", state, intern=True)
+    health = get("healthState")
+    if type(health) is str:
+        health = sys.intern(health)
+    else:
+        health = text(ref, "healthState", health, intern=True)
+    ready = state == "running" and health in SERVING_HEALTH
+    if memo is None:
+        workload = _container_workload(obj, source, ref, workload_key, ips, state, health, ready)
+        return _container_records(workload, container_id)
+    signature = memo.signature(obj)
+    known = memo.get(workload_key, signature) if signature is not None else None
+    last = known[0] if known is not None else None
+    if isinstance(last, Workload) and last.source == source:
+        if (last.ips, last.state, last.health_state) == (ips, state, health):
+            return list(known)  # type: ignore[arg-type]
+        workload = replace_record(last, ips=ips, state=state, ready=ready, health_state=health)
+    else:
+        workload = _container_workload(obj, source, ref, workload_key, ips, state, health, ready)
+    records = _container_records(workload, container_id)
+    if signature is not None:
+        memo.put(workload_key, signature, records)
+    return records
+
+
+def _container_workload(
+    obj: Mapping[str, Any],
+    source: str,
+    ref: str,
+    workload_key: str,
+    ips: tuple[str, ...],
+    state: str,
+    health: str,
+    ready: bool,
+) -> Workload:
+    """A container's Workload; reads only :data:`_CONTAINER_FIELDS` of ``obj``."""
+    get = obj.get
     name = get("name")
     if type(name) is str and name:
         name = "".join((name, ""))
     else:
         name = text(ref, "name", name, required=True)
-    workload_key = f"{PREFIX}container/{container_id}"
     labels = _container_labels(ref, workload_key, get("labels"))
-    primary_ip = get("primaryIpAddress")
-    ips = (ip(ref, "primaryIpAddress", primary_ip),) if primary_ip else ()
     host_id = _str(ref, "hostId", get("hostId"))
     stack_id = _str(ref, "stackId", get("stackId"))
     raw_service_ids = get("serviceIds")
@@ -486,18 +629,10 @@ def _container(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
         ]
     if not service_ids and get("serviceId"):
         service_ids = [text(ref, "serviceId", get("serviceId"))]
-    state = get("state")
-    state = sys.intern(state) if type(state) is str else text(ref, "state", state, intern=True)
-    health = get("healthState")
-    if type(health) is str:
-        health = sys.intern(health)
-    else:
-        health = text(ref, "healthState", health, intern=True)
     launch_config = label(labels, LAUNCH_CONFIG_LABEL)
     if launch_config == PRIMARY_LAUNCH_CONFIG:
         launch_config = ""
     suffix = name.rsplit("-", 1)[-1] if "-" in name else ""
-    ready = state == "running" and health in SERVING_HEALTH
     network_id = _str(ref, "primaryNetworkId", get("primaryNetworkId"))
     raw_links = get("instanceLinks")
     links = (
@@ -516,7 +651,7 @@ def _container(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
     create_index = get("createIndex")
     system = get("system")
     health_check = get("healthCheck")
-    workload = Workload(
+    return Workload(
         key=workload_key,
         source=source,
         namespace=label(labels, STACK_NAME_LABEL),
@@ -530,7 +665,7 @@ def _container(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
         state=state,
         ready=ready,
         health_state=health,
-        service_keys=tuple([sys.intern(f"{PREFIX}service/{sid}") for sid in service_ids]),
+        service_keys=tuple([sys.intern(f"{_SERVICE_PREFIX}{sid}") for sid in service_ids]),
         ports=_container_ports(ref, get("ports")),
         create_index=create_index + 0
         if type(create_index) is int
@@ -554,26 +689,32 @@ def _container(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
         network_uuid=sys.intern(f"{PREFIX}network/{network_id}") if network_id else "",
         links=links,
     )
+
+
+def _container_records(workload: Workload, container_id: str) -> list[Record]:
+    """The Workload and, when it has an address, one Endpoints per service it belongs to."""
     records: list[Record] = [workload]
+    ips = workload.ips
     if ips:
         endpoint = Endpoint(
             addresses=ips,
-            ready=ready,
-            serving=ready,
-            terminating=state in ("stopping", "removing"),
-            hostname=name,
+            ready=workload.ready,
+            serving=workload.ready,
+            terminating=workload.state in ("stopping", "removing"),
+            hostname=workload.name,
             target_key=workload.key,
         )
-        for service_id in service_ids:
-            service_key = sys.intern(f"{PREFIX}service/{service_id}")
+        address_type = "IPv6" if ":" in ips[0] else "IPv4"
+        for service_key in workload.service_keys:
+            service_id = service_key[len(_SERVICE_PREFIX) :]
             records.append(
                 Endpoints(
                     key=f"{PREFIX}endpoint/{service_id}/{container_id}",
-                    source=source,
+                    source=workload.source,
                     namespace=workload.namespace,
                     service="",  # named by service_key; the name needs the service itself
                     service_key=service_key,
-                    address_type="IPv6" if ":" in ips[0] else "IPv4",
+                    address_type=address_type,
                     ports=workload.ports,
                     endpoints=(endpoint,),
                 )
