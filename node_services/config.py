@@ -88,7 +88,8 @@ class Settings:
     """UDP and TCP address of the DNS server; a list for several (node-local DNS:
     `[169.254.20.10:53, 10.96.0.10:53]`, the link-local address and the kube-dns ClusterIP,
     both on a local interface), at most 64. A restart hands every one over; the hand-over
-    socket is named after the first."""
+    socket is named after the first (keep it first across restarts). An IPv6 address serves
+    IPv6 only (`[::]:53` beside `0.0.0.0:53` for both families)."""
 
     cluster_domain: str = "cluster.local"
     """The Kubernetes cluster domain answered authoritatively."""
@@ -632,6 +633,8 @@ def _convert(key: str, value: Any) -> Any:
     if key == "runtime_dir":
         return Path(str(value)) if value not in (None, "") else None
     if key == "dns_serve_stale":
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a number of seconds (0 disables serving stale)")
         try:
             stale = float(value)
         except (TypeError, ValueError):

@@ -198,7 +198,11 @@ class ResponseCache:
             return
         if walked.truncated:
             return
-        positive = walked.rcode == wire.NOERROR and walked.ancount
+        # A CNAME chain ending in no data (an SOA in authority) is a negative answer: its
+        # negative TTL, never served stale.
+        positive = (
+            walked.rcode == wire.NOERROR and walked.ancount and walked.soa_negative_ttl is None
+        )
         if positive:
             ttl = min(walked.min_ttl or 0, MAX_POSITIVE_TTL)
         elif walked.rcode in (wire.NXDOMAIN, wire.NOERROR) and walked.soa_negative_ttl is not None:

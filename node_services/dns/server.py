@@ -310,6 +310,8 @@ class DnsServer:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                if family == socket.AF_INET6:  # as TCP (asyncio): [::] beside 0.0.0.0 binds
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind((host, port))
                 sock.setblocking(False)
                 sockname = sock.getsockname()

@@ -20,6 +20,7 @@ import errno
 import logging
 import socket
 import struct
+import sys
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -125,8 +126,10 @@ _SIZE = struct.Struct("=Q" if ctypes.sizeof(ctypes.c_size_t) == 8 else "=I").pac
 def _address(name: memoryview, family: int) -> tuple[Any, ...]:
     """A socket address as the kernel wrote it, as the tuple ``sendto`` and logs take."""
     port = name[2] << 8 | name[3]
-    if family == socket.AF_INET6:
-        return (socket.inet_ntop(socket.AF_INET6, bytes(name[8:24])), port, 0, 0)
+    if family == socket.AF_INET6:  # flow info and scope id: a link-local caller needs its scope
+        flowinfo = int.from_bytes(name[4:8], "big")
+        scope = int.from_bytes(name[24:28], sys.byteorder)
+        return (socket.inet_ntop(socket.AF_INET6, bytes(name[8:24])), port, flowinfo, scope)
     return (socket.inet_ntop(socket.AF_INET, bytes(name[4:8])), port)
 
 
@@ -276,31 +279,35 @@ class UdpSocket:
                 addr = _address(names[i * _NAME : (i + 1) * _NAME], family)
                 server._spawn(result, self.replier(addr, data, started))
         if sent:
-            self._flush(sendmmsg, fd, buffers, sent)
+            delivered = self._flush(sendmmsg, fd, buffers, sent)
             if sent < count:
                 for j in range(sent):  # the next batch expects slot j to answer datagram j
                     _POINTER(send_msgs, j * _MSG_SIZE + _NAME_AT, names_base + j * _NAME)
-            elapsed = time.perf_counter() - started
-            histogram = server._local
-            histogram.counts[bisect_left(DURATION_BUCKETS, elapsed)] += sent
-            histogram.total += elapsed * sent
+            if delivered:
+                elapsed = time.perf_counter() - started
+                histogram = server._local
+                histogram.counts[bisect_left(DURATION_BUCKETS, elapsed)] += delivered
+                histogram.total += elapsed * delivered
         stats.answer_cache_hits += cached
         queries = stats.listener_queries
         queries[self._counted] = queries.get(self._counted, 0) + count
 
-    def _flush(self, sendmmsg: Any, fd: int, buffers: _Buffers, sent: int) -> None:
-        """Send the queued answers; one the kernel refuses is dropped and counted."""
-        done = 0
+    def _flush(self, sendmmsg: Any, fd: int, buffers: _Buffers, sent: int) -> int:
+        """Send the queued answers; one the kernel refuses is dropped and counted. Returns
+        how many went out."""
+        done = delivered = 0
         while done < sent:
             result = sendmmsg(fd, buffers.send_at + done * _MSG_SIZE, sent - done, 0)
             if result > 0:
                 done += result
+                delivered += result
                 continue
             code = ctypes.get_errno()
             if result < 0 and code == errno.EINTR:
                 continue
             self.server.stats.count(self.server.stats.dropped, "send_failed")
             done += 1  # skip the answer at fault, send the rest
+        return delivered
 
     def _send_one(self, response: bytes, addr: tuple[Any, ...]) -> None:
         try:

@@ -32,6 +32,7 @@ from node_services.state.store import Store
 
 NAME = "www.example.org."
 GONE = "gone.example.org."  # NXDOMAIN at the upstream
+CHAIN = "alias.example.org."  # a CNAME to a name with no record of the type
 
 
 class Clock:
@@ -88,6 +89,19 @@ class Scripted:
         response.flags |= dns.flags.RA
         if self.mode in ("servfail", "refused"):
             response.set_rcode(dns.rcode.SERVFAIL if self.mode == "servfail" else dns.rcode.REFUSED)
+        elif name == CHAIN:  # a CNAME whose target has no record of the type: no data
+            response.answer.append(
+                dns.rrset.from_text(question.name, 600, "IN", "CNAME", "nothing.example.org.")
+            )
+            response.authority.append(
+                dns.rrset.from_text(
+                    "example.org.",
+                    self.negative_ttl,
+                    "IN",
+                    "SOA",
+                    f"ns.example.org. host.example.org. 1 7200 1800 86400 {self.negative_ttl}",
+                )
+            )
         elif name == GONE or question.rdtype != dns.rdatatype.A:
             if name == GONE:
                 response.set_rcode(dns.rcode.NXDOMAIN)
@@ -273,6 +287,22 @@ async def test_nxdomain_and_nodata_are_never_served_stale(
     assert len(upstream.asked) == 4
     assert node.stats.stale_answers == 0
     assert len(node.forwarder.cache) == 0  # dropped at their TTL, not kept
+
+
+async def test_a_cname_to_no_data_is_negative_never_stale(
+    start: Callable[..., Any], upstream: Scripted, clock: Clock
+) -> None:
+    """NOERROR with a CNAME (TTL 600) and an SOA (minimum 60): the target has no record of
+    the type, so the answer lives for the negative TTL and is never served stale."""
+    node: Node = await start()
+    first = await node.ask(CHAIN)
+    assert rcode(first) == "NOERROR" and first.authority
+    assert [r.to_text() for rr in first.answer for r in rr] == ["nothing.example.org."]
+    clock.now += 61  # past the negative TTL, well inside the CNAME's 600 s
+    upstream.mode = "servfail"
+    assert rcode(await node.ask(CHAIN)) == "SERVFAIL"
+    assert node.stats.stale_answers == 0
+    assert len(upstream.of(CHAIN)) == 2
 
 
 async def test_stale_window_ends_after_dns_serve_stale(

@@ -10,12 +10,14 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 
+import dns.asyncquery
 import dns.flags
 import dns.message
 import dns.rcode
 import pytest
 from dnshelpers import FakeUpstream, Z, endpoint_slice, kube_cluster, pod, service
 from dnsserve import Served, serve
+from helpers import free_port
 
 from node_services.dns import udp
 from node_services.dns.udp import UdpSocket
@@ -262,3 +264,19 @@ async def test_a_forward_cache_hit_is_sent_in_the_batch_that_read_it(
     assert [q for q in upstream.queries if q[1] == "payments.example.com."] == [
         ("udp", "payments.example.com.", "A")
     ]
+
+
+async def test_ipv6_and_ipv4_wildcards_share_a_port(served: Served) -> None:
+    """An IPv6 listener is IPv6 only (UDP as TCP): [::]:P binds beside 0.0.0.0:P (a
+    dual-stack UDP socket would find the port taken), and each answers its own family over
+    UDP and TCP (asked on loopback only)."""
+    port = free_port()
+    await served.server.start("0.0.0.0", port)
+    await served.server.start("::", port)
+    for host in ("127.0.0.1", "::1"):
+        message = dns.message.make_query(f"web.shop.svc.{Z}", "A")
+        for reply in (
+            await dns.asyncquery.udp(message, host, port=port, timeout=3),
+            await dns.asyncquery.tcp(message, host, port=port, timeout=3),
+        ):
+            assert [r.to_text() for rr in reply.answer for r in rr] == ["10.43.0.20"], host
