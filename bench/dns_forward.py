@@ -175,8 +175,9 @@ def _combine(runs: list[dict[str, float]]) -> dict[str, float]:
 def _metric(admin_port: int, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
+            one = line.startswith(name + " ")
+            if one or line.startswith(name + '{zone="."}'):  # one series, or zone "."
+                return float(line.rsplit(None, 1)[1])
     return float("nan")
 
 

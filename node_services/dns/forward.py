@@ -231,11 +231,9 @@ class Forwarder:
         forwarder is at its concurrency cap. Whether it was started."""
         if key in self._refreshing or key in self._flights or key[3] >= DERIVED_VARIANTS:
             return False
-        if (
-            self.overloaded()
-            or len(self._refreshing) >= MAX_REFRESHES
-            or (not prefetch and self._stale_refreshing)
-        ):
+        if not prefetch and self._stale_refreshing:
+            return False  # one stale refresh at a time: the rule, not a skip for load
+        if self.overloaded() or len(self._refreshing) >= MAX_REFRESHES:
             self.stats.refreshes_skipped += 1
             return False
         query = _refresh_query(key, response)

@@ -439,7 +439,7 @@ _ZONE_COUNTERS: Final = (
         "counter",
         "node_services_dns_cache_refreshes_skipped",
         "Prefetches and stale refreshes not sent because dns_max_forwards queries were "
-        "waiting upstream.",
+        "waiting upstream or 64 refreshes were running.",
         "refreshes_skipped",
     ),
 )

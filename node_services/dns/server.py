@@ -636,6 +636,7 @@ class DnsServer:
             if found is None:
                 if not self._forwarding:
                     self.stats.forward_no_upstream += 1
+                    self._volatile = True  # counted each time: not for the answer cache
                     return self._error(q, wire.REFUSED)
                 hit = self._forward_cached(q, tcp)
                 if hit is not None:

@@ -12,9 +12,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import dns.asyncquery
 import dns.flags
+import dns.message
 import pytest
-from dnshelpers import FakeUpstream, rcode
+from dnshelpers import FakeUpstream, pod, rcode
 from dnsserve import first
 from dnsserve import start_from_settings as start
 from helpers import free_port
@@ -294,7 +296,9 @@ async def test_the_daemon_forwards_to_systemd_resolved_upstreams(
 async def test_no_upstream_refuses_outside_names_and_counts_them(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    s = await start(tmp_path, resolv=SYSTEMD_STUB)  # and no systemd-resolved list
+    s = await start(  # and no systemd-resolved list; a pod with a view (autopath on)
+        tmp_path, [pod("default", "caller", "127.0.0.9")], resolv=SYSTEMD_STUB, dns_autopath="on"
+    )
     try:
         for name in ("www.example.org", "example.com"):
             reply = await s.query(name, "A")
@@ -302,6 +306,14 @@ async def test_no_upstream_refuses_outside_names_and_counts_them(
             assert not reply.flags & dns.flags.RA
         assert rcode(await s.query("nope.rancher.internal", "A")) == "NXDOMAIN"  # ours
         assert s.metric("node_services_dns_forward_no_upstream_total") == 2
+        # A pod of this node (it has a view and a per-view answer cache): each ask counts.
+        for _ in range(2):
+            message = dns.message.make_query("www.example.org", "A")
+            reply = await dns.asyncquery.udp(
+                message, "127.0.0.1", port=s.port, timeout=3, source="127.0.0.9"
+            )
+            assert rcode(reply) == "REFUSED"
+        assert s.metric("node_services_dns_forward_no_upstream_total") == 4
         assert "dns: no upstream DNS servers: " in caplog.text
         assert "Set the upstreams to forward to: config key upstreams" in caplog.text
     finally:
