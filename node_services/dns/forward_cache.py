@@ -61,8 +61,8 @@ _NEVER: Final = float("inf")
 
 @dataclass(slots=True)
 class _Cached:
-    response: bytes  # as received: ID and question of the first asker, the original TTLs
-    stored: float
+    response: bytes  # ID and question of the first asker; TTLs as of ``stored``
+    stored: float  # when the TTLs in ``response`` were right (moved on as it is aged)
     expires: float
     ttl_offsets: tuple[int, ...]
     cost: int
@@ -142,16 +142,17 @@ class ResponseCache:
             and self.refresh(key, entry.response, True)
         ):
             entry.refresh_at = _NEVER  # one prefetch per entry: a new answer replaces it
+        response = entry.response
         elapsed = int(now - entry.stored)
-        out = bytearray(entry.response)
-        out[0:2] = qid.to_bytes(2, "big")
-        out[12 : 12 + len(question)] = question
-        if elapsed:
-            response = entry.response
+        if elapsed:  # age the entry itself, once per second it is asked in
+            aged = bytearray(response)
             for offset in entry.ttl_offsets:
                 (ttl,) = _TTL.unpack_from(response, offset)
-                _TTL.pack_into(out, offset, max(0, ttl - elapsed))
-        return bytes(out)
+                _TTL.pack_into(aged, offset, max(0, ttl - elapsed))
+            entry.response = response = bytes(aged)
+            entry.stored += elapsed
+        end = 12 + len(question)  # the same length for every asker of this key
+        return b"".join((qid.to_bytes(2, "big"), response[2:12], question, response[end:]))
 
     def stale(self, key: CacheKey, qid: int, question: bytes) -> bytes | None:
         """The stale answer for ``key`` (every TTL 30) when the upstreams just failed to

@@ -23,11 +23,11 @@ from typing import Any, Final
 import dnslib
 
 from node_services.dns import autopath, wire
-from node_services.dns.forward import Forwarder, UpstreamError
+from node_services.dns.forward import Forwarder, UpstreamError, question_key
 from node_services.dns.forward_zones import ForwardZones
 from node_services.dns.metrics import DnsStats, Histogram
 from node_services.dns.udp import UdpSocket, client_ip, log_query
-from node_services.dns.views import ClientViews, View, complete
+from node_services.dns.views import ClientViews, ForwardRoute, Reply, View, complete
 from node_services.dns.zone import ANY_TYPE, Answer, Zone
 from node_services.state.store import ChangeSet, Snapshot, Store, Subscription
 
@@ -48,6 +48,8 @@ MAX_TCP_CLIENTS: Final = 256
 _REFUSED_TYPES: Final = frozenset({251, 252})  # IXFR, AXFR: no zone transfers
 _OPT: Final = wire.opt_record()
 _ONE_QUESTION: Final = b"\x00\x01\x00\x00\x00\x00\x00"  # QD=1, AN=0, NS=0, AR<256
+_ROUTE_COST: Final = 240
+"""Bytes an answer-cache entry holding a forward route costs beyond its key (the tuple)."""
 _ENTRY_OVERHEAD: Final = 160
 """Bytes an answer-cache entry costs beyond its key and value bytes: two bytes objects'
 headers and allocator rounding, and its share of the dict's table (measured: ~120)."""
@@ -113,7 +115,7 @@ class DnsServer:
         """The first listen address as bound (its port, when port 0 was asked)."""
         self._requests = self.stats.requests
         self._responses = self.stats.responses
-        self._replies: dict[bytes, bytes] = {}
+        self._replies: dict[bytes, Reply] = {}
         """UDP query bytes after the ID -> response bytes after the ID, for the answers the
         fast path built from the current zone; emptied whenever the zone changes, and when it
         would hold more than ``answer_cache_size`` entries or ``answer_cache_bytes`` bytes
@@ -591,14 +593,22 @@ class DnsServer:
             self._keep(replies, data, response)
         return response
 
-    def _keep(self, replies: dict[bytes, bytes], data: bytes, response: bytes) -> None:
-        """Keep a whole UDP answer for the same query bytes (one budget for every view)."""
-        cost = len(data) + len(response) + _ENTRY_OVERHEAD
+    def _keep(
+        self, replies: dict[bytes, Reply], data: bytes, response: bytes | ForwardRoute
+    ) -> None:
+        """Keep a whole UDP answer (or the way to a forwarded one) for the same query bytes
+        (one budget for every view)."""
+        if type(response) is bytes:
+            cost = len(data) + len(response) + _ENTRY_OVERHEAD
+            kept: Reply = response[2:]
+        else:
+            cost = len(data) + _ROUTE_COST
+            kept = response
         used = self._replies_used + cost
         if len(replies) >= self._replies_max or used > self._replies_budget:
             self._clear_replies()
             used = cost
-        replies[data[2:]] = response[2:]
+        replies[data[2:]] = kept
         self._replies_used = self.stats.answer_cache_bytes = used
 
     def _answer(self, data: bytes, tcp: bool, view: View | None = None) -> bytes | _Pending | None:
@@ -638,7 +648,7 @@ class DnsServer:
                     self.stats.forward_no_upstream += 1
                     self._volatile = True  # counted each time: not for the answer cache
                     return self._error(q, wire.REFUSED)
-                hit = self._forward_cached(q, tcp)
+                hit = self._forward_cached(q, data, tcp, view)
                 if hit is not None:
                     self._volatile = True  # its TTLs run: not for the zone-long answer cache
                     return hit
@@ -770,20 +780,42 @@ class DnsServer:
         self._forwarded.observe(time.perf_counter() - started)
         return response
 
-    def _forward_cached(self, q: wire.Query, tcp: bool) -> bytes | None:
+    def _forward_cached(
+        self, q: wire.Query, data: bytes, tcp: bool, view: View | None
+    ) -> bytes | None:
         """A forwarded name's answer from its zone's forward cache, at once (no task); None
-        when it is not there, or when the slow path must see the query (a loop)."""
+        when it is not there, or when the slow path must see the query (a loop). Over UDP,
+        the way there is kept for the same query bytes (see :meth:`routed`)."""
         zones = self.forward_zones
         if zones.is_own_query(q.qid, q.lname, q.qtype) is not None:
             return None
         forwarder = zones.forwarder_for(q.lname)
         if forwarder is None:
             return None
-        cached = forwarder.cached(q)
+        key = question_key(q)
+        cached = forwarder.cache.get(key, q.qid, q.question)
         if cached is None:
             return None
         forwarder.stats.cache_hits += 1
-        return self._fit(q, cached, tcp)
+        response = self._fit(q, cached, tcp)
+        if not tcp and self._replies_max and response is cached:
+            route = (forwarder.cache, key, q.qtype, len(q.question), q.udp_size, forwarder.stats)
+            self._keep(self._replies if view is None else view.replies, data, route)
+        return response
+
+    def routed(self, route: ForwardRoute, data: bytes) -> bytes | None:
+        """The answer to UDP query bytes seen before as a forward-cache hit: from the same
+        cache entry (its TTLs aged, prefetch and serve-stale as ever), without parsing,
+        zone lookups or routing again; None when the entry is gone or too large now (the
+        general path answers)."""
+        cache, key, qtype, qlen, limit, counters = route
+        response = cache.get(key, data[0] << 8 | data[1], data[12 : 12 + qlen])
+        if response is None or len(response) > limit:
+            return None
+        counters.cache_hits += 1
+        self._requests[False][qtype] += 1
+        self._responses[response[3] & 0xF] += 1
+        return response
 
     def _fit(self, q: wire.Query, response: bytes, tcp: bool) -> bytes:
         """A forwarded response as sent: truncated (TC, question only) when it is larger

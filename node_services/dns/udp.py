@@ -214,6 +214,7 @@ class UdpSocket:
             server.catch_up()
         stats = server.stats
         answer = server._answer_current
+        routed = server.routed
         replies = server._replies
         views = server.views.by_packed if server.views is not None else None
         mapped = self.mapped
@@ -244,15 +245,15 @@ class UdpSocket:
                     ip = bytes(names[name + 4 : name + 8])
                 view = views.get(ip)
             tail = replies.get(data[2:]) if view is None else view.replies.get(data[2:])
-            if tail is not None:  # asked before, same bytes but the ID: answered before
+            if isinstance(tail, bytes):  # asked before, same bytes but the ID: answered before
                 end = data.find(0, 12)  # the fast path checked this query's shape
                 requests[data[end + 1] << 8 | data[end + 2]] += 1
                 responses[tail[1] & 0xF] += 1
                 cached += 1
                 result: Any = data[:2] + tail
             else:
-                try:
-                    result = answer(data, False, view)
+                try:  # a forward route: the forward cache's answer, if it still has one
+                    result = (tail is not None and routed(tail, data)) or answer(data, False, view)
                 except Exception:  # never let one packet stop the server
                     log.exception(
                         "dns: unexpected error answering a packet from %s on %s",
@@ -325,6 +326,7 @@ class UdpSocket:
         if server.store.snapshot is not server._seen:  # never changes within this callback
             server.catch_up()
         answer = server._answer_current
+        routed = server.routed
         replies = server._replies
         views = server.views.by_ip if server.views is not None else None
         mapped = self.mapped
@@ -346,15 +348,15 @@ class UdpSocket:
             received += 1
             view = views.get(client_ip(addr[0]) if mapped else addr[0]) if views else None
             tail = replies.get(data[2:]) if view is None else view.replies.get(data[2:])
-            if tail is not None:  # asked before, same bytes but the ID: answered before
+            if isinstance(tail, bytes):  # asked before, same bytes but the ID: answered before
                 end = data.find(0, 12)  # the fast path checked this query's shape
                 requests[data[end + 1] << 8 | data[end + 2]] += 1
                 responses[tail[1] & 0xF] += 1
                 cached += 1
                 result: Any = data[:2] + tail
             else:
-                try:
-                    result = answer(data, False, view)
+                try:  # a forward route: the forward cache's answer, if it still has one
+                    result = (tail is not None and routed(tail, data)) or answer(data, False, view)
                 except Exception:  # never let one packet stop the server
                     log.exception(
                         "dns: unexpected error answering a packet from %s on %s", addr, self.label

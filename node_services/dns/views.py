@@ -19,11 +19,19 @@ from collections.abc import Iterable
 from typing import Final
 
 from node_services.dns import wire
+from node_services.dns.forward_cache import CacheKey, ResponseCache
+from node_services.dns.metrics import DnsStats
 from node_services.dns.zone import Zone
 from node_services.state.records import Service, Workload
 from node_services.state.store import ChangeSet, Snapshot
 
 log = logging.getLogger(__name__)
+
+ForwardRoute = tuple[ResponseCache, CacheKey, int, int, int, DnsStats]
+"""The way to a forwarded answer: its cache and key, qtype, question length, the client's UDP
+size, and the counters of its forwarding zone (see DnsServer.routed)."""
+Reply = bytes | ForwardRoute
+"""What an answer cache keeps for query bytes: the answer after its ID, or a forward route."""
 
 RANCHER_ZONE: Final = "rancher.internal"
 TERMINAL_PHASES: Final = frozenset({"succeeded", "failed"})
@@ -77,7 +85,7 @@ class View:
         host's domains) as wire suffixes; empty when autopath is off or not a pod."""
         self.completed: dict[bytes, bytes] = {}
         """Names completed before: lowercased wire name -> zone name (b"" = none)."""
-        self.replies: dict[bytes, bytes] = {}
+        self.replies: dict[bytes, Reply] = {}
         """The server's whole-answer cache for this view (query bytes after the ID)."""
 
 

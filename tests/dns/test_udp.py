@@ -280,3 +280,54 @@ async def test_ipv6_and_ipv4_wildcards_share_a_port(served: Served) -> None:
             await dns.asyncquery.tcp(message, host, port=port, timeout=3),
         ):
             assert [r.to_text() for rr in reply.answer for r in rr] == ["10.43.0.20"], host
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_forwarded_name_asked_again_takes_the_kept_route(
+    served: Served, mode: str, upstream: FakeUpstream
+) -> None:
+    """Upstream once; then a forward-cache hit on the general path, which keeps the way to
+    that cache entry for the same query bytes; then straight from the entry (same answer,
+    the client's ID). When the entry is gone the general path asks the upstream again."""
+    reader = _use(served, mode)
+    loop = asyncio.get_running_loop()
+    dest = ("127.0.0.1", served.port)
+    client = _client()
+    name = "payments.example.com"
+    forwarder = served.server.forward_zones.forwarder_for(b"\x08payments\x07example\x03com\x00")
+    assert forwarder is not None
+
+    async def ask(qid: int, qname: str = name) -> dns.message.Message:
+        data = _ask(qname, "A", qid)
+        client.sendto(data, dest)
+        await asyncio.sleep(0.05)
+        reader.on_readable()
+        loop.add_reader(reader.sock.fileno(), reader.on_readable)
+        try:
+            reply = await _reply(client)
+        finally:
+            loop.remove_reader(reader.sock.fileno())
+        assert reply is not None
+        return dns.message.from_wire(reply)
+
+    def upstream_asked() -> int:
+        return len([q for q in upstream.queries if q[1] == "payments.example.com."])
+
+    try:
+        for qid in (601, 602, 603, 604):
+            m = await ask(qid)
+            assert (m.id, [r.to_text() for rr in m.answer for r in rr]) == (qid, ["192.0.2.20"])
+        assert upstream_asked() == 1
+        assert served.stats.cache_hits == 3
+        kept = served.server._replies[_ask(name, "A", 0)[2:]]
+        assert isinstance(kept, tuple) and kept[0] is forwarder.cache
+        # Other bytes (the name's case): the general path, the client's own question back.
+        m = await ask(605, "PAYMENTS.example.com")
+        assert m.question[0].name.to_text() == "PAYMENTS.example.com."
+        assert [r.to_text() for rr in m.answer for r in rr] == ["192.0.2.20"]
+        forwarder.cache._entries.clear()  # the entry is gone (expired, evicted)
+        m = await ask(606)
+        assert (m.id, [r.to_text() for rr in m.answer for r in rr]) == (606, ["192.0.2.20"])
+        assert upstream_asked() == 2
+    finally:
+        client.close()
