@@ -13,7 +13,6 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Final
 
 from node_services.dns import wire
@@ -33,12 +32,10 @@ __all__ = [
     "Forwarder",
     "UpstreamError",
     "question_key",
-    "upstreams_from_resolv_conf",
 ]
 
 log = logging.getLogger(__name__)
 
-_LOOPBACK_PREFIXES: Final = ("127.", "::1")
 DEFAULT_CACHE_BYTES: Final = 16 << 20
 MAX_REFRESHES: Final = 64
 """Background refreshes (prefetches, stale refreshes) in flight at once at most; while the
@@ -46,24 +43,6 @@ upstreams fail, one stale refresh at a time (it finds out when they are back).""
 LOOP_PROBE_INTERVAL: Final = 60.0
 """Seconds between loop probes to the upstreams while we forward (the daemon's setting)."""
 _HINFO: Final = 13
-
-
-def upstreams_from_resolv_conf(
-    path: Path = Path("/etc/resolv.conf"),
-) -> tuple[tuple[str, int], ...]:
-    """The nameservers of a resolv.conf, without loopback stubs (systemd-resolved, us)."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return ()
-    found = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "nameserver":
-            host = parts[1].split("%", 1)[0]
-            if not host.startswith(_LOOPBACK_PREFIXES):
-                found.append((host, 53))
-    return tuple(found)
 
 
 def question_key(q: wire.Query) -> CacheKey:

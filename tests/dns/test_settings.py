@@ -7,9 +7,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from node_services.config import Address, ConfigError, load_settings
-from node_services.dns.forward import upstreams_from_resolv_conf
-from node_services.dns.service import build_dns, search_domains_from_resolv_conf, upstreams_of
+from node_services.config import Address, ConfigError, Settings, load_settings
+from node_services.dns.service import (
+    build_dns,
+    nameservers_of,
+    search_domains_from_resolv_conf,
+    upstreams_of,
+)
 
 
 def test_dns_flags_and_environment() -> None:
@@ -59,8 +63,10 @@ def test_resolv_conf_without_loopback_stubs(tmp_path: Path) -> None:
         "# generated\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nsearch example.org\n"
         "nameserver ::1\nnameserver fe80::1%eth0\noptions edns0\n"
     )
-    assert upstreams_from_resolv_conf(resolv) == (("10.0.0.2", 53), ("fe80::1", 53))
-    assert upstreams_from_resolv_conf(tmp_path / "missing") == ()
+    settings = Settings(node_name="n")
+    assert upstreams_of(settings, resolv_conf=resolv) == (("10.0.0.2", 53), ("fe80::1", 53))
+    assert nameservers_of(resolv) == ("127.0.0.53", "10.0.0.2", "::1", "fe80::1")
+    assert nameservers_of(tmp_path / "missing") == ()
 
 
 def test_own_listen_address_is_never_an_upstream() -> None:
