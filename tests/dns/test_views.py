@@ -18,7 +18,7 @@ import pytest
 from dnshelpers import answers, pod, rcode, service
 from dnsserve import Served, serve
 from fakes.dns_table_upstream import TableUpstream
-from helpers import FIXTURES
+from helpers import FIXTURES, free_port
 
 from node_services.dns.metrics import DnsStats
 from node_services.dns.server import DnsServer
@@ -354,9 +354,10 @@ async def test_ipv4_clients_of_a_dual_stack_listener_get_their_views() -> None:
     tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     for sock in (udp, tcp):
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    udp.bind(("::ffff:127.0.0.1", 0))
+    port = free_port()  # free for UDP and TCP (bind(0) for UDP may pick a busy TCP port)
+    udp.bind(("::ffff:127.0.0.1", port))
     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    tcp.bind(("::ffff:127.0.0.1", udp.getsockname()[1]))
+    tcp.bind(("::ffff:127.0.0.1", port))
     tcp.listen(16)
     store = Store()
     store.replace("static:test", list(load_file(RECORDED, "static:test").records), synced=True)

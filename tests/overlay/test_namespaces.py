@@ -391,8 +391,8 @@ def test_hand_deleted_or_changed_entries_are_repaired_within_one_period(
         "permanent",
     )
     in_ns(ns, "bridge", "fdb", "del", mac3, "dev", DEVICE, "dst", "10.77.0.3", "self")
-    changed = actual(1)
-    assert changed != vxlan_entries(1, 2, 3)
+    # No check that the kernel now differs: a periodic pass may already have repaired it
+    # (the repair counters below prove each change was seen and undone).
     took = wait_until(lambda: actual(1) == vxlan_entries(1, 2, 3), "repair", timeout=INTERVAL * 3)
     # one period, plus the pass itself on a busy machine
     assert took <= INTERVAL + 1.0, took
