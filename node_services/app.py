@@ -293,8 +293,14 @@ class Daemon:
         inherited = self._matching(sdnotify.listen_fd_list())
         predecessor = None
         path = self._handover_path()
+        found = path
         if not inherited and path is not None:
-            predecessor = await handover.find_predecessor(path)
+            # At our own path first, then at any other DNS address's: an instance that had
+            # them in another order hands over as well.
+            for found in self._predecessor_paths():
+                predecessor = await handover.find_predecessor(found)
+                if predecessor is not None:
+                    break
         if predecessor is None and not inherited:
             await self._serve_on({})
             self._start_tasks()
@@ -310,7 +316,7 @@ class Daemon:
             await self._serve_on(inherited)
             self.handovers["taken"] = 1
         else:
-            self.listeners.origin = f"handed over ({path})"
+            self.listeners.origin = f"handed over ({found})"
             self._build_dns()  # the zone follows the store from the first sync on
             self._start_tasks()
             await self.wait_ready(HANDOVER_READY_TIMEOUT)
@@ -442,12 +448,20 @@ class Daemon:
 
     def _handover_path(self) -> Path | None:
         """Named after the first DNS address: instances serving other DNS addresses never
-        meet (keep the first of dns_listen first across a restart to hand over)."""
+        meet (a successor looks at every one of its DNS addresses' paths)."""
+        paths = self._predecessor_paths()
+        return paths[0] if paths else None
+
+    def _predecessor_paths(self) -> list[Path]:
+        """The hand-over socket paths of every DNS address, the first (our own) first."""
         settings = self.settings
-        first = settings.dns_listen[0]
-        if settings.runtime_dir is None or first.port == 0:
-            return None
-        return handover.socket_path(settings.runtime_dir, first.host, first.port)
+        if settings.runtime_dir is None or settings.dns_listen[0].port == 0:
+            return []
+        return [
+            handover.socket_path(settings.runtime_dir, a.host, a.port)
+            for a in settings.dns_listen
+            if a.port != 0
+        ]
 
     def _addresses(self) -> dict[str, str]:
         return {name: str(address) for name, (_kind, address) in self._listen_specs().items()}

@@ -88,7 +88,7 @@ class Settings:
     """UDP and TCP address of the DNS server; a list for several (node-local DNS:
     `[169.254.20.10:53, 10.96.0.10:53]`, the link-local address and the kube-dns ClusterIP,
     both on a local interface), at most 64. A restart hands every one over; the hand-over
-    socket is named after the first (keep it first across restarts). An IPv6 address serves
+    socket is named after the first; a successor looks at every address's. An IPv6 address serves
     IPv6 only (`[::]:53` beside `0.0.0.0:53` for both families)."""
 
     cluster_domain: str = "cluster.local"

@@ -77,6 +77,8 @@ class DaemonProcess:
     admin_port: int = field(default_factory=free_port)
     dns_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    own_dns: bool = True
+    """Listen on 127.0.0.1:<dns_port> first; False: ``args`` name every DNS address."""
 
     @property
     def admin(self) -> str:
@@ -90,8 +92,7 @@ class DaemonProcess:
             "run",
             "--admin-listen",
             f"127.0.0.1:{self.admin_port}",
-            "--dns-listen",
-            f"127.0.0.1:{self.dns_port}",
+            *(("--dns-listen", f"127.0.0.1:{self.dns_port}") if self.own_dns else ()),
             "--metadata-listen",
             f"127.0.0.1:{free_port()}",
             "--node-name",

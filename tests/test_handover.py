@@ -1020,6 +1020,49 @@ def test_an_address_added_moved_or_removed_between_instances_is_opened_kept_or_c
     assert second.proc.poll() is None, log
 
 
+def test_a_successor_with_its_dns_addresses_in_another_order_takes_over(pair: Pair) -> None:
+    # Instance 1: A (127.0.0.1), B. Instance 2: B, A: its own hand-over path is B's, its
+    # predecessor's is A's; it looks at both, takes every socket and loses no query.
+    b_port = free_port("127.0.0.3")
+    b = f"127.0.0.3:{b_port}"
+    first = instance_on(pair, [b]).start()
+    first.wait_for(lambda: readyz(pair.admin_port)[0] == 200, what="instance 1 ready")
+    load = Load(pair.dns_port, pair.metadata_port, rate=30)
+    load.start()
+    try:
+        wait_answers(load, 10)
+        second = DaemonProcess(
+            [*pair.args(), *listening(b, f"127.0.0.1:{pair.dns_port}")],
+            pair.tmp_path / f"instance-{len(pair.started) + 1}.log",
+            env=pair.env(),
+            admin_port=pair.admin_port,
+            dns_port=pair.dns_port,
+            own_dns=False,
+        )
+        pair.started.append(second)
+        second.start()
+        assert second.proc is not None and first.proc is not None
+        second.wait_for(
+            lambda: "node-services running" in second.output(), what="instance 2 serving"
+        )
+        with contextlib.suppress(ProcessLookupError):
+            first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(timeout=60) == 0, first.output()
+        gone_at = time.monotonic()
+        wait_answers(load, 10)
+        load.finish()
+    finally:
+        load.stop.set()
+    assert load.failures == [], load.failures[:20]
+    assert all(at > gone_at for at in load.last_answer.values())
+    log = second.output()
+    assert f"from handed over by pid {first.proc.pid}" in log, log
+    for tcp in (False, True):
+        assert answer_at("127.0.0.1", pair.dns_port, tcp=tcp) == [ADDRESS]
+        assert answer_at("127.0.0.3", b_port, tcp=tcp) == [ADDRESS]
+    assert second.proc.poll() is None, log
+
+
 def test_systemd_restart_keeps_every_dns_address_when_their_order_changes(
     pair: Pair, notify_socket: NotifySocket, tmp_path: Path
 ) -> None:
