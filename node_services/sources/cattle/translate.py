@@ -22,7 +22,6 @@ import ipaddress
 import json
 import logging
 import marshal
-import operator
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -47,6 +46,8 @@ from node_services.state.records import (
     intern_str,
     label,
     make_labels,
+    replace,
+    replacer,
 )
 
 log = logging.getLogger(__name__)
@@ -497,25 +498,15 @@ _CONTAINER_FIELDS: Final = (
 (``primaryIpAddress``, ``state``, ``healthState``): what :class:`ContainerMemo` compares."""
 _SERVICE_PREFIX: Final = f"{PREFIX}service/"
 _R = TypeVar("_R", bound=Record)
-_FIELD_NAMES: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {}
 
 
 def replace_record(record: _R, **changes: Any) -> _R:
-    """``dataclasses.replace`` for a record (frozen, slotted, every field an init field), at a
-    fraction of its cost: the values read by one attrgetter, the class called positionally."""
-    cls = type(record)
-    known = _FIELD_NAMES.get(cls)
-    if known is None:
-        fields = dataclasses.fields(cls)
-        if len(fields) < 2 or not all(f.init for f in fields):  # attrgetter gives a tuple
-            return dataclasses.replace(record, **changes)
-        names = tuple(f.name for f in fields)
-        known = _FIELD_NAMES[cls] = (names, operator.attrgetter(*names))
-    names, getter = known
-    values = list(getter(record))
-    for name, value in changes.items():
-        values[names.index(name)] = value
-    return cls(*values)
+    """``dataclasses.replace`` for a record, at a fraction of its cost (:func:`records.replace`)."""
+    return replace(record, **changes)
+
+
+_VOLATILE: Final = replacer(Workload, ("ips", "state", "ready", "health_state"))
+"""A container's Workload with new volatile fields (the memo's hit)."""
 
 
 class ContainerMemo:
@@ -590,7 +581,7 @@ def _container(
     if isinstance(last, Workload) and last.source == source:
         if (last.ips, last.state, last.health_state) == (ips, state, health):
             return list(known)  # type: ignore[arg-type]
-        workload = replace_record(last, ips=ips, state=state, ready=ready, health_state=health)
+        workload = _VOLATILE(last, ips=ips, state=state, ready=ready, health_state=health)
     else:
         workload = _container_workload(obj, source, ref, workload_key, ips, state, health, ready)
     records = _container_records(workload, container_id)
