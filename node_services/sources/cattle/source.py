@@ -42,7 +42,7 @@ from node_services.sources.cattle import translate
 from node_services.sources.cattle.client import CattleAPIError, CattleClient, Connection
 from node_services.sources.cattle.mirror import Mirror
 from node_services.sources.errors import UnsupportedObject
-from node_services.sources.guard import Rejected, Rejections, describe, guarded
+from node_services.sources.guard import Rejections, describe
 from node_services.sources.kube.reflector import Backoff
 from node_services.state.store import Store
 
@@ -538,22 +538,19 @@ class CattleSource:
             self.rejections.rejected_object(self.source)
             log.error("cattle: skipped a %s without an id", resource_type)
             return None
-        outcome = guarded(lambda: self._translate_supported(obj), what="")
-        if isinstance(outcome, Rejected):  # named only now: events are a hot path
-            self.metrics.invalid(str(resource_type))
-            self.rejections.rejected_object(self.source)
-            log.error(
-                "cattle: skipped invalid %s %s: %s", resource_type, resource_id, outcome.reason
-            )
-            return translate.key(str(resource_type), resource_id), ()
-        return translate.key(str(resource_type), resource_id), outcome
-
-    def _translate_supported(self, obj: dict[str, Any]) -> tuple[translate.Translated, ...]:
-        try:
-            return tuple(translate.translate(obj, self.source, self.memo))
+        try:  # guarded()'s rule, inline (events are a hot path): no object ends the source
+            translated = tuple(translate.translate(obj, self.source, self.memo))
         except UnsupportedObject as exc:
             log.debug("cattle: skipped %s", exc)
-            return ()
+            translated = ()
+        except Exception as exc:
+            reason = describe(exc)
+            del exc  # with it the frames of a half-made translation
+            self.metrics.invalid(str(resource_type))
+            self.rejections.rejected_object(self.source)
+            log.error("cattle: skipped invalid %s %s: %s", resource_type, resource_id, reason)
+            return translate.key(str(resource_type), resource_id), ()
+        return translate.key(str(resource_type), resource_id), translated
 
     # -- live events ----------------------------------------------------------------------------
 
