@@ -530,16 +530,18 @@ def _evolve(old: Snapshot, changed: _Changed, synced: dict[str, bool]) -> Snapsh
     sets: dict[str, dict[str, Record]] = {kind: {} for kind in KINDS}
     deletes: dict[str, list[str]] = {kind: [] for kind in KINDS}
     indexes = {name: _MultiIndex(getattr(old, name)) for name in _INDEXES}
+    by_ip = indexes["by_ip"]
+    workload_sets, endpoint_sets = sets[WORKLOAD], sets[ENDPOINTS]
     for key, (record, previous) in changed.items():
-        if previous is not None and record is not None and type(previous) is type(record):
+        cls = type(record)
+        if previous is not None and cls is type(previous):  # (record is not None: no None)
             # An update in place (a watch event): edit only the index entries that differ,
             # which for most updates (conditions, ports, labels) is none.
-            cls = type(record)
             if cls is Workload:  # the common case, settled without building the entries
                 assert isinstance(previous, Workload) and isinstance(record, Workload)
-                sets[WORKLOAD][key] = record
+                workload_sets[key] = record
                 if previous.ips != record.ips:
-                    _edit_ips(indexes["by_ip"], key, previous.ips, record.ips)
+                    _edit_ips(by_ip, key, previous.ips, record.ips)
                 if previous.host_key != record.host_key:
                     if previous.host_key:
                         indexes["by_host"].remove(previous.host_key, key)
@@ -548,14 +550,19 @@ def _evolve(old: Snapshot, changed: _Changed, synced: dict[str, bool]) -> Snapsh
                 continue
             if cls is Endpoints:
                 assert isinstance(previous, Endpoints) and isinstance(record, Endpoints)
-                sets[ENDPOINTS][key] = record
-                old_ips, new_ips = _addresses(previous), _addresses(record)
+                endpoint_sets[key] = record
+                groups, old_groups = record.endpoints, previous.endpoints
+                if len(groups) == 1 and len(old_groups) == 1:
+                    old_ips, new_ips = old_groups[0].addresses, groups[0].addresses
+                else:
+                    old_ips, new_ips = _addresses(previous), _addresses(record)
                 if old_ips != new_ips:
-                    _edit_ips(indexes["by_ip"], key, old_ips, new_ips)
+                    _edit_ips(by_ip, key, old_ips, new_ips)
                 if previous.service_key != record.service_key:
                     indexes["endpoints_of"].remove(previous.service_key, key)
                     indexes["endpoints_of"].add(record.service_key, key)
                 continue
+            assert record is not None
             old_entries, kind = _index_entries(previous)
             new_entries, _ = _index_entries(record)
             if old_entries != new_entries:

@@ -126,12 +126,14 @@ class Mirror:
         for resource_key, translated in changes.items():
             old = self._items.get(resource_key, ())
             new = tuple(translated or ())
-            if not (_joined(old) or _joined(new)):
-                # the common case (a container, a host): nothing else depends on it
-                if new and _same_index(old, new):  # an event that moved no index entry
-                    self._items[resource_key] = new
-                else:
-                    self._replace(resource_key, old, new)
+            if new and _same_index(old, new):
+                # the common case (a container, a host: nothing else depends on it) and an
+                # event that moved none of its index entries
+                self._items[resource_key] = new
+                dirty.add(resource_key)
+                continue
+            if not (_joined(old) or _joined(new)):  # nothing else depends on it
+                self._replace(resource_key, old, new)
                 dirty.add(resource_key)
                 continue
             old_stacks = _stack_names(old)
@@ -355,7 +357,8 @@ def _same_key(a: Record, b: Record) -> bool:
 def _same_index(old: Sequence[Translated], new: Sequence[Translated]) -> bool:
     """Whether ``new`` holds the items of ``old`` with the same index entries (the same keys,
     types, and the fields :meth:`Mirror._index` reads): no index needs an edit. Only for the
-    kinds a non-joined resource has (workloads, endpoint groups, hosts)."""
+    kinds that no other resource's records depend on (workloads, endpoint groups, hosts):
+    False for any other."""
     if len(old) != len(new):
         return False
     for a, b in zip(old, new, strict=True):
