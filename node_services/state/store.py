@@ -389,16 +389,20 @@ def _merge(
     again when it is the current one)."""
     changed: _Changed = {}
     sources = tuple(sources)
-    maps = {cls: getattr(snapshot, name) for cls, name in _FIELD_OF_TYPE.items()}
+    gets = {cls: getattr(snapshot, name).get for cls, name in _FIELD_OF_TYPE.items()}
+    only = sources[0] if len(sources) == 1 else None
     for key in keys:
         winner: Record | None = None
-        for held in sources:
-            winner = held.get(key)
-            if winner is not None:
-                break
+        if only is not None:
+            winner = only.get(key)
+        else:
+            for held in sources:
+                winner = held.get(key)
+                if winner is not None:
+                    break
         # A key is in one kind's map at most: the winner's kind first (an update keeps its
         # kind), every kind only when it is not there.
-        current = maps[type(winner)].get(key) if winner is not None else None
+        current = gets[type(winner)](key) if winner is not None else None
         if current is None:
             current = snapshot.get(key)
         if winner is current:

@@ -42,6 +42,7 @@ from node_services.state.records import (
     Service,
     Stack,
     Workload,
+    replacer,
 )
 
 _NETWORK_FACTS = (CattleNetwork, CattleSubnet, CattleProject)
@@ -50,6 +51,7 @@ _JOINED = (Stack, Service, *_FACTS)
 """What other resources' records depend on (names, the default network, network uuids)."""
 
 _replace = translate.replace_record
+_name_endpoints = replacer(Endpoints, ("namespace", "service"))
 
 
 _PROBE = Host(key=f"{translate.PREFIX}host/mirror-probe", source="", name="mirror-probe")
@@ -283,7 +285,13 @@ class Mirror:
                 if name is not None and record.namespace != name:
                     record = _replace(record, namespace=name)
             elif cls is Endpoints:
-                record = self._resolve_names(record)  # type: ignore[arg-type]
+                assert isinstance(record, Endpoints)
+                # resolve_stack_names on one endpoint group (_resolve_names, inline)
+                service = self._services.get(record.service_key)
+                if service is not None and record.key.startswith(translate.PREFIX):
+                    name = self._stack_names.get(service.stack_key, record.namespace)
+                    if record.namespace != name or record.service != service.name:
+                        record = _name_endpoints(record, namespace=name, service=service.name)
             elif cls is Service:
                 record = self._resolve_lb_config(self._resolve_names(record))  # type: ignore[arg-type]
             elif cls is Host:

@@ -628,6 +628,19 @@ class CattleSource:
         for event in reversed(events):  # the last event of a resource is its newest state
             data = event.get("data")
             resource = data.get("resource") if isinstance(data, dict) else None
+            if type(resource) is dict:  # the common case, settled first: a decoded event
+                kind, resource_id = resource.get("type"), resource.get("id")
+                if type(kind) is str and type(resource_id) is str:
+                    label = kind if kind in TRACKED_TYPES else "other"
+                    counts[label] = counts.get(label, 0) + 1
+                    pair = (kind, resource_id)
+                    if pair in seen:
+                        continue
+                    seen.add(pair)
+                    translated = self._translate(resource)
+                    if translated is not None:
+                        changes.setdefault(translated[0], translated[1])
+                    continue
             kind = resource.get("type") if isinstance(resource, dict) else None
             if kind is None and isinstance(event.get("resourceType"), str):
                 kind = event["resourceType"]
