@@ -581,10 +581,12 @@ def _container(
     if isinstance(last, Workload) and last.source == source:
         if (last.ips, last.state, last.health_state) == (ips, state, health):
             return list(known)  # type: ignore[arg-type]
+        assert known is not None
         workload = _VOLATILE(last, ips=ips, state=state, ready=ready, health_state=health)
+        records = _container_records(workload, container_id, known)
     else:
         workload = _container_workload(obj, source, ref, workload_key, ips, state, health, ready)
-    records = _container_records(workload, container_id)
+        records = _container_records(workload, container_id)
     if signature is not None:
         memo.put(workload_key, signature, records)
     return records
@@ -682,8 +684,17 @@ def _container_workload(
     )
 
 
-def _container_records(workload: Workload, container_id: str) -> list[Record]:
-    """The Workload and, when it has an address, one Endpoints per service it belongs to."""
+_ENDPOINTS_OF: Final = replacer(Endpoints, ("endpoints",))
+
+
+def _container_records(
+    workload: Workload, container_id: str, last: Sequence[Record] = ()
+) -> list[Record]:
+    """The Workload and, when it has an address, one Endpoints per service it belongs to.
+
+    ``last``: the records of the container's last translation, when ``workload`` differs
+    from its Workload in the volatile fields only; its endpoint groups are then given again
+    with the new endpoint (every other field of theirs is read from what did not change)."""
     records: list[Record] = [workload]
     ips = workload.ips
     if ips:
@@ -696,6 +707,11 @@ def _container_records(workload: Workload, container_id: str) -> list[Record]:
             target_key=workload.key,
         )
         address_type = "IPv6" if ":" in ips[0] else "IPv4"
+        if len(last) == 1 + len(workload.service_keys) > 1 and all(
+            type(group) is Endpoints and group.address_type == address_type for group in last[1:]
+        ):  # the same groups (they exist only for an address), the same family
+            records.extend(_ENDPOINTS_OF(group, endpoints=(endpoint,)) for group in last[1:])
+            return records
         for service_key in workload.service_keys:
             service_id = service_key[len(_SERVICE_PREFIX) :]
             records.append(
