@@ -17,7 +17,6 @@ there. Two joins are left for a post-pass once the whole set is known (:func:`re
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import ipaddress
 import json
 import logging
@@ -514,43 +513,63 @@ class ContainerMemo:
     the fields it reads but the volatile ones (address, state, health: re-read every time).
 
     A container event is a full object, and most of them change one or two fields; parsing the
-    other twenty is most of a translation. The fields are compared exactly, by a digest of
-    their ``marshal`` form (which, unlike ``==``, tells ``1`` from ``1.0`` and ``true``); an
-    object marshal cannot write is translated without the memo. Bounded: it is cleared when it
-    holds ``max_entries`` containers (and by the source at each relist).
+    other twenty is most of a translation. The fields are compared exactly: by their
+    ``marshal`` form (which, unlike ``==``, tells ``1`` from ``1.0`` and ``true``), kept whole
+    (a few hundred bytes a container; comparing two costs less than digesting one); an object
+    marshal cannot write is translated without the memo. Bounded: it is cleared when it holds
+    ``max_entries`` containers or ``max_bytes`` of those forms (and by the source at each
+    relist).
     """
 
-    __slots__ = ("_entries", "max_entries")
+    __slots__ = ("_bytes", "_entries", "max_bytes", "max_entries")
 
-    def __init__(self, max_entries: int = 1 << 18) -> None:
+    def __init__(self, max_entries: int = 1 << 18, max_bytes: int = 64 << 20) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self._entries: dict[str, tuple[bytes, tuple[Record, ...]]] = {}
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def size(self) -> int:
+        """Bytes of the marshal forms held."""
+        return self._bytes
+
     def clear(self) -> None:
         self._entries.clear()
+        self._bytes = 0
 
     def discard(self, workload_key: str) -> None:
-        self._entries.pop(workload_key, None)
+        known = self._entries.pop(workload_key, None)
+        if known is not None:
+            self._bytes -= len(known[0])
 
     @staticmethod
     def signature(obj: Mapping[str, Any]) -> bytes | None:
+        """The marshal form of the fields a container's translation reads (None: not one
+        marshal can write). Equal forms are equal values of the same JSON types; forms of
+        equal values may differ (marshal marks objects held twice), which only misses."""
         try:
-            dumped = marshal.dumps(tuple(map(obj.get, _CONTAINER_FIELDS)), 0)
+            return marshal.dumps(tuple(map(obj.get, _CONTAINER_FIELDS)))
         except ValueError:  # not a JSON value (or nested beyond marshal's limit)
             return None
-        return hashlib.blake2b(dumped, digest_size=16).digest()
 
     def get(self, workload_key: str, signature: bytes) -> tuple[Record, ...] | None:
         known = self._entries.get(workload_key)
         return known[1] if known is not None and known[0] == signature else None
 
     def put(self, workload_key: str, signature: bytes, records: Sequence[Record]) -> None:
-        if len(self._entries) >= self.max_entries and workload_key not in self._entries:
-            self._entries.clear()
+        known = self._entries.get(workload_key)
+        if known is not None:
+            self._bytes -= len(known[0])
+        elif len(self._entries) >= self.max_entries:
+            self.clear()
+        if self._bytes + len(signature) > self.max_bytes:
+            self.clear()
         self._entries[workload_key] = (signature, tuple(records))
+        self._bytes += len(signature)
 
 
 def _container(
