@@ -549,10 +549,11 @@ class ContainerMemo:
     @staticmethod
     def signature(obj: Mapping[str, Any]) -> bytes | None:
         """The marshal form of the fields a container's translation reads (None: not one
-        marshal can write). Equal forms are equal values of the same JSON types; forms of
-        equal values may differ (marshal marks objects held twice), which only misses."""
+        marshal can write): equal forms are equal values of the same JSON types. Version 0:
+        later ones mark objects held twice (dict keys a list's page shares across its
+        objects), so that equal values from a page and from an event would differ."""
         try:
-            return marshal.dumps(tuple(map(obj.get, _CONTAINER_FIELDS)))
+            return marshal.dumps(tuple(map(obj.get, _CONTAINER_FIELDS)), 0)
         except ValueError:  # not a JSON value (or nested beyond marshal's limit)
             return None
 
