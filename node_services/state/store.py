@@ -452,23 +452,24 @@ class _MultiIndex:
     names the same key (the IPs of one endpoint group); a list is made only to edit further.
     """
 
-    __slots__ = ("_base", "_edits", "_singles")
+    __slots__ = ("_base", "_base_get", "_edits", "_singles")
 
     def __init__(self, base: FrozenMap[object, tuple[str, ...]]) -> None:
         self._base = base
+        self._base_get = base.get
         self._edits: dict[object, list[str] | tuple[str, ...]] = {}
         self._singles: dict[str, tuple[str, ...]] = {}
 
     def _values(self, index_key: object) -> list[str]:
         values = self._edits.get(index_key)
         if values is None:
-            values = self._edits[index_key] = list(self._base.get(index_key, _NO_KEYS))
+            values = self._edits[index_key] = list(self._base_get(index_key, _NO_KEYS))
         elif isinstance(values, tuple):
             values = self._edits[index_key] = list(values)
         return values
 
     def add(self, index_key: object, key: str) -> None:
-        if index_key not in self._edits and index_key not in self._base:
+        if index_key not in self._edits and self._base_get(index_key) is None:
             single = self._singles.get(key)
             if single is None:
                 single = self._singles[key] = (key,)

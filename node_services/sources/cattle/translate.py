@@ -28,7 +28,17 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, TypeVar
 
 from node_services.sources.errors import TranslateError, UnsupportedObject
-from node_services.sources.fields import cidr, flag, integer, ip, mapping, sequence, text
+from node_services.sources.fields import (
+    _IPV4,
+    cidr,
+    detach,
+    flag,
+    integer,
+    ip,
+    mapping,
+    sequence,
+    text,
+)
 from node_services.state.records import (
     Endpoint,
     Endpoints,
@@ -151,6 +161,15 @@ def translate(
     Facts are for :func:`resolve`, which turns a whole set into store records. ``memo``: the
     live source's :class:`ContainerMemo` (the result is the same with or without it)."""
     resource_type = obj.get("type")
+    if memo is not None and resource_type == "container":
+        resource_id = obj.get("id")
+        if (
+            type(resource_id) is str
+            and resource_id
+            and obj.get("state") not in GONE_STATES
+            and not obj.get("removed")
+        ):  # the live source's common case, settled first: the ref is made on demand
+            return _container(obj, source, "", memo)
     translator = _TRANSLATORS.get(resource_type) if isinstance(resource_type, str) else None
     ref = resource_ref(obj)
     if translator is None:
@@ -579,18 +598,25 @@ def _container(
     # Each field read as the generic readers do (text, integer, ...), with their common case
     # inlined: this runs for every container event. The volatile fields first: a memo hit
     # reads only them.
+    # ``ref`` may be "": made from ``obj`` when a message needs it.
     get = obj.get
     container_id = str(obj["id"])
     workload_key = f"{PREFIX}container/{container_id}"
     primary_ip = get("primaryIpAddress")
-    ips = (ip(ref, "primaryIpAddress", primary_ip),) if primary_ip else ()
+    if type(primary_ip) is str and _IPV4.fullmatch(primary_ip):
+        ips: tuple[str, ...] = (detach(primary_ip),)
+    else:
+        ips = (ip(ref or resource_ref(obj), "primaryIpAddress", primary_ip),) if primary_ip else ()
     state = get("state")
-    state = sys.intern(state) if type(state) is str else text(ref, "state", state, intern=True)
+    if type(state) is str:
+        state = sys.intern(state)
+    else:
+        state = text(ref or resource_ref(obj), "state", state, intern=True)
     health = get("healthState")
     if type(health) is str:
         health = sys.intern(health)
     else:
-        health = text(ref, "healthState", health, intern=True)
+        health = text(ref or resource_ref(obj), "healthState", health, intern=True)
     ready = state == "running" and health in SERVING_HEALTH
     if memo is None:
         workload = _container_workload(obj, source, ref, workload_key, ips, state, health, ready)
@@ -605,6 +631,7 @@ def _container(
         workload = _VOLATILE(last, ips=ips, state=state, ready=ready, health_state=health)
         records = _container_records(workload, container_id, known)
     else:
+        ref = ref or resource_ref(obj)
         workload = _container_workload(obj, source, ref, workload_key, ips, state, health, ready)
         records = _container_records(workload, container_id)
     if signature is not None:
