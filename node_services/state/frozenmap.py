@@ -63,6 +63,8 @@ class FrozenMap(Mapping[K, V], Generic[K, V]):
 
     def evolve(self, sets: Mapping[K, V], deletes: Iterable[K] = ()) -> FrozenMap[K, V]:
         """A copy with ``sets`` stored and ``deletes`` removed (missing keys are ignored)."""
+        # Shards are copied with dict.copy(): a dict that lost keys (holes in its table) is
+        # cloned in one move, where dict(shard) re-inserts each entry (several times slower).
         touched: dict[int, dict[K, V]] = {}
         shards = self._shards
         for key in deletes:
@@ -71,13 +73,13 @@ class FrozenMap(Mapping[K, V], Generic[K, V]):
             if shard is None:
                 if key not in shards[index]:
                     continue
-                shard = touched[index] = dict(shards[index])
+                shard = touched[index] = shards[index].copy()
             shard.pop(key, None)
         for key, value in sets.items():
             index = hash(key) & _MASK
             shard = touched.get(index)
             if shard is None:
-                shard = touched[index] = dict(shards[index])
+                shard = touched[index] = shards[index].copy()
             shard[key] = value
         if not touched:
             return self

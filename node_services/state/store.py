@@ -389,16 +389,20 @@ def _merge(
     again when it is the current one)."""
     changed: _Changed = {}
     sources = tuple(sources)
-    maps = {cls: getattr(snapshot, name) for cls, name in _FIELD_OF_TYPE.items()}
+    gets = {cls: getattr(snapshot, name).get for cls, name in _FIELD_OF_TYPE.items()}
+    only = sources[0] if len(sources) == 1 else None
     for key in keys:
         winner: Record | None = None
-        for held in sources:
-            winner = held.get(key)
-            if winner is not None:
-                break
+        if only is not None:
+            winner = only.get(key)
+        else:
+            for held in sources:
+                winner = held.get(key)
+                if winner is not None:
+                    break
         # A key is in one kind's map at most: the winner's kind first (an update keeps its
         # kind), every kind only when it is not there.
-        current = maps[type(winner)].get(key) if winner is not None else None
+        current = gets[type(winner)](key) if winner is not None else None
         if current is None:
             current = snapshot.get(key)
         if winner is current:
@@ -448,23 +452,24 @@ class _MultiIndex:
     names the same key (the IPs of one endpoint group); a list is made only to edit further.
     """
 
-    __slots__ = ("_base", "_edits", "_singles")
+    __slots__ = ("_base", "_base_get", "_edits", "_singles")
 
     def __init__(self, base: FrozenMap[object, tuple[str, ...]]) -> None:
         self._base = base
+        self._base_get = base.get
         self._edits: dict[object, list[str] | tuple[str, ...]] = {}
         self._singles: dict[str, tuple[str, ...]] = {}
 
     def _values(self, index_key: object) -> list[str]:
         values = self._edits.get(index_key)
         if values is None:
-            values = self._edits[index_key] = list(self._base.get(index_key, _NO_KEYS))
+            values = self._edits[index_key] = list(self._base_get(index_key, _NO_KEYS))
         elif isinstance(values, tuple):
             values = self._edits[index_key] = list(values)
         return values
 
     def add(self, index_key: object, key: str) -> None:
-        if index_key not in self._edits and index_key not in self._base:
+        if index_key not in self._edits and self._base_get(index_key) is None:
             single = self._singles.get(key)
             if single is None:
                 single = self._singles[key] = (key,)
@@ -530,16 +535,18 @@ def _evolve(old: Snapshot, changed: _Changed, synced: dict[str, bool]) -> Snapsh
     sets: dict[str, dict[str, Record]] = {kind: {} for kind in KINDS}
     deletes: dict[str, list[str]] = {kind: [] for kind in KINDS}
     indexes = {name: _MultiIndex(getattr(old, name)) for name in _INDEXES}
+    by_ip = indexes["by_ip"]
+    workload_sets, endpoint_sets = sets[WORKLOAD], sets[ENDPOINTS]
     for key, (record, previous) in changed.items():
-        if previous is not None and record is not None and type(previous) is type(record):
+        cls = type(record)
+        if previous is not None and cls is type(previous):  # (record is not None: no None)
             # An update in place (a watch event): edit only the index entries that differ,
             # which for most updates (conditions, ports, labels) is none.
-            cls = type(record)
             if cls is Workload:  # the common case, settled without building the entries
                 assert isinstance(previous, Workload) and isinstance(record, Workload)
-                sets[WORKLOAD][key] = record
+                workload_sets[key] = record
                 if previous.ips != record.ips:
-                    _edit_ips(indexes["by_ip"], key, previous.ips, record.ips)
+                    _edit_ips(by_ip, key, previous.ips, record.ips)
                 if previous.host_key != record.host_key:
                     if previous.host_key:
                         indexes["by_host"].remove(previous.host_key, key)
@@ -548,14 +555,19 @@ def _evolve(old: Snapshot, changed: _Changed, synced: dict[str, bool]) -> Snapsh
                 continue
             if cls is Endpoints:
                 assert isinstance(previous, Endpoints) and isinstance(record, Endpoints)
-                sets[ENDPOINTS][key] = record
-                old_ips, new_ips = _addresses(previous), _addresses(record)
+                endpoint_sets[key] = record
+                groups, old_groups = record.endpoints, previous.endpoints
+                if len(groups) == 1 and len(old_groups) == 1:
+                    old_ips, new_ips = old_groups[0].addresses, groups[0].addresses
+                else:
+                    old_ips, new_ips = _addresses(previous), _addresses(record)
                 if old_ips != new_ips:
-                    _edit_ips(indexes["by_ip"], key, old_ips, new_ips)
+                    _edit_ips(by_ip, key, old_ips, new_ips)
                 if previous.service_key != record.service_key:
                     indexes["endpoints_of"].remove(previous.service_key, key)
                     indexes["endpoints_of"].add(record.service_key, key)
                 continue
+            assert record is not None
             old_entries, kind = _index_entries(previous)
             new_entries, _ = _index_entries(record)
             if old_entries != new_entries:

@@ -291,3 +291,21 @@ def test_the_container_memo_is_bounded() -> None:
     for n in range(10):
         translate({**base, "id": f"1i9{n}"}, "c", memo)
         assert len(memo) <= 3
+
+
+def test_the_container_memo_is_bounded_in_bytes() -> None:
+    """It keeps each container's compared fields whole: their bytes are bounded too."""
+    base = _containers()[0]
+    one = ContainerMemo()
+    translate(base, "c", one)
+    form = one.size
+    assert form > 0
+    translate({**base, "primaryIpAddress": "10.42.9.9"}, "c", one)  # the same container
+    assert (len(one), one.size) == (1, form)
+    memo = ContainerMemo(max_bytes=3 * form)
+    for n in range(10):
+        translate({**base, "id": f"1i9{n}"}, "c", memo)
+        assert memo.size <= 3 * form
+        assert 1 <= len(memo) <= 3
+    memo.discard("cattle:container/1i99")
+    assert memo.size == (len(memo) * form)

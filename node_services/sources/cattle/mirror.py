@@ -42,6 +42,7 @@ from node_services.state.records import (
     Service,
     Stack,
     Workload,
+    replacer,
 )
 
 _NETWORK_FACTS = (CattleNetwork, CattleSubnet, CattleProject)
@@ -50,6 +51,7 @@ _JOINED = (Stack, Service, *_FACTS)
 """What other resources' records depend on (names, the default network, network uuids)."""
 
 _replace = translate.replace_record
+_name_endpoints = replacer(Endpoints, ("namespace", "service"))
 
 
 _PROBE = Host(key=f"{translate.PREFIX}host/mirror-probe", source="", name="mirror-probe")
@@ -126,8 +128,13 @@ class Mirror:
         for resource_key, translated in changes.items():
             old = self._items.get(resource_key, ())
             new = tuple(translated or ())
-            if not (_joined(old) or _joined(new)):
-                # the common case (a container, a host): nothing else depends on it
+            if new and _same_index(old, new):
+                # the common case (a container, a host: nothing else depends on it) and an
+                # event that moved none of its index entries
+                self._items[resource_key] = new
+                dirty.add(resource_key)
+                continue
+            if not (_joined(old) or _joined(new)):  # nothing else depends on it
                 self._replace(resource_key, old, new)
                 dirty.add(resource_key)
                 continue
@@ -167,6 +174,13 @@ class Mirror:
                 self._records[resource_key] = new_records
             else:
                 self._records.pop(resource_key, None)
+            if len(old_records) == len(new_records) and all(
+                map(_same_key, old_records, new_records)
+            ):  # the same records (an event's usual result): compared pairwise
+                for held, record in zip(old_records, new_records, strict=True):
+                    if held is not record and held != record:
+                        out.append(record)
+                continue
             before = {record.key: record for record in old_records}
             kept = {record.key for record in new_records}
             out.extend(Deleted(key) for key in before if key not in kept)
@@ -256,23 +270,34 @@ class Mirror:
     # -- resolution (as translate.resolve does it: networks, stack names, lb configs) -----------
 
     def _resolve(self, items: Iterable[Translated]) -> tuple[Record, ...]:
-        records: list[Record] = [item for item in items if not isinstance(item, _FACTS)]
-        if not records:
-            return ()
-        if any(
-            isinstance(record, Workload) and record.network_uuid.startswith(translate.PREFIX)
-            for record in records
-        ):  # the only records _resolve_network_uuids changes
-            records = translate._resolve_network_uuids(records, self._networks)
         resolved: list[Record] = []
-        for record in records:  # each step changes only its own kinds of record
+        for record in items:  # each step changes only its own kinds of record
             cls = type(record)
-            if cls is Workload or cls is Endpoints:
-                record = self._resolve_names(record)
+            if cls is Workload:
+                assert isinstance(record, Workload)
+                # _resolve_network_uuids, then resolve_stack_names, on one workload
+                if record.network_uuid.startswith(translate.PREFIX) and record.key.startswith(
+                    translate.PREFIX
+                ):
+                    uuid = self._uuids.get(record.network_uuid, "")
+                    record = _replace(record, network_uuid=uuid)
+                name = self._stack_names.get(record.stack_key)
+                if name is not None and record.namespace != name:
+                    record = _replace(record, namespace=name)
+            elif cls is Endpoints:
+                assert isinstance(record, Endpoints)
+                # resolve_stack_names on one endpoint group (_resolve_names, inline)
+                service = self._services.get(record.service_key)
+                if service is not None and record.key.startswith(translate.PREFIX):
+                    name = self._stack_names.get(service.stack_key, record.namespace)
+                    if record.namespace != name or record.service != service.name:
+                        record = _name_endpoints(record, namespace=name, service=service.name)
             elif cls is Service:
-                record = self._resolve_lb_config(self._resolve_names(record))
+                record = self._resolve_lb_config(self._resolve_names(record))  # type: ignore[arg-type]
             elif cls is Host:
-                record = self._resolve_host(record)
+                record = self._resolve_host(record)  # type: ignore[arg-type]
+            elif isinstance(record, _FACTS):
+                continue
             resolved.append(record)
         return tuple(resolved)
 
@@ -331,6 +356,34 @@ _JOINED_TYPES = frozenset(_JOINED)
 def _joined(items: Iterable[Translated]) -> bool:
     """Whether an item is one other resources' records depend on."""
     return not _JOINED_TYPES.isdisjoint(map(type, items))
+
+
+def _same_key(a: Record, b: Record) -> bool:
+    return a.key == b.key
+
+
+def _same_index(old: Sequence[Translated], new: Sequence[Translated]) -> bool:
+    """Whether ``new`` holds the items of ``old`` with the same index entries (the same keys,
+    types, and the fields :meth:`Mirror._index` reads): no index needs an edit. Only for the
+    kinds that no other resource's records depend on (workloads, endpoint groups, hosts):
+    False for any other."""
+    if len(old) != len(new):
+        return False
+    for a, b in zip(old, new, strict=True):
+        cls = type(a)
+        if cls is not type(b) or a.key != b.key:
+            return False
+        if cls is Workload:
+            assert isinstance(a, Workload) and isinstance(b, Workload)
+            if a.stack_key != b.stack_key or a.network_uuid != b.network_uuid:
+                return False
+        elif cls is Endpoints:
+            assert isinstance(a, Endpoints) and isinstance(b, Endpoints)
+            if a.service_key != b.service_key:
+                return False
+        elif cls is not Host:
+            return False
+    return True
 
 
 def _lb_references(service: Service) -> tuple[set[str], set[str]]:

@@ -42,7 +42,7 @@ from node_services.sources.cattle import translate
 from node_services.sources.cattle.client import CattleAPIError, CattleClient, Connection
 from node_services.sources.cattle.mirror import Mirror
 from node_services.sources.errors import UnsupportedObject
-from node_services.sources.guard import Rejected, Rejections, describe, guarded
+from node_services.sources.guard import Rejections, describe
 from node_services.sources.kube.reflector import Backoff
 from node_services.state.store import Store
 
@@ -77,6 +77,24 @@ MIN_STABLE_SECONDS: Final = 5.0
 closes each socket soon after the handshake must not cause a relist in a tight loop."""
 GATHER_SECONDS: Final = 0.01
 """A batch waits at most this long for more frames (the event-to-answer budget is 100 ms)."""
+
+
+_scan_once: Final[Callable[[str, int], tuple[Any, int]]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _loads(data: str | bytes) -> Any:
+    """``json.loads(data)``; a text frame that is one JSON value with no space around it (as
+    Cattle writes them) is scanned directly, without the two whitespace matches and calls
+    around the scanner that ``json.loads`` adds to each of thousands of events."""
+    if type(data) is str:
+        try:
+            value, end = _scan_once(data, 0)
+        except StopIteration:  # not a value at 0 (space first, or not JSON): json says which
+            pass
+        else:
+            if end == len(data):
+                return value
+    return json.loads(data)
 
 
 class _SilentSocket(Exception):
@@ -416,7 +434,7 @@ class CattleSource:
 
     def _decode(self, data: str | bytes) -> dict[str, Any] | None:
         try:
-            event = json.loads(data)
+            event = _loads(data)
         except (ValueError, RecursionError) as exc:
             self.metrics.error("bad_event")
             log.error("cattle: skipped an undecodable websocket message: %s", describe(exc))
@@ -538,22 +556,19 @@ class CattleSource:
             self.rejections.rejected_object(self.source)
             log.error("cattle: skipped a %s without an id", resource_type)
             return None
-        outcome = guarded(lambda: self._translate_supported(obj), what="")
-        if isinstance(outcome, Rejected):  # named only now: events are a hot path
-            self.metrics.invalid(str(resource_type))
-            self.rejections.rejected_object(self.source)
-            log.error(
-                "cattle: skipped invalid %s %s: %s", resource_type, resource_id, outcome.reason
-            )
-            return translate.key(str(resource_type), resource_id), ()
-        return translate.key(str(resource_type), resource_id), outcome
-
-    def _translate_supported(self, obj: dict[str, Any]) -> tuple[translate.Translated, ...]:
-        try:
-            return tuple(translate.translate(obj, self.source, self.memo))
+        try:  # guarded()'s rule, inline (events are a hot path): no object ends the source
+            translated = tuple(translate.translate(obj, self.source, self.memo))
         except UnsupportedObject as exc:
             log.debug("cattle: skipped %s", exc)
-            return ()
+            translated = ()
+        except Exception as exc:
+            reason = describe(exc)
+            del exc  # with it the frames of a half-made translation
+            self.metrics.invalid(str(resource_type))
+            self.rejections.rejected_object(self.source)
+            log.error("cattle: skipped invalid %s %s: %s", resource_type, resource_id, reason)
+            return translate.key(str(resource_type), resource_id), ()
+        return translate.key(str(resource_type), resource_id), translated
 
     # -- live events ----------------------------------------------------------------------------
 
@@ -613,6 +628,19 @@ class CattleSource:
         for event in reversed(events):  # the last event of a resource is its newest state
             data = event.get("data")
             resource = data.get("resource") if isinstance(data, dict) else None
+            if type(resource) is dict:  # the common case, settled first: a decoded event
+                kind, resource_id = resource.get("type"), resource.get("id")
+                if type(kind) is str and type(resource_id) is str:
+                    label = kind if kind in TRACKED_TYPES else "other"
+                    counts[label] = counts.get(label, 0) + 1
+                    pair = (kind, resource_id)
+                    if pair in seen:
+                        continue
+                    seen.add(pair)
+                    translated = self._translate(resource)
+                    if translated is not None:
+                        changes.setdefault(translated[0], translated[1])
+                    continue
             kind = resource.get("type") if isinstance(resource, dict) else None
             if kind is None and isinstance(event.get("resourceType"), str):
                 kind = event["resourceType"]

@@ -17,12 +17,10 @@ there. Two joins are left for a post-pass once the whole set is known (:func:`re
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import ipaddress
 import json
 import logging
 import marshal
-import operator
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -30,7 +28,17 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, TypeVar
 
 from node_services.sources.errors import TranslateError, UnsupportedObject
-from node_services.sources.fields import cidr, flag, integer, ip, mapping, sequence, text
+from node_services.sources.fields import (
+    _IPV4,
+    cidr,
+    detach,
+    flag,
+    integer,
+    ip,
+    mapping,
+    sequence,
+    text,
+)
 from node_services.state.records import (
     Endpoint,
     Endpoints,
@@ -47,6 +55,8 @@ from node_services.state.records import (
     intern_str,
     label,
     make_labels,
+    replace,
+    replacer,
 )
 
 log = logging.getLogger(__name__)
@@ -151,6 +161,15 @@ def translate(
     Facts are for :func:`resolve`, which turns a whole set into store records. ``memo``: the
     live source's :class:`ContainerMemo` (the result is the same with or without it)."""
     resource_type = obj.get("type")
+    if memo is not None and resource_type == "container":
+        resource_id = obj.get("id")
+        if (
+            type(resource_id) is str
+            and resource_id
+            and obj.get("state") not in GONE_STATES
+            and not obj.get("removed")
+        ):  # the live source's common case, settled first: the ref is made on demand
+            return _container(obj, source, "", memo)
     translator = _TRANSLATORS.get(resource_type) if isinstance(resource_type, str) else None
     ref = resource_ref(obj)
     if translator is None:
@@ -497,25 +516,15 @@ _CONTAINER_FIELDS: Final = (
 (``primaryIpAddress``, ``state``, ``healthState``): what :class:`ContainerMemo` compares."""
 _SERVICE_PREFIX: Final = f"{PREFIX}service/"
 _R = TypeVar("_R", bound=Record)
-_FIELD_NAMES: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {}
 
 
 def replace_record(record: _R, **changes: Any) -> _R:
-    """``dataclasses.replace`` for a record (frozen, slotted, every field an init field), at a
-    fraction of its cost: the values read by one attrgetter, the class called positionally."""
-    cls = type(record)
-    known = _FIELD_NAMES.get(cls)
-    if known is None:
-        fields = dataclasses.fields(cls)
-        if len(fields) < 2 or not all(f.init for f in fields):  # attrgetter gives a tuple
-            return dataclasses.replace(record, **changes)
-        names = tuple(f.name for f in fields)
-        known = _FIELD_NAMES[cls] = (names, operator.attrgetter(*names))
-    names, getter = known
-    values = list(getter(record))
-    for name, value in changes.items():
-        values[names.index(name)] = value
-    return cls(*values)
+    """``dataclasses.replace`` for a record, at a fraction of its cost (:func:`records.replace`)."""
+    return replace(record, **changes)
+
+
+_VOLATILE: Final = replacer(Workload, ("ips", "state", "ready", "health_state"))
+"""A container's Workload with new volatile fields (the memo's hit)."""
 
 
 class ContainerMemo:
@@ -523,43 +532,64 @@ class ContainerMemo:
     the fields it reads but the volatile ones (address, state, health: re-read every time).
 
     A container event is a full object, and most of them change one or two fields; parsing the
-    other twenty is most of a translation. The fields are compared exactly, by a digest of
-    their ``marshal`` form (which, unlike ``==``, tells ``1`` from ``1.0`` and ``true``); an
-    object marshal cannot write is translated without the memo. Bounded: it is cleared when it
-    holds ``max_entries`` containers (and by the source at each relist).
+    other twenty is most of a translation. The fields are compared exactly: by their
+    ``marshal`` form (which, unlike ``==``, tells ``1`` from ``1.0`` and ``true``), kept whole
+    (a few hundred bytes a container; comparing two costs less than digesting one); an object
+    marshal cannot write is translated without the memo. Bounded: it is cleared when it holds
+    ``max_entries`` containers or ``max_bytes`` of those forms (and by the source at each
+    relist).
     """
 
-    __slots__ = ("_entries", "max_entries")
+    __slots__ = ("_bytes", "_entries", "max_bytes", "max_entries")
 
-    def __init__(self, max_entries: int = 1 << 18) -> None:
+    def __init__(self, max_entries: int = 1 << 18, max_bytes: int = 64 << 20) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self._entries: dict[str, tuple[bytes, tuple[Record, ...]]] = {}
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def size(self) -> int:
+        """Bytes of the marshal forms held."""
+        return self._bytes
+
     def clear(self) -> None:
         self._entries.clear()
+        self._bytes = 0
 
     def discard(self, workload_key: str) -> None:
-        self._entries.pop(workload_key, None)
+        known = self._entries.pop(workload_key, None)
+        if known is not None:
+            self._bytes -= len(known[0])
 
     @staticmethod
     def signature(obj: Mapping[str, Any]) -> bytes | None:
+        """The marshal form of the fields a container's translation reads (None: not one
+        marshal can write): equal forms are equal values of the same JSON types. Version 0:
+        later ones mark objects held twice (dict keys a list's page shares across its
+        objects), so that equal values from a page and from an event would differ."""
         try:
-            dumped = marshal.dumps(tuple(map(obj.get, _CONTAINER_FIELDS)), 0)
+            return marshal.dumps(tuple(map(obj.get, _CONTAINER_FIELDS)), 0)
         except ValueError:  # not a JSON value (or nested beyond marshal's limit)
             return None
-        return hashlib.blake2b(dumped, digest_size=16).digest()
 
     def get(self, workload_key: str, signature: bytes) -> tuple[Record, ...] | None:
         known = self._entries.get(workload_key)
         return known[1] if known is not None and known[0] == signature else None
 
     def put(self, workload_key: str, signature: bytes, records: Sequence[Record]) -> None:
-        if len(self._entries) >= self.max_entries and workload_key not in self._entries:
-            self._entries.clear()
+        known = self._entries.get(workload_key)
+        if known is not None:
+            self._bytes -= len(known[0])
+        elif len(self._entries) >= self.max_entries:
+            self.clear()
+        if self._bytes + len(signature) > self.max_bytes:
+            self.clear()
         self._entries[workload_key] = (signature, tuple(records))
+        self._bytes += len(signature)
 
 
 def _container(
@@ -568,18 +598,25 @@ def _container(
     # Each field read as the generic readers do (text, integer, ...), with their common case
     # inlined: this runs for every container event. The volatile fields first: a memo hit
     # reads only them.
+    # ``ref`` may be "": made from ``obj`` when a message needs it.
     get = obj.get
     container_id = str(obj["id"])
     workload_key = f"{PREFIX}container/{container_id}"
     primary_ip = get("primaryIpAddress")
-    ips = (ip(ref, "primaryIpAddress", primary_ip),) if primary_ip else ()
+    if type(primary_ip) is str and _IPV4.fullmatch(primary_ip):
+        ips: tuple[str, ...] = (detach(primary_ip),)
+    else:
+        ips = (ip(ref or resource_ref(obj), "primaryIpAddress", primary_ip),) if primary_ip else ()
     state = get("state")
-    state = sys.intern(state) if type(state) is str else text(ref, "state", state, intern=True)
+    if type(state) is str:
+        state = sys.intern(state)
+    else:
+        state = text(ref or resource_ref(obj), "state", state, intern=True)
     health = get("healthState")
     if type(health) is str:
         health = sys.intern(health)
     else:
-        health = text(ref, "healthState", health, intern=True)
+        health = text(ref or resource_ref(obj), "healthState", health, intern=True)
     ready = state == "running" and health in SERVING_HEALTH
     if memo is None:
         workload = _container_workload(obj, source, ref, workload_key, ips, state, health, ready)
@@ -590,10 +627,13 @@ def _container(
     if isinstance(last, Workload) and last.source == source:
         if (last.ips, last.state, last.health_state) == (ips, state, health):
             return list(known)  # type: ignore[arg-type]
-        workload = replace_record(last, ips=ips, state=state, ready=ready, health_state=health)
+        assert known is not None
+        workload = _VOLATILE(last, ips=ips, state=state, ready=ready, health_state=health)
+        records = _container_records(workload, container_id, known)
     else:
+        ref = ref or resource_ref(obj)
         workload = _container_workload(obj, source, ref, workload_key, ips, state, health, ready)
-    records = _container_records(workload, container_id)
+        records = _container_records(workload, container_id)
     if signature is not None:
         memo.put(workload_key, signature, records)
     return records
@@ -691,8 +731,17 @@ def _container_workload(
     )
 
 
-def _container_records(workload: Workload, container_id: str) -> list[Record]:
-    """The Workload and, when it has an address, one Endpoints per service it belongs to."""
+_ENDPOINTS_OF: Final = replacer(Endpoints, ("endpoints",))
+
+
+def _container_records(
+    workload: Workload, container_id: str, last: Sequence[Record] = ()
+) -> list[Record]:
+    """The Workload and, when it has an address, one Endpoints per service it belongs to.
+
+    ``last``: the records of the container's last translation, when ``workload`` differs
+    from its Workload in the volatile fields only; its endpoint groups are then given again
+    with the new endpoint (every other field of theirs is read from what did not change)."""
     records: list[Record] = [workload]
     ips = workload.ips
     if ips:
@@ -705,6 +754,11 @@ def _container_records(workload: Workload, container_id: str) -> list[Record]:
             target_key=workload.key,
         )
         address_type = "IPv6" if ":" in ips[0] else "IPv4"
+        if len(last) == 1 + len(workload.service_keys) > 1 and all(
+            type(group) is Endpoints and group.address_type == address_type for group in last[1:]
+        ):  # the same groups (they exist only for an address), the same family
+            records.extend(_ENDPOINTS_OF(group, endpoints=(endpoint,)) for group in last[1:])
+            return records
         for service_key in workload.service_keys:
             service_id = service_key[len(_SERVICE_PREFIX) :]
             records.append(
