@@ -194,27 +194,19 @@ def wait_until(check: Any, timeout: float, what: str, proc: subprocess.Popen[byt
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def dnsperf(port: int, queries: Path, seconds: int, pid: int) -> dict[str, float]:
+def dnsperf(
+    port: int, queries: Path, seconds: float, pid: int, *, once: bool = False
+) -> dict[str, float]:
+    """One dnsperf run for ``seconds`` (``once``: through the file one time instead) and the
+    server's CPU seconds over it."""
+    limit = ["-n", "1"] if once else ["-l", str(seconds)]
     before = cpu_seconds(pid)
+    command = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries), *limit]
     result = subprocess.run(
-        [
-            "dnsperf",
-            "-s",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-d",
-            str(queries),
-            "-l",
-            str(seconds),
-            "-q",
-            "64",
-            "-t",
-            "2",
-        ],
+        [*command, "-q", "64", "-t", "2"],
         capture_output=True,
         text=True,
-        timeout=seconds + 30,
+        timeout=(seconds or 60) + 30,
         check=True,
     )
     cpu = cpu_seconds(pid) - before
@@ -226,9 +218,11 @@ def dnsperf(port: int, queries: Path, seconds: int, pid: int) -> dict[str, float
             raise RuntimeError(f"dnsperf output lacks {label!r}:\n{out}")
         return float(match.group(1))
 
+    def rcode(name: str) -> float:
+        match = re.search(rf"\b{name} (\d+)", out)
+        return float(match.group(1)) if match else 0.0
+
     completed = number("Queries completed")
-    noerror = re.search(r"NOERROR (\d+)", out)
-    nxdomain = re.search(r"NXDOMAIN (\d+)", out)
     return {
         "completed": completed,
         "lost": number("Queries lost"),
@@ -236,8 +230,10 @@ def dnsperf(port: int, queries: Path, seconds: int, pid: int) -> dict[str, float
         "latency_ms": number(r"Average Latency \(s\)") * 1000,
         "cpu": cpu,
         "per_cpu_second": completed / cpu if cpu > 0 else float("inf"),
-        "noerror": float(noerror.group(1)) if noerror else 0.0,
-        "nxdomain": float(nxdomain.group(1)) if nxdomain else 0.0,
+        "noerror": rcode("NOERROR"),
+        "nxdomain": rcode("NXDOMAIN"),
+        "servfail": rcode("SERVFAIL"),
+        "refused": rcode("REFUSED"),
     }
 
 

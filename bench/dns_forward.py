@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import select
 import shutil
 import socket
@@ -35,7 +34,7 @@ import urllib.request
 from pathlib import Path
 
 from bench._common import record
-from bench.dns import combine, cpu_seconds, free_port, stop, wait_until
+from bench.dns import combine, dnsperf, free_port, stop, wait_until
 
 UPSTREAM_HOST = "127.0.0.77"
 DOMAIN = "bench.example"
@@ -121,48 +120,6 @@ def ask(port: int, name: str) -> tuple[int, list[int]]:
         ttls.append(ttl)
         pos += 10 + rdlen
     return reply[3] & 0xF, ttls
-
-
-def dnsperf(
-    port: int, queries: Path, pid: int, *, seconds: float = 0, once: bool = False
-) -> dict[str, float]:
-    """One dnsperf run (``once``: through the file one time) and the server's CPU seconds."""
-    limit = ["-n", "1"] if once else ["-l", str(seconds)]
-    before = cpu_seconds(pid)
-    command = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries), *limit]
-    result = subprocess.run(
-        [*command, "-q", "64", "-t", "2"],
-        capture_output=True,
-        text=True,
-        timeout=(seconds or 60) + 30,
-        check=True,
-    )
-    cpu = cpu_seconds(pid) - before
-    out = result.stdout
-
-    def number(label: str) -> float:
-        match = re.search(rf"{label}:\s+([0-9.]+)", out)
-        if match is None:
-            raise RuntimeError(f"dnsperf output lacks {label!r}:\n{out}")
-        return float(match.group(1))
-
-    def rcode(name: str) -> float:
-        match = re.search(rf"\b{name} (\d+)", out)
-        return float(match.group(1)) if match else 0.0
-
-    completed = number("Queries completed")
-    return {
-        "completed": completed,
-        "lost": number("Queries lost"),
-        "qps": number("Queries per second"),
-        "latency_ms": number(r"Average Latency \(s\)") * 1000,
-        "cpu": cpu,
-        "per_cpu_second": completed / cpu if cpu > 0 else float("inf"),
-        "noerror": rcode("NOERROR"),
-        "nxdomain": rcode("NXDOMAIN"),
-        "servfail": rcode("SERVFAIL"),
-        "refused": rcode("REFUSED"),
-    }
 
 
 def _combine(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -273,13 +230,13 @@ def run_forward(quick: bool, *, names: int = 5000, seconds: int = 8, rounds: int
             for server, (port, proc) in servers.items():
                 before = upstream.queries
                 for path in (hits, stale):
-                    dnsperf(port, path, proc.pid, once=True)
+                    dnsperf(port, path, 0, proc.pid, once=True)
                 warm[server] = upstream.queries - before
             hit_runs: dict[str, list[dict[str, float]]] = {s: [] for s in servers}
             asked_before = upstream.queries
             for _ in range(max(1, rounds)):
                 for server, (port, proc) in servers.items():
-                    hit_runs[server].append(dnsperf(port, hits, proc.pid, seconds=per_round))
+                    hit_runs[server].append(dnsperf(port, hits, per_round, proc.pid))
             asked_during_hits = upstream.queries - asked_before
             upstream.stop()
             upstream_running = False
@@ -294,7 +251,7 @@ def run_forward(quick: bool, *, names: int = 5000, seconds: int = 8, rounds: int
             stale_runs: dict[str, list[dict[str, float]]] = {s: [] for s in servers}
             for _ in range(max(1, rounds)):
                 for server, (port, proc) in servers.items():
-                    stale_runs[server].append(dnsperf(port, stale, proc.pid, seconds=per_round))
+                    stale_runs[server].append(dnsperf(port, stale, per_round, proc.pid))
             samples = {
                 server: ask(port, f"stale-1.{DOMAIN}") for server, (port, _) in servers.items()
             }
