@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -181,3 +182,22 @@ def network_namespace(label: str, *tools: str) -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def exported_names(node: DaemonProcess) -> set[str]:
+    """Sample and family names on the daemon's /metrics, counters with and without `_total`,
+    histograms with their `_bucket`, `_sum` and `_count` series."""
+    status, body = node.get("/metrics")
+    assert status == 200
+    names: set[str] = set()
+    for line in body.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            names.add(name)
+            if kind == "counter":
+                names.add(name if name.endswith("_total") else name + "_total")
+            if kind == "histogram":
+                names |= {name + "_bucket", name + "_sum", name + "_count"}
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import DEMO_SNAPSHOT, ROOT, DaemonProcess
+from helpers import DEMO_SNAPSHOT, ROOT, DaemonProcess, exported_names
 
 DOC = ROOT / "docs" / "migrating.md"
 TEXT = DOC.read_text()
@@ -110,25 +110,6 @@ def test_the_guide_has_its_examples() -> None:
 
 def metric_names(text: str) -> set[str]:
     return set(re.findall(r"(?<![\w])node_services_[a-z0-9_]*[a-z0-9]", text))
-
-
-def exported_names(node: DaemonProcess) -> set[str]:
-    """Sample and family names on the daemon's /metrics, counters with and without `_total`,
-    histograms with their `_bucket`, `_sum` and `_count` series."""
-    status, body = node.get("/metrics")
-    assert status == 200
-    names: set[str] = set()
-    for line in body.splitlines():
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split()
-            names.add(name)
-            if kind == "counter":
-                names.add(name if name.endswith("_total") else name + "_total")
-            if kind == "histogram":
-                names |= {name + "_bucket", name + "_sum", name + "_count"}
-        elif line and not line.startswith("#"):
-            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
-    return names
 
 
 def test_every_metric_the_guide_names_is_exported(daemon: Start) -> None:

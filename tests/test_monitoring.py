@@ -17,7 +17,7 @@ import pytest
 import yaml
 from fakes.kube_apiserver import serve_in_thread
 from fakes.kube_helpers import fixture_objects
-from helpers import DEMO_SNAPSHOT, ROOT, DaemonProcess
+from helpers import DEMO_SNAPSHOT, ROOT, DaemonProcess, exported_names
 
 MONITORING = ROOT / "deploy" / "monitoring"
 RULES = MONITORING / "rules.yaml"
@@ -225,21 +225,7 @@ def exported(daemon: Start, tmp_path: Path) -> Iterator[set[str]]:
         full.wait_for(lambda: full.get("/readyz")[0] == 200, what="ready", timeout=60)
         overlay = daemon("--snapshot", str(broken), "--overlay", "vxlan")
         overlay.wait_for(lambda: "not valid YAML" in overlay.output(), what="the waiting overlay")
-        names: set[str] = set()
-        for node in (full, overlay):
-            status, body = node.get("/metrics")
-            assert status == 200
-            for line in body.splitlines():
-                if line.startswith("# TYPE "):
-                    _, _, name, kind = line.split()
-                    names.add(name)
-                    if kind == "counter":
-                        names.add(name if name.endswith("_total") else name + "_total")
-                    if kind == "histogram":
-                        names |= {name + "_bucket", name + "_sum", name + "_count"}
-                elif line and not line.startswith("#"):
-                    names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
-        yield names
+        yield exported_names(full) | exported_names(overlay)
 
 
 def test_every_metric_a_rule_or_panel_names_is_exported(exported: set[str]) -> None:
