@@ -14,7 +14,7 @@ from helpers import FIXTURES
 
 from node_services.sources.cattle import translate
 from node_services.sources.cattle.mirror import Mirror
-from node_services.state.records import Change, Deleted, Host, Record, Service, Workload
+from node_services.state.records import Change, Deleted, Host, Record, Service, Workload, label
 
 SCENARIO = read_fixture(FIXTURES / "cattle" / "recorded-scenario.json")
 NETWORK = {
@@ -71,6 +71,15 @@ def items_of(
     translates without it)."""
     items = translate.translate(json.loads(json.dumps(obj)) if memo else obj, "cattle", memo)
     return translate.key(obj["type"], obj["id"]), tuple(items)
+
+
+def change_of(
+    obj: dict[str, Any], memo: translate.ContainerMemo
+) -> tuple[str, tuple[translate.Translated, ...] | translate.Volatile]:
+    """What the live source gives the mirror for an event: the items, or a Volatile."""
+    items = translate.translate_change(json.loads(json.dumps(obj)), "cattle", memo)
+    key = translate.key(obj["type"], obj["id"])
+    return key, items if isinstance(items, translate.Volatile) else tuple(items)
 
 
 def expected(objects: dict[str, dict[str, Any]]) -> dict[str, Record]:
@@ -213,6 +222,67 @@ def test_a_fact_change_re_resolves_only_what_depends_on_it() -> None:
     ]
 
 
+def test_a_containers_volatile_change_is_carried_to_its_records_and_kept() -> None:
+    """The memo's Volatile changes only a container's records; a later name or network change
+    resolves its items again with the address it has now, not the one of its memo entry."""
+    objects = {o["id"]: copy.deepcopy(o) for o in ALL}
+    mirror = Mirror()
+    memo = translate.ContainerMemo()
+    held = {r.key: r for r in mirror.reset(dict(items_of(o, memo) for o in objects.values()))}
+
+    def step(*objs: dict[str, Any], expect: set[str] | None = None) -> set[str]:
+        changes: dict[str, tuple[translate.Translated, ...] | translate.Volatile | None] = {}
+        for obj in objs:
+            objects[obj["id"]] = obj
+            key, values = change_of(obj, memo)
+            changes[key] = values
+        out = mirror.update(changes)
+        apply(held, out)
+        assert held == expected(objects)
+        assert {r.key: r for r in mirror.records()} == held
+        return {c.key for c in out}
+
+    nginx = {**objects["1i10"], "primaryIpAddress": "127.0.3.7"}
+    assert isinstance(change_of(nginx, memo)[1], translate.Volatile)
+    assert step(nginx) == {"cattle:container/1i10", "cattle:endpoint/1s3/1i10"}
+    workload = held["cattle:container/1i10"]
+    assert isinstance(workload, Workload)
+    assert (workload.ips, workload.network_uuid, workload.namespace) == (
+        ("127.0.3.7",),
+        "uuid-ipsec",
+        "Web",
+    )
+    assert step(dict(nginx)) == set()  # the same fields again: nothing to publish
+    # health only, both serving: the endpoint (and so its group) is unchanged
+    assert step({**nginx, "healthState": "updating-healthy"}) == {"cattle:container/1i10"}
+    # the items (still the memo entry's address) resolved again after a stack rename ...
+    web = {**objects["1st5"], "name": "Front"}
+    assert "cattle:container/1i10" in step(web)
+    # ... and a network change; then the address and the stack in one batch
+    network = {**objects["1n3"], "uuid": "uuid-ipsec-2"}
+    assert "cattle:container/1i10" in step(network)
+    moved = {**objects["1i10"], "primaryIpAddress": "127.0.3.8", "state": "stopping"}
+    assert step(moved, {**objects["1st5"], "name": "Back"}) >= {
+        "cattle:container/1i10",
+        "cattle:endpoint/1s3/1i10",
+        "cattle:stack/1st5",
+    }
+    # a memo entry newer than what the mirror holds (its translation was never applied)
+    labelled = {**objects["1i11"], "labels": {**objects["1i11"].get("labels", {}), "x": "1"}}
+    change_of(labelled, memo)
+    later = {**labelled, "primaryIpAddress": "127.0.3.9"}
+    change = change_of(later, memo)[1]
+    assert isinstance(change, translate.Volatile)
+    assert step(later) == {"cattle:container/1i11", "cattle:endpoint/1s3/1i11"}
+    relabelled = held["cattle:container/1i11"]
+    assert isinstance(relabelled, Workload)
+    assert label(relabelled.labels, "x") == "1"
+    # the address gone: the groups go too (a full translation, not a Volatile)
+    gone = {**objects["1i12"], "primaryIpAddress": None}
+    assert not isinstance(change_of(gone, memo)[1], translate.Volatile)
+    assert step(gone) == {"cattle:container/1i12", "cattle:endpoint/1s4/1i12"}
+
+
 def test_updates_equal_a_full_resolve_at_every_step() -> None:
     rng = random.Random(7)
     objects = {o["id"]: copy.deepcopy(o) for o in ALL}
@@ -222,15 +292,18 @@ def test_updates_equal_a_full_resolve_at_every_step() -> None:
     seen: Counter[str] = Counter()
     for _step in range(600):
         batch = [mutate(rng, objects) for _ in range(rng.randrange(1, 4))]
-        changes: dict[str, tuple[translate.Translated, ...] | None] = {}
+        changes: dict[str, tuple[translate.Translated, ...] | translate.Volatile | None] = {}
         for obj in batch:
             if obj.get("state") == "removed" and rng.random() < 0.5:
                 objects.pop(obj["id"], None)
                 changes[translate.key(obj["type"], obj["id"])] = None
                 continue
             objects[obj["id"]] = obj
-            key, values = items_of(obj, memo)
+            key, values = change_of(obj, memo)
             changes[key] = values
+        seen.update(
+            "volatile" for values in changes.values() if isinstance(values, translate.Volatile)
+        )
         apply(held, mirror.update(changes))
         want = expected(objects)
         assert held == want
@@ -247,6 +320,7 @@ def test_updates_equal_a_full_resolve_at_every_step() -> None:
                     "rule service" for rule in config["port_rules"] if rule["service"] is not None
                 )
     # the sequence went through what the post-passes resolve, not only the easy cases
+    assert seen["volatile"] > 30, seen
     for what in ("network uuid-ipsec", "network uuid-flannel", "container network uuid"):
         assert seen[what] > 0, what
     for what in ("cert www", "cert api", "cert mail", "rule service"):

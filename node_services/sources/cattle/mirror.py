@@ -23,6 +23,7 @@ for the same set (tests/sources/test_cattle_mirror.py checks it).
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 
 from node_services.sources.cattle import translate
@@ -69,6 +70,8 @@ class Mirror:
     def _clear(self) -> None:
         self._items: dict[str, tuple[Translated, ...]] = {}
         self._records: dict[str, tuple[Record, ...]] = {}
+        # containers whose items are older than their records in the volatile fields (_move)
+        self._stale: set[str] = set()
         self._stack_names: dict[str, str] = {}
         self._services: dict[str, Service] = {}  # unresolved, by key
         self._certificates: dict[str, CattleCertificate] = {}
@@ -120,18 +123,28 @@ class Mirror:
 
     # -- changes --------------------------------------------------------------------------------
 
-    def update(self, changes: Mapping[str, Sequence[Translated] | None]) -> list[Change]:
-        """Apply new items per resource (empty or None: the resource is gone); the store
+    def update(
+        self, changes: Mapping[str, Sequence[Translated] | translate.Volatile | None]
+    ) -> list[Change]:
+        """Apply new items per resource (empty or None: the resource is gone; a
+        :class:`translate.Volatile`: a container's new address, state or health); the store
         changes (upserts and deletions) that follow, as one batch."""
         dirty: set[str] = set()
+        volatile: list[tuple[str, translate.Volatile]] = []
         networks_changed = False
         for resource_key, translated in changes.items():
             old = self._items.get(resource_key, ())
+            if isinstance(translated, translate.Volatile):
+                if _same_items(old, translated.base):  # the items held: see _move
+                    volatile.append((resource_key, translated))
+                    continue
+                translated = translated.records()
             new = tuple(translated or ())
             if new and _same_index(old, new):
                 # the common case (a container, a host: nothing else depends on it) and an
                 # event that moved none of its index entries
                 self._items[resource_key] = new
+                self._stale.discard(resource_key)
                 dirty.add(resource_key)
                 continue
             if not (_joined(old) or _joined(new)):  # nothing else depends on it
@@ -167,7 +180,15 @@ class Mirror:
             for network_key in _differing(uuids, self._uuids):
                 dirty |= self._on_network.get(network_key, set())
         out: list[Change] = []
+        for resource_key, change in volatile:
+            if resource_key in dirty or not self._move(resource_key, change, out):
+                # resolved again below (a name it reads changed too): from its new items
+                self._items[resource_key] = tuple(change.records())
+                self._stale.discard(resource_key)
+                dirty.add(resource_key)
         for resource_key in dirty:
+            if resource_key in self._stale:
+                self._freshen(resource_key)
             old_records = self._records.get(resource_key, ())
             new_records = self._resolve(self._items.get(resource_key, ()))
             if new_records:
@@ -190,9 +211,44 @@ class Mirror:
                     out.append(record)
         return out
 
+    def _move(self, resource_key: str, change: translate.Volatile, out: list[Change]) -> bool:
+        """A container's new volatile fields, onto the records held for it (resolved from its
+        items, ``change.base``): resolution reads none of those fields (it sets network uuids
+        and stack and service names), so it would give the same records. The items are left
+        as they are (stale in those fields: :meth:`_freshen`). False (nothing done) when the
+        records held are not a container's."""
+        held = self._records.get(resource_key, ())
+        workload = held[0] if held else None
+        if type(workload) is not Workload or len(held) != len(change.base):
+            return False
+        assert isinstance(workload, Workload)
+        self._stale.add(resource_key)
+        if (workload.ips, workload.state, workload.health_state) == (
+            change.ips,
+            change.state,
+            change.health_state,
+        ):  # (ready follows from state and health)
+            return True
+        records = translate.moved(held, change)
+        out.extend(new for new, old in zip(records, held, strict=True) if new is not old)
+        self._records[resource_key] = tuple(records)
+        return True
+
+    def _freshen(self, resource_key: str) -> None:
+        """Give a container's items the volatile fields its records hold (see :meth:`_move`)."""
+        items = self._items[resource_key]
+        workload = self._records[resource_key][0]
+        assert isinstance(workload, Workload)
+        current = translate.Volatile(
+            items, workload.ips, workload.state, workload.health_state, workload.ready
+        )
+        self._items[resource_key] = tuple(current.records())
+        self._stale.discard(resource_key)
+
     def _replace(
         self, resource_key: str, old: Sequence[Translated], new: tuple[Translated, ...]
     ) -> None:
+        self._stale.discard(resource_key)
         self._unindex(resource_key, old)
         if new:
             self._items[resource_key] = new
@@ -356,6 +412,11 @@ _JOINED_TYPES = frozenset(_JOINED)
 def _joined(items: Iterable[Translated]) -> bool:
     """Whether an item is one other resources' records depend on."""
     return not _JOINED_TYPES.isdisjoint(map(type, items))
+
+
+def _same_items(a: Sequence[Translated], b: Sequence[Translated]) -> bool:
+    """Whether ``a`` and ``b`` hold the same objects, in the same order."""
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 def _same_key(a: Record, b: Record) -> bool:

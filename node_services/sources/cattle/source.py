@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal, overload
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -534,9 +534,20 @@ class CattleSource:
         else:
             items.pop(resource_key, None)
 
-    def _translate(self, obj: Any) -> tuple[str, tuple[translate.Translated, ...]] | None:
+    @overload
+    def _translate(
+        self, obj: Any, lazy: Literal[False] = False
+    ) -> tuple[str, tuple[translate.Translated, ...]] | None: ...
+    @overload
+    def _translate(
+        self, obj: Any, lazy: bool
+    ) -> tuple[str, tuple[translate.Translated, ...] | translate.Volatile] | None: ...
+    def _translate(
+        self, obj: Any, lazy: bool = False
+    ) -> tuple[str, tuple[translate.Translated, ...] | translate.Volatile] | None:
         """(resource key, its items; () when removed or invalid), or None for an object of a
-        type we do not follow or without an id (logged)."""
+        type we do not follow or without an id (logged). ``lazy`` (an event, for the mirror):
+        a container's change of volatile fields only may be a :class:`translate.Volatile`."""
         if not isinstance(obj, dict):
             self.metrics.invalid("unknown")
             self.rejections.rejected_object(self.source)
@@ -557,7 +568,8 @@ class CattleSource:
             log.error("cattle: skipped a %s without an id", resource_type)
             return None
         try:  # guarded()'s rule, inline (events are a hot path): no object ends the source
-            translated = tuple(translate.translate(obj, self.source, self.memo))
+            items = translate.translate_change(obj, self.source, self.memo, lazy=lazy)
+            translated = items if isinstance(items, translate.Volatile) else tuple(items)
         except UnsupportedObject as exc:
             log.debug("cattle: skipped %s", exc)
             translated = ()
@@ -622,7 +634,7 @@ class CattleSource:
         fetched: dict[tuple[str, str], dict[str, Any] | None] | None,
     ) -> None:
         fetched = fetched or {}
-        changes: dict[str, tuple[translate.Translated, ...]] = {}
+        changes: dict[str, tuple[translate.Translated, ...] | translate.Volatile] = {}
         counts: dict[str, int] = {}
         seen: set[tuple[object, object]] = set()
         for event in reversed(events):  # the last event of a resource is its newest state
@@ -637,7 +649,7 @@ class CattleSource:
                     if pair in seen:
                         continue
                     seen.add(pair)
-                    translated = self._translate(resource)
+                    translated = self._translate(resource, True)
                     if translated is not None:
                         changes.setdefault(translated[0], translated[1])
                     continue
@@ -656,7 +668,7 @@ class CattleSource:
                         if obj is None:  # 404: removed
                             changes.setdefault(translate.key(*target), ())
                         else:
-                            bare = self._translate(obj)
+                            bare = self._translate(obj, True)
                             if bare is not None:
                                 changes.setdefault(bare[0], bare[1])
                     continue
@@ -672,7 +684,7 @@ class CattleSource:
                 if identity in seen:
                     continue
                 seen.add(identity)
-            translated = self._translate(resource)
+            translated = self._translate(resource, True)
             if translated is not None:
                 changes.setdefault(translated[0], translated[1])
         try:

@@ -160,6 +160,17 @@ def translate(
 
     Facts are for :func:`resolve`, which turns a whole set into store records. ``memo``: the
     live source's :class:`ContainerMemo` (the result is the same with or without it)."""
+    items = translate_change(obj, source, memo, lazy=False)
+    assert not isinstance(items, Volatile)
+    return items
+
+
+def translate_change(
+    obj: Mapping[str, Any], source: str, memo: ContainerMemo | None, *, lazy: bool = True
+) -> Sequence[Translated] | Volatile:
+    """:func:`translate`, or (``lazy``) a :class:`Volatile` for a container whose memo entry
+    differs from it in the volatile fields only: the live source's mirror, which holds the
+    records of that entry, makes the new ones itself (``Volatile.records()`` when it cannot)."""
     resource_type = obj.get("type")
     if memo is not None and resource_type == "container":
         resource_id = obj.get("id")
@@ -169,7 +180,7 @@ def translate(
             and obj.get("state") not in GONE_STATES
             and not obj.get("removed")
         ):  # the live source's common case, settled first: the ref is made on demand
-            return _container(obj, source, "", memo)
+            return _container(obj, source, "", memo, lazy)
     translator = _TRANSLATORS.get(resource_type) if isinstance(resource_type, str) else None
     ref = resource_ref(obj)
     if translator is None:
@@ -180,7 +191,7 @@ def translate(
             memo.discard(f"{PREFIX}container/{obj['id']}")
         return []
     if memo is not None and resource_type == "container":
-        return _container(obj, source, ref, memo)
+        return _container(obj, source, ref, memo, lazy)
     return translator(obj, source, ref)
 
 
@@ -527,9 +538,75 @@ _VOLATILE: Final = replacer(Workload, ("ips", "state", "ready", "health_state"))
 """A container's Workload with new volatile fields (the memo's hit)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Volatile:
+    """A container that differs from ``base`` (the records of its memo entry) in the fields
+    that change while it lives only: its address, state and health. The endpoint groups are
+    those of ``base`` (for an address in the same family, or none as none before)."""
+
+    base: Sequence[Translated]
+    ips: tuple[str, ...]
+    state: str
+    health_state: str
+    ready: bool
+
+    def records(self) -> list[Record]:
+        """The container's records: ``base`` with these fields."""
+        return moved(self.base, self)
+
+
+def moved(records: Sequence[Translated], change: Volatile) -> list[Record]:
+    """``records`` (a container's Workload, then its endpoint groups, as :func:`translate`
+    or the mirror's resolution made them from ``change.base``) with the volatile fields of
+    ``change``. A group whose endpoint is unchanged is kept as it is."""
+    workload = records[0]
+    assert isinstance(workload, Workload)
+    workload = _VOLATILE(
+        workload,
+        ips=change.ips,
+        state=change.state,
+        ready=change.ready,
+        health_state=change.health_state,
+    )
+    out: list[Record] = [workload]
+    if len(records) > 1:
+        endpoint = _endpoint(workload)
+        for group in records[1:]:
+            assert isinstance(group, Endpoints)
+            if group.endpoints != (endpoint,):
+                group = _ENDPOINTS_OF(group, endpoints=(endpoint,))
+            out.append(group)
+    return out
+
+
+def _endpoint(workload: Workload) -> Endpoint:
+    """The endpoint a container with an address is in each of its services' groups."""
+    return Endpoint(
+        addresses=workload.ips,
+        ready=workload.ready,
+        serving=workload.ready,
+        terminating=workload.state in ("stopping", "removing"),
+        hostname=workload.name,
+        target_key=workload.key,
+    )
+
+
+def _keeps_groups(base: Sequence[Record], ips: tuple[str, ...]) -> bool:
+    """Whether a container with the records ``base`` and the address ``ips`` now has the
+    same endpoint groups (one per service with an address, in the address's family)."""
+    if len(base) == 1:
+        workload = base[0]
+        return not ips or (isinstance(workload, Workload) and not workload.service_keys)
+    family = "IPv6" if ips and ":" in ips[0] else "IPv4"
+    return bool(ips) and all(
+        type(group) is Endpoints and group.address_type == family for group in base[1:]
+    )
+
+
 class ContainerMemo:
-    """The last translation of each container, given again for an event that changed none of
-    the fields it reads but the volatile ones (address, state, health: re-read every time).
+    """The last full translation of each container, given again for an event that changed none
+    of the fields it reads but the volatile ones (address, state, health: re-read every time;
+    an entry keeps those of the translation it holds, the live source's mirror the current).
 
     A container event is a full object, and most of them change one or two fields; parsing the
     other twenty is most of a translation. The fields are compared exactly: by their
@@ -593,8 +670,12 @@ class ContainerMemo:
 
 
 def _container(
-    obj: Mapping[str, Any], source: str, ref: str, memo: ContainerMemo | None = None
-) -> list[Record]:
+    obj: Mapping[str, Any],
+    source: str,
+    ref: str,
+    memo: ContainerMemo | None = None,
+    lazy: bool = False,
+) -> list[Record] | Volatile:
     # Each field read as the generic readers do (text, integer, ...), with their common case
     # inlined: this runs for every container event. The volatile fields first: a memo hit
     # reads only them.
@@ -625,17 +706,28 @@ def _container(
     known = memo.get(workload_key, signature) if signature is not None else None
     last = known[0] if known is not None else None
     if isinstance(last, Workload) and last.source == source:
-        if (last.ips, last.state, last.health_state) == (ips, state, health):
-            return list(known)  # type: ignore[arg-type]
         assert known is not None
+        if _keeps_groups(known, ips):
+            if not lazy and (last.ips, last.state, last.health_state) == (ips, state, health):
+                return list(known)
+            change = Volatile(known, ips, state, health, ready)
+            return change if lazy else change.records()
+        # endpoint groups come or go: made again, the memo's entry with them
         workload = _VOLATILE(last, ips=ips, state=state, ready=ready, health_state=health)
-        records = _container_records(workload, container_id, known)
+        records = _container_records(workload, container_id)
     else:
         ref = ref or resource_ref(obj)
         workload = _container_workload(obj, source, ref, workload_key, ips, state, health, ready)
         records = _container_records(workload, container_id)
     if signature is not None:
         memo.put(workload_key, signature, records)
+    return records
+
+
+def _container_full(obj: Mapping[str, Any], source: str, ref: str) -> list[Record]:
+    """A container's records, without a memo."""
+    records = _container(obj, source, ref)
+    assert isinstance(records, list)
     return records
 
 
@@ -734,31 +826,13 @@ def _container_workload(
 _ENDPOINTS_OF: Final = replacer(Endpoints, ("endpoints",))
 
 
-def _container_records(
-    workload: Workload, container_id: str, last: Sequence[Record] = ()
-) -> list[Record]:
-    """The Workload and, when it has an address, one Endpoints per service it belongs to.
-
-    ``last``: the records of the container's last translation, when ``workload`` differs
-    from its Workload in the volatile fields only; its endpoint groups are then given again
-    with the new endpoint (every other field of theirs is read from what did not change)."""
+def _container_records(workload: Workload, container_id: str) -> list[Record]:
+    """The Workload and, when it has an address, one Endpoints per service it belongs to."""
     records: list[Record] = [workload]
     ips = workload.ips
     if ips:
-        endpoint = Endpoint(
-            addresses=ips,
-            ready=workload.ready,
-            serving=workload.ready,
-            terminating=workload.state in ("stopping", "removing"),
-            hostname=workload.name,
-            target_key=workload.key,
-        )
+        endpoint = _endpoint(workload)
         address_type = "IPv6" if ":" in ips[0] else "IPv4"
-        if len(last) == 1 + len(workload.service_keys) > 1 and all(
-            type(group) is Endpoints and group.address_type == address_type for group in last[1:]
-        ):  # the same groups (they exist only for an address), the same family
-            records.extend(_ENDPOINTS_OF(group, endpoints=(endpoint,)) for group in last[1:])
-            return records
         for service_key in workload.service_keys:
             service_id = service_key[len(_SERVICE_PREFIX) :]
             records.append(
@@ -1102,7 +1176,7 @@ _TRANSLATORS: Final[dict[str, _Translator]] = {
     "host": _host,
     "stack": _stack,
     "environment": _stack,
-    "container": _container,
+    "container": _container_full,
     "network": _network,
     "subnet": _subnet_resource,
     "project": _project,
