@@ -12,8 +12,9 @@ Measures, next to the issue's targets:
   server, in its own process, shares the 2 cores with the source);
 - event throughput (applied), the target: the same work without the network, for a backlog
   of websocket frames already read (JSON text, batches of 1000 as a burst arrives): each
-  batch decoded (``_decode_batch``), translated, resolved by the mirror and applied to the
-  store as one version, exactly as the daemon's websocket loop does. Events/s by the wall
+  batch decoded and translated frame by frame (``_prepare``), resolved by the mirror and
+  applied to the store as one version (``_commit``), exactly as the daemon's websocket loop
+  does. Events/s by the wall
   clock, with the CPU time per event beside it (the figure to judge on a busy machine);
 - event -> DNS answer: the real daemon (``python -m node_services run`` with ``CATTLE_URL``)
   against the same server; for each update of a container's address, the bench queries the
@@ -243,7 +244,7 @@ async def in_process(
         frames.append(json.dumps({"name": "resource.change", "data": {"resource": obj}}))
     t1, c1 = time.perf_counter(), time.process_time()
     for k in range(0, events, 1000):
-        source._apply(source._decode_batch(frames[k : k + 1000]))
+        source._commit(source._prepare(frames[k : k + 1000]), {})
     apply_rate = events / (time.perf_counter() - t1)
     apply_cpu_us = (time.process_time() - c1) / events * 1e6
     applied = store.snapshot.get(f"cattle:container/{ids[(events - 1) % len(ids)]}")

@@ -673,7 +673,68 @@ def test_frames_queued_undecoded_are_decoded_with_their_batch() -> None:
         change,  # decoded already
     ]
     source._last_ping = 0.0
-    events = source._decode_batch(frames)
+    events = source._decode_batch(frames)  # (the relist's way: every event, in order)
     assert [e["data"]["resource"]["id"] for e in events] == ["1i1", "1i2", "1i1"]
     assert source._last_ping > 0.0 and pings == [1]
+    assert errors == ["bad_event"]
+    source._last_ping = 0.0
+    batch = source._prepare(frames)  # the websocket loop's way: newest first, translated
+    assert list(batch.changes) == ["cattle:container/1i1", "cattle:container/1i2"]
+    assert (batch.counts, batch.fetch) == ({"container": 3}, {})
+    assert source._last_ping > 0.0 and pings == [1, 1]
+    assert errors == ["bad_event", "bad_event"]
+    source._commit(batch, {})
+    assert {k for k in source.store.snapshot.workloads if k.startswith("cattle:")} == {
+        "cattle:container/1i1",
+        "cattle:container/1i2",
+    }
+
+
+def test_an_event_without_data_resource_keeps_its_place_in_the_batch() -> None:
+    """The newest event of a resource wins, with or without data.resource: a bare one newer
+    than a full one is fetched and applied as fetched; one older is not fetched at all."""
+    errors: list[str] = []
+    source = CattleSource(
+        Store(),
+        Connection("http://127.0.0.1:1/v2-beta/projects/1a5", "AK", "SK"),
+        metrics=CattleMetrics(error=errors.append),
+    )
+
+    def full(cid: str, ip: str) -> str:
+        resource = {"id": cid, "type": "container", "name": cid, "state": "running"}
+        resource["primaryIpAddress"] = ip
+        return json.dumps({"name": "resource.change", "data": {"resource": resource}})
+
+    def bare(cid: str) -> str:
+        return json.dumps(
+            {"name": "resource.change", "resourceType": "container", "resourceId": cid}
+        )
+
+    source._commit(source._prepare([full("1i3", "127.0.0.3")]), {})
+    assert source.store.snapshot.get("cattle:container/1i3") is not None
+    frames: list[dict[str, Any] | str | bytes] = [
+        full("1i1", "127.0.0.1"),
+        bare("1i1"),  # newer: 1i1 as fetched
+        bare("1i2"),
+        full("1i2", "127.0.0.2"),  # newer: no fetch
+        bare("1i3"),  # fetched: gone (404)
+        bare("1i4"),  # not fetched (the fetch gave nothing for it): skipped, logged
+    ]
+    batch = source._prepare(frames)
+    assert batch.fetch == {
+        "cattle:container/1i1": ("container", "1i1"),
+        "cattle:container/1i3": ("container", "1i3"),
+        "cattle:container/1i4": ("container", "1i4"),
+    }
+    fetched: dict[tuple[str, str], dict[str, Any] | None] = {
+        ("container", "1i1"): json.loads(full("1i1", "127.0.0.9"))["data"]["resource"],
+        ("container", "1i3"): None,
+    }
+    source._commit(batch, fetched)
+    snapshot = source.store.snapshot
+    got = {
+        cid: getattr(snapshot.get(f"cattle:container/{cid}"), "ips", None)
+        for cid in ("1i1", "1i2", "1i3", "1i4")
+    }
+    assert got == {"1i1": ("127.0.0.9",), "1i2": ("127.0.0.2",), "1i3": None, "1i4": None}
     assert errors == ["bad_event"]

@@ -31,8 +31,8 @@ import gc
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, overload
 
 import aiohttp
@@ -95,6 +95,20 @@ def _loads(data: str | bytes) -> Any:
             if end == len(data):
                 return value
     return json.loads(data)
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    """Websocket frames decoded and translated (:meth:`CattleSource._prepare`), to commit."""
+
+    changes: dict[str, tuple[translate.Translated, ...] | translate.Volatile] = field(
+        default_factory=dict
+    )
+    """Resource key -> its items (() when removed), or a container's Volatile; newest first."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """Events per resource type (``other`` for a type not followed)."""
+    fetch: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Resource key -> (type, id) of a resource whose newest event had no data.resource."""
 
 
 class _SilentSocket(Exception):
@@ -324,9 +338,10 @@ class CattleSource:
                     wake.clear()
                     if pending:
                         await self._gather(pending)
-                        batch = self._decode_batch(pending[:MAX_BATCH])
+                        batch = self._prepare(pending[:MAX_BATCH])
                         del pending[:MAX_BATCH]
-                        self._apply(batch, await self._fetch_bare(client, batch))
+                        fetched = await self._fetch(client, batch.fetch) if batch.fetch else {}
+                        self._commit(batch, fetched)
                         await asyncio.sleep(0)
                     elif reader.done():
                         reader.result()  # raises what ended it
@@ -378,7 +393,7 @@ class CattleSource:
             if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                 data = message.data
                 if (_CHANGE if isinstance(data, str) else _CHANGE_BYTES) in data:
-                    # decoded with its batch, with the collector paused (see _decode_batch)
+                    # decoded with its batch, with the collector paused (see _prepare)
                     self.metrics.last_event(time.time())
                     pending.append(data)
                     wake.set()
@@ -584,60 +599,56 @@ class CattleSource:
 
     # -- live events ----------------------------------------------------------------------------
 
-    async def _fetch_bare(
-        self, client: CattleClient, events: Sequence[dict[str, Any]]
+    async def _fetch(
+        self, client: CattleClient, targets: Mapping[str, tuple[str, str]]
     ) -> dict[tuple[str, str], dict[str, Any] | None]:
-        """The resources of the events without ``data.resource``, fetched by id as the
-        reconcile does (None: gone, 404)."""
-        targets: set[tuple[str, str]] = set()
-        for event in events:
-            data = event.get("data")
-            if isinstance(data, dict) and isinstance(data.get("resource"), dict):
-                continue
-            target = self._event_target(event)
-            if target is not None:
-                targets.add(target)
-        if not targets:
-            return {}
+        """The resources of a batch's events without ``data.resource`` ((type, id) of each),
+        fetched by id as the reconcile does (None: gone, 404)."""
         semaphore = asyncio.Semaphore(FETCH_CONCURRENCY)
 
         async def fetch(target: tuple[str, str]) -> dict[str, Any] | None:
             async with semaphore:
                 return await client.get_resource(*target)
 
-        ordered = sorted(targets)
+        ordered = sorted(set(targets.values()))
         fetched = await asyncio.gather(*(fetch(t) for t in ordered))
         self.reconciled += len(ordered)
         return dict(zip(ordered, fetched, strict=True))
 
-    def _apply(
-        self,
-        events: Sequence[dict[str, Any]],
-        fetched: dict[tuple[str, str], dict[str, Any] | None] | None = None,
-    ) -> None:
-        """One batch of resource.change events: the newest state of each resource wins.
-        ``fetched``: the resources of events without ``data.resource`` (None: gone).
+    def _prepare(self, frames: Sequence[dict[str, Any] | str | bytes]) -> _Batch:
+        """A batch of frames (text, or events decoded already) decoded and translated, the
+        last first: the last event of a resource is its newest state, and an older one is
+        only counted. Each frame is translated as soon as it is decoded and then let go,
+        while its objects are still in the CPU's caches (decoding the whole batch first and
+        translating it then cost a fifth more). An event without ``data.resource`` (its
+        resource's newest) keeps its resource's place in the batch for :meth:`_commit`, which
+        is given the resource fetched.
 
-        The cyclic collector is paused meanwhile: a batch (at most MAX_BATCH events) makes
-        only acyclic objects, and the collections they would trigger cost a fifth of it."""
+        The cyclic collector is paused meanwhile: a batch makes only acyclic objects, and the
+        collections they would trigger (traversing every event held) cost more than it."""
         collecting = gc.isenabled()
         gc.disable()
         try:
-            self._apply_batch(events, fetched)
+            return self._prepare_frames(frames)
         finally:
             if collecting:
                 gc.enable()
 
-    def _apply_batch(
-        self,
-        events: Sequence[dict[str, Any]],
-        fetched: dict[tuple[str, str], dict[str, Any] | None] | None,
-    ) -> None:
-        fetched = fetched or {}
-        changes: dict[str, tuple[translate.Translated, ...] | translate.Volatile] = {}
-        counts: dict[str, int] = {}
+    def _prepare_frames(self, frames: Sequence[dict[str, Any] | str | bytes]) -> _Batch:
+        batch = _Batch()
+        changes, counts, fetch = batch.changes, batch.counts, batch.fetch
         seen: set[tuple[object, object]] = set()
-        for event in reversed(events):  # the last event of a resource is its newest state
+        for frame in reversed(frames):
+            event = frame if isinstance(frame, dict) else self._decode(frame)
+            if event is None:
+                continue
+            if event.get("name") != "resource.change":
+                if event.get("name") == "ping":  # one whose text named resource.change
+                    self._last_ping = time.monotonic()
+                    self.metrics.event("ping", 1)
+                else:
+                    log.debug("cattle: ignored event %r", event.get("name"))
+                continue
             data = event.get("data")
             resource = data.get("resource") if isinstance(data, dict) else None
             if type(resource) is dict:  # the common case, settled first: a decoded event
@@ -660,24 +671,18 @@ class CattleSource:
             counts[label] = counts.get(label, 0) + 1
             if not isinstance(resource, dict):
                 target = self._event_target(event)
-                if target is not None and target in fetched:
-                    # No data.resource: the resource as the server holds it now (fetched).
-                    if target not in seen:
-                        seen.add(target)
-                        obj = fetched[target]
-                        if obj is None:  # 404: removed
-                            changes.setdefault(translate.key(*target), ())
-                        else:
-                            bare = self._translate(obj, True)
-                            if bare is not None:
-                                changes.setdefault(bare[0], bare[1])
-                    continue
-            if not isinstance(resource, dict):
-                self.metrics.error("bad_event")
-                log.error(
-                    "cattle: skipped a resource.change event for %s without data.resource",
-                    _ref(None, event.get("resourceType"), event.get("resourceId")),
-                )
+                if target is None:
+                    self.metrics.error("bad_event")
+                    log.error(
+                        "cattle: skipped a resource.change event for %s without data.resource",
+                        _ref(None, event.get("resourceType"), event.get("resourceId")),
+                    )
+                elif target not in seen:  # no data.resource: the resource as fetched
+                    seen.add(target)
+                    resource_key = translate.key(*target)
+                    if resource_key not in changes:
+                        changes[resource_key] = ()  # its place, until _commit
+                        fetch[resource_key] = target
                 continue
             identity = (resource.get("type"), resource.get("id"))
             if isinstance(identity[0], str) and isinstance(identity[1], str):
@@ -687,11 +692,39 @@ class CattleSource:
             translated = self._translate(resource, True)
             if translated is not None:
                 changes.setdefault(translated[0], translated[1])
+        return batch
+
+    def _commit(
+        self, batch: _Batch, fetched: Mapping[tuple[str, str], dict[str, Any] | None]
+    ) -> None:
+        """Apply a prepared batch as one store version. ``fetched``: the resources of
+        ``batch.fetch`` (None: gone); one missing there is skipped (logged)."""
+        collecting = gc.isenabled()
+        gc.disable()
         try:
+            changes = batch.changes
+            for resource_key, target in batch.fetch.items():
+                if target not in fetched:
+                    del changes[resource_key]
+                    self.metrics.error("bad_event")
+                    log.error(
+                        "cattle: skipped a resource.change event for %s without data.resource",
+                        _ref(None, *target),
+                    )
+                    continue
+                obj = fetched[target]
+                if obj is None:  # 404: removed
+                    continue
+                del changes[resource_key]
+                translated = self._translate(obj, True)
+                if translated is not None:
+                    changes.setdefault(translated[0], translated[1])
             if changes:
                 out = self.mirror.update(changes)
                 if out:
                     self.store.apply(self.source, out, compared=True)
         finally:
-            for label, n in counts.items():
+            for label, n in batch.counts.items():
                 self.metrics.event(label, n)
+            if collecting:
+                gc.enable()
