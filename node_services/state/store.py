@@ -320,6 +320,8 @@ class Store:
         published only costs its readers a needless rebuild; it is never wrong)."""
         self.register(source)
         held = self._by_source[source]
+        if compared and len(self._by_source) == 1:  # (a source's events, with no other)
+            return self._publish(_apply_only(self._snapshot, held, changes))
         touched: set[str] = set()
         before: dict[str, Record] | None = {} if compared else None
         for change in changes:
@@ -415,6 +417,38 @@ def _merge(
         ):
             continue
         changed[key] = (winner, current)
+    return changed
+
+
+def _apply_only(snapshot: Snapshot, held: dict[str, Record], changes: Iterable[Change]) -> _Changed:
+    """:meth:`Store.apply` (``compared``) for the one source there is: ``held`` edited, and
+    what :func:`_merge` would find changed, in the same pass (the winner of a key is what the
+    source now holds for it)."""
+    changed: _Changed = {}
+    gets = {cls: getattr(snapshot, name).get for cls, name in _FIELD_OF_TYPE.items()}
+    for change in changes:
+        key = change.key
+        if isinstance(change, Deleted):
+            previous = held.pop(key, None)
+            if previous is None:
+                continue
+            current = snapshot.get(key)
+            if current is None:
+                changed.pop(key, None)
+            else:
+                changed[key] = (None, current)
+            continue
+        previous = held.get(key)
+        held[key] = change
+        current = gets[type(change)](key)
+        if current is None:
+            current = snapshot.get(key)  # (a record that changed kind)
+        if current is change or (
+            current is not None and previous is not current and change == current
+        ):  # the caller compared ``change`` with ``previous`` only: one published earlier
+            changed.pop(key, None)
+            continue
+        changed[key] = (change, current)
     return changed
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import time
 
 import pytest
 
 from node_services.state import (
+    Change,
     Deleted,
     Endpoint,
     Endpoints,
     Host,
+    Record,
     Service,
     Stack,
     Store,
@@ -185,6 +188,49 @@ def test_compared_upserts_are_published_without_a_second_comparison() -> None:
     assert store.apply("s", [pod("p", "10.42.1.9")], compared=True) == version + 2
     assert store.snapshot.workload_by_ip("10.42.1.9") == pod("p", "10.42.1.9")
     assert store.snapshot.by_ip.get("10.42.1.5") is None
+
+
+_INDEXES = ("by_ip", "by_host", "by_name", "endpoints_of")
+
+
+def test_one_sources_compared_batches_publish_what_the_general_merge_does() -> None:
+    """A store with one source applies ``compared`` batches in one pass (no merge over
+    sources): the same snapshot content as a batch the store compares itself, for random
+    batches of upserts (equal or not to what is held), moves between kinds and deletions,
+    a key touched twice in a batch included."""
+    rng = random.Random(11)
+    fast, general = Store(), Store()
+    held: dict[str, Record] = {}
+
+    def record(name: str) -> Record:
+        choice = rng.randrange(4)
+        if choice == 0:
+            return slice_(name, rng.choice(["web", "api"]), f"10.42.9.{rng.randrange(4)}")
+        key = f"k8s:EndpointSlice/default/{name}" if choice == 1 else ""
+        workload = pod(name, f"10.42.9.{rng.randrange(4)}", node=rng.choice(["a", "b"]))
+        return dataclasses.replace(workload, key=key) if key else workload  # changes kind
+
+    names = [f"n{i}" for i in range(6)]
+    for _step in range(400):
+        batch: list[Change] = []
+        for _ in range(rng.randrange(1, 5)):
+            name = rng.choice(names)
+            if rng.random() < 0.25:
+                change: Change = Deleted(rng.choice([*held, f"k8s:Pod/default/{name}"]))
+            else:
+                change = record(name)
+                if held.get(change.key) == change:  # what a compared batch leaves out
+                    continue
+            batch.append(change)
+            if isinstance(change, Deleted):  # held as the source holds it at each change
+                held.pop(change.key, None)
+            else:
+                held[change.key] = change
+        fast.apply("s", batch, compared=True)
+        general.apply("s", batch)
+        for name in ("hosts", "stacks", "services", "endpoints", "workloads", *_INDEXES):
+            assert dict(getattr(fast.snapshot, name)) == dict(getattr(general.snapshot, name))
+        assert dict(fast.snapshot.workloads) | dict(fast.snapshot.endpoints) == held
 
 
 def test_host_network_workloads_are_not_found_by_ip() -> None:
