@@ -14,8 +14,8 @@ Measures, next to the issue's targets:
   of websocket frames already read (JSON text, batches of 1000 as a burst arrives): each
   batch decoded and translated frame by frame (``_prepare``), resolved by the mirror and
   applied to the store as one version (``_commit``), exactly as the daemon's websocket loop
-  does. Events/s by the wall
-  clock, with the CPU time per event beside it (the figure to judge on a busy machine);
+  does. Three backlogs, judged on the median; events/s by the wall clock, with the CPU time
+  per event beside it (the figure to judge on a busy machine);
 - event -> DNS answer: the real daemon (``python -m node_services run`` with ``CATTLE_URL``)
   against the same server; for each update of a container's address, the bench queries the
   daemon's DNS (UDP, loopback) for the container's name until the answer is the new address;
@@ -53,6 +53,9 @@ FAKE = ROOT / "tests" / "fakes" / "cattle_server.py"
 ACCESS, SECRET = "AK0123", "sekret-0123"
 PROJECT = "1a5"
 TARGETS = {"sync_s": 5.0, "events_per_s": 10_000.0, "p99_ms": 100.0}
+APPLIED_RUNS = 3
+"""Backlogs applied for the applied throughput, judged on the median (a shared machine's
+speed varies by a fifth from one second to the next)."""
 
 
 def environment(services: int, per_service: int, hosts: int) -> list[dict[str, Any]]:
@@ -236,24 +239,38 @@ async def in_process(
     await asyncio.gather(task, return_exceptions=True)
     received = applied - before
     # The same work without the network: decode + translate + mirror + store batch, for a
-    # backlog of websocket frames already read (batches of 1000, as a burst arrives).
-    frames = []
-    for i in range(events):
-        obj = dict(templates[ids[i % len(ids)]])
-        obj["primaryIpAddress"] = ip_of(i % len(ids), 100 + i // len(ids))
-        frames.append(json.dumps({"name": "resource.change", "data": {"resource": obj}}))
-    t1, c1 = time.perf_counter(), time.process_time()
-    for k in range(0, events, 1000):
-        source._commit(source._prepare(frames[k : k + 1000]), {})
-    apply_rate = events / (time.perf_counter() - t1)
-    apply_cpu_us = (time.process_time() - c1) / events * 1e6
-    applied = store.snapshot.get(f"cattle:container/{ids[(events - 1) % len(ids)]}")
-    correct = (
-        correct
-        and applied is not None
-        and getattr(applied, "ips", ())
-        == (ip_of((events - 1) % len(ids), 100 + (events - 1) // len(ids)),)
+    # backlog of websocket frames already read (batches of 1000, as a burst arrives); three
+    # backlogs (each a new address for every event), judged on the median.
+    runs: list[tuple[float, float]] = []
+    for backlog in range(APPLIED_RUNS):
+        first = 100 + 10 * backlog
+        frames = []
+        for i in range(events):
+            obj = dict(templates[ids[i % len(ids)]])
+            obj["primaryIpAddress"] = ip_of(i % len(ids), first + i // len(ids))
+            frames.append(json.dumps({"name": "resource.change", "data": {"resource": obj}}))
+        t1, c1 = time.perf_counter(), time.process_time()
+        for k in range(0, events, 1000):
+            source._commit(source._prepare(frames[k : k + 1000]), {})
+        runs.append(
+            (events / (time.perf_counter() - t1), (time.process_time() - c1) / events * 1e6)
+        )
+        del frames
+        newest = store.snapshot.get(f"cattle:container/{ids[(events - 1) % len(ids)]}")
+        correct = (
+            correct
+            and newest is not None
+            and getattr(newest, "ips", ())
+            == (ip_of((events - 1) % len(ids), first + (events - 1) // len(ids)),)
+        )
+    print(
+        "  (applied, "
+        + ", ".join(f"{rate:,.0f} events/s ({cpu:.0f} us CPU/event)" for rate, cpu in runs)
+        + f"; median of {len(runs)} judged)",
+        flush=True,
     )
+    apply_rate = statistics.median(rate for rate, _ in runs)
+    apply_cpu_us = statistics.median(cpu for _, cpu in runs)
     return {
         "apply_per_s": apply_rate,
         "apply_cpu_us": apply_cpu_us,

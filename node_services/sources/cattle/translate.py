@@ -52,6 +52,7 @@ from node_services.state.records import (
     Stack,
     Workload,
     WorkloadLink,
+    fast_init,
     intern_str,
     label,
     make_labels,
@@ -538,6 +539,7 @@ _VOLATILE: Final = replacer(Workload, ("ips", "state", "ready", "health_state"))
 """A container's Workload with new volatile fields (the memo's hit)."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Volatile:
     """A container that differs from ``base`` (the records of its memo entry) in the fields
@@ -597,10 +599,13 @@ def _keeps_groups(base: Sequence[Record], ips: tuple[str, ...]) -> bool:
     if len(base) == 1:
         workload = base[0]
         return not ips or (isinstance(workload, Workload) and not workload.service_keys)
-    family = "IPv6" if ips and ":" in ips[0] else "IPv4"
-    return bool(ips) and all(
-        type(group) is Endpoints and group.address_type == family for group in base[1:]
-    )
+    if not ips:
+        return False
+    family = "IPv6" if ":" in ips[0] else "IPv4"
+    for group in base[1:]:
+        if type(group) is not Endpoints or group.address_type != family:
+            return False
+    return True
 
 
 class ContainerMemo:
