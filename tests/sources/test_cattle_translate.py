@@ -274,12 +274,24 @@ def test_the_container_memo_gives_what_a_fresh_translation_gives() -> None:
         {**obj, "transitioningMessage": "not read"},
         {**obj, "state": "removed"},
         obj,
+        {**obj, "primaryIpAddress": "fd00::9"},  # another family: other endpoint groups
+        {**obj, "primaryIpAddress": "10.42.9.8"},
         {**obj, "name": "renamed-3", "serviceIds": []},
+        {**obj, "name": "renamed-3", "serviceIds": [], "primaryIpAddress": None},
+        {**obj, "name": "renamed-3", "serviceIds": [], "primaryIpAddress": "10.42.9.7"},
     ]
+    lazy = ContainerMemo()  # the live source's way: a Volatile for the volatile fields
+    kinds = set()
     for _round in range(2):
         for variant in variants:
             fresh = translate(json.loads(json.dumps(variant)), "c")
             assert translate(json.loads(json.dumps(variant)), "c", memo) == fresh, variant
+            change = translate_module.translate_change(json.loads(json.dumps(variant)), "c", lazy)
+            if isinstance(change, translate_module.Volatile):
+                kinds.add("volatile")
+                change = change.records()
+            assert list(change) == list(fresh), variant
+    assert "volatile" in kinds
     assert len(memo) == 1
     memo.discard("cattle:container/" + obj["id"])
     assert len(memo) == 0

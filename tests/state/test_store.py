@@ -211,7 +211,14 @@ def test_one_sources_compared_batches_publish_what_the_general_merge_does() -> N
         return dataclasses.replace(workload, key=key) if key else workload  # changes kind
 
     names = [f"n{i}" for i in range(6)]
-    for _step in range(400):
+    start = [pod("n0", "10.42.9.1"), slice_("n1", "web", "10.42.9.2")]
+    for store in (fast, general):  # equal records, not the same objects, in each
+        store.replace("s", [dataclasses.replace(r) for r in start])
+    held.update((r.key, r) for r in start)
+    for step in range(400):
+        if step == 300:  # a second source: the general path from now on, for both
+            fast.register("other")
+            general.register("other")
         batch: list[Change] = []
         for _ in range(rng.randrange(1, 5)):
             name = rng.choice(names)

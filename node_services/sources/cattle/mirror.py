@@ -130,15 +130,17 @@ class Mirror:
         :class:`translate.Volatile`: a container's new address, state or health); the store
         changes (upserts and deletions) that follow, as one batch."""
         dirty: set[str] = set()
-        volatile: list[tuple[str, translate.Volatile]] = []
+        volatile: dict[str, translate.Volatile] = {}
         networks_changed = False
         for resource_key, translated in changes.items():
             old = self._items.get(resource_key, ())
             if isinstance(translated, translate.Volatile):
-                if _same_items(old, translated.base):  # the items held: see _move
-                    volatile.append((resource_key, translated))
+                # The memo's records become the items (stale in the volatile fields, which
+                # the records get: see _move); mostly they are the items held already.
+                volatile[resource_key] = translated
+                if _same_items(old, translated.base):
                     continue
-                translated = translated.records()
+                translated = translated.base
             new = tuple(translated or ())
             if new and _same_index(old, new):
                 # the common case (a container, a host: nothing else depends on it) and an
@@ -180,17 +182,18 @@ class Mirror:
             for network_key in _differing(uuids, self._uuids):
                 dirty |= self._on_network.get(network_key, set())
         out: list[Change] = []
-        for resource_key, change in volatile:
-            if resource_key in dirty or not self._move(resource_key, change, out):
-                # resolved again below (a name it reads changed too): from its new items
-                self._items[resource_key] = tuple(change.records())
-                self._stale.discard(resource_key)
+        for resource_key, change in volatile.items():
+            if resource_key not in dirty and not self._move(resource_key, change, out):
                 dirty.add(resource_key)
         for resource_key in dirty:
-            if resource_key in self._stale:
-                self._freshen(resource_key)
             old_records = self._records.get(resource_key, ())
             new_records = self._resolve(self._items.get(resource_key, ()))
+            moving = volatile.get(resource_key)
+            if moving is None and resource_key in self._stale and old_records:
+                moving = _volatile_of(old_records[0])  # the fields its records hold now
+            if moving is not None and new_records:
+                new_records = tuple(translate.moved(new_records, moving))
+                self._stale.add(resource_key)
             if new_records:
                 self._records[resource_key] = new_records
             else:
@@ -215,8 +218,9 @@ class Mirror:
         """A container's new volatile fields, onto the records held for it (resolved from its
         items, ``change.base``): resolution reads none of those fields (it sets network uuids
         and stack and service names), so it would give the same records. The items are left
-        as they are (stale in those fields: :meth:`_freshen`). False (nothing done) when the
-        records held are not a container's."""
+        as they are, stale in those fields: when the container is resolved again (a name or
+        network it reads changed), its records get them back from ``moved``. False (nothing
+        done) when the records held are not a container's (resolved again instead)."""
         held = self._records.get(resource_key, ())
         workload = held[0] if held else None
         if type(workload) is not Workload or len(held) != len(change.base):
@@ -233,17 +237,6 @@ class Mirror:
         out.extend(new for new, old in zip(records, held, strict=True) if new is not old)
         self._records[resource_key] = tuple(records)
         return True
-
-    def _freshen(self, resource_key: str) -> None:
-        """Give a container's items the volatile fields its records hold (see :meth:`_move`)."""
-        items = self._items[resource_key]
-        workload = self._records[resource_key][0]
-        assert isinstance(workload, Workload)
-        current = translate.Volatile(
-            items, workload.ips, workload.state, workload.health_state, workload.ready
-        )
-        self._items[resource_key] = tuple(current.records())
-        self._stale.discard(resource_key)
 
     def _replace(
         self, resource_key: str, old: Sequence[Translated], new: tuple[Translated, ...]
@@ -412,6 +405,13 @@ _JOINED_TYPES = frozenset(_JOINED)
 def _joined(items: Iterable[Translated]) -> bool:
     """Whether an item is one other resources' records depend on."""
     return not _JOINED_TYPES.isdisjoint(map(type, items))
+
+
+def _volatile_of(record: Record) -> translate.Volatile | None:
+    """The volatile fields a container's Workload holds (None: not a Workload)."""
+    if not isinstance(record, Workload):
+        return None
+    return translate.Volatile((), record.ips, record.state, record.health_state, record.ready)
 
 
 def _same_items(a: Sequence[Translated], b: Sequence[Translated]) -> bool:
