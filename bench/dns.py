@@ -169,18 +169,24 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def answers(port: int, name: str) -> bool:
-    """Whether the server answers NOERROR with an answer for ``name`` (a tiny UDP client)."""
+def ask_a(port: int, name: str, timeout: float) -> bytes | None:
+    """The reply to one A query for ``name`` at 127.0.0.1:``port`` (a tiny UDP client; None
+    when none came within ``timeout`` s)."""
     qname = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00"
     packet = b"\xab\xcd\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + qname + b"\x00\x01\x00\x01"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(0.5)
+        sock.settimeout(timeout)
         sock.sendto(packet, ("127.0.0.1", port))
         try:
-            reply = sock.recv(4096)
+            return sock.recv(4096)
         except TimeoutError:
-            return False
-    return reply[3] & 0xF == 0 and reply[6:8] != b"\x00\x00"
+            return None
+
+
+def answers(port: int, name: str) -> bool:
+    """Whether the server answers NOERROR with an answer for ``name``."""
+    reply = ask_a(port, name, 0.5)
+    return reply is not None and reply[3] & 0xF == 0 and reply[6:8] != b"\x00\x00"
 
 
 def wait_until(check: Any, timeout: float, what: str, proc: subprocess.Popen[bytes]) -> None:

@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 
 from bench._common import record
-from bench.dns import combine, dnsperf, free_port, stop, wait_until
+from bench.dns import ask_a, combine, dnsperf, free_port, stop, wait_until
 
 UPSTREAM_HOST = "127.0.0.77"
 DOMAIN = "bench.example"
@@ -102,17 +102,11 @@ def answer(query: bytes) -> bytes | None:
 
 def ask(port: int, name: str) -> tuple[int, list[int]]:
     """(rcode, answer TTLs) of one A query to 127.0.0.1:``port`` ((-1, []) on no answer)."""
-    qname = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00"
-    packet = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + qname + b"\x00\x01\x00\x01"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(3)
-        sock.sendto(packet, ("127.0.0.1", port))
-        try:
-            reply = sock.recv(4096)
-        except TimeoutError:
-            return -1, []
+    reply = ask_a(port, name, 3)
+    if reply is None:
+        return -1, []
     ancount = struct.unpack_from("!H", reply, 6)[0]
-    pos = 12 + len(qname) + 4
+    pos = 12 + len(name) + 2 + 4  # the question's name as labels, its type and class
     ttls = []
     for _ in range(ancount):
         pos += 2  # a compression pointer: the answers are to the question's name

@@ -217,6 +217,44 @@ class Pair:
     def env(self, **extra: str) -> dict[str, str]:
         return {"NODE_SERVICES_RUNTIME_DIR": str(self.runtime_dir), **extra}
 
+    def systemd_start(
+        self,
+        fds: dict[str, int] | list[tuple[str, int]],
+        log_path: Path,
+        dns_listen: list[str] | None = None,
+        **env: str,
+    ) -> subprocess.Popen[bytes]:
+        """An instance started as systemd starts a unit with stored sockets: ``fds`` (name,
+        descriptor) from 3 on under LISTEN_FDS / LISTEN_FDNAMES / LISTEN_PID (see WRAPPER),
+        no lame-duck grace."""
+        named = list(fds.items()) if isinstance(fds, dict) else fds
+        environment = {
+            k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "LISTEN_"))
+        }
+        environment.update(
+            self.env(
+                NODE_SERVICES_SHUTDOWN_GRACE="0",
+                LISTEN_FDNAMES=":".join(name for name, _ in named),
+                **env,
+            )
+        )
+        listen = dns_listen or [f"127.0.0.1:{self.dns_port}"]
+        command = [
+            *(sys.executable, "-c", WRAPPER, *(str(fd) for _, fd in named), "--"),
+            *(sys.executable, "-m", "node_services", "run", "--node-name", "node-a"),
+            *(arg for address in listen for arg in ("--dns-listen", address)),
+            *("--admin-listen", f"127.0.0.1:{self.admin_port}", *self.args()),
+        ]
+        with log_path.open("wb") as log:
+            return subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                pass_fds=[fd for _, fd in named],
+                cwd=ROOT,
+            )
+
     def instance(self, **env: str) -> DaemonProcess:
         process = DaemonProcess(
             self.args(),
@@ -376,38 +414,8 @@ def test_systemd_restart_keeps_the_sockets_in_the_fd_store(
         first.proc.send_signal(signal.SIGTERM)  # systemctl restart: stop ...
         assert first.proc.wait(timeout=60) == 0, first.output()
         assert "lame duck" in first.output()
-        names = sorted(stored)
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "LISTEN_"))
-        }
-        env.update(pair.env(NODE_SERVICES_SHUTDOWN_GRACE="0", LISTEN_FDNAMES=":".join(names)))
-        command = [
-            sys.executable,
-            "-c",
-            WRAPPER,
-            *(str(stored[name]) for name in names),
-            "--",
-            sys.executable,
-            "-m",
-            "node_services",
-            "run",
-            "--node-name",
-            "node-a",
-            "--dns-listen",
-            f"127.0.0.1:{pair.dns_port}",
-            "--admin-listen",
-            f"127.0.0.1:{pair.admin_port}",
-            *pair.args(),
-        ]
-        with log_path.open("wb") as log:  # ... and start, with the stored sockets
-            second = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                pass_fds=[stored[name] for name in names],
-                cwd=ROOT,
-            )
+        # ... and start, with the stored sockets
+        second = pair.systemd_start({name: stored[name] for name in sorted(stored)}, log_path)
         wait_answers(load, 20)
         seconds = load.finish()
     finally:
@@ -486,18 +494,7 @@ def test_a_stored_socket_at_an_address_the_settings_no_longer_name_is_not_used(
     old = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     old.bind(("127.0.0.1", free_port()))
     log_path = tmp_path / "started.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "LISTEN_"))}
-    env.update(pair.env(NODE_SERVICES_SHUTDOWN_GRACE="0", LISTEN_FDNAMES="dns-udp"))
-    command = [
-        *(sys.executable, "-c", WRAPPER, str(old.fileno()), "--", sys.executable),
-        *("-m", "node_services", "run", "--node-name", "node-a"),
-        *("--dns-listen", f"127.0.0.1:{pair.dns_port}"),
-        *("--admin-listen", f"127.0.0.1:{pair.admin_port}", *pair.args()),
-    ]
-    with log_path.open("wb") as log:
-        started = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=[old.fileno()]
-        )
+    started = pair.systemd_start({"dns-udp": old.fileno()}, log_path)
     old.close()
     try:
         deadline = time.monotonic() + 60
@@ -537,29 +534,8 @@ def test_a_stale_stored_copy_is_removed_from_the_store_and_the_matching_copy_kep
     current.bind(("127.0.0.1", pair.dns_port))
     tcp = handover.bind_tcp("127.0.0.1", pair.dns_port, 16)
     log_path = tmp_path / "started.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "LISTEN_"))}
-    env.update(
-        pair.env(
-            NODE_SERVICES_SHUTDOWN_GRACE="0",
-            LISTEN_FDNAMES="dns-udp:dns-udp:dns-tcp",
-            NOTIFY_SOCKET=str(notify_socket.path),
-        )
-    )
-    fds = [str(old.fileno()), str(current.fileno()), str(tcp.fileno())]
-    command = [
-        *(sys.executable, "-c", WRAPPER, *fds, "--", sys.executable),
-        *("-m", "node_services", "run", "--node-name", "node-a"),
-        *("--dns-listen", f"127.0.0.1:{pair.dns_port}"),
-        *("--admin-listen", f"127.0.0.1:{pair.admin_port}", *pair.args()),
-    ]
-    with log_path.open("wb") as log:
-        started = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            pass_fds=[old.fileno(), current.fileno(), tcp.fileno()],
-        )
+    fds = [("dns-udp", old.fileno()), ("dns-udp", current.fileno()), ("dns-tcp", tcp.fileno())]
+    started = pair.systemd_start(fds, log_path, NOTIFY_SOCKET=str(notify_socket.path))
     old.close()
     current.close()
     tcp.close()
@@ -1109,31 +1085,12 @@ def test_systemd_restart_keeps_every_dns_address_when_their_order_changes(
         assert first.proc.wait(timeout=60) == 0, first.output()
         seen = len(notify_socket.messages)
         reader.start()
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("NODE_SERVICES_", "LISTEN_"))
-        }
-        env.update(
-            pair.env(
-                NODE_SERVICES_SHUTDOWN_GRACE="0",
-                LISTEN_FDNAMES=":".join(names),
-                NOTIFY_SOCKET=str(notify_socket.path),
-            )
+        second = pair.systemd_start(
+            [(name, stored[name]) for name in names],
+            log_path,
+            [b, a],
+            NOTIFY_SOCKET=str(notify_socket.path),
         )
-        command = [
-            *(sys.executable, "-c", WRAPPER, *(str(stored[name]) for name in names), "--"),
-            *(sys.executable, "-m", "node_services", "run", "--node-name", "node-a"),
-            *("--dns-listen", b, "--dns-listen", a),
-            *("--admin-listen", f"127.0.0.1:{pair.admin_port}", *pair.args()),
-        ]
-        with log_path.open("wb") as log:
-            second = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                pass_fds=[stored[name] for name in names],
-                cwd=ROOT,
-            )
         for load in loads:
             wait_answers(load, 10)
         deadline = time.monotonic() + 60

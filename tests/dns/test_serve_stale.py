@@ -78,6 +78,16 @@ class Scripted:
         assert self.raw is not None
         return (self.host, self.raw.port)
 
+    def _soa(self) -> dns.rrset.RRset:
+        """The zone's SOA, for a negative answer (its minimum: the negative TTL)."""
+        return dns.rrset.from_text(
+            "example.org.",
+            self.negative_ttl,
+            "IN",
+            "SOA",
+            f"ns.example.org. host.example.org. 1 7200 1800 86400 {self.negative_ttl}",
+        )
+
     def _on_query(self, upstream: RawUpstream, data: bytes, addr: Any) -> None:
         query = dns.message.from_wire(data)
         question = query.question[0]
@@ -93,27 +103,11 @@ class Scripted:
             response.answer.append(
                 dns.rrset.from_text(question.name, 600, "IN", "CNAME", "nothing.example.org.")
             )
-            response.authority.append(
-                dns.rrset.from_text(
-                    "example.org.",
-                    self.negative_ttl,
-                    "IN",
-                    "SOA",
-                    f"ns.example.org. host.example.org. 1 7200 1800 86400 {self.negative_ttl}",
-                )
-            )
+            response.authority.append(self._soa())
         elif name == GONE or question.rdtype != dns.rdatatype.A:
             if name == GONE:
                 response.set_rcode(dns.rcode.NXDOMAIN)
-            response.authority.append(
-                dns.rrset.from_text(
-                    "example.org.",
-                    self.negative_ttl,
-                    "IN",
-                    "SOA",
-                    f"ns.example.org. host.example.org. 1 7200 1800 86400 {self.negative_ttl}",
-                )
-            )
+            response.authority.append(self._soa())
         else:
             response.answer.append(dns.rrset.from_text(question.name, self.ttl, "IN", "A", self.ip))
         wire = response.to_wire()

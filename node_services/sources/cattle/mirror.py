@@ -188,10 +188,10 @@ class Mirror:
         for resource_key in dirty:
             old_records = self._records.get(resource_key, ())
             new_records = self._resolve(self._items.get(resource_key, ()))
-            moving = volatile.get(resource_key)
+            moving: translate.Volatile | Record | None = volatile.get(resource_key)
             if moving is None and resource_key in self._stale and old_records:
-                moving = _volatile_of(old_records[0])  # the fields its records hold now
-            if moving is not None and new_records:
+                moving = old_records[0]  # its Workload: the fields its records hold now
+            if isinstance(moving, translate.Volatile | Workload) and new_records:
                 new_records = tuple(translate.moved(new_records, moving))
                 self._stale.add(resource_key)
             if new_records:
@@ -405,13 +405,6 @@ _JOINED_TYPES = frozenset(_JOINED)
 def _joined(items: Iterable[Translated]) -> bool:
     """Whether an item is one other resources' records depend on."""
     return not _JOINED_TYPES.isdisjoint(map(type, items))
-
-
-def _volatile_of(record: Record) -> translate.Volatile | None:
-    """The volatile fields a container's Workload holds (None: not a Workload)."""
-    if not isinstance(record, Workload):
-        return None
-    return translate.Volatile((), record.ips, record.state, record.health_state, record.ready)
 
 
 def _same_items(a: Sequence[Translated], b: Sequence[Translated]) -> bool:

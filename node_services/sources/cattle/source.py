@@ -432,20 +432,25 @@ class CattleSource:
             events: list[dict[str, Any]] = []
             for frame in frames:
                 event = frame if isinstance(frame, dict) else self._decode(frame)
-                if event is None:
-                    continue
-                name = event.get("name")
-                if name == "resource.change":
+                if event is not None and self._is_change(event):
                     events.append(event)
-                elif name == "ping":  # one whose text named resource.change: still a ping
-                    self._last_ping = time.monotonic()
-                    self.metrics.event("ping", 1)
-                else:
-                    log.debug("cattle: ignored event %r", name)
             return events
         finally:
             if collecting:
                 gc.enable()
+
+    def _is_change(self, event: dict[str, Any]) -> bool:
+        """Whether a frame queued undecoded is a resource.change event; a ping (whose text
+        named resource.change) is taken as one, any other event ignored."""
+        name = event.get("name")
+        if name == "resource.change":
+            return True
+        if name == "ping":
+            self._last_ping = time.monotonic()
+            self.metrics.event("ping", 1)
+        else:
+            log.debug("cattle: ignored event %r", name)
+        return False
 
     def _decode(self, data: str | bytes) -> dict[str, Any] | None:
         try:
@@ -640,14 +645,7 @@ class CattleSource:
         seen: set[tuple[object, object]] = set()
         for frame in reversed(frames):
             event = frame if isinstance(frame, dict) else self._decode(frame)
-            if event is None:
-                continue
-            if event.get("name") != "resource.change":
-                if event.get("name") == "ping":  # one whose text named resource.change
-                    self._last_ping = time.monotonic()
-                    self.metrics.event("ping", 1)
-                else:
-                    log.debug("cattle: ignored event %r", event.get("name"))
+            if event is None or not self._is_change(event):
                 continue
             data = event.get("data")
             resource = data.get("resource") if isinstance(data, dict) else None
@@ -672,11 +670,7 @@ class CattleSource:
             if not isinstance(resource, dict):
                 target = self._event_target(event)
                 if target is None:
-                    self.metrics.error("bad_event")
-                    log.error(
-                        "cattle: skipped a resource.change event for %s without data.resource",
-                        _ref(None, event.get("resourceType"), event.get("resourceId")),
-                    )
+                    self._skip_bare(_ref(None, event.get("resourceType"), event.get("resourceId")))
                 elif target not in seen:  # no data.resource: the resource as fetched
                     seen.add(target)
                     resource_key = translate.key(*target)
@@ -684,15 +678,15 @@ class CattleSource:
                         changes[resource_key] = ()  # its place, until _commit
                         fetch[resource_key] = target
                 continue
-            identity = (resource.get("type"), resource.get("id"))
-            if isinstance(identity[0], str) and isinstance(identity[1], str):
-                if identity in seen:
-                    continue
-                seen.add(identity)
+            # a type or id that is not a string (no JSON string is a str subclass): rejected
             translated = self._translate(resource, True)
             if translated is not None:
                 changes.setdefault(translated[0], translated[1])
         return batch
+
+    def _skip_bare(self, ref: str) -> None:
+        self.metrics.error("bad_event")
+        log.error("cattle: skipped a resource.change event for %s without data.resource", ref)
 
     def _commit(
         self, batch: _Batch, fetched: Mapping[tuple[str, str], dict[str, Any] | None]
@@ -706,11 +700,7 @@ class CattleSource:
             for resource_key, target in batch.fetch.items():
                 if target not in fetched:
                     del changes[resource_key]
-                    self.metrics.error("bad_event")
-                    log.error(
-                        "cattle: skipped a resource.change event for %s without data.resource",
-                        _ref(None, *target),
-                    )
+                    self._skip_bare(_ref(None, *target))
                     continue
                 obj = fetched[target]
                 if obj is None:  # 404: removed

@@ -557,10 +557,11 @@ class Volatile:
         return moved(self.base, self)
 
 
-def moved(records: Sequence[Translated], change: Volatile) -> list[Record]:
+def moved(records: Sequence[Translated], change: Volatile | Workload) -> list[Record]:
     """``records`` (a container's Workload, then its endpoint groups, as :func:`translate`
     or the mirror's resolution made them from ``change.base``) with the volatile fields of
-    ``change``. A group whose endpoint is unchanged is kept as it is."""
+    ``change`` (a Volatile, or a Workload that holds them). A group whose endpoint is
+    unchanged is kept as it is."""
     workload = records[0]
     assert isinstance(workload, Workload)
     workload = _VOLATILE(
